@@ -1,0 +1,199 @@
+"""The stable model interface between the gateway and every backend.
+
+Backends never see HTTP types. The gateway turns an OpenAI request into a ``GenerationRequest``,
+checks it against the backend's ``Capabilities`` (anything unsupported is a 400 naming the
+parameter), then iterates ``Backend.generate``. Closing that async iterator (``aclose()``, which
+the gateway does when the client goes away) must stop the backend's work for the request.
+
+This module is the contract third-party backends build against: change it only compatibly.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import ClassVar, Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: str
+    content: str = ""
+    name: str | None = None
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Decoding parameters. Defaults mean "off" so the gateway can tell what a request asked for."""
+
+    max_tokens: int | None = None  # None: up to the model's context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per position; needs logprobs
+    n: int = 1
+    ignore_eos: bool = False
+
+
+# Parameter names (as clients spell them) mapped to a predicate "was it asked for".
+# The gateway rejects any asked-for name missing from ``Capabilities.sampling_params``.
+SAMPLING_PARAM_NAMES: tuple[str, ...] = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "n",
+)
+
+
+class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One normalised request. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set."""
+
+    request_id: str
+    model: str  # the public model name the client used (after alias resolution)
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = SamplingParams()
+    user: str | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Delta(msgspec.Struct, frozen=True, kw_only=True):
+    """An increment of one choice. ``finish_reason`` set means that choice is complete.
+
+    ``text`` is always whole UTF-8 characters; stop strings are already cut from it.
+    """
+
+    index: int = 0
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: FinishReason | None = None
+
+
+# A backend's stream: deltas for each choice in any interleaving, then exactly one ``Usage`` last.
+StreamItem = Delta | Usage
+
+
+class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    model: str
+    inputs: tuple[str, ...]
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class EmbeddingResult(msgspec.Struct, frozen=True, kw_only=True):
+    embeddings: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+
+
+class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
+    """What a backend instance can do. Checked by the gateway before ``generate``."""
+
+    chat: bool = True
+    completions: bool = True
+    embeddings: bool = False
+    sampling_params: frozenset[str] = frozenset(SAMPLING_PARAM_NAMES)
+    max_n: int = 1
+    max_top_logprobs: int = 0
+
+
+class ReadyState(msgspec.Struct, frozen=True, kw_only=True):
+    ready: bool
+    detail: str = ""
+
+
+class Backend(abc.ABC):
+    """A configured model served by some backend implementation.
+
+    One instance per ``[[models]]`` entry. Construction must be cheap and must validate options
+    (raise ``gateway.errors.ConfigError`` naming the option); heavy work (loading weights,
+    opening connection pools) belongs in ``start``.
+    """
+
+    #: Struct type the model entry's ``options`` table is converted into (msgspec.convert).
+    Options: ClassVar[type[msgspec.Struct]]
+
+    def __init__(self, model_name: str, options: msgspec.Struct) -> None:
+        self.model_name = model_name
+        self.options = options
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this instance supports (may depend on the loaded model, e.g. a chat template)."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources. Called once in the app's lifespan before serving."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release resources. Called once at shutdown; must not raise."""
+
+    def ready(self) -> ReadyState:
+        return ReadyState(ready=True)
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """Stream deltas for ``request``, then one ``Usage``.
+
+        Raise ``TaxiwayError`` subclasses for failures (before or during the stream). Closing the
+        returned iterator early cancels the work.
+        """
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        from gateway.errors import InvalidRequestError
+
+        raise InvalidRequestError(
+            f"model '{request.model}' does not support embeddings", param="model"
+        )
+
+    def stats(self) -> msgspec.Struct | None:
+        """Backend statistics served as JSON (engine: running, waiting, KV blocks…), or None."""
+        return None
