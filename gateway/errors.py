@@ -86,6 +86,14 @@ class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
 
 
+class MethodNotAllowedError(TaxiwayError):
+    """405: the route exists but not for this HTTP method."""
+
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
 class PayloadTooLargeError(TaxiwayError):
     """413: request body over the configured limit."""
 
@@ -129,6 +137,28 @@ class UpstreamTimeoutError(TaxiwayError):
     status_code = 504
     error_type = "timeout_error"
     default_code = "upstream_timeout"
+
+
+class UpstreamStatusError(TaxiwayError):
+    """An upstream's 4xx passed on to the client with the upstream's status, type and message."""
+
+    def __init__(
+        self, message: str, *, status_code: int, error_type: str = "invalid_request_error", **kwargs: object
+    ) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.status_code = status_code
+        self.error_type = error_type
+
+
+class ClientDisconnectedError(TaxiwayError):
+    """499 (nginx's convention): the client went away before the response completed.
+
+    Never sent (nobody is listening); handed to ``on_error`` hooks so logs show the request.
+    """
+
+    status_code = 499
+    error_type = "client_disconnected"
+    default_code = "client_disconnected"
 
 
 class InternalError(TaxiwayError):

@@ -75,6 +75,9 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt: str | None = None
     sampling: SamplingParams = SamplingParams()
     user: str | None = None
+    #: The client streams the response. A hint only: the stream contract is the same either way,
+    #: but a proxy may ask its upstream for one whole response when the client does not stream.
+    stream: bool = False
 
     @property
     def is_chat(self) -> bool:

@@ -1,0 +1,110 @@
+"""The litestar application, built by ``create_app(settings)``.
+
+litestar routes requests, runs the lifespan (backends' start/stop) and renders the errors it
+raises itself (unknown route, wrong method) in OpenAI's shape. The API endpoints are raw ASGI
+handlers on ``gateway.pipeline.Gateway``, which keeps the per-request path lean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException
+from litestar.handlers import asgi
+
+from gateway.asgi import request_headers, request_id
+from gateway.config import Settings
+from gateway.errors import (
+    InternalError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    TaxiwayError,
+)
+from gateway.hooks import LifecycleHooks
+from gateway.pipeline import Gateway
+from gateway.plugins import Plugins, load_plugins
+from gateway.render import error_body
+from gateway.router import build_router
+
+log = structlog.get_logger("taxiway.app")
+
+
+def create_app(settings: Settings, *, plugins: Plugins | None = None) -> Litestar:
+    """Build the app for ``settings``. Raises ``ConfigError`` before anything is served.
+
+    ``plugins`` defaults to everything in the ``taxiway`` entry-point group; tests pass their own
+    (``load_plugins(extra=[...])``) to add fake backends.
+    """
+    plugins = plugins if plugins is not None else load_plugins()
+    plugins.pm.hook.plugin_configure(settings=settings)
+    router = build_router(settings, plugins)
+    gateway = Gateway(settings, router, LifecycleHooks(plugins.pm))
+
+    @asgi("/v1/chat/completions", copy_scope=False)
+    async def chat_completions(scope: Any, receive: Any, send: Any) -> None:
+        await gateway.chat_completions(scope, receive, send)
+
+    @asgi("/v1/completions", copy_scope=False)
+    async def completions(scope: Any, receive: Any, send: Any) -> None:
+        await gateway.completions(scope, receive, send)
+
+    @asgi("/v1/embeddings", copy_scope=False)
+    async def embeddings(scope: Any, receive: Any, send: Any) -> None:
+        await gateway.embeddings(scope, receive, send)
+
+    # A mount, not a path parameter: model names may contain "/" ("org/model/stats").
+    @asgi("/v1/models", is_mount=True, copy_scope=True)
+    async def models(scope: Any, receive: Any, send: Any) -> None:
+        await gateway.models(scope, receive, send)
+
+    @asgi("/health", copy_scope=False)
+    async def health(scope: Any, receive: Any, send: Any) -> None:
+        await gateway.health(scope, receive, send)
+
+    @asgi("/ready", copy_scope=False)
+    async def ready(scope: Any, receive: Any, send: Any) -> None:
+        await gateway.ready(scope, receive, send)
+
+    app = Litestar(
+        route_handlers=[chat_completions, completions, embeddings, models, health, ready],
+        lifespan=[gateway.lifespan],
+        exception_handlers={HTTPException: _render_http_exception, Exception: _render_exception},
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def _render(request: Request[Any, Any, Any], error: TaxiwayError) -> Response[bytes]:
+    headers = dict(error.headers)
+    headers["x-request-id"] = request_id(request_headers(request.scope))  # type: ignore[arg-type]
+    return Response(
+        content=error_body(error), status_code=error.status_code, media_type="application/json", headers=headers
+    )
+
+
+def _render_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    error: TaxiwayError
+    if exc.status_code == 404:
+        error = NotFoundError(f"Unknown route: {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowedError(f"Method {request.method} is not allowed for {request.url.path}")
+    elif exc.status_code == 413:
+        error = PayloadTooLargeError(str(exc.detail))
+    else:
+        error = TaxiwayError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return _render(request, error)
+
+
+def _render_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, TaxiwayError):
+        return _render(request, exc)
+    log.error("request.unhandled", path=request.url.path, exc_info=exc)
+    return _render(request, InternalError("Internal server error"))

@@ -1,0 +1,181 @@
+"""Configuration: one TOML file, `${ENV}` interpolation, validated into frozen Structs.
+
+This is the only module that reads the environment. Errors are ``ConfigError`` naming the key
+path (``models[0].options.base_url``). Backend and plugin tables stay plain TOML tables here; each
+owner converts its own table with ``convert_table`` so its errors name the full path too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway.errors import ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+# Served by `taxiway serve` without --config: the default model on the in-repo engine.
+# API keys come from TAXIWAY_API_KEYS (comma-separated); unset means an open gateway.
+DEFAULT_CONFIG_TOML = """
+[[models]]
+name = "smollm2-135m-instruct"
+aliases = ["default"]
+backend = "engine"
+options = { model = "smollm2-135m-instruct" }
+
+[plugins.auth]
+keys = ["${TAXIWAY_API_KEYS:-}"]
+"""
+
+
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+class LogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    level: str = "info"
+    format: str = "auto"  # "auto": console on a terminal, JSON lines otherwise; or "json", "console"
+
+
+class ModelEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    backend: str
+    aliases: tuple[str, ...] = ()
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    models: tuple[ModelEntry, ...]
+    server: ServerSettings = ServerSettings()
+    log: LogSettings = LogSettings()
+    plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
+_AT_PATH = re.compile(r" - at `\$(.*)`$")
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("auto", "json", "console")
+
+
+def load_settings(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate ``path``, or the built-in default config when ``path`` is None."""
+    if path is None:
+        return parse_settings(DEFAULT_CONFIG_TOML, env=env)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
+    return parse_settings(text, env=env)
+
+
+def parse_settings(text: str, *, env: Mapping[str, str] | None = None) -> Settings:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from exc
+    raw = _interpolate(raw, os.environ if env is None else env, "")
+    if "models" not in raw:
+        raise ConfigError("at least one [[models]] entry is required", path="models")
+    settings = convert_table(raw, Settings, "")
+    _check(settings)
+    return settings
+
+
+def convert_table(table: Any, type_: type[T], path: str) -> T:
+    """Validate a TOML table into ``type_``, with errors that name the key path below ``path``.
+
+    Goes through JSON rather than ``msgspec.convert`` so that ``forbid_unknown_fields`` is honoured
+    and types are strict (a string is never an int).
+    """
+    try:
+        return msgspec.json.decode(msgspec.json.encode(table), type=type_)
+    except msgspec.ValidationError as exc:
+        message, key = split_validation_error(str(exc))
+        full = join_path(path, key)
+        raise ConfigError(message, path=full or None) from exc
+
+
+def split_validation_error(text: str) -> tuple[str, str]:
+    """Split msgspec's "Expected `int`, got `str` - at `$.a[0].b`" into (message, "a[0].b")."""
+    key = ""
+    match = _AT_PATH.search(text)
+    if match:
+        text = text[: match.start()]
+        key = match.group(1).lstrip(".")
+    missing = _MISSING_FIELD.search(text)
+    if missing:
+        key = join_path(key, missing.group(1))
+        text = "required key is missing"
+    elif text.startswith("Object contains unknown field"):
+        field = text.split("`")[1]
+        key = join_path(key, field)
+        text = "unknown key"
+    return text, key
+
+
+def join_path(prefix: str, key: str) -> str:
+    if not key:
+        return prefix
+    if not prefix:
+        return key
+    return f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
+
+
+def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
+    if isinstance(value, str):
+        return _substitute(value, env, path) if "$" in value else value
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, join_path(path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _substitute(text: str, env: Mapping[str, str], path: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name is None:  # "$$" escapes a literal "$"
+            return "$"
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set", path=path)
+
+    return _ENV_REF.sub(replace, text)
+
+
+def _check(settings: Settings) -> None:
+    if not settings.models:
+        raise ConfigError("at least one [[models]] entry is required", path="models")
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(settings.models):
+        for key, name in [("name", entry.name)] + [(f"aliases[{j}]", a) for j, a in enumerate(entry.aliases)]:
+            where = f"models[{i}].{key}"
+            if not name or name != name.strip():
+                raise ConfigError("model names must be non-empty without surrounding spaces", path=where)
+            if name in seen:
+                raise ConfigError(f"model name {name!r} is already used by {seen[name]}", path=where)
+            seen[name] = where
+        if not entry.backend:
+            raise ConfigError("a backend name is required", path=f"models[{i}].backend")
+    server = settings.server
+    if not 0 <= server.port <= 65535:
+        raise ConfigError("must be between 0 and 65535", path="server.port")
+    if server.max_body_bytes < 1024:
+        raise ConfigError("must be at least 1024", path="server.max_body_bytes")
+    if settings.log.level not in _LOG_LEVELS:
+        raise ConfigError(f"must be one of {', '.join(_LOG_LEVELS)}", path="log.level")
+    if settings.log.format not in _LOG_FORMATS:
+        raise ConfigError(f"must be one of {', '.join(_LOG_FORMATS)}", path="log.format")

@@ -1,0 +1,391 @@
+"""The request flow of the API endpoints, from bytes in to bytes out.
+
+    authenticate → read body → decode → route → normalise + capability check → before_request
+    → backend stream (timed) → render → send → after_request / on_error
+
+Each endpoint is an ASGI callable mounted by ``gateway.app``. Errors are raised as ``TaxiwayError``
+and rendered in one place (``_fail``); after a stream has started an error ends it with an SSE
+error event and ``[DONE]``. The time spent awaiting the backend is measured, and the rest of the
+request's time is reported as the gateway's overhead in ``X-Taxiway-Overhead-Ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import structlog
+
+from gateway import normalize, wire
+from gateway.asgi import (
+    JSON,
+    OVERHEAD_HEADER,
+    SSE_HEADERS,
+    DisconnectWatcher,
+    Headers,
+    Scope,
+    read_body,
+    request_headers,
+    request_id,
+    send_bytes,
+)
+from gateway.config import Settings
+from gateway.context import RequestContext
+from gateway.errors import (
+    ClientDisconnectedError,
+    InternalError,
+    MethodNotAllowedError,
+    NotFoundError,
+    TaxiwayError,
+)
+from gateway.hooks import LifecycleHooks
+from gateway.interface import GenerationRequest, StreamItem, Usage
+from gateway.render import SSE_DONE, ChatRenderer, CompletionRenderer, encode, error_body, sse_event
+from gateway.router import Route, Router
+
+log = structlog.get_logger("taxiway.gateway")
+
+perf_counter = time.perf_counter
+
+
+class _Endpoint:
+    """What differs between chat and legacy completions."""
+
+    __slots__ = ("decoder", "id_prefix", "name", "normalize", "renderer")
+
+    def __init__(
+        self,
+        name: str,
+        request_type: type[Any],
+        normalize_fn: Callable[..., GenerationRequest],
+        renderer: type[ChatRenderer] | type[CompletionRenderer],
+        id_prefix: str,
+    ) -> None:
+        self.name = name
+        self.decoder = msgspec.json.Decoder(request_type)
+        self.normalize = normalize_fn
+        self.renderer = renderer
+        self.id_prefix = id_prefix
+
+
+_CHAT = _Endpoint("chat.completions", wire.ChatCompletionRequest, normalize.chat_request, ChatRenderer, "chatcmpl-")
+_COMPLETIONS = _Endpoint("completions", wire.CompletionRequest, normalize.completion_request, CompletionRenderer, "cmpl-")
+_EMBEDDINGS_DECODER = msgspec.json.Decoder(wire.EmbeddingsRequest)
+
+
+def _response_headers(ctx: RequestContext, base: Headers | tuple[tuple[bytes, bytes], ...]) -> Headers:
+    headers = list(base)
+    headers.append((b"x-request-id", ctx.request_id.encode()))
+    return headers
+
+
+def _overhead_header(ctx: RequestContext, now: float) -> tuple[bytes, bytes]:
+    overhead_ms = max(0.0, (now - ctx.started_at - ctx.timings.backend_s) * 1000.0)
+    return (OVERHEAD_HEADER, f"{overhead_ms:.3f}".encode())
+
+
+class Gateway:
+    """Serves the API for one validated ``Settings``: routing, hooks and the backends' lifetimes."""
+
+    def __init__(self, settings: Settings, router: Router, hooks: LifecycleHooks) -> None:
+        self.settings = settings
+        self.router = router
+        self.hooks = hooks
+        self.max_body_bytes = settings.server.max_body_bytes
+        self.started = int(time.time())
+        self._models_body = encode(
+            wire.ModelList(
+                data=[wire.ModelCard(id=r.name, created=self.started, aliases=r.aliases) for r in router.routes]
+            )
+        )
+
+    @asynccontextmanager
+    async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
+        """Start every backend before serving, stop them all at shutdown."""
+        started: list[Route] = []
+        try:
+            for route in self.router.routes:
+                log.info("backend.starting", model=route.name, backend=route.backend_name)
+                await route.backend.start()
+                started.append(route)
+            log.info("gateway.ready", models=[r.name for r in self.router.routes])
+            yield
+        finally:
+            for route in reversed(started):
+                try:
+                    await route.backend.stop()
+                except Exception:
+                    log.exception("backend.stop_failed", model=route.name)
+
+    # -----------------------------------------------------------------------------------------
+    # context and errors
+
+    def _context(self, scope: Scope, endpoint: str) -> tuple[RequestContext, dict[str, str]]:
+        started = perf_counter()
+        headers = request_headers(scope)
+        return RequestContext(request_id=request_id(headers), endpoint=endpoint, started_at=started), headers
+
+    async def _fail(self, ctx: RequestContext, error: TaxiwayError, send: Any) -> None:
+        """Send ``error`` as the whole response and tell the ``on_error`` hooks."""
+        ctx.status_code = error.status_code
+        headers = _response_headers(ctx, (JSON,))
+        headers.extend((k.lower().encode(), v.encode()) for k, v in error.headers.items())
+        ctx.timings.total_s = perf_counter() - ctx.started_at
+        await send_bytes(send, error.status_code, error_body(error), headers)
+        await self.hooks.on_error(ctx, error)
+
+    async def _disconnected(self, ctx: RequestContext) -> None:
+        ctx.status_code = ClientDisconnectedError.status_code
+        ctx.timings.total_s = perf_counter() - ctx.started_at
+        await self.hooks.on_error(ctx, ClientDisconnectedError("the client disconnected"))
+
+    @staticmethod
+    def _internal(ctx: RequestContext, exc: BaseException) -> InternalError:
+        log.error("request.internal_error", request_id=ctx.request_id, model=ctx.model, exc_info=exc)
+        return InternalError("Internal server error")
+
+    # -----------------------------------------------------------------------------------------
+    # generation
+
+    async def chat_completions(self, scope: Scope, receive: Any, send: Any) -> None:
+        await self._generate(_CHAT, scope, receive, send)
+
+    async def completions(self, scope: Scope, receive: Any, send: Any) -> None:
+        await self._generate(_COMPLETIONS, scope, receive, send)
+
+    async def _generate(self, endpoint: _Endpoint, scope: Scope, receive: Any, send: Any) -> None:
+        ctx, headers = self._context(scope, endpoint.name)
+        # admission: nothing has reached the backend yet
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST")
+            await self.hooks.authenticate(ctx, headers)
+            body = await read_body(receive, headers, self.max_body_bytes)
+            req = normalize.decode(body, endpoint.decoder)
+            route = self.router.resolve(req.model)
+            ctx.model = route.name
+            ctx.backend_name = route.backend_name
+            ctx.is_stream = req.stream
+            request = endpoint.normalize(
+                req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities
+            )
+            await self.hooks.before_request(ctx)
+        except TaxiwayError as error:
+            await self._fail(ctx, error, send)
+            return
+        except Exception as exc:
+            await self._fail(ctx, self._internal(ctx, exc), send)
+            return
+
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        renderer = endpoint.renderer(
+            endpoint.id_prefix + ctx.request_id, route.name, int(time.time()), include_usage=include_usage
+        )
+        stream = route.backend.generate(request)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = DisconnectWatcher(receive, task)
+        try:
+            if req.stream:
+                await self._send_stream(ctx, stream, renderer, watcher, send)
+            else:
+                await self._send_whole(ctx, stream, renderer, watcher, send)
+        except asyncio.CancelledError:
+            if not watcher.disconnected:
+                raise
+            task.uncancel()
+            await self._disconnected(ctx)
+        finally:
+            watcher.stop()
+            try:
+                await stream.aclose()  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("backend.close_failed", request_id=ctx.request_id, model=ctx.model)
+
+    async def _next(self, ctx: RequestContext, stream: AsyncIterator[StreamItem]) -> StreamItem | None:
+        """The backend's next item (``None`` at the end), its wait added to ``timings.backend_s``."""
+        start = perf_counter()
+        try:
+            item = await stream.__anext__()
+        except StopAsyncIteration:
+            item = None
+        except TaxiwayError:
+            ctx.timings.backend_s += perf_counter() - start
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise self._internal(ctx, exc) from exc
+        now = perf_counter()
+        ctx.timings.backend_s += now - start
+        if ctx.timings.first_token_s is None:
+            ctx.timings.first_token_s = now - ctx.started_at
+        return item
+
+    async def _send_whole(
+        self,
+        ctx: RequestContext,
+        stream: AsyncIterator[StreamItem],
+        renderer: ChatRenderer | CompletionRenderer,
+        watcher: DisconnectWatcher,
+        send: Any,
+    ) -> None:
+        try:
+            while (item := await self._next(ctx, stream)) is not None:
+                renderer.add(item)
+            body = renderer.body()
+        except TaxiwayError as error:
+            watcher.stop()
+            await self._fail(ctx, error, send)
+            return
+        watcher.stop()
+        now = perf_counter()
+        ctx.timings.total_s = now - ctx.started_at
+        headers = _response_headers(ctx, (JSON,))
+        headers.append(_overhead_header(ctx, now))
+        await send_bytes(send, 200, body, headers)
+        await self.hooks.after_request(ctx, renderer.usage)
+
+    async def _send_stream(
+        self,
+        ctx: RequestContext,
+        stream: AsyncIterator[StreamItem],
+        renderer: ChatRenderer | CompletionRenderer,
+        watcher: DisconnectWatcher,
+        send: Any,
+    ) -> None:
+        # The first item is awaited before the response starts, so that a backend failing at once
+        # (full queue, upstream down) is an ordinary HTTP error with its status code.
+        try:
+            item = await self._next(ctx, stream)
+        except TaxiwayError as error:
+            watcher.stop()
+            await self._fail(ctx, error, send)
+            return
+        headers = _response_headers(ctx, SSE_HEADERS)
+        headers.append(_overhead_header(ctx, perf_counter()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            while item is not None:
+                chunk = renderer.chunk(item)
+                if chunk is not None:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                item = await self._next(ctx, stream)
+        except TaxiwayError as error:
+            ctx.status_code = error.status_code
+            watcher.stop()
+            ctx.timings.total_s = perf_counter() - ctx.started_at
+            tail = sse_event(error_body(error)) + SSE_DONE
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            await self.hooks.on_error(ctx, error)
+            return
+        watcher.stop()
+        ctx.timings.total_s = perf_counter() - ctx.started_at
+        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
+        await self.hooks.after_request(ctx, renderer.usage)
+
+    # -----------------------------------------------------------------------------------------
+    # embeddings
+
+    async def embeddings(self, scope: Scope, receive: Any, send: Any) -> None:
+        ctx, headers = self._context(scope, "embeddings")
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST")
+            await self.hooks.authenticate(ctx, headers)
+            body = await read_body(receive, headers, self.max_body_bytes)
+            req = normalize.decode(body, _EMBEDDINGS_DECODER)
+            route = self.router.resolve(req.model)
+            ctx.model = route.name
+            ctx.backend_name = route.backend_name
+            request = normalize.embedding_request(
+                req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities
+            )
+            await self.hooks.before_request(ctx)
+            start = perf_counter()
+            try:
+                result = await route.backend.embed(request)
+            finally:
+                ctx.timings.backend_s = perf_counter() - start
+            as_base64 = req.encoding_format == "base64"
+            data = [
+                wire.Embedding(index=i, embedding=_base64_floats(e) if as_base64 else list(e))
+                for i, e in enumerate(result.embeddings)
+            ]
+            usage = wire.EmbeddingsUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+            out = encode(wire.EmbeddingsResponse(data=data, model=route.name, usage=usage))
+        except TaxiwayError as error:
+            await self._fail(ctx, error, send)
+            return
+        except Exception as exc:
+            await self._fail(ctx, self._internal(ctx, exc), send)
+            return
+        now = perf_counter()
+        ctx.timings.total_s = now - ctx.started_at
+        headers = _response_headers(ctx, (JSON,))
+        headers.append(_overhead_header(ctx, now))
+        await send_bytes(send, 200, out, headers)
+        await self.hooks.after_request(ctx, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0))
+
+    # -----------------------------------------------------------------------------------------
+    # models, stats, health
+
+    async def models(self, scope: Scope, receive: Any, send: Any) -> None:
+        """GET /v1/models, GET /v1/models/{model} and GET /v1/models/{model}/stats."""
+        ctx, headers = self._context(scope, "models")
+        try:
+            if scope["method"] not in ("GET", "HEAD"):
+                raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET")
+            await self.hooks.authenticate(ctx, headers)
+            body = self._models_get(scope["path"])  # below the /v1/models mount
+        except TaxiwayError as error:
+            await self._fail(ctx, error, send)
+            return
+        await send_bytes(send, 200, body, _response_headers(ctx, (JSON,)))
+
+    def _models_get(self, path: str) -> bytes:
+        rest = path.strip("/")
+        if not rest:
+            return self._models_body
+        route = self.router.get(rest)
+        if route is not None:
+            return encode(wire.ModelCard(id=route.name, created=self.started, aliases=route.aliases))
+        name, _, tail = rest.rpartition("/")
+        if tail == "stats" and name:
+            route = self.router.resolve(name)
+            stats = route.backend.stats()
+            if stats is None:
+                raise NotFoundError(f"The model '{name}' has no stats", param="model")
+            return encode(stats)
+        raise NotFoundError(f"The model '{rest}' does not exist", param="model", code="model_not_found")
+
+    async def health(self, scope: Scope, receive: Any, send: Any) -> None:
+        await send_bytes(send, 200, b'{"status":"ok"}', [JSON])
+
+    async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
+        states = [(route.name, route.backend.ready()) for route in self.router.routes]
+        not_ready = [_NotReady(model=name, detail=state.detail) for name, state in states if not state.ready]
+        body = encode(_Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
+        await send_bytes(send, 503 if not_ready else 200, body, [JSON])
+
+
+class _NotReady(msgspec.Struct):
+    model: str
+    detail: str
+
+
+class _Readiness(msgspec.Struct):
+    status: str
+    not_ready: list[_NotReady]
+
+
+def _base64_floats(values: tuple[float, ...]) -> str:
+    # OpenAI's base64 encoding: little-endian float32, as the official client decodes it
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+
