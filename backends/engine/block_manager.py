@@ -180,8 +180,8 @@ class BlockManager:
         last = seq.num_computed_tokens // self.block_size
         for i in range(first, last):
             block_id = seq.block_table[i]
-            if self._block_hash[block_id] is not None:
-                continue  # a prefix hit: already cached
+            # computed this step, so written this step: private and not yet cached
+            assert self._block_hash[block_id] is None and self._ref_counts[block_id] == 1
             block_hash = self._seq_block_hash(seq, i)
             if block_hash not in self._cached:
                 self._cached[block_hash] = block_id

@@ -56,6 +56,14 @@ def test_allocate_and_free_plain() -> None:
     check(bm)
 
 
+def test_invalid_sizes_and_empty_stats() -> None:
+    with pytest.raises(ValueError):
+        BlockManager(num_blocks=0, block_size=4)
+    stats = BlockManager(num_blocks=3, block_size=BS).stats()
+    assert stats.prefix_cache_hit_rate == 0.0
+    assert (stats.num_free_blocks, stats.num_used_blocks, stats.num_cached_blocks) == (3, 0, 0)
+
+
 def test_allocate_beyond_capacity_raises() -> None:
     bm = BlockManager(num_blocks=2, block_size=BS)
     seq = make_seq(list(range(9)))

@@ -252,12 +252,22 @@ def test_eos_stops_unless_ignored() -> None:
     assert seq.finish_reason == "length" and seq.num_output_tokens == 50
 
 
-def test_schedule_twice_without_update_is_an_error() -> None:
+def test_invalid_limits_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        make(max_num_seqs=0)
+
+
+def test_schedule_and_update_must_alternate() -> None:
     sched, _ = make()
+    assert sched.schedule().is_empty
     sched.add(request([1, 2, 3]))
     out = sched.schedule()
+    assert not out.is_empty
     with pytest.raises(RuntimeError):
         sched.schedule()
+    stale = SchedulerOutput(scheduled=out.scheduled, num_batched_tokens=3, block_size=4)
+    with pytest.raises(RuntimeError):
+        sched.update(stale, {})
     sched.update(out, {out.scheduled[0].seq_id: 1})
     assert sched.schedule().num_batched_tokens == 1
 
@@ -281,6 +291,21 @@ def test_budgets_hold_every_step() -> None:
     assert running_seen == 3
     for g in groups:
         assert g.leader.output_token_ids == expected_output(g, 0, 5)
+
+
+def test_more_decodes_than_budget() -> None:
+    sched, model = make(max_num_seqs=4, max_num_batched_tokens=4)
+    groups = [request([i, i, i, i], max_tokens=4 + i) for i in range(1, 5)]
+    for g in groups:
+        sched.add(g)
+    model.step()  # the four prompts
+    model.step()  # the first decode of each
+    sched.max_num_batched_tokens = 2
+    out, _ = model.step()
+    assert [s.seq_id for s in out.scheduled] == [g.leader.seq_id for g in groups[:2]]  # oldest first
+    run_to_completion(sched, model)
+    for i, g in enumerate(groups, 1):
+        assert g.leader.output_token_ids == expected_output(g, 0, 4 + i)
 
 
 def test_long_prompt_is_chunked_and_does_not_stall_decodes() -> None:
