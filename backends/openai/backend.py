@@ -1,0 +1,170 @@
+"""``OpenAIBackend``: a model served by an OpenAI-compatible upstream over a pooled httpx client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+
+from gateway.errors import (
+    ConfigError,
+    ServiceUnavailableError,
+    TaxiwayError,
+    UnsupportedParameterError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from gateway.interface import (
+    SAMPLING_PARAM_NAMES,
+    Backend,
+    Capabilities,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    ReadyState,
+    StreamItem,
+)
+
+from backends.openai import upstream
+from backends.openai.sse import iter_sse_data
+
+_STANDARD_PARAMS = frozenset(SAMPLING_PARAM_NAMES) - set(upstream.EXTENSION_PARAMS)
+
+
+class Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    base_url: str  # e.g. "http://127.0.0.1:8101/v1"
+    api_key: str | None = None
+    upstream_model: str | None = None  # the upstream's name for the model; default: the public name
+    timeout_s: float = 600.0  # longest wait for the upstream's next bytes
+    connect_timeout_s: float = 5.0
+    max_connections: int = 100
+    headers: dict[str, str] = {}
+    #: the upstream accepts vLLM/llama.cpp's top_k, min_p, repetition_penalty and ignore_eos
+    sampling_extensions: bool = False
+    embeddings: bool = False
+    chat: bool = True
+    completions: bool = True
+    max_n: int = 128
+    max_top_logprobs: int = 20
+
+
+class OpenAIBackend(Backend):
+    Options = Options
+
+    def __init__(self, model_name: str, options: msgspec.Struct) -> None:
+        super().__init__(model_name, options)
+        assert isinstance(options, Options)
+        self.opts = options
+        if not options.base_url.startswith(("http://", "https://")):
+            raise ConfigError("must be an http:// or https:// URL", path="base_url")
+        for key in ("timeout_s", "connect_timeout_s", "max_connections"):
+            if getattr(options, key) <= 0:
+                raise ConfigError("must be positive", path=key)
+        self.upstream_model = options.upstream_model or model_name
+        params = _STANDARD_PARAMS | (set(upstream.EXTENSION_PARAMS) if options.sampling_extensions else set())
+        self._capabilities = Capabilities(
+            chat=options.chat,
+            completions=options.completions,
+            embeddings=options.embeddings,
+            sampling_params=frozenset(params),
+            max_n=options.max_n,
+            max_top_logprobs=options.max_top_logprobs,
+        )
+        self._headers = {"content-type": "application/json", **options.headers}
+        if options.api_key:
+            self._headers["authorization"] = f"Bearer {options.api_key}"
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def start(self) -> None:
+        opts = self.opts
+        self._client = httpx.AsyncClient(
+            base_url=opts.base_url.rstrip("/"),
+            headers=self._headers,
+            timeout=httpx.Timeout(opts.timeout_s, connect=opts.connect_timeout_s),
+            limits=httpx.Limits(max_connections=opts.max_connections, max_keepalive_connections=opts.max_connections),
+            follow_redirects=False,
+            trust_env=False,  # never route to an upstream through a proxy from the environment
+        )
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def ready(self) -> ReadyState:
+        if self._client is None:
+            return ReadyState(ready=False, detail="not started")
+        return ReadyState(ready=True)
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise ServiceUnavailableError(f"the model '{self.model_name}' is not started")
+        return self._client
+
+    # -----------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        if request.sampling.ignore_eos and not self.opts.sampling_extensions:
+            raise UnsupportedParameterError("'ignore_eos' is not supported by this model", param="ignore_eos")
+        client = self._require_client()
+        path = "/chat/completions" if request.messages is not None else "/completions"
+        headers = {"x-request-id": request.request_id}
+        body = upstream.request_body(request, self.upstream_model, stream=request.stream)
+        try:
+            if not request.stream:
+                response = await client.post(path, content=body, headers=headers)
+                if response.status_code >= 400:
+                    raise upstream.status_error(
+                        response.status_code, response.content, response.headers.get("retry-after")
+                    )
+                whole = upstream.decode_response(response.content)
+                for delta in upstream.deltas(whole):
+                    yield delta
+                yield upstream.usage(whole.usage)
+                return
+            # Leaving this block early (the gateway closes us when the client goes away) closes
+            # the upstream response, and with it the upstream's connection: it stops generating.
+            async with client.stream("POST", path, content=body, headers=headers) as response:
+                if response.status_code >= 400:
+                    content = await response.aread()
+                    raise upstream.status_error(response.status_code, content, response.headers.get("retry-after"))
+                usage = None
+                async for data in iter_sse_data(response.aiter_bytes()):
+                    if data == b"[DONE]":
+                        break
+                    chunk = upstream.decode_response(data)
+                    for delta in upstream.deltas(chunk):
+                        yield delta
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                yield upstream.usage(usage)
+        except TaxiwayError:
+            raise
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(f"the upstream did not answer in time ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}") from exc
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        client = self._require_client()
+        body = upstream.embeddings_body(request.inputs, self.upstream_model, request.dimensions)
+        try:
+            response = await client.post("/embeddings", content=body, headers={"x-request-id": request.request_id})
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(f"the upstream did not answer in time ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            raise upstream.status_error(response.status_code, response.content, response.headers.get("retry-after"))
+        try:
+            result = msgspec.json.decode(response.content, type=upstream.EmbeddingsResponse)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"the upstream sent a malformed response: {exc}") from None
+        data = sorted(result.data, key=lambda e: e.index)
+        prompt_tokens = result.usage.prompt_tokens if result.usage else 0
+        return EmbeddingResult(embeddings=tuple(tuple(e.embedding) for e in data), prompt_tokens=prompt_tokens)

@@ -1,0 +1,151 @@
+"""The ``taxiway`` command line.
+
+Every subcommand, built-in or from a plugin, is registered through the ``register_commands``
+hook with a path tuple: ``("serve",)``, ``("bench", "gateway")``. Commands sharing a first word
+become one group (``taxiway bench gateway``, ``taxiway bench engine``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+from gateway.hookspecs import hookimpl
+from gateway.plugins import Command, Plugins, load_plugins
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plugins = load_plugins(extra=[("gateway.cli", _Builtins())])
+    try:
+        parser = build_parser(plugins.commands())
+    except ValueError as exc:
+        print(f"taxiway: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    run: Callable[[Any], int] | None = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help()
+        return 2
+    args.plugins = plugins
+    try:
+        return int(run(args) or 0)
+    except ConfigError as exc:
+        print(f"taxiway: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
+    """An argparse tree from command paths; ``ValueError`` when two commands claim one path."""
+    parser = argparse.ArgumentParser(prog="taxiway", description="Taxiway: an OpenAI-compatible LLM gateway")
+    groups: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(title="commands", metavar="COMMAND")}
+    leaves: dict[tuple[str, ...], str] = {}
+    for command in sorted(commands, key=lambda c: c.path):
+        if not command.path:
+            raise ValueError(f"plugin {command.plugin!r} registered a command with an empty path")
+        if command.path in leaves or command.path in groups:
+            raise ValueError(f"command {' '.join(command.path)!r} is registered twice ({command.plugin!r})")
+        for depth in range(1, len(command.path)):
+            prefix = command.path[:depth]
+            if prefix in leaves:
+                raise ValueError(f"command {' '.join(prefix)!r} cannot also be a group ({command.plugin!r})")
+            if prefix not in groups:
+                group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                groups[prefix] = group_parser.add_subparsers(title="commands", metavar="COMMAND")
+        doc = (command.run.__doc__ or "").strip().splitlines()
+        sub = groups[command.path[:-1]].add_parser(command.path[-1], help=doc[0] if doc else None)
+        command.configure(sub)
+        sub.set_defaults(_run=command.run)
+        leaves[command.path] = command.plugin
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in commands
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in default model)")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1 or server.host)")
+    parser.add_argument("--port", type=int, help="port (default 8000 or server.port)")
+    parser.add_argument("--log-format", choices=("auto", "json", "console"), help="default: log.format")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+
+    settings = load_settings(args.config)
+    server = settings.server
+    server = msgspec.structs.replace(
+        server,
+        host=args.host if args.host is not None else server.host,
+        port=args.port if args.port is not None else server.port,
+    )
+    settings = msgspec.structs.replace(settings, server=server)
+    configure_logging(settings.log.level, args.log_format or settings.log.format)
+    app = create_app(settings, plugins=args.plugins)
+    # loop/http "auto" pick uvloop and httptools when installed (they are dependencies)
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        log_config=None,
+        access_log=False,  # the access_log plugin writes one line per request
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def _configure_models(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in default model)")
+
+
+def _models(args: argparse.Namespace) -> int:
+    """List the configured models, their aliases and backends."""
+    settings = load_settings(args.config)
+    plugins: Plugins = args.plugins
+    for i, entry in enumerate(settings.models):
+        plugins.backend_class(entry.backend, path=f"models[{i}].backend")
+        aliases = f"  (aliases: {', '.join(entry.aliases)})" if entry.aliases else ""
+        print(f"{entry.name}\tbackend={entry.backend}{aliases}")
+    return 0
+
+
+def _configure_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="TOML config to validate")
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """Validate a config file, including every backend's options."""
+    from gateway.router import build_router
+
+    settings = load_settings(args.file)
+    plugins: Plugins = args.plugins
+    plugins.pm.hook.plugin_configure(settings=settings)
+    router = build_router(settings, plugins)
+    names = ", ".join(r.name for r in router.routes)
+    print(f"{args.file}: ok ({len(router.routes)} model{'s' if len(router.routes) != 1 else ''}: {names})")
+    return 0
+
+
+class _Builtins:
+    @hookimpl
+    def register_commands(self, register: Callable[..., None]) -> None:
+        from gateway.bench import overhead
+
+        register(("serve",), _configure_serve, _serve)
+        register(("models",), _configure_models, _models)
+        register(("check-config",), _configure_check, _check_config)
+        register(("bench", "gateway"), overhead.configure, overhead.run)

@@ -1,0 +1,135 @@
+"""Shared test helpers: a real ``taxiway serve`` process on a free port, and a stub upstream.
+
+Start a server from any config (a path or TOML text)::
+
+    def test_something(taxiway_server):
+        server = taxiway_server('''
+            [[models]]
+            name = "m"
+            backend = "engine"
+            options = { model = "smollm2-135m-instruct" }
+        ''')
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+
+For a server shared by a whole module, use ``serve_process(config, tmp_dir)`` as a context
+manager in a module-scoped fixture. ``server.logs()`` returns what the server printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.stub_upstream import StubUpstream
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A running ``taxiway serve``: ``url`` (http://127.0.0.1:PORT), ``base_url`` (…/v1)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{self.url}/v1"
+        self.log_path = log_path
+
+    def logs(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def serve_process(
+    config: str | Path,
+    tmp_dir: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    startup_timeout: float = 60.0,
+    extra_args: tuple[str, ...] = (),
+) -> Iterator[ServerProcess]:
+    """Run ``python -m gateway serve --config CONFIG`` on a free port until the block ends.
+
+    ``config`` is a path or TOML text. ``env`` is added to the environment (e.g. secrets for
+    ``${ENV}`` interpolation, ``PYTHONPATH`` for out-of-tree plugins). Waits for ``GET /health``;
+    fails with the server's output if it exits or does not come up in ``startup_timeout`` seconds.
+    """
+    with contextlib.ExitStack() as stack:
+        if tmp_dir is None:
+            tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="taxiway-test-")))
+        if isinstance(config, Path) or "\n" not in config:
+            config_path = Path(config)
+        else:
+            config_path = tmp_dir / f"config-{time.monotonic_ns()}.toml"
+            config_path.write_text(textwrap.dedent(config), encoding="utf-8")
+        port = free_port()
+        log_path = tmp_dir / f"server-{port}.log"
+        full_env = {**os.environ, **(env or {})}
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        command = [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port),
+                   "--log-format", "json", *extra_args]  # fmt: skip
+        log_file = stack.enter_context(open(log_path, "wb"))
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
+        server = ServerProcess(proc, port, log_path)
+        stack.callback(server.stop)
+        _wait_healthy(server, startup_timeout)
+        yield server
+
+
+def _wait_healthy(server: ServerProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"taxiway serve exited with {server.proc.returncode}:\n{server.logs()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"taxiway serve did not become healthy in {timeout:.0f}s:\n{server.logs()}")
+
+
+@pytest.fixture
+def taxiway_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """A factory: ``taxiway_server(config, env=None, …)`` starts a server stopped after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(config: str | Path, **kwargs: object) -> ServerProcess:
+            return stack.enter_context(serve_process(config, tmp_path, **kwargs))  # type: ignore[arg-type]
+
+        yield start
+
+
+@pytest.fixture(scope="session")
+def stub_upstream() -> Iterator[StubUpstream]:
+    """One stub OpenAI-compatible upstream (in a thread) for the whole session."""
+    stub = StubUpstream().start_in_thread()
+    yield stub
+    stub.stop()
