@@ -142,7 +142,8 @@ class Tokenizer:
             eog.add(eos_token_id)
         self.eos_token_ids: frozenset[int] = frozenset(eog)
         #: ``decode`` drops one leading space of its text (SentencePiece with a space prefix).
-        self.strips_leading_space = '"Strip"' in _decoder_spec(backend)
+        spec = _decoder_spec(backend)
+        self.strips_leading_space = '"Strip"' in spec or ('"Metaspace"' in spec and '"never"' not in spec)
         self._token_bytes: list[bytes] | None = None
 
     # -- construction ------------------------------------------------------------------------
@@ -251,14 +252,19 @@ class Tokenizer:
         return token
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes this token stands for in text (a special token: its UTF-8 text).
+        """The bytes this token stands for in decoded text (a special token: its text).
 
         A token may hold part of a UTF-8 character; this is what logprob ``bytes`` report.
         """
+        return self.token_bytes_table[token_id]
+
+    @property
+    def token_bytes_table(self) -> Sequence[bytes]:
+        """``token_bytes`` for every id, built once (for per-token loops)."""
         table = self._token_bytes
         if table is None:
             table = self._token_bytes = self._build_token_bytes()
-        return table[token_id]
+        return table
 
     def token_text(self, token_id: int) -> str:
         """The token's text for logprobs: its bytes decoded, partial characters as U+FFFD."""
@@ -273,26 +279,26 @@ class Tokenizer:
         return self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
 
     def _build_token_bytes(self) -> list[bytes]:
-        added = self.backend.get_added_tokens_decoder()
+        # Mirrors the decoders (added tokens go through them too): joining these bytes and
+        # decoding as UTF-8 gives ``decode`` (before a SentencePiece leading-space strip).
         vocab = self.backend.get_vocab(with_added_tokens=True)
         table = [b""] * max(self.vocab_size, max(vocab.values(), default=-1) + 1)
         to_byte = _unicode_to_byte()
         for token, index in vocab.items():
-            if index in added:
-                table[index] = token.encode("utf-8")
-            elif self.byte_encoding == "byte_level":
-                if all(c in to_byte for c in token):
-                    table[index] = bytes(to_byte[c] for c in token)
-                else:
-                    table[index] = token.encode("utf-8")
+            if self.byte_encoding == "byte_level" and all(c in to_byte for c in token):
+                table[index] = bytes(to_byte[c] for c in token)
+            elif self.byte_encoding == "sentencepiece" and _is_byte_token(token):
+                table[index] = bytes([int(token[3:5], 16)])
             elif self.byte_encoding == "sentencepiece":
-                if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-                    table[index] = bytes([int(token[3:5], 16)])
-                else:
-                    table[index] = token.replace("▁", " ").encode("utf-8")
+                table[index] = token.replace("▁", " ").encode("utf-8")
             else:
                 table[index] = token.encode("utf-8")
         return table
+
+
+def _is_byte_token(token: str) -> bool:
+    """SentencePiece's byte-fallback spelling ``<0xNN>``."""
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
 
 
 # -- GGUF builders ---------------------------------------------------------------------------
