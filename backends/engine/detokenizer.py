@@ -12,9 +12,10 @@ but not always the same number of them: ``decode`` of SentencePiece byte tokens 
 byte of an invalid run, we write one per maximal invalid subpart (as Python and Rust's lossy
 UTF-8 decoding do).
 
-``StopMatcher`` cuts the text at the first occurrence of any stop string, across token
-boundaries; the stop string is not emitted, and text is held back only while it could still be
-the beginning of a stop string.
+``StopMatcher`` stops at the first fed chunk (a token's text) that completes any stop string,
+across token boundaries, and cuts the text where the earliest complete stop occurrence starts;
+the stop string is not emitted, and text is held back only while it could still be the
+beginning of a stop string.
 """
 
 from __future__ import annotations

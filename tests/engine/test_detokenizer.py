@@ -198,6 +198,8 @@ def test_stop_across_chunks_holds_only_possible_prefixes() -> None:
 
 def test_earliest_stop_wins_and_stops_can_overlap() -> None:
     assert _run(["ab", "b"], ["xab"])[0] == ["x"]
+    # "b" completes first: generation stops there, before "abc" could complete.
+    assert _run(["b", "abc"], ["a", "b", "c"])[0] == ["", "a"]
     assert _run(["bc", "abcd"], ["ab", "cd"])[0] == ["", ""]
     matcher = StopMatcher(["\n\n", "User:"])
     assert matcher.feed("Sure.\n") == ("Sure.", False)
@@ -218,9 +220,16 @@ def test_no_stops_passes_through() -> None:
     st.lists(st.text(alphabet="abc\n", max_size=6), max_size=12),
 )
 def test_stop_matcher_properties(stops: list[str], chunks: list[str]) -> None:
-    text = "".join(chunks)
-    hits = [text.find(s) for s in stops if s in text]
-    expected = text[: min(hits)] if hits else text
+    # Generation stops at the first chunk (token) that completes a stop string; the text is cut
+    # where the earliest stop occurrence then starts.
+    expected = "".join(chunks)
+    seen = ""
+    for chunk in chunks:
+        seen += chunk
+        hits = [seen.find(s) for s in stops if s in seen]
+        if hits:
+            expected = seen[: min(hits)]
+            break
     matcher = StopMatcher(stops)
     seen, emitted = "", ""
     for chunk in chunks:
