@@ -1,0 +1,203 @@
+"""Attention over a paged KV cache for a flattened batch that mixes prefill and decode.
+
+The contract (docs/architecture.md): a step runs the new tokens of ``S`` sequences concatenated
+(``T`` tokens). ``AttentionMetadata`` says where each sequence's tokens start
+(``query_start_loc``), how long its context is after this step (``seq_lens``, cached + new),
+which cache blocks hold that context (``block_tables``, padded with 0) and where each new token's
+K/V goes (``slot_mapping``, ``block * block_size + offset``). A sequence's new tokens are the last
+``q_len`` positions of its context, so chunked prefill and prefix caching (new tokens starting at
+a position > 0) need nothing special.
+
+Per layer, ``paged_attention`` writes the new K/V into the cache, then attends:
+- decode (one new token): every such sequence at once, gathering its cached K/V slots into a
+  padded ``[S, L]`` batch with a length mask, one SDPA call;
+- prefill (several new tokens): one SDPA call per sequence, causal, offset by its cached prefix.
+What depends only on the metadata (slot indices, masks) is computed once per step in
+``AttentionPlan`` and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backends.engine.config import ModelConfig
+
+KVCache = list[tuple[Tensor, Tensor]]
+
+
+class AttentionMetadata(msgspec.Struct, kw_only=True):
+    """Where the new tokens of each sequence sit, and where their context lives in the cache."""
+
+    query_start_loc: Tensor  # int32 [S + 1]
+    seq_lens: Tensor  # int32 [S]: context length after this step (cached + new)
+    block_tables: Tensor  # int32 [S, max_blocks], padded with 0
+    slot_mapping: Tensor  # int64 [T]
+
+    @classmethod
+    def from_lists(
+        cls,
+        *,
+        query_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Build from per-sequence Python lists (tests, simple runners)."""
+        starts = [0]
+        slots: list[int] = []
+        for q_len, seq_len, table in zip(query_lens, seq_lens, block_tables, strict=True):
+            starts.append(starts[-1] + q_len)
+            for pos in range(seq_len - q_len, seq_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0) or 1
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        )
+
+
+class PrefillSeq(msgspec.Struct):
+    start: int  # first row of this sequence's tokens in the flattened batch
+    end: int
+    slots: Tensor | None  # int64 [seq_len]: its whole context; None when it has no cached prefix
+    mask: Tensor | None  # bool [q_len, seq_len] (True = attend) when there is a cached prefix
+
+
+class AttentionPlan(msgspec.Struct):
+    """Per-step indices and masks derived once from ``AttentionMetadata``."""
+
+    num_tokens: int
+    slot_mapping: Tensor
+    decode_rows: Tensor | None  # token rows of decode sequences; None when all rows are decode
+    decode_slots: Tensor | None  # int64 [Sd, L]: cache slots of each decode sequence's context
+    decode_mask: Tensor | None  # bool [Sd, 1, 1, L]; None when every context is L long
+    prefills: list[PrefillSeq]
+
+    @classmethod
+    def build(cls, attn: AttentionMetadata, block_size: int) -> AttentionPlan:
+        starts = attn.query_start_loc.tolist()
+        seq_lens = attn.seq_lens.tolist()
+        num_tokens = starts[-1]
+        device = attn.slot_mapping.device
+        decode: list[int] = []
+        prefills: list[PrefillSeq] = []
+        for i, seq_len in enumerate(seq_lens):
+            start, end = starts[i], starts[i + 1]
+            q_len = end - start
+            if q_len == 1:
+                decode.append(i)
+            elif q_len == seq_len:  # no cached prefix: attend to this step's own K/V, causally
+                prefills.append(PrefillSeq(start, end, None, None))
+            else:
+                nblocks = -(-seq_len // block_size)
+                slots = _slots(attn.block_tables[i : i + 1, :nblocks], block_size)[0, :seq_len]
+                rows = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
+                mask = torch.arange(seq_len, device=device).unsqueeze(0) <= rows
+                prefills.append(PrefillSeq(start, end, slots, mask))
+        decode_rows = decode_slots = decode_mask = None
+        if decode:
+            lens = [seq_lens[i] for i in decode]
+            width = max(lens)
+            nblocks = -(-width // block_size)
+            if len(decode) == len(seq_lens):
+                tables = attn.block_tables[:, :nblocks]
+                lens_t = attn.seq_lens
+            else:
+                index = torch.tensor(decode, device=device)
+                tables = attn.block_tables.index_select(0, index)[:, :nblocks]
+                lens_t = attn.seq_lens.index_select(0, index)
+                decode_rows = torch.tensor([starts[i] for i in decode], device=device)
+            decode_slots = _slots(tables, block_size)[:, :width]
+            if min(lens) != width:
+                decode_mask = (torch.arange(width, device=device) < lens_t.unsqueeze(1)).view(len(decode), 1, 1, width)
+        return cls(num_tokens, attn.slot_mapping, decode_rows, decode_slots, decode_mask, prefills)
+
+
+def _slots(block_tables: Tensor, block_size: int) -> Tensor:
+    """``[S, nblocks]`` block ids -> ``[S, nblocks * block_size]`` flat slot ids."""
+    offsets = torch.arange(block_size, device=block_tables.device, dtype=torch.int64)
+    return (block_tables.to(torch.int64).unsqueeze(-1) * block_size + offsets).flatten(1)
+
+
+def paged_attention(
+    q: Tensor,  # [T, H, D]
+    k: Tensor,  # [T, KV, D]
+    v: Tensor,  # [T, KV, D]
+    k_cache: Tensor,  # [num_blocks, block_size, KV, D]
+    v_cache: Tensor,
+    plan: AttentionPlan,
+    scale: float,
+) -> Tensor:
+    """Write this step's K/V into the cache and attend; returns ``[T, H * D]``."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv = k.shape[1]
+    group = num_heads // num_kv
+    kc = k_cache.view(-1, num_kv, head_dim)
+    vc = v_cache.view(-1, num_kv, head_dim)
+    kc.index_copy_(0, plan.slot_mapping, k)
+    vc.index_copy_(0, plan.slot_mapping, v)
+
+    # decode: [Sd] sequences, one query each; query heads grouped by their KV head
+    decode_out = None
+    if plan.decode_slots is not None:
+        qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
+        sd, width = plan.decode_slots.shape
+        kd = kc[plan.decode_slots].transpose(1, 2)  # [Sd, KV, L, D]
+        vd = vc[plan.decode_slots].transpose(1, 2)
+        decode_out = F.scaled_dot_product_attention(
+            qd.view(sd, num_kv, group, head_dim), kd, vd, attn_mask=plan.decode_mask, scale=scale
+        ).reshape(sd, num_heads * head_dim)
+        if not plan.prefills:
+            return decode_out
+
+    # prefill: one sequence at a time, causal over its context
+    out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+    for seq in plan.prefills:
+        qs = q[seq.start : seq.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if seq.slots is None:
+            ks = k[seq.start : seq.end]
+            vs = v[seq.start : seq.end]
+        else:
+            ks = kc[seq.slots]
+            vs = vc[seq.slots]
+        o = F.scaled_dot_product_attention(
+            qs,
+            ks.transpose(0, 1).unsqueeze(0),
+            vs.transpose(0, 1).unsqueeze(0),
+            attn_mask=seq.mask,
+            is_causal=seq.mask is None,
+            scale=scale,
+            enable_gqa=group > 1,
+        )  # [1, H, n, D]
+        out[seq.start : seq.end] = o[0].transpose(0, 1).reshape(seq.end - seq.start, num_heads * head_dim)
+    if decode_out is not None:
+        out.index_copy_(0, plan.decode_rows, decode_out)
+    return out
+
+
+def allocate_kv_cache(
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> KVCache:
+    """One ``(k_cache, v_cache)`` pair per layer, each ``[num_blocks, block_size, KV, head_dim]``.
+
+    Zero-filled: padded decode slots are masked, but a masked NaN would still poison the
+    ``softmax @ V`` product, so the cache never holds garbage.
+    """
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(config.num_layers)
+    ]

@@ -1,0 +1,152 @@
+"""``ModelConfig``: the architecture facts of a Llama-family model, read from GGUF metadata or a
+Hugging Face ``config.json``.
+
+Supported architectures: ``llama`` (SmolLM, TinyLlama, Llama 2/3 including Llama 3 rope scaling),
+``mistral`` (full attention; a sliding window is recorded but only exact while the context fits
+in it) and ``qwen2`` (bias on q/k/v). Anything else is an ``UnsupportedModelError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from gateway.errors import ConfigError
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ConfigError):
+    """The model file uses an architecture, tensor type or layout the engine cannot run."""
+
+
+class RopeScaling(msgspec.Struct, frozen=True, kw_only=True):
+    """Rotary-embedding frequency scaling. ``kind``: ``"linear"`` or ``"llama3"``."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # bias on the q/k/v projections (qwen2)
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # recorded, not applied (see module docstring)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any], *, has_output_tensor: bool) -> ModelConfig:
+        """Build from decoded GGUF key/values. ``has_output_tensor``: whether ``output.weight`` exists
+        (GGUF ties embeddings by leaving it out)."""
+        arch = str(metadata.get("general.architecture", ""))
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"GGUF architecture '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})"
+            )
+
+        def key(name: str, default: Any = None) -> Any:
+            value = metadata.get(f"{arch}.{name}", default)
+            if value is None:
+                raise UnsupportedModelError(f"GGUF metadata lacks '{arch}.{name}'")
+            return value
+
+        hidden = int(key("embedding_length"))
+        num_heads = int(key("attention.head_count"))
+        num_kv_heads = int(key("attention.head_count_kv", num_heads))
+        head_dim = int(metadata.get(f"{arch}.attention.key_length") or hidden // num_heads)
+        vocab = metadata.get(f"{arch}.vocab_size")
+        if vocab is None:
+            vocab = len(metadata.get("tokenizer.ggml.tokens") or ())
+        scaling = None
+        if metadata.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor")))
+        # Llama 3 scaling travels in GGUF as a ``rope_freqs.weight`` tensor, applied by the loader.
+        return cls(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(key("context_length")),
+            tie_word_embeddings=not has_output_tensor,
+            attention_bias=arch == "qwen2",
+            rope_scaling=scaling,
+        )
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> ModelConfig:
+        """Build from a parsed ``config.json`` (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
+        arch = str(cfg.get("model_type", ""))
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"model_type '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act '{cfg.get('hidden_act')}' is not supported (silu only)")
+        hidden = int(cfg["hidden_size"])
+        num_heads = int(cfg["num_attention_heads"])
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope.update(cfg.get("rope_scaling") or {})
+        theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                kind="llama3",
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+            )
+        elif rope_type == "linear":
+            scaling = RopeScaling(kind="linear", factor=float(rope["factor"]))
+        elif rope_type not in ("default", None):
+            raise UnsupportedModelError(f"rope scaling '{rope_type}' is not supported (linear, llama3)")
+        window = cfg.get("sliding_window")
+        if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            rope_scaling=scaling,
+            sliding_window=int(window) if window else None,
+        )
