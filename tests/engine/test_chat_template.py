@@ -157,9 +157,10 @@ def test_broken_template_is_a_config_error() -> None:
 
 
 def test_sandbox() -> None:
-    for source in ("{{ messages.__class__.__mro__ }}", "{{ ''.__class__ }}", "{{ raise_exception.__globals__ }}"):
-        with pytest.raises(InvalidRequestError, match="SecurityError: access to attribute"):
-            ChatTemplate(source).render([])
+    with pytest.raises(InvalidRequestError, match="SecurityError: access to attribute '__class__'"):
+        ChatTemplate("{{ messages.__class__.__mro__ }}").render([])
+    # Unsafe attributes of other objects are undefined: nothing leaks into the prompt.
+    assert ChatTemplate("{{ ''.__class__ }}{{ raise_exception.__globals__ }}").render([]) == ""
     mutate = ChatTemplate("{% set _ = messages.append({'role': 'x'}) %}{{ messages | length }}")
     with pytest.raises(InvalidRequestError, match="SecurityError"):
         mutate.render([ChatMessage(role="user", content="a")])
