@@ -9,6 +9,13 @@ from gateway.hookspecs import hookimpl
 
 
 @hookimpl
+def register_backends(register: Callable[..., Any]) -> None:
+    from backends.engine.backend import EngineBackend
+
+    register("engine", EngineBackend)
+
+
+@hookimpl
 def register_commands(register: Callable[..., Any]) -> None:
     from backends.engine import cli
 

@@ -1,0 +1,232 @@
+"""``AsyncEngine``: runs ``LLMEngine`` steps on a thread of its own and streams to asyncio.
+
+The step loop never runs on the event loop: torch releases the GIL inside its kernels, so the
+gateway keeps accepting and streaming while a step computes. Requests and aborts cross into the
+step thread through an inbox that the loop drains between steps (the scheduler is not
+thread-safe); each step's outputs cross back with one ``call_soon_threadsafe`` per step, not per
+token. Closing a request's async iterator (the client went away) queues an abort, so its blocks
+are free before the next step starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+import structlog
+
+from backends.engine.engine import EngineOutput, LLMEngine
+from gateway.errors import ServiceUnavailableError, TaxiwayError
+from gateway.interface import SamplingParams, StreamItem
+
+log = structlog.get_logger(__name__)
+
+_RATE_WINDOW_S = 5.0
+
+
+class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
+    ready: bool
+    num_requests: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_block_size: int
+    prefix_cache_hit_rate: float
+    generation_tokens_per_s: float
+    num_steps: int
+    num_step_failures: int
+
+
+class _Add(msgspec.Struct):
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+
+class _Abort(msgspec.Struct):
+    request_id: str
+
+
+class AsyncEngine:
+    """Owns the step thread. ``on_step_failure`` runs on that thread after a failed step (the
+    in-flight requests have already been failed with 503); it may restart workers and returns
+    whether the engine can serve again."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        on_step_failure: Callable[[BaseException], bool] | None = None,
+    ) -> None:
+        self.engine = engine
+        self._on_step_failure = on_step_failure
+        self._inbox: collections.deque[_Add | _Abort] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, asyncio.Queue[EngineOutput | BaseException]] = {}
+        self._ready = False
+        self._num_steps = 0
+        self._num_failures = 0
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._last_generated = 0
+        self._stats = self._snapshot()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ready = True
+        self._thread = threading.Thread(target=self._run, name="taxiway-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # -- requests (event-loop side) -------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[StreamItem]:
+        """Deltas for the request as steps produce them, then its ``Usage``."""
+        if not self.ready:
+            raise ServiceUnavailableError("the engine is not ready")
+        if request_id in self._streams:
+            raise ServiceUnavailableError(f"request id {request_id!r} is already running")
+        queue: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._submit(_Add(request_id, prompt_ids, sampling))
+        finished = False
+        try:
+            while True:
+                output = await queue.get()
+                if isinstance(output, BaseException):
+                    finished = True  # the engine already dropped it
+                    raise output
+                for item in output.items:
+                    yield item
+                if output.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(_Abort(request_id))
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        self._inbox.append(command)
+        self._wake.set()
+
+    def _dispatch(self, outputs: list[EngineOutput]) -> None:
+        for output in outputs:
+            queue = self._streams.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        for request_id in request_ids:
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(error)
+
+    # -- the step thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self._wake.clear()
+            self._drain_inbox()
+            if not engine.has_unfinished():
+                self._stats = self._snapshot()
+                self._wake.wait(timeout=1.0)
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # noqa: BLE001 - a failed step must not kill the loop
+                self._step_failed(exc)
+                continue
+            self._num_steps += 1
+            self._count_tokens()
+            if outputs:
+                self._post(self._dispatch, outputs)
+            self._stats = self._snapshot()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            command = self._inbox.popleft()
+            if isinstance(command, _Abort):
+                self.engine.abort_request(command.request_id)
+                continue
+            try:
+                self.engine.add_request(command.request_id, command.prompt_ids, command.sampling)
+            except TaxiwayError as exc:
+                self._post(self._fail, [command.request_id], exc)
+
+    def _step_failed(self, exc: BaseException) -> None:
+        self._num_failures += 1
+        self._ready = False
+        log.error("engine.step_failed", error=repr(exc))
+        failed = self.engine.abort_all()
+        error = ServiceUnavailableError(f"the engine failed while running this request: {exc}")
+        self._post(self._fail, failed, error)
+        recovered = True
+        if self._on_step_failure is not None:
+            try:
+                recovered = self._on_step_failure(exc)
+            except Exception as again:  # noqa: BLE001
+                log.error("engine.recovery_failed", error=repr(again))
+                recovered = False
+        self._ready = recovered
+        if recovered:
+            log.info("engine.recovered")
+
+    def _post(self, fn: Callable[..., None], *args: object) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _count_tokens(self) -> None:
+        now = time.monotonic()
+        total = self.engine.num_generated_tokens
+        self._rate.append((now, total - self._last_generated))
+        self._last_generated = total
+        while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
+            self._rate.popleft()
+
+    def _snapshot(self) -> EngineStats:
+        sched = self.engine.scheduler.stats()
+        blocks = sched.blocks
+        now = time.monotonic()
+        recent = [n for t, n in self._rate if now - t <= _RATE_WINDOW_S]
+        return EngineStats(
+            ready=self._ready,
+            num_requests=self.engine.num_requests,
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_preemptions=sched.num_preemptions,
+            kv_blocks_total=blocks.num_blocks,
+            kv_blocks_used=blocks.num_used_blocks,
+            kv_blocks_free=blocks.num_free_blocks,
+            kv_block_size=blocks.block_size,
+            prefix_cache_hit_rate=blocks.prefix_cache_hit_rate,
+            generation_tokens_per_s=sum(recent) / _RATE_WINDOW_S,
+            num_steps=self._num_steps,
+            num_step_failures=self._num_failures,
+        )

@@ -1,0 +1,139 @@
+"""Engine options and ``build_engine``: from a model name or path to a ready ``LLMEngine``.
+
+Used alike by the ``engine`` backend, ``taxiway generate`` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import structlog
+
+from gateway.errors import ConfigError
+
+log = structlog.get_logger(__name__)
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+DEFAULT_KV_CACHE_TOKENS = 16384
+
+
+class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``options`` table of a model served by the ``engine`` backend."""
+
+    model: str = "smollm2-135m-instruct"  # catalogue name, .gguf path or HF directory
+    quantization: Literal["int4", "int8", "none"] | None = None  # None: as stored in the file
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activations and KV cache
+    max_num_seqs: Positive = 16
+    max_num_batched_tokens: Positive = 512
+    max_model_len: Positive | None = None  # default: the model's context length
+    kv_cache_tokens: Positive | None = None  # default: DEFAULT_KV_CACHE_TOKENS
+    kv_cache_memory_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    block_size: Positive = 16
+    threads: Positive | None = None  # torch intra-op threads (per rank)
+    device: str = "cpu"
+    max_waiting: Positive = 256
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    tensor_parallel: Positive = 1
+    seed: int | None = None
+    home: str | None = None  # model cache; default $TAXIWAY_HOME or ~/.cache/taxiway
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_tokens is not None and self.kv_cache_memory_mb is not None:
+            raise ValueError("set kv_cache_tokens or kv_cache_memory_mb, not both")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+
+
+class KVCacheLayout(msgspec.Struct, frozen=True):
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int
+    max_model_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def mib(self) -> float:
+        return self.num_tokens * self.bytes_per_token / 2**20
+
+    @property
+    def full_context_seqs(self) -> float:
+        return self.num_tokens / self.max_model_len
+
+
+def kv_cache_layout(config, options: EngineOptions, dtype_bytes: int, tp: int = 1) -> KVCacheLayout:  # type: ignore[no-untyped-def]
+    """Size the paged KV cache from a token count or a memory budget (per rank under TP)."""
+    kv_heads = max(1, config.num_kv_heads // tp) if config.num_kv_heads >= tp else 1
+    per_token = config.num_layers * 2 * kv_heads * config.head_dim * dtype_bytes
+    if options.kv_cache_memory_mb is not None:
+        tokens = int(options.kv_cache_memory_mb * 2**20 // per_token)
+    else:
+        tokens = options.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS
+    num_blocks = tokens // options.block_size
+    if num_blocks < 1:
+        raise ConfigError("the KV cache holds less than one block", path="options.kv_cache_tokens")
+    max_len = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    return KVCacheLayout(num_blocks, options.block_size, per_token, max_len)
+
+
+def resolve_model_path(options: EngineOptions, progress: bool = False) -> Path:
+    from backends.engine.catalogue import resolve_model
+
+    home = Path(options.home).expanduser() if options.home else None
+    return resolve_model(options.model, home, progress=progress)
+
+
+def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ignore[no-untyped-def]
+    """Load the model and tokenizer, size the KV cache, wire scheduler and runner."""
+    import torch
+
+    from backends.engine.block_manager import BlockManager
+    from backends.engine.engine import LLMEngine
+    from backends.engine.loader import load_model
+    from backends.engine.model_runner import ModelRunner
+    from backends.engine.scheduler import Scheduler
+    from backends.engine.tokenizer import Tokenizer
+
+    path = resolve_model_path(options, progress=progress)
+    dtype = torch.bfloat16 if options.dtype == "bfloat16" else torch.float32
+    loaded = load_model(
+        path, quantization=options.quantization, dtype=dtype, device=options.device, threads=options.threads
+    )
+    tokenizer = Tokenizer.load(path)
+    config = loaded.config
+    layout = kv_cache_layout(config, options, torch.finfo(dtype).bits // 8)
+    scheduler = Scheduler(
+        BlockManager(layout.num_blocks, layout.block_size, enable_prefix_caching=options.enable_prefix_caching),
+        max_num_seqs=options.max_num_seqs,
+        max_num_batched_tokens=options.max_num_batched_tokens,
+        max_model_len=layout.max_model_len,
+        enable_chunked_prefill=options.enable_chunked_prefill,
+        max_waiting=options.max_waiting,
+        eos_token_ids=tokenizer.eos_token_ids,
+    )
+    runner = ModelRunner(
+        loaded.model,
+        config,
+        num_blocks=layout.num_blocks,
+        block_size=layout.block_size,
+        dtype=dtype,
+        device=options.device,
+        seed=options.seed,
+    )
+    log.info(
+        "engine.kv_cache",
+        model=str(path.name),
+        blocks=layout.num_blocks,
+        block_size=layout.block_size,
+        tokens=layout.num_tokens,
+        mib=round(layout.mib, 1),
+        full_context_seqs=round(layout.full_context_seqs, 2),
+        max_model_len=layout.max_model_len,
+    )
+    return LLMEngine(scheduler, runner, tokenizer)
