@@ -105,20 +105,22 @@ class StubUpstream:
         return self
 
     def stop(self) -> None:
+        """Stop a ``start_in_thread`` server: close it, cancel and await its connections."""
         loop, server = self._loop, self._server
-        if loop is None or server is None:
+        if loop is None or server is None or loop.is_closed():
             return
 
         async def shutdown() -> None:
             server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-            loop.stop()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-        asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(10)
 
     @property
     def base_url(self) -> str:

@@ -11,8 +11,9 @@ Start a server from any config (a path or TOML text)::
         ''')
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
 
-For a server shared by a whole module, use ``serve_process(config, tmp_dir)`` as a context
-manager in a module-scoped fixture. ``server.logs()`` returns what the server printed.
+``shared_taxiway_server`` is the same factory with session lifetime: one server per distinct
+(config, env), reused by every test that asks for it. ``serve_process(config)`` is the context
+manager underneath. ``server.logs()`` returns what the server printed.
 """
 
 from __future__ import annotations
@@ -123,6 +124,24 @@ def taxiway_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
         def start(config: str | Path, **kwargs: object) -> ServerProcess:
             return stack.enter_context(serve_process(config, tmp_path, **kwargs))  # type: ignore[arg-type]
+
+        yield start
+
+
+@pytest.fixture(scope="session")
+def shared_taxiway_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    """Like ``taxiway_server``, but servers live for the session and are shared per (config, env)."""
+    servers: dict[tuple[str, tuple[tuple[str, str], ...]], ServerProcess] = {}
+    with contextlib.ExitStack() as stack:
+
+        def start(config: str | Path, env: Mapping[str, str] | None = None, **kwargs: object) -> ServerProcess:
+            key = (str(config), tuple(sorted((env or {}).items())))
+            server = servers.get(key)
+            if server is None or server.proc.poll() is not None:
+                tmp = tmp_path_factory.mktemp("taxiway-server")
+                server = stack.enter_context(serve_process(config, tmp, env=env, **kwargs))  # type: ignore[arg-type]
+                servers[key] = server
+            return server
 
         yield start
 
