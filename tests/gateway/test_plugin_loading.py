@@ -1,0 +1,104 @@
+"""Plugins: entry-point discovery, backend registration, hook calling order."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fakes import FakeBackend
+
+from gateway.context import RequestContext
+from gateway.errors import ConfigError
+from gateway.hooks import LifecycleHooks
+from gateway.hookspecs import hookimpl
+from gateway.plugins import load_plugins
+
+
+def test_in_repo_plugins_come_from_entry_points() -> None:
+    plugins = load_plugins()
+    assert "openai" in plugins.backends
+    for name in ("openai", "auth", "access_log"):
+        assert plugins.pm.has_plugin(name)
+
+
+@pytest.fixture
+def dist_on_path(tmp_path: Path) -> Iterator[Path]:
+    """A distribution (dist-info + module) on sys.path, as an installed third-party plugin would be."""
+    (tmp_path / "tp_plugin.py").write_text(
+        "from gateway.hookspecs import hookimpl\n"
+        "from fakes import FakeBackend\n"
+        "@hookimpl\n"
+        "def register_backends(register):\n"
+        "    register('tp-fake', FakeBackend)\n"
+    )
+    info = tmp_path / "tp_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tp-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[taxiway]\ntp = tp_plugin\n")
+    (tmp_path / "broken_plugin-1.0.dist-info").mkdir()
+    (tmp_path / "broken_plugin-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 1.0\n")
+    (tmp_path / "broken_plugin-1.0.dist-info" / "entry_points.txt").write_text("[taxiway]\nwarp = no_such_module_xyz\n")
+    sys.path.insert(0, str(tmp_path))
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("tp_plugin", None)
+
+
+def test_third_party_entry_point_is_discovered(dist_on_path: Path) -> None:
+    plugins = load_plugins()
+    assert plugins.backends["tp-fake"] is FakeBackend
+    assert "warp" in plugins.load_errors  # a broken plugin is reported, not fatal
+    with pytest.raises(ConfigError) as info:
+        plugins.backend_class("warp", path="models[0].backend")
+    assert "failed to load" in str(info.value) and "no_such_module_xyz" in str(info.value)
+
+
+def test_registering_a_backend_twice_is_an_error() -> None:
+    class Twice:
+        @hookimpl
+        def register_backends(self, register: Callable[..., None]) -> None:
+            register("openai", FakeBackend)
+
+    with pytest.raises(ConfigError, match="registered twice"):
+        load_plugins(extra=[("twice", Twice())])
+
+
+def test_registering_a_non_backend_is_an_error() -> None:
+    class Bad:
+        @hookimpl
+        def register_backends(self, register: Callable[..., None]) -> None:
+            register("bad", dict)
+
+    with pytest.raises(ConfigError, match="not a Backend"):
+        load_plugins(entry_points=False, extra=[("bad", Bad())])
+
+
+async def test_hooks_run_in_pluggy_order_and_failures_are_contained() -> None:
+    order: list[str] = []
+
+    class First:
+        @hookimpl(tryfirst=True)
+        async def before_request(self, ctx: RequestContext) -> None:
+            order.append("first")
+
+        @hookimpl
+        def after_request(self, ctx: RequestContext) -> None:
+            raise RuntimeError("a broken plugin")
+
+    class Second:
+        @hookimpl
+        def before_request(self, ctx: RequestContext) -> None:
+            order.append("second")
+
+        @hookimpl
+        async def after_request(self, ctx: RequestContext) -> None:
+            order.append("after")
+
+    plugins = load_plugins(entry_points=False, extra=[("first", First()), ("second", Second())])
+    hooks = LifecycleHooks(plugins.pm)
+    ctx = RequestContext(request_id="r", endpoint="chat.completions", started_at=0.0)
+    await hooks.before_request(ctx)
+    await hooks.after_request(ctx, None)  # the RuntimeError is logged, not raised
+    assert order == ["first", "second", "after"]
