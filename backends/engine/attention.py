@@ -9,10 +9,10 @@ K/V goes (``slot_mapping``, ``block * block_size + offset``). A sequence's new t
 a position > 0) need nothing special.
 
 Per layer, ``paged_attention`` writes the new K/V into the cache, then attends:
-- decode (one new token): every such sequence at once, gathering its cached K/V slots into a
+- decode (one new token): every such sequence at once, gathering its cached K/V blocks into a
   padded ``[S, L]`` batch with a length mask, one SDPA call;
 - prefill (several new tokens): one SDPA call per sequence, causal, offset by its cached prefix.
-What depends only on the metadata (slot indices, masks) is computed once per step in
+What depends only on the metadata (block indices, masks) is computed once per step in
 ``AttentionPlan`` and shared by all layers.
 """
 
@@ -68,18 +68,24 @@ class AttentionMetadata(msgspec.Struct, kw_only=True):
 class PrefillSeq(msgspec.Struct):
     start: int  # first row of this sequence's tokens in the flattened batch
     end: int
-    slots: Tensor | None  # int64 [seq_len]: its whole context; None when it has no cached prefix
-    mask: Tensor | None  # bool [q_len, seq_len] (True = attend) when there is a cached prefix
+    blocks: Tensor | None  # int64 [nblocks]: its context's blocks; None when it has no cached prefix
+    mask: Tensor | None  # bool [q_len, nblocks * block_size] (True = attend) when it has a cached prefix
 
 
 class AttentionPlan(msgspec.Struct):
-    """Per-step indices and masks derived once from ``AttentionMetadata``."""
+    """Per-step indices and masks derived once from ``AttentionMetadata``.
+
+    K/V are gathered a whole block at a time (``index_select`` on the block axis copies
+    contiguous ``block_size * KV * D`` runs, several times faster than per-slot indexing); the
+    unused tail of the last block is masked, or sliced off when there is one decode sequence.
+    """
 
     num_tokens: int
     slot_mapping: Tensor
     decode_rows: Tensor | None  # token rows of decode sequences; None when all rows are decode
-    decode_slots: Tensor | None  # int64 [Sd, L]: cache slots of each decode sequence's context
-    decode_mask: Tensor | None  # bool [Sd, 1, 1, L]; None when every context is L long
+    decode_blocks: Tensor | None  # int64 [Sd * nblocks]: each decode sequence's blocks, flattened
+    decode_len: int  # keys per decode sequence after gathering (nblocks * block_size, or the one length)
+    decode_mask: Tensor | None  # bool [Sd, 1, 1, decode_len]; None when no key is padding
     prefills: list[PrefillSeq]
 
     @classmethod
@@ -99,15 +105,15 @@ class AttentionPlan(msgspec.Struct):
                 prefills.append(PrefillSeq(start, end, None, None))
             else:
                 nblocks = -(-seq_len // block_size)
-                slots = _slots(attn.block_tables[i : i + 1, :nblocks], block_size)[0, :seq_len]
+                blocks = attn.block_tables[i, :nblocks].to(torch.int64)
                 rows = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
-                mask = torch.arange(seq_len, device=device).unsqueeze(0) <= rows
-                prefills.append(PrefillSeq(start, end, slots, mask))
-        decode_rows = decode_slots = decode_mask = None
+                mask = torch.arange(nblocks * block_size, device=device).unsqueeze(0) <= rows
+                prefills.append(PrefillSeq(start, end, blocks, mask))
+        decode_rows = decode_blocks = decode_mask = None
+        decode_len = 0
         if decode:
             lens = [seq_lens[i] for i in decode]
-            width = max(lens)
-            nblocks = -(-width // block_size)
+            nblocks = -(-max(lens) // block_size)
             if len(decode) == len(seq_lens):
                 tables = attn.block_tables[:, :nblocks]
                 lens_t = attn.seq_lens
@@ -116,16 +122,21 @@ class AttentionPlan(msgspec.Struct):
                 tables = attn.block_tables.index_select(0, index)[:, :nblocks]
                 lens_t = attn.seq_lens.index_select(0, index)
                 decode_rows = torch.tensor([starts[i] for i in decode], device=device)
-            decode_slots = _slots(tables, block_size)[:, :width]
-            if min(lens) != width:
-                decode_mask = (torch.arange(width, device=device) < lens_t.unsqueeze(1)).view(len(decode), 1, 1, width)
-        return cls(num_tokens, attn.slot_mapping, decode_rows, decode_slots, decode_mask, prefills)
+            decode_blocks = tables.reshape(-1).to(torch.int64)
+            decode_len = nblocks * block_size
+            if len(decode) == 1:
+                decode_len = lens[0]
+            elif min(lens) != decode_len:
+                keys = torch.arange(decode_len, device=device)
+                decode_mask = (keys < lens_t.unsqueeze(1)).view(len(decode), 1, 1, decode_len)
+        return cls(num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, prefills)
 
 
-def _slots(block_tables: Tensor, block_size: int) -> Tensor:
-    """``[S, nblocks]`` block ids -> ``[S, nblocks * block_size]`` flat slot ids."""
-    offsets = torch.arange(block_size, device=block_tables.device, dtype=torch.int64)
-    return (block_tables.to(torch.int64).unsqueeze(-1) * block_size + offsets).flatten(1)
+def _gather(cache: Tensor, blocks: Tensor, num_seqs: int, length: int) -> Tensor:
+    """``[num_seqs, length, KV, D]`` keys or values of ``blocks`` (``num_seqs`` equal runs)."""
+    _, block_size, num_kv, head_dim = cache.shape
+    out = cache.index_select(0, blocks).view(num_seqs, -1, num_kv, head_dim)
+    return out if out.shape[1] == length else out[:, :length]
 
 
 def paged_attention(
@@ -141,18 +152,16 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
-    kc = k_cache.view(-1, num_kv, head_dim)
-    vc = v_cache.view(-1, num_kv, head_dim)
-    kc.index_copy_(0, plan.slot_mapping, k)
-    vc.index_copy_(0, plan.slot_mapping, v)
+    k_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, k)
+    v_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, v)
 
     # decode: [Sd] sequences, one query each; query heads grouped by their KV head
     decode_out = None
-    if plan.decode_slots is not None:
+    if plan.decode_blocks is not None:
         qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
-        sd, width = plan.decode_slots.shape
-        kd = kc[plan.decode_slots].transpose(1, 2)  # [Sd, KV, L, D]
-        vd = vc[plan.decode_slots].transpose(1, 2)
+        sd = qd.shape[0]
+        kd = _gather(k_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)  # [Sd, KV, L, D]
+        vd = _gather(v_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)
         decode_out = F.scaled_dot_product_attention(
             qd.view(sd, num_kv, group, head_dim), kd, vd, attn_mask=plan.decode_mask, scale=scale
         ).reshape(sd, num_heads * head_dim)
@@ -162,23 +171,23 @@ def paged_attention(
     # prefill: one sequence at a time, causal over its context
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
     for seq in plan.prefills:
-        qs = q[seq.start : seq.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if seq.slots is None:
+        n = seq.end - seq.start
+        if seq.blocks is None:
             ks = k[seq.start : seq.end]
             vs = v[seq.start : seq.end]
         else:
-            ks = kc[seq.slots]
-            vs = vc[seq.slots]
+            ks = _gather(k_cache, seq.blocks, 1, seq.mask.shape[1])[0]
+            vs = _gather(v_cache, seq.blocks, 1, seq.mask.shape[1])[0]
         o = F.scaled_dot_product_attention(
-            qs,
+            q[seq.start : seq.end].transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
             ks.transpose(0, 1).unsqueeze(0),
             vs.transpose(0, 1).unsqueeze(0),
             attn_mask=seq.mask,
             is_causal=seq.mask is None,
             scale=scale,
             enable_gqa=group > 1,
-        )  # [1, H, n, D]
-        out[seq.start : seq.end] = o[0].transpose(0, 1).reshape(seq.end - seq.start, num_heads * head_dim)
+        )
+        out[seq.start : seq.end] = o[0].transpose(0, 1).reshape(n, num_heads * head_dim)
     if decode_out is not None:
         out.index_copy_(0, plan.decode_rows, decode_out)
     return out

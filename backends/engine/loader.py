@@ -143,10 +143,10 @@ class _Builder:
             [make_linear(p, bias=bias, dtype=self.dtype, device=self.device) for p, bias in zip(parts, biases)]
         )
 
-    def vector(self, name: str) -> nn.Parameter:
+    def vector(self, name: str) -> Tensor:
         data = self.source.get(name)
         assert isinstance(data, Tensor)
-        return nn.Parameter(data.to(device=self.device, dtype=self.dtype), requires_grad=False)
+        return data.to(device=self.device, dtype=self.dtype)
 
 
 def _build(source: Any, *, quantization: str | None, dtype: torch.dtype, device: torch.device) -> CausalLM:
@@ -156,13 +156,13 @@ def _build(source: Any, *, quantization: str | None, dtype: torch.dtype, device:
     b = _Builder(source, quantization, dtype, device)
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
-        layer.attn_norm.weight = b.vector(f"{p}.attn_norm")
-        layer.ffn_norm.weight = b.vector(f"{p}.ffn_norm")
+        layer.attn_norm.set_weight(b.vector(f"{p}.attn_norm"))
+        layer.ffn_norm.set_weight(b.vector(f"{p}.ffn_norm"))
         layer.self_attn.qkv_proj = b.linear([f"{p}.q", f"{p}.k", f"{p}.v"])
         layer.self_attn.o_proj = b.linear([f"{p}.o"])
         layer.mlp.gate_up_proj = b.linear([f"{p}.gate", f"{p}.up"])
         layer.mlp.down_proj = b.linear([f"{p}.down"])
-    model.norm.weight = b.vector("norm")
+    model.norm.set_weight(b.vector("norm"))
     model.embed_tokens = b.linear(["embed"], vocab=True)
     model.lm_head = model.embed_tokens if config.tie_word_embeddings else b.linear(["lm_head"], vocab=True)
     rope_freqs = source.get("rope_freqs") if source.has("rope_freqs") else None
