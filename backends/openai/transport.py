@@ -1,0 +1,261 @@
+"""A lean HTTP/1.1 keep-alive transport for ``httpx.AsyncClient``, on asyncio streams.
+
+Why: on the gateway's hot path httpcore's connection pool costs more CPU than everything else the
+gateway does (it re-scans every pooled connection, polling each socket, on every request). This
+transport keeps idle connections in a LIFO list per origin and speaks just the HTTP/1.1 an
+OpenAI-compatible upstream needs: a request with a known-length body; a response framed by
+Content-Length, chunked encoding or connection close. Timeouts and errors are httpx's own, so the
+backend code above it is the same whichever transport is used (``transport = "httpcore"`` in the
+model's options switches back to httpx's default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+_MAX_HEAD_BYTES = 64 * 1024
+_READ_SIZE = 64 * 1024
+
+_Origin = tuple[bytes, bytes, int]
+
+
+class _Connection:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @property
+    def is_usable(self) -> bool:
+        return not (self.reader.at_eof() or self.writer.is_closing())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _timeout(request: httpx.Request, kind: str) -> float | None:
+    value: float | None = request.extensions.get("timeout", {}).get(kind)
+    return value
+
+
+class LeanTransport(httpx.AsyncBaseTransport):
+    """At most ``max_connections`` requests in flight; idle connections are reused newest first."""
+
+    def __init__(self, *, max_connections: int = 100, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._ssl_context = ssl_context
+        self._closed = False
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
+
+    # -----------------------------------------------------------------------------------------
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise httpx.ConnectError("the transport is closed", request=request)
+        try:
+            async with asyncio.timeout(_timeout(request, "pool")):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise httpx.PoolTimeout("no free connection slot in time", request=request) from None
+        try:
+            return await self._send(request)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.raw_scheme == b"https" else 80))
+        head = self._request_head(request)
+        body = await request.aread()
+        # A pooled connection the upstream closed while idle fails at once; retry such a failure
+        # on a fresh connection (the body is in memory, so the request is replayable).
+        while True:
+            connection, reused = await self._checkout(origin, request)
+            try:
+                status, headers = await self._exchange(connection, head, body, request)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                connection.close()
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                connection.close()
+                raise
+            break
+        stream = _ResponseBody(self, origin, connection, request, status, headers)
+        return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
+
+    @staticmethod
+    def _request_head(request: httpx.Request) -> bytes:
+        lines = [b"%s %s HTTP/1.1" % (request.method.encode(), request.url.raw_path)]
+        lines.extend(b"%s: %s" % (name, value) for name, value in request.headers.raw)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    async def _checkout(self, origin: _Origin, request: httpx.Request) -> tuple[_Connection, bool]:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if connection.is_usable:
+                return connection, True
+            connection.close()
+        scheme, host, port = origin
+        context = None
+        if scheme == b"https":
+            context = self._ssl_context or ssl.create_default_context()
+        try:
+            async with asyncio.timeout(_timeout(request, "connect")):
+                reader, writer = await asyncio.open_connection(
+                    host.decode("ascii"), port, ssl=context, limit=_MAX_HEAD_BYTES
+                )
+        except TimeoutError:
+            raise httpx.ConnectTimeout("connecting to the upstream timed out", request=request) from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        return _Connection(reader, writer), False
+
+    async def _exchange(
+        self, connection: _Connection, head: bytes, body: bytes, request: httpx.Request
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        try:
+            connection.writer.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                connection.writer.write(body)
+            async with asyncio.timeout(_timeout(request, "write")):
+                await connection.writer.drain()
+        except TimeoutError:
+            raise httpx.WriteTimeout("writing to the upstream timed out", request=request) from None
+        except OSError as exc:
+            raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
+        try:
+            async with asyncio.timeout(_timeout(request, "read")):
+                raw = await connection.reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            raise httpx.ReadTimeout("the upstream did not answer in time", request=request) from None
+        except asyncio.IncompleteReadError as exc:
+            raise httpx.RemoteProtocolError("the upstream closed the connection", request=request) from exc
+        except asyncio.LimitOverrunError as exc:
+            raise httpx.RemoteProtocolError("response head too large", request=request) from exc
+        except OSError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        lines = raw[:-4].split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:100]!r}", request=request)
+        headers = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise httpx.RemoteProtocolError("malformed response header", request=request)
+            headers.append((name.strip(), value.strip()))
+        return int(parts[1]), headers
+
+    def _release(self, origin: _Origin, connection: _Connection, reusable: bool) -> None:
+        if reusable and not self._closed and connection.is_usable:
+            self._idle.setdefault(origin, []).append(connection)
+        else:
+            connection.close()
+        self._slots.release()
+
+
+class _ResponseBody(httpx.AsyncByteStream):
+    """The response body, framed by Content-Length, chunked encoding or connection close."""
+
+    def __init__(
+        self,
+        transport: LeanTransport,
+        origin: _Origin,
+        connection: _Connection,
+        request: httpx.Request,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self._transport = transport
+        self._origin = origin
+        self._connection = connection
+        self._request = request
+        self._read_timeout = _timeout(request, "read")
+        self._complete = False
+        self._released = False
+        self._keep_alive = True
+        self._length: int | None = None
+        self._chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                self._length = int(value)
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                self._chunked = True
+            elif lname == b"connection" and value.lower() == b"close":
+                self._keep_alive = False
+        if status in (204, 304) or 100 <= status < 200 or request.method == "HEAD":
+            self._length = 0
+        if self._length is None and not self._chunked:
+            self._keep_alive = False  # delimited by the upstream closing the connection
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        reader = self._connection.reader
+        try:
+            if self._chunked:
+                async for chunk in self._chunks(reader):
+                    yield chunk
+            elif self._length is not None:
+                remaining = self._length
+                while remaining:
+                    data = await self._read(reader.read(min(remaining, _READ_SIZE)))
+                    if not data:
+                        raise httpx.RemoteProtocolError("the upstream closed mid-body", request=self._request)
+                    remaining -= len(data)
+                    yield data
+            else:
+                while data := await self._read(reader.read(_READ_SIZE)):
+                    yield data
+            self._complete = True
+        finally:
+            if self._complete:
+                self._finish()
+
+    async def _chunks(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        while True:
+            line = await self._read(reader.readuntil(b"\r\n"))
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while (await self._read(reader.readuntil(b"\r\n"))) != b"\r\n":
+                    pass  # trailers
+                return
+            data = await self._read(reader.readexactly(size + 2))
+            yield data[:-2]
+
+    async def _read(self, operation: Any) -> bytes:
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                return await operation  # type: ignore[no-any-return]
+        except TimeoutError:
+            raise httpx.ReadTimeout("the upstream stopped sending", request=self._request) from None
+        except asyncio.IncompleteReadError as exc:
+            raise httpx.RemoteProtocolError("the upstream closed mid-body", request=self._request) from exc
+        except (OSError, asyncio.LimitOverrunError) as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=self._request) from exc
+
+    def _finish(self) -> None:
+        if not self._released:
+            self._released = True
+            self._transport._release(self._origin, self._connection, self._complete and self._keep_alive)
+
+    async def aclose(self) -> None:
+        # Closed before the end (the client went away): the connection cannot be reused, and
+        # closing it is what tells the upstream to stop.
+        self._finish()
