@@ -31,5 +31,8 @@ async def iter_sse_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             if line.startswith(b"data:"):
                 value = line[5:]
                 data.append(value[1:] if value.startswith(b" ") else value)
+    line = buffer.rstrip(b"\r")
+    if line.startswith(b"data:"):
+        data.append(line[6:] if line.startswith(b"data: ") else line[5:])
     if data:  # a stream cut without its last blank line still delivers what it had
         yield b"\n".join(data)
