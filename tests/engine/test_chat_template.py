@@ -178,18 +178,22 @@ def test_extra_context_and_tokens() -> None:
 
 
 @pytest.mark.slow
-def test_real_model_template_matches_transformers() -> None:
-    transformers = pytest.importorskip("transformers")
-    from backends.engine.catalogue import default_home, pull
+def test_real_model_template_matches_transformers(smollm2_path, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The default model's own template (read from its GGUF) renders as transformers renders it."""
     from backends.engine.tokenizer import Tokenizer
 
-    path = pull("smollm2-135m-instruct", home=default_home(), progress=False)
-    ours = ChatTemplate.from_tokenizer(Tokenizer.from_gguf(path))
-    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = Tokenizer.from_gguf(smollm2_path)
+    ours = ChatTemplate.from_tokenizer(tokenizer)
+    hf_tokenizer.chat_template = tokenizer.chat_template
     for conversation in CONVERSATIONS:
         for add in (True, False):
-            expected = ref.apply_chat_template(_as_dicts(conversation), tokenize=False, add_generation_prompt=add)
+            expected = hf_tokenizer.apply_chat_template(_as_dicts(conversation), tokenize=False, add_generation_prompt=add)
             assert ours.render(conversation, add_generation_prompt=add) == expected
     prompt = ours.render([ChatMessage(role="user", content="Hi")])
-    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    assert prompt.endswith("<|im_start|>assistant\n")
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # The prompt spells its special tokens: encoded without adding any, they are single tokens.
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.eos_token_id) == 2

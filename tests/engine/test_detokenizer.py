@@ -153,10 +153,8 @@ def test_random_byte_level_ids_match_lossy_decode(ids: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_real_model_stream_matches_decode() -> None:
-    from backends.engine.catalogue import default_home, pull
-
-    tok = Tokenizer.from_gguf(pull("smollm2-135m-instruct", home=default_home(), progress=False))
+def test_real_model_stream_matches_decode(smollm2_path) -> None:  # type: ignore[no-untyped-def]
+    tok = Tokenizer.from_gguf(smollm2_path)
     rng = random.Random(5)
     for _ in range(300):
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 30))]
