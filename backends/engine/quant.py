@@ -192,7 +192,7 @@ class Int4Linear(nn.Module):
         self.out_features = out_features
         self.group_size = group_size
         self.padded_out = out_features
-        self.bias: Tensor | None = None
+        self.register_buffer("bias", None)
         self._mm: Any = None
         self._cpu_layout = False
 
@@ -224,7 +224,7 @@ class Int4Linear(nn.Module):
         mod.register_buffer("weight", packed)
         mod.register_buffer("scales_and_zeros", sz.to(device=device, dtype=dtype))
         if bias is not None:
-            mod.register_buffer("bias", bias.to(device=device, dtype=dtype))
+            mod.bias = bias.to(device=device, dtype=dtype)
         return mod
 
     def extra_repr(self) -> str:
@@ -319,7 +319,7 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         self.group_size = group_size
         self.per_channel = group_size == in_features
-        self.bias: Tensor | None = None
+        self.register_buffer("bias", None)
 
     @classmethod
     def from_data(
@@ -331,7 +331,7 @@ class Int8Linear(nn.Module):
         scales = data.scales.view(n) if mod.per_channel else data.scales
         mod.register_buffer("scales", scales.to(device=device, dtype=dtype).contiguous())
         if bias is not None:
-            mod.register_buffer("bias", bias.to(device=device, dtype=dtype))
+            mod.bias = bias.to(device=device, dtype=dtype)
         return mod
 
     def extra_repr(self) -> str:
@@ -386,7 +386,7 @@ class DenseLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.bias: Tensor | None = None
+        self.register_buffer("bias", None)
 
     @classmethod
     def from_data(
@@ -396,7 +396,7 @@ class DenseLinear(nn.Module):
         mod = cls(k, n)
         mod.register_buffer("weight", w.to(device=device, dtype=dtype).contiguous())
         if bias is not None:
-            mod.register_buffer("bias", bias.to(device=device, dtype=dtype))
+            mod.bias = bias.to(device=device, dtype=dtype)
         return mod
 
     def extra_repr(self) -> str:
