@@ -39,6 +39,8 @@ import structlog
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
+from backends.engine.config import UnsupportedModelError
+
 log = structlog.get_logger(__name__)
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -178,7 +180,7 @@ class Tokenizer:
             byte_encoding = "sentencepiece"
             add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
         else:
-            raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
+            raise UnsupportedModelError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
 
         bos = metadata.get("tokenizer.ggml.bos_token_id")
         eos = metadata.get("tokenizer.ggml.eos_token_id")
@@ -206,6 +208,10 @@ class Tokenizer:
         """From ``tokenizer.json`` (+ ``tokenizer_config.json``, ``generation_config.json``,
         ``chat_template.jinja``) in a Hugging Face model directory."""
         path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise UnsupportedModelError(
+                f"model directory '{path}' has no tokenizer.json (a tokenizer.model alone is not supported)"
+            )
         backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         config = _read_json(path / "tokenizer_config.json")
         generation = _read_json(path / "generation_config.json")
@@ -217,6 +223,13 @@ class Tokenizer:
 
         bos = token_id(config.get("bos_token"))
         eos = token_id(config.get("eos_token"))
+        if "add_bos_token" in config or "add_eos_token" in config:
+            # transformers rebuilds the post-processor from these flags (Llama/Gemma tokenizers).
+            add_bos, add_eos = bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
+            backend.post_processor = _post_processor(
+                (backend.id_to_token(bos), bos) if add_bos and bos is not None else None,
+                (backend.id_to_token(eos), eos) if add_eos and eos is not None else None,
+            )
         gen_eos = generation.get("eos_token_id")
         extra_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else []
         if bos is None and isinstance(generation.get("bos_token_id"), int):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from backends.engine.tokenizer import Tokenizer, byte_to_unicode, read_gguf_metadata
+from gateway.errors import ConfigError
 
 NUM_STRINGS = 1200
 
@@ -377,6 +378,18 @@ def test_hf_directory(tmp_path: Path, smollm: Tokenizer) -> None:
         assert tok.encode(text) == smollm.encode(text)
     (tmp_path / "chat_template.jinja").write_text("{{ y }}")
     assert Tokenizer.load(tmp_path).chat_template == "{{ y }}"
+    # add_bos_token in tokenizer_config.json decides, as transformers does.
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": True})
+    )
+    assert Tokenizer.load(tmp_path).encode("hi") == [1, *smollm.encode("hi")]
+    assert Tokenizer.load(tmp_path).encode("hi", add_special_tokens=False) == smollm.encode("hi")
+
+
+def test_hf_directory_without_tokenizer_json(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        Tokenizer.load(tmp_path)
 
 
 # -- reading GGUF metadata ----------------------------------------------------------------------
@@ -428,5 +441,5 @@ def test_read_gguf_metadata_of_the_real_model(smollm2_path: Path, smollm_metadat
 
 
 def test_unknown_tokenizer_model_is_rejected() -> None:
-    with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 'bert'"):
+    with pytest.raises(ConfigError, match="unsupported GGUF tokenizer model 'bert'"):
         Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
