@@ -56,7 +56,11 @@ class IncrementalDetokenizer:
         """Append one token; return the text it completes (possibly "")."""
         if token_id in self._skip:
             return ""
-        text = self._decoder.decode(self._table[token_id])
+        try:
+            raw = self._table[token_id]
+        except IndexError:  # a padded embedding row past the vocabulary: no text
+            return ""
+        text = self._decoder.decode(raw)
         if self._strip_next and text:
             self._strip_next = False
             if text[0] == " ":

@@ -263,9 +263,11 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes this token stands for in decoded text (a special token: its text).
 
-        A token may hold part of a UTF-8 character; this is what logprob ``bytes`` report.
+        A token may hold part of a UTF-8 character; this is what logprob ``bytes`` report. An id
+        past the vocabulary (a model's padded embedding rows) has no bytes.
         """
-        return self.token_bytes_table[token_id]
+        table = self.token_bytes_table
+        return table[token_id] if 0 <= token_id < len(table) else b""
 
     @property
     def token_bytes_table(self) -> Sequence[bytes]:

@@ -140,6 +140,13 @@ def test_byte_fallback_characters_complete_across_tokens() -> None:
     assert _stream(tok, ids[-3:], tok.encode("the")) == ["", "", "日", ""]
 
 
+def test_ids_past_the_vocabulary_have_no_text() -> None:
+    # Models pad their embeddings (e.g. Qwen2: 151,936 rows for 151,665 tokens).
+    past = BYTE_LEVEL.vocab_size + 3
+    assert BYTE_LEVEL.token_bytes(past) == b""
+    assert _stream(BYTE_LEVEL, [*BYTE_LEVEL.encode("Hi", add_special_tokens=False), past]) == ["H", "i", "", ""]
+
+
 def test_incomplete_character_at_the_end_becomes_replacement() -> None:
     lone = BYTE_LEVEL.backend.token_to_id(byte_to_unicode()[0xE6])  # first byte of 日
     assert _stream(BYTE_LEVEL, [lone]) == ["", "\ufffd"]
