@@ -252,7 +252,8 @@ class Int4Linear(nn.Module):
         return q if rows is None else q[rows]
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
-        """Dense ``[N_rows, K]`` weight in ``dtype`` (default: the scales' dtype)."""
+        """Dense ``[out_features, K]`` weight in ``dtype`` (default: the scales' dtype); ``rows``:
+        a slice of the padded rows in multiples of 64."""
         dtype = dtype or self.scales_and_zeros.dtype
         q = self.unpacked_q(rows)
         n, k = q.shape
@@ -261,7 +262,8 @@ class Int4Linear(nn.Module):
         zeros = sz[..., 1].t().unsqueeze(-1).to(dtype)
         w = q.to(dtype).view(n, -1, self.group_size)
         w.sub_(8.0).mul_(scales).add_(zeros)
-        return w.view(n, k)
+        w = w.view(n, k)
+        return w[: self.out_features] if rows is None else w
 
     def to_data(self) -> Int4Data:
         """The unpacked form (float32 scales), e.g. to slice for tensor parallelism and pack again."""
@@ -277,7 +279,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.bfloat16 and (x.shape[0] <= INT4_KERNEL_MAX_ROWS or x.device.type != "cpu"):
             y = self._mm(x, self.weight, self.group_size, self.scales_and_zeros)
-        elif self.padded_out > DEQUANT_CHUNK_ROWS:
+        elif self.padded_out > DEQUANT_CHUNK_ROWS and self._cpu_layout:
             y = torch.cat(
                 [
                     F.linear(x, self.dequantize(x.dtype, slice(r, min(r + DEQUANT_CHUNK_ROWS, self.padded_out))))
