@@ -172,6 +172,8 @@ async def _ttft(client: httpx.AsyncClient, url: str, n: int, side: Side) -> None
         async with client.stream("POST", url, content=_STREAM_BODY, headers={"content-type": "application/json"}) as r:
             r.raise_for_status()
             first = True
+            # read to the end, as a real client does: a stream left unread closes the connection,
+            # and every request would then pay for a new one
             async for _chunk in r.aiter_raw():
                 if first:
                     side.ttft_ms.append((time.perf_counter() - start) * 1000)
