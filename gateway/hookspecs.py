@@ -76,5 +76,6 @@ async def after_request(ctx: RequestContext, usage: Usage | None) -> None:
 @hookspec
 async def on_error(ctx: RequestContext, error: TaxiwayError) -> None:
     """Called once per request that failed, with the error the client received (or the stream
-    ended with). Exceptions are logged, never sent to the client.
+    ended with). A client that disconnected before the end arrives here as
+    ``ClientDisconnectedError`` (status 499). Exceptions are logged, never sent to the client.
     """
