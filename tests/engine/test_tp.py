@@ -1,0 +1,289 @@
+"""Tensor parallelism (CPU, gloo, 2 processes) against the single-process engine.
+
+- sharding plans and slices of every linear kind, against dense references (no processes);
+- tiny random models (dense, int4, int8; uneven KV-head split, bias, tied and untied output):
+  tp=2 logits equal tp=1's within float32 tolerance through prefill, chunked prefill and decode;
+  each rank holds about half the weights;
+- failure: a killed worker or a hung one makes the step raise (within the collective timeout),
+  ``recover()`` brings a new world that serves, ``close()`` leaves no process behind;
+- SmolLM2 Q4_1 (slow): logits within tolerance, greedy tokens identical on 10 prompts, memory per
+  rank, and the whole thing served by ``taxiway serve`` to the ``openai`` client, a worker
+  SIGKILLed mid-request (503), then recovery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from backends.engine.builder import EngineOptions, build_engine
+from backends.engine.loader import load_model
+from backends.engine.quant import ConcatLinear, DenseLinear, Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from backends.engine.tp import TPWorkerError, TorchrunEnv, build_tp_engine
+from backends.engine.tp_shard import (
+    ShardPlan,
+    column_slice,
+    plan_heads,
+    row_slice,
+    split_evenly,
+    weight_bytes,
+)
+from engine_helpers import PagedRunner, make_hf_model, save_hf
+from gateway.interface import SamplingParams
+
+# float32 activations: only the all-reduce's summation order differs from tp=1
+ATOL, RTOL = 1e-4, 1e-4
+
+# uneven on 2 ranks: 3 KV heads of 2 q heads each, head_dim 32
+TINY_TP = dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=3, vocab_size=320)
+
+SEQS = {0: list(range(3, 10)), 1: [17, 200, 5, 9, 9, 31, 77, 120, 64, 1, 2, 250, 8], 2: [40, 41, 42, 43, 44]}
+STEPS = [
+    [(0, SEQS[0]), (1, SEQS[1][:8])],
+    [(0, [11]), (1, SEQS[1][8:]), (2, SEQS[2])],
+    [(2, [99]), (0, [12]), (1, [13])],
+    [(1, [14]), (2, [100]), (0, [15])],
+]
+
+
+def _write_byte_tokenizer(path: Path) -> None:
+    """A byte-level vocabulary (256 tokens + ``<eos>``): enough for the engine to run requests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<eos>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+
+
+def _tiny_dir(tmp_path_factory: pytest.TempPathFactory, arch: str, **overrides: object) -> Path:
+    path = save_hf(make_hf_model(arch, **{**TINY_TP, **overrides}), tmp_path_factory.mktemp(f"tiny-tp-{arch}"))
+    _write_byte_tokenizer(path)
+    return path
+
+
+def _options(path: Path, **kw: object) -> EngineOptions:
+    base = dict(
+        model=str(path), tensor_parallel=2, dtype="float32", threads=1, block_size=4, kv_cache_tokens=256,
+        max_num_seqs=8, max_num_batched_tokens=64,
+    )  # fmt: skip
+    return EngineOptions(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _run_steps(model, config, block_size: int = 4) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    runner = PagedRunner(model, config, num_blocks=64, block_size=block_size, seed=1)
+    return [torch.cat(runner.step(step)) for step in STEPS]
+
+
+def _assert_workers_gone(pids: list[int], timeout: float = 10.0) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"worker processes still alive: {alive}")
+
+
+# --------------------------------------------------------------------------------------------
+# plans and slices (no processes)
+
+
+def test_split_evenly_gives_the_first_ranks_the_remainder() -> None:
+    assert split_evenly(3, 2) == [(0, 2), (2, 3)]
+    assert split_evenly(1536, 2, 32) == [(0, 768), (768, 1536)]
+    assert split_evenly(96, 3, 32) == [(0, 32), (32, 64), (64, 96)]
+
+
+def test_head_plans_keep_whole_gqa_groups() -> None:
+    # SmolLM2: 9 q heads over 3 KV heads on 2 ranks -> 2 groups + 1 group
+    assert plan_heads(9, 3, 2) == [((0, 6), (0, 2)), ((6, 9), (2, 3))]
+    assert plan_heads(9, 3, 3) == [((0, 3), (0, 1)), ((3, 6), (1, 2)), ((6, 9), (2, 3))]
+    # more ranks than KV heads: each KV head replicated, its q heads split
+    assert plan_heads(8, 2, 4) == [((0, 2), (0, 1)), ((2, 4), (0, 1)), ((4, 6), (1, 2)), ((6, 8), (1, 2))]
+    with pytest.raises(Exception, match="cannot split"):
+        plan_heads(9, 3, 4)
+
+
+def test_smollm2_shapes_split_on_int4_group_boundaries() -> None:
+    from backends.engine.config import ModelConfig
+
+    config = ModelConfig(
+        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e5, max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    plans = [ShardPlan.build(config, r, 2, ffn_unit=32) for r in range(2)]
+    assert [p.q_heads for p in plans] == [(0, 6), (6, 9)]
+    assert [(p.q_heads[1] - p.q_heads[0]) * 64 % 32 for p in plans] == [0, 0]  # o_proj input slices
+    assert [p.ffn for p in plans] == [(0, 768), (768, 1536)]
+    assert [p.vocab for p in plans] == [(0, 24576), (24576, 49152)]
+
+
+def _linears() -> dict[str, torch.nn.Module]:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 128, generator=gen)
+    bias = torch.randn(192, generator=gen)
+    f32 = torch.float32
+    return {
+        "dense": DenseLinear.from_data(w, bias=bias, dtype=f32),
+        "int4": Int4Linear.from_data(quantize_int4(w), bias=bias, dtype=f32),
+        "int8-channel": Int8Linear.from_data(quantize_int8(w), dtype=f32),
+        "int8-group": Int8Linear.from_data(quantize_int8(w, 32), dtype=f32),
+        "concat": ConcatLinear(
+            [
+                Int4Linear.from_data(quantize_int4(w[:64]), dtype=f32),
+                Int8Linear.from_data(quantize_int8(w[64:]), dtype=f32),
+            ]
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["dense", "int4", "int8-channel", "int8-group", "concat"])
+def test_slices_compute_what_the_same_rows_and_columns_compute_whole(kind: str) -> None:
+    module = _linears()[kind]
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    full = module(x)
+    ranges = [(0, 32), (96, 160)]
+    cols = column_slice(module, ranges, torch.device("cpu"))
+    torch.testing.assert_close(cols(x), torch.cat([full[:, a:b] for a, b in ranges], dim=-1), atol=1e-5, rtol=1e-5)
+    # row parallel: the partial products of two column ranges add up to the whole (bias once)
+    parts = [row_slice(module, a, b, torch.device("cpu"), keep_bias=a == 0) for a, b in [(0, 64), (64, 128)]]
+    total = parts[0](x[:, :64]) + parts[1](x[:, 64:])
+    torch.testing.assert_close(total, full, atol=1e-4, rtol=1e-4)
+
+
+def test_row_slice_inside_a_quantization_group_is_refused() -> None:
+    with pytest.raises(Exception, match="quantization group"):
+        row_slice(_linears()["int4"], 0, 48, torch.device("cpu"), keep_bias=True)
+
+
+def test_torchrun_env_reads_the_variables_torchrun_sets() -> None:
+    assert TorchrunEnv.from_environ({"PATH": "/bin"}) is None
+    env = TorchrunEnv.from_environ(
+        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+         "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
+    )  # fmt: skip
+    assert env is not None and (env.rank, env.world_size, env.master_port) == (1, 2, 29500)
+    spec = env.spec(_options(Path("/m")), "/m", 30.0)
+    assert spec.store_prefix == "taxiway-tp/attempt-2" and not spec.store_is_master and spec.loopback
+
+
+# --------------------------------------------------------------------------------------------
+# tiny models over two processes
+
+
+@pytest.fixture(scope="module", params=[("llama", None), ("qwen2", "int4"), ("llama", "int8")], ids=str)
+def tiny_tp(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    arch, quantization = request.param
+    path = _tiny_dir(tmp_path_factory, arch)
+    engine = build_tp_engine(_options(path, quantization=quantization))
+    try:
+        reference = load_model(path, quantization=quantization, dtype=torch.float32)
+        yield engine, reference
+    finally:
+        pids = engine.worker_pids
+        engine.close()
+        _assert_workers_gone(pids)
+
+
+def test_tiny_tp2_logits_equal_tp1(tiny_tp) -> None:  # type: ignore[no-untyped-def]
+    engine, reference = tiny_tp
+    ours = _run_steps(engine.runner.model, engine.runner.config)
+    ref = _run_steps(reference.model, reference.config)
+    for step, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def test_tiny_each_rank_holds_about_half_the_weights(tiny_tp) -> None:  # type: ignore[no-untyped-def]
+    engine, reference = tiny_tp
+    total = weight_bytes(reference.model)
+    per_rank = engine.rank_weight_bytes
+    assert len(per_rank) == 2
+    assert all(b < 0.62 * total for b in per_rank), (per_rank, total)
+    assert sum(per_rank) == pytest.approx(total, rel=0.05)  # only norms and rotary tables are replicated
+
+
+# --------------------------------------------------------------------------------------------
+# failure and recovery
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    return _tiny_dir(tmp_path_factory, "llama")
+
+
+def _generate(engine, prompt: list[int], max_tokens: int = 6) -> list[int]:  # type: ignore[no-untyped-def]
+    engine.add_request(f"r{time.monotonic_ns()}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0))
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        for output in engine.step():
+            tokens.extend(t for item in output.items for t in getattr(item, "token_ids", ()))
+    return tokens
+
+
+def test_killed_worker_fails_the_step_and_recover_restores_service(tiny_dir: Path) -> None:
+    engine = build_tp_engine(_options(tiny_dir), collective_timeout_s=10)
+    pids = list(engine.worker_pids)
+    try:
+        before = _generate(engine, [5, 6, 7, 8])
+        # dead while idle: noticed by its exit before the step touches the network
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(0.5)  # let it exit
+        engine.add_request("doomed", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
+        with pytest.raises(TPWorkerError, match="exited"):
+            engine.step()
+        engine.recover()
+        assert engine.num_requests == 0 and not engine.has_unfinished()
+        assert engine.worker_pids != pids
+        pids += engine.worker_pids
+        assert _generate(engine, [5, 6, 7, 8]) == before
+        # dead mid-step (its exit not polled): gloo sees the closed sockets at once
+        driver = engine.runner.model
+        driver.check = lambda: None
+        os.kill(engine.worker_pids[0], signal.SIGKILL)
+        time.sleep(0.2)
+        engine.add_request("doomed-2", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0))
+        started = time.monotonic()
+        with pytest.raises(TPWorkerError):
+            engine.step()
+        assert time.monotonic() - started < 5
+        driver.check = engine.ranks.check
+        engine.recover()
+        pids += engine.worker_pids
+        assert _generate(engine, [5, 6, 7, 8]) == before
+    finally:
+        engine.close()
+        _assert_workers_gone(pids)
+
+
+def test_hung_worker_times_out_within_the_collective_timeout(tiny_dir: Path) -> None:
+    engine = build_tp_engine(_options(tiny_dir), collective_timeout_s=3)
+    pids = list(engine.worker_pids)
+    try:
+        before = _generate(engine, [9, 10, 11])
+        os.kill(pids[0], signal.SIGSTOP)
+        engine.add_request("hung", [9, 10, 11], SamplingParams(max_tokens=4, temperature=0))
+        started = time.monotonic()
+        with pytest.raises(TPWorkerError, match="[Tt]imed out"):
+            engine.step()
+        assert time.monotonic() - started < 3 + 5
+        engine.recover()  # kills the stopped worker
+        pids += engine.worker_pids
+        assert _generate(engine, [9, 10, 11]) == before
+    finally:
+        engine.close()
+        _assert_workers_gone(pids)
