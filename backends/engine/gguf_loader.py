@@ -15,12 +15,14 @@ layout, so those rows are permuted back here (a row permutation, exact for any t
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from torch import Tensor
 
 from backends.engine.config import ModelConfig, UnsupportedModelError
@@ -64,9 +66,48 @@ def canonical_name(gguf_name: str) -> str | None:
     return None
 
 
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Every GGUF key/value decoded to Python values (strings, numbers, lists)."""
-    return {name: field.contents() for name, field in reader.fields.items()}
+_EAGER_ARRAY_MAX = 1024  # longer arrays (the vocabulary, merges) are decoded on first access
+
+
+class GGUFMetadata(Mapping[str, Any]):
+    """The GGUF key/values as Python values (strings, numbers, lists).
+
+    Long arrays (tokenizer vocabularies and merges: ~100k strings, ~16 MB of Python objects) are
+    read from the file again on first access instead of being held for the process's life.
+    """
+
+    def __init__(self, path: Path, reader: GGUFReader) -> None:
+        self._path = path
+        self._values: dict[str, Any] = {}
+        self._lazy: set[str] = set()
+        for name, field in reader.fields.items():
+            if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > _EAGER_ARRAY_MAX:
+                self._lazy.add(name)
+            else:
+                self._values[name] = field.contents()
+        self._order = list(reader.fields)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._values:
+            return self._values[key]
+        if key not in self._lazy:
+            raise KeyError(key)
+        value = self._values[key] = GGUFReader(self._path).fields[key].contents()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class _TensorInfo(msgspec.Struct, frozen=True):
+    gguf_name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: columns first
+    offset: int  # absolute, in the file
+    n_bytes: int
 
 
 class GGUFSource:
@@ -77,48 +118,67 @@ class GGUFSource:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self._reader: GGUFReader | None = GGUFReader(self.path)
+            reader = GGUFReader(self.path)
         except (ValueError, OSError) as exc:
             raise UnsupportedModelError(f"cannot read GGUF file '{self.path}': {exc}") from exc
-        self.metadata = read_metadata(self._reader)
-        self._tensors = {}
-        for t in self._reader.tensors:
+        self.metadata = GGUFMetadata(self.path, reader)
+        self._tensors: dict[str, _TensorInfo] = {}
+        for t in reader.tensors:
             name = canonical_name(t.name)
             if name is not None:
-                self._tensors[name] = t
+                shape = tuple(int(d) for d in t.shape)
+                self._tensors[name] = _TensorInfo(t.name, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes))
         self.config = ModelConfig.from_gguf_metadata(self.metadata, has_output_tensor="lm_head" in self._tensors)
-        self.tensor_types = {name: t.tensor_type.name for name, t in self._tensors.items()}
+        self.tensor_types = {name: t.qtype.name for name, t in self._tensors.items()}
+        # Keep only the file's mapping: the reader's parsed fields and tensor records (~140 MB of
+        # small numpy views for SmolLM2's vocabulary) and the pages parsing touched are dropped
+        # before the weights load.
+        self._data: np.memmap | None = reader.data
+        reader.fields.clear()
+        del reader
+        self._release(0, len(self._data))
 
     def has(self, name: str) -> bool:
         return name in self._tensors
 
     def close(self) -> None:
-        """Drop the reader and its mapping (the decoded metadata stays)."""
+        """Drop the mapping (the decoded metadata stays)."""
         self._tensors.clear()
-        self._reader = None
+        self._data = None
 
-    def get(self, name: str) -> WeightData:
-        """Decode tensor ``name`` (``[rows, cols]`` or ``[cols]``)."""
+    def num_rows(self, name: str) -> int:
+        shape = self._info(name).shape
+        return int(np.prod(shape[1:])) if len(shape) > 1 else 1
+
+    def _info(self, name: str) -> _TensorInfo:
         t = self._tensors.get(name)
-        if t is None:
+        if t is None or self._data is None:
             raise UnsupportedModelError(f"GGUF file '{self.path}' lacks tensor '{name}'")
-        type_name = t.tensor_type.name
-        if type_name not in SUPPORTED_TYPES:
+        if t.qtype.name not in SUPPORTED_TYPES:
             raise UnsupportedModelError(
-                f"GGUF tensor '{t.name}' has type {type_name}, which the engine cannot load "
+                f"GGUF tensor '{t.gguf_name}' has type {t.qtype.name}, which the engine cannot load "
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
-        cols = int(t.shape[0])
-        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
-        raw = np.asarray(t.data).reshape(rows, -1).view(np.uint8)
+        return t
+
+    def get(self, name: str, rows: slice | None = None) -> WeightData:
+        """Decode tensor ``name`` (``[rows, cols]`` or ``[cols]``), or only the row range ``rows``."""
+        t = self._info(name)
+        assert self._data is not None
+        cols = t.shape[0]
+        num_rows = self.num_rows(name)
+        row_bytes = t.n_bytes // num_rows
+        first, last = (0, num_rows) if rows is None else (rows.start, min(rows.stop, num_rows))
+        start = t.offset + first * row_bytes
+        raw = self._data[start : t.offset + last * row_bytes].reshape(last - first, row_bytes)
         try:
-            data = _decode(raw, t.tensor_type, rows, cols)
+            data = _decode(raw, t.qtype, last - first, cols)
         finally:
-            self._release(int(t.data_offset), int(t.n_bytes))
+            self._release(start, (last - first) * row_bytes)
         if len(t.shape) == 1:
             assert isinstance(data, Tensor)
             data = data.view(cols)
-        return self._unpermute(name, data)
+        return data if rows is not None else self._unpermute(name, data)
 
     def _unpermute(self, name: str, data: WeightData) -> WeightData:
         cfg = self.config
@@ -132,7 +192,7 @@ class GGUFSource:
 
     def _release(self, offset: int, length: int) -> None:
         """Drop the mapped pages of bytes already decoded, so they stop counting as ours."""
-        mm = getattr(self._reader.data, "_mmap", None) if self._reader is not None else None
+        mm = getattr(self._data, "_mmap", None)
         if mm is None or not hasattr(mm, "madvise"):
             return
         start = offset - offset % mmap.PAGESIZE

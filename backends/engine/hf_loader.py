@@ -82,14 +82,25 @@ class HFSource:
     def has(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str) -> Tensor:
+    def _handle(self, name: str) -> tuple[Any, str]:
         if name not in self._where:
             raise UnsupportedModelError(f"model directory '{self.path}' lacks tensor '{name}'")
         file, key = self._where[name]
         handle = self._files.get(str(file))
         if handle is None:
             handle = self._files[str(file)] = safe_open(file, framework="pt")
-        return handle.get_tensor(key)
+        return handle, key
+
+    def num_rows(self, name: str) -> int:
+        handle, key = self._handle(name)
+        return int(handle.get_slice(key).get_shape()[0])
+
+    def get(self, name: str, rows: slice | None = None) -> Tensor:
+        """Tensor ``name``, or only its row range ``rows``."""
+        handle, key = self._handle(name)
+        if rows is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[rows.start : rows.stop]
 
     def close(self) -> None:
         self._files.clear()

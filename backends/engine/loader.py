@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from backends.engine.quant import (
 )
 
 QUANTIZATIONS = (None, "int4", "int8", "none")
-_CHUNK_ROWS = 8192  # rows quantized at a time (the vocabulary-sized tensors)
+_CHUNK_ROWS = 4096  # rows of a vocabulary-sized tensor converted at a time: bounds the peak
 
 
 class LoadedModel(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,7 +54,7 @@ class LoadedModel(msgspec.Struct, frozen=True, kw_only=True):
 
     model: Any  # CausalLM
     config: ModelConfig
-    metadata: dict[str, Any]  # GGUF key/values, or the parsed config.json
+    metadata: Mapping[str, Any]  # GGUF key/values (gguf_loader.GGUFMetadata), or the parsed config.json
     path: Path
     format: str  # "gguf" | "hf"
     dtype: Any  # torch.dtype of activations and KV cache
@@ -88,6 +89,7 @@ def load_model(
         source = GGUFSource(path)
     else:
         raise UnsupportedModelError(f"model path '{path}' does not exist")
+    _return_freed_memory()
     try:
         model = _build(source, quantization=quantization, dtype=dtype, device=device)
     finally:
@@ -116,20 +118,31 @@ class _Builder:
         """Apply the quantization policy to one tensor (row-chunked for the vocabulary)."""
         q = self.quantization
         if q == "none":
-            return data if isinstance(data, Tensor) else _chunked(data, lambda d: d.dequantize())
+            return data if isinstance(data, Tensor) else data.dequantize()
         if isinstance(data, Tensor):
             if q == "int8" or (q == "int4" and vocab):
-                return _chunked(data, lambda d: quantize_int8(d))
+                return quantize_int8(data)
             if q == "int4":
                 return quantize_int4(data, DEFAULT_GROUP_SIZE)
             return data
         if isinstance(data, Int8Data) and self.dtype != torch.float32:
-            return _chunked(data, int8_per_channel)
+            return int8_per_channel(data)
         return data
 
-    def linear(self, names: list[str], *, vocab: bool = False) -> nn.Module:
+    def vocab(self, name: str) -> nn.Module:
+        """The embedding / lm_head: read, converted and freed a row chunk at a time."""
+        rows = self.source.num_rows(name)
+        pieces = []
+        for r in range(0, rows, _CHUNK_ROWS):
+            pieces.append(self.prepare(self.source.get(name, rows=slice(r, r + _CHUNK_ROWS)), vocab=True))
+            _return_freed_memory()  # glibc does not reuse the chunk's temporaries: +230 MB peak without
+        data = cat_rows(pieces) if len(pieces) > 1 else pieces[0]
+        del pieces
+        return make_linear(data, dtype=self.dtype, device=self.device)
+
+    def linear(self, names: list[str]) -> nn.Module:
         """One module for the (row-concatenated) weights ``names``; biases attached when present."""
-        parts = [self.prepare(self.source.get(n), vocab=vocab) for n in names]
+        parts = [self.prepare(self.source.get(n)) for n in names]
         biases = [self.source.get(f"{n}.bias") if self.source.has(f"{n}.bias") else None for n in names]
         if all(b is None for b in biases):
             biases = [None] * len(parts)
@@ -162,9 +175,10 @@ def _build(source: Any, *, quantization: str | None, dtype: torch.dtype, device:
         layer.self_attn.o_proj = b.linear([f"{p}.o"])
         layer.mlp.gate_up_proj = b.linear([f"{p}.gate", f"{p}.up"])
         layer.mlp.down_proj = b.linear([f"{p}.down"])
+        _return_freed_memory()  # glibc keeps freed temporaries otherwise: peak RSS grows per layer
     model.norm.set_weight(b.vector("norm"))
-    model.embed_tokens = b.linear(["embed"], vocab=True)
-    model.lm_head = model.embed_tokens if config.tie_word_embeddings else b.linear(["lm_head"], vocab=True)
+    model.embed_tokens = b.vocab("embed")
+    model.lm_head = model.embed_tokens if config.tie_word_embeddings else b.vocab("lm_head")
     rope_freqs = source.get("rope_freqs") if source.has("rope_freqs") else None
     model.inv_freq = rope_inv_freq(config, rope_freqs).to(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -177,25 +191,12 @@ def _rows(data: WeightData) -> int:
     return data.shape[0] if isinstance(data, Tensor) else data.q.shape[0]
 
 
-def _chunked(data: WeightData, fn: Any) -> WeightData:
-    """``fn`` applied to row chunks of ``data`` and concatenated: bounds the transient memory."""
-    rows = _rows(data)
-    if rows <= _CHUNK_ROWS:
-        return fn(data)
-    pieces = []
-    for r in range(0, rows, _CHUNK_ROWS):
-        part = data[r : r + _CHUNK_ROWS] if isinstance(data, Tensor) else data.rows(slice(r, r + _CHUNK_ROWS))
-        pieces.append(fn(part))
-    del data
-    return cat_rows(pieces)
-
-
 def _return_freed_memory() -> None:
     """Hand the loader's freed temporaries back to the OS (glibc keeps them otherwise)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not glibc
         pass
 
 
