@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -287,3 +288,186 @@ def test_hung_worker_times_out_within_the_collective_timeout(tiny_dir: Path) -> 
     finally:
         engine.close()
         _assert_workers_gone(pids)
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct Q4_1 (slow)
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three colors.",
+    "Explain photosynthesis in one sentence.",
+    "What is 12 times 11?",
+    "Say hello in French.",
+    "Why is the sky blue?",
+    "Give me a short recipe for pancakes.",
+    "Tell me a fun fact about octopuses.",
+    "Summarise the plot of Romeo and Juliet. " * 4,
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_engines(smollm2_path: Path):  # type: ignore[no-untyped-def]
+    options = EngineOptions(
+        model=str(smollm2_path), tensor_parallel=2, dtype="float32", threads=1, kv_cache_tokens=4096,
+        max_num_seqs=16, max_num_batched_tokens=512,
+    )  # fmt: skip
+    tp = build_tp_engine(options)
+    try:
+        single = build_engine(msgspec.structs.replace(options, tensor_parallel=1, threads=2))
+        yield tp, single
+    finally:
+        pids = tp.worker_pids
+        tp.close()
+        _assert_workers_gone(pids)
+
+
+def _chat_ids(engine, text: str) -> list[int]:  # type: ignore[no-untyped-def]
+    from backends.engine.chat_template import ChatTemplate
+    from gateway.interface import ChatMessage
+
+    prompt = ChatTemplate.from_tokenizer(engine.tokenizer).render([ChatMessage(role="user", content=text)])
+    return engine.tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def _greedy_all(engine, prompts: list[str], max_tokens: int) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
+    for i, text in enumerate(prompts):  # all queued at once: continuous batching
+        engine.add_request(f"p{i}", _chat_ids(engine, text), SamplingParams(max_tokens=max_tokens, temperature=0))
+    tokens: dict[str, list[int]] = {f"p{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for output in engine.step():
+            tokens[output.request_id].extend(t for item in output.items for t in getattr(item, "token_ids", ()))
+    return tokens
+
+
+@pytest.mark.slow
+def test_smollm2_tp2_logits_equal_tp1(smollm2_engines) -> None:  # type: ignore[no-untyped-def]
+    tp, single = smollm2_engines
+    ours = _run_steps(tp.runner.model, tp.runner.config, block_size=16)
+    ref = _run_steps(single.runner.model, single.runner.config, block_size=16)
+    for step, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        torch.testing.assert_close(a, b, atol=ATOL * 10, rtol=RTOL, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+@pytest.mark.slow
+def test_smollm2_tp2_greedy_tokens_identical_on_10_prompts(smollm2_engines) -> None:  # type: ignore[no-untyped-def]
+    tp, single = smollm2_engines
+    ours = _greedy_all(tp, PROMPTS, max_tokens=24)
+    assert ours == _greedy_all(single, PROMPTS, max_tokens=24)
+    assert all(len(t) > 0 for t in ours.values())
+
+
+@pytest.mark.slow
+def test_smollm2_each_rank_holds_about_half_the_weights(smollm2_engines) -> None:  # type: ignore[no-untyped-def]
+    tp, single = smollm2_engines
+    total = weight_bytes(single.runner.model)
+    per_rank = tp.rank_weight_bytes
+    # rank 0 has 2 of the 3 KV groups (6 of 9 q heads): a little more than half
+    assert all(b < 0.58 * total for b in per_rank), (per_rank, total)
+    assert sum(per_rank) == pytest.approx(total, rel=0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# served through the gateway (slow)
+
+
+def _wait_ready(url: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    response = None
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{url}/ready", timeout=5)
+        if response.status_code == 200:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not ready after {timeout}s: {response.text if response else ''}")
+
+
+def _worker_pids(server_pid: int) -> list[int]:
+    import psutil
+
+    return [
+        p.pid for p in psutil.Process(server_pid).children()
+        if any("spawn_main" in part for part in p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_served_to_the_openai_client_and_recovers_from_a_killed_rank(  # type: ignore[no-untyped-def]
+    taxiway_server, smollm2_path: Path, stub_upstream
+) -> None:
+    import openai
+
+    server = taxiway_server(
+        f"""
+        [[models]]
+        name = "smol-tp"
+        backend = "engine"
+        options = {{ model = "{smollm2_path}", tensor_parallel = 2, threads = 1, max_num_seqs = 8, kv_cache_tokens = 4096 }}
+
+        [[models]]
+        name = "other"
+        backend = "openai"
+        options = {{ base_url = "{stub_upstream.base_url}", upstream_model = "smollm2" }}
+        """,
+        startup_timeout=120,
+    )
+    _wait_ready(server.url, timeout=240)
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    (worker,) = _worker_pids(server.proc.pid)
+
+    # continuous batching: four concurrent requests, two of them streamed
+    def ask(i: int, results: dict[int, str]) -> None:
+        messages = [{"role": "user", "content": f"Name {i + 2} fruits."}]
+        if i % 2:
+            stream = client.chat.completions.create(
+                model="smol-tp", messages=messages, max_tokens=16, temperature=0, stream=True
+            )
+            results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        else:
+            reply = client.chat.completions.create(model="smol-tp", messages=messages, max_tokens=16, temperature=0)
+            results[i] = reply.choices[0].message.content or ""
+
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=ask, args=(i, results)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 4 and all(text.strip() for text in results.values()), results
+
+    # a long request in flight when rank 1 is killed fails with 503
+    failure: dict[str, BaseException] = {}
+
+    def long_request() -> None:
+        try:
+            client.completions.create(
+                model="smol-tp", prompt="Count: 1, 2, 3,", max_tokens=400, temperature=0,
+                logit_bias={"0": -100, "2": -100},  # no end-of-text: it runs to max_tokens
+            )  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001
+            failure["error"] = exc
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(1.5)
+    os.kill(worker, signal.SIGKILL)
+    thread.join(120)
+    error = failure.get("error")
+    assert isinstance(error, openai.APIStatusError) and error.status_code == 503, repr(error)
+
+    # the other model serves while this one recovers; then this one serves again, on a new rank 1
+    other = client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert other.choices[0].message.content
+    _wait_ready(server.url, timeout=240)
+    reply = client.chat.completions.create(
+        model="smol-tp", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content
+    (new_worker,) = _worker_pids(server.proc.pid)
+    assert new_worker != worker
+
+    server.stop()
+    _assert_workers_gone([new_worker])
