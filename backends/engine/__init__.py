@@ -20,3 +20,13 @@ def register_commands(register: Callable[..., Any]) -> None:
     from backends.engine import cli
 
     register(("pull",), cli.configure_pull, cli.run_pull)
+
+
+@hookimpl
+def plugin_configure(settings: Any) -> None:
+    # Under `torchrun ... -m gateway serve`, ranks > 0 become tensor-parallel workers here, before
+    # anything binds the port, and exit when rank 0 stops. torch is imported only for such configs.
+    if any(m.backend == "engine" and m.options.get("tensor_parallel", 1) != 1 for m in settings.models):
+        from backends.engine.tp import serve_torchrun_worker
+
+        serve_torchrun_worker(settings)
