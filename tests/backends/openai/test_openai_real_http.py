@@ -5,6 +5,7 @@ uvicorn) → the ``openai`` backend → a stub upstream HTTP server (a thread of
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -40,9 +41,10 @@ def _main_config(stub: StubUpstream, closed_port: int) -> str:
 
 @pytest.fixture(scope="session")
 def closed_port() -> int:
-    from conftest import free_port  # noqa: PLC0415 - the tests' own helper module
-
-    return free_port()
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
