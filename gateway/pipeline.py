@@ -204,7 +204,9 @@ class Gateway:
         finally:
             watcher.stop()
             try:
-                await stream.aclose()  # type: ignore[attr-defined]
+                aclose = getattr(stream, "aclose", None)  # async generators have it; other iterators may not
+                if aclose is not None:
+                    await aclose()
             except Exception:
                 log.exception("backend.close_failed", request_id=ctx.request_id, model=ctx.model)
 
