@@ -17,9 +17,10 @@ def register_backends(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def register_commands(register: Callable[..., Any]) -> None:
-    from backends.engine import cli
+    from backends.engine import bench_tp, cli
 
     register(("pull",), cli.configure_pull, cli.run_pull)
+    register(("bench", "tp"), bench_tp.configure, bench_tp.run)
 
 
 @hookimpl
