@@ -37,6 +37,18 @@ from gateway.stub_upstream import StubUpstream
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the test process dies (Linux), so a killed
+    pytest leaves no server behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,7 +108,8 @@ def serve_process(
         command = [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port),
                    "--log-format", "json", *extra_args]  # fmt: skip
         log_file = stack.enter_context(open(log_path, "wb"))
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
         server = ServerProcess(proc, port, log_path)
         stack.callback(server.stop)
         _wait_healthy(server, startup_timeout)
