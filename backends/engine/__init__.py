@@ -20,6 +20,7 @@ def register_commands(register: Callable[..., Any]) -> None:
     from backends.engine import bench_tp, cli
 
     register(("pull",), cli.configure_pull, cli.run_pull)
+    register(("generate",), cli.configure_generate, cli.run_generate)
     register(("bench", "tp"), bench_tp.configure, bench_tp.run)
 
 

@@ -39,30 +39,49 @@ class EngineBackend(Backend):
         self._template: Any = None  # ChatTemplate
         self._async: Any = None  # AsyncEngine
         self._state = "not started"
+        self._loading: asyncio.Task[None] | None = None
         self._ids = itertools.count()  # clients may reuse X-Request-ID; engine ids must be unique
 
     @property
     def capabilities(self) -> Capabilities:
+        from backends.engine.sampling import MAX_TOP_LOGPROBS  # torch: only once a model is served
+
         # chat stays on without a template: ChatTemplate.render says why it cannot serve (400)
         return Capabilities(
             chat=True,
             completions=True,
             max_n=self.options.max_num_seqs,
-            max_top_logprobs=20,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
         )
 
     async def start(self) -> None:
+        """Check the model can be found, then load it in the background: the gateway serves
+        (``/health``, other models) meanwhile, and this model turns ready when loaded and warm."""
+        self._check_model_named()
         self._state = "loading"
+        self._loading = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
         try:
             await asyncio.to_thread(self._load)
         except Exception as exc:
             self._state = f"failed to load: {exc}"
-            raise
+            log.error("engine.load_failed", model=self.model_name, error=str(exc))
+            return
         from backends.engine.async_engine import AsyncEngine
 
         self._async = AsyncEngine(self._engine, on_step_failure=self._recover)
         self._async.start(asyncio.get_running_loop())
         self._state = "ready"
+        log.info("engine.ready", model=self.model_name)
+
+    def _check_model_named(self) -> None:
+        from pathlib import Path
+
+        from backends.engine.catalogue import lookup
+
+        if not Path(self.options.model).expanduser().exists():
+            lookup(self.options.model)  # ConfigError listing the catalogue names
 
     def _load(self) -> None:
         if self.options.tensor_parallel > 1:
@@ -95,6 +114,8 @@ class EngineBackend(Backend):
         return True
 
     async def stop(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            await asyncio.wait([self._loading])  # a load thread cannot be interrupted
         if self._async is not None:
             await asyncio.to_thread(self._async.stop)
         close = getattr(self._engine, "close", None)

@@ -44,3 +44,81 @@ def run_pull(args: argparse.Namespace) -> int:
         return 1
     print(path)
     return 0
+
+
+def configure_generate(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``taxiway generate``."""
+    parser.description = "Stream a completion from the engine alone, without a server."
+    parser.add_argument("prompt", help="the prompt (with --chat: the user message)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name, .gguf file or HF directory")
+    parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    parser.add_argument("--system", default=None, help="system message (with --chat)")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--quantization", choices=["int4", "int8", "none"], default=None)
+    parser.add_argument("--home", type=Path, default=None, help="Taxiway home (model cache)")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Load the model, stream the completion to stdout; timings to stderr."""
+    import time
+
+    import msgspec
+
+    from backends.engine.builder import EngineOptions, build_engine
+    from backends.engine.catalogue import PullError
+    from backends.engine.chat_template import ChatTemplate
+    from gateway.errors import TaxiwayError
+    from gateway.interface import ChatMessage, Delta, SamplingParams
+    from gateway.logs import configure_logging
+
+    configure_logging("warning", stream=sys.stderr)
+    try:
+        options = EngineOptions(
+            model=args.model, dtype=args.dtype, quantization=args.quantization, threads=args.threads,
+            max_num_seqs=1, kv_cache_tokens=max(1024, args.max_tokens + 4096),
+            home=str(args.home) if args.home else None,
+        )  # fmt: skip
+        sampling = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=args.seed,
+        )  # fmt: skip
+        started = time.perf_counter()
+        engine = build_engine(options, progress=True)
+        loaded = time.perf_counter()
+        tokenizer = engine.tokenizer
+        if args.chat:
+            messages = [ChatMessage(role="system", content=args.system)] if args.system else []
+            messages.append(ChatMessage(role="user", content=args.prompt))
+            prompt_ids = tokenizer.encode(ChatTemplate.from_tokenizer(tokenizer).render(messages), add_special_tokens=False)
+        else:
+            prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
+        engine.check_request(len(prompt_ids), sampling, param="prompt")
+        engine.add_request("generate", prompt_ids, sampling)
+        first = 0.0
+        num_tokens = 0
+        while engine.has_unfinished():
+            for output in engine.step():
+                for item in output.items:
+                    if isinstance(item, Delta):
+                        first = first or time.perf_counter()
+                        num_tokens += len(item.token_ids)
+                        sys.stdout.write(item.text)
+                        sys.stdout.flush()
+        done = time.perf_counter()
+    except (ConfigError, PullError, TaxiwayError, msgspec.ValidationError, ValueError) as exc:
+        print(f"taxiway generate: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write("\n")
+    decode_rate = (num_tokens - 1) / (done - first) if num_tokens > 1 and done > first else 0.0
+    print(
+        f"[load {loaded - started:.1f} s · prompt {len(prompt_ids)} tokens, first token after "
+        f"{first - loaded:.2f} s · {num_tokens} tokens at {decode_rate:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0

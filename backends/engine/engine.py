@@ -16,6 +16,7 @@ import structlog
 
 from backends.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from backends.engine.model_runner import ModelRunner, SampledToken
+from backends.engine.sampling import validate_sampling_params
 from backends.engine.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from backends.engine.sequence import Sequence, SequenceGroup
 from backends.engine.tokenizer import Tokenizer
@@ -74,17 +75,7 @@ class LLMEngine:
 
     def check_request(self, num_prompt_tokens: int, sampling: SamplingParams, *, param: str) -> None:
         """Raise a 400 if the request can never be served (context, ``n``); safe from any thread."""
-        if sampling.top_logprobs > self.runner.max_top_logprobs:
-            raise InvalidRequestError(
-                f"top_logprobs={sampling.top_logprobs} exceeds {self.runner.max_top_logprobs}",
-                param="top_logprobs",
-            )
-        bad = [t for t in sampling.logit_bias if not 0 <= t < self.runner.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.runner.vocab_size - 1})",
-                param="logit_bias",
-            )
+        validate_sampling_params(sampling, self.runner.vocab_size)
         try:
             self.scheduler.check_request(num_prompt_tokens, sampling)
         except RequestTooLargeError as exc:

@@ -14,10 +14,9 @@ import torch
 
 from backends.engine.attention import AttentionMetadata, allocate_kv_cache
 from backends.engine.config import ModelConfig
-from backends.engine.sampling import Sampler
+from backends.engine.sampling import MAX_TOP_LOGPROBS, SamplingBatch, SeqSamplingState, make_generator, sample
 from backends.engine.scheduler import SchedulerOutput
-
-MAX_TOP_LOGPROBS = 20
+from backends.engine.sequence import Sequence
 
 
 class SampledToken(msgspec.Struct, frozen=True):
@@ -29,7 +28,6 @@ class SampledToken(msgspec.Struct, frozen=True):
 class ModelRunner:
     """Runs steps of ``model`` over a KV cache of ``num_blocks`` blocks of ``block_size`` tokens."""
 
-    max_top_logprobs = MAX_TOP_LOGPROBS
 
     def __init__(
         self,
@@ -48,7 +46,13 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, dtype, self.device)
-        self.sampler = Sampler(config.vocab_size, seed=seed, device=self.device)
+        # unseeded rows share one generator; a seeded choice keeps its own for its whole life
+        self._generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        else:
+            self._generator.seed()
+        self._seq_generators: dict[int, torch.Generator] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -99,9 +103,41 @@ class ModelRunner:
 
     def run(self, out: SchedulerOutput) -> dict[int, SampledToken]:
         """``{seq_id: SampledToken}`` for every ``do_sample`` row of the step."""
-        self.sampler.forget(out.finished_seq_ids)
+        for seq_id in out.finished_seq_ids:
+            self._seq_generators.pop(seq_id, None)
         logits = self.execute(out)
         if logits is None:
             return {}
-        seqs = [s.seq for s in out.scheduled if s.do_sample]
-        return self.sampler.sample(logits, seqs)
+        return self.sample(logits, [s.seq for s in out.scheduled if s.do_sample])
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, SampledToken]:
+        states = [
+            SeqSamplingState(
+                params=seq.sampling,
+                prompt_ids=seq.prompt_token_ids,
+                output_ids=seq.output_token_ids,
+                generator=self._seq_generator(seq),
+            )
+            for seq in seqs
+        ]
+        batch = SamplingBatch.build(states, self.vocab_size, self.device)
+        result = sample(logits, batch, self._generator)
+        logprobs, tops = result.logprobs, result.top_logprobs
+        return {
+            seq.seq_id: SampledToken(
+                token_id=result.token_ids[row],
+                logprob=logprobs[row] if logprobs is not None else 0.0,
+                top_logprobs=tuple(tops[row]) if tops is not None else (),
+            )
+            for row, seq in enumerate(seqs)
+        }
+
+    def _seq_generator(self, seq: Sequence) -> torch.Generator | None:
+        params = seq.sampling
+        if params.seed is None or params.temperature == 0:
+            return None
+        generator = self._seq_generators.get(seq.seq_id)
+        if generator is None:
+            # choice i of a seeded request: seed + i, so choice 0 equals the n=1 result
+            generator = self._seq_generators[seq.seq_id] = make_generator(params.seed + seq.index, self.device)
+        return generator
