@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
-from fakes import FakeBackend, HookRecorder, fake_plugins, settings
+from gateway_fakes import FakeBackend, HookRecorder, fake_plugins, settings
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app

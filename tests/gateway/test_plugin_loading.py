@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend
+from gateway_fakes import FakeBackend
 
 from gateway.context import RequestContext
 from gateway.errors import ConfigError
@@ -28,7 +28,7 @@ def dist_on_path(tmp_path: Path) -> Iterator[Path]:
     """A distribution (dist-info + module) on sys.path, as an installed third-party plugin would be."""
     (tmp_path / "tp_plugin.py").write_text(
         "from gateway.hookspecs import hookimpl\n"
-        "from fakes import FakeBackend\n"
+        "from gateway_fakes import FakeBackend\n"
         "@hookimpl\n"
         "def register_backends(register):\n"
         "    register('tp-fake', FakeBackend)\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fakes import fake_plugins
+from gateway_fakes import fake_plugins
 
 from gateway.config import DEFAULT_CONFIG_TOML, load_settings, parse_settings
 from gateway.errors import ConfigError

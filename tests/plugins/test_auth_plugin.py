@@ -34,7 +34,7 @@ async def client() -> AsyncIterator[AsyncTestClient]:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway"))
-    from fakes import fake_plugins
+    from gateway_fakes import fake_plugins
 
     app = create_app(_settings("sk-one, sk-two"), plugins=fake_plugins())  # type: ignore[arg-type]
     async with AsyncTestClient(app) as client:
