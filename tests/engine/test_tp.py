@@ -86,6 +86,15 @@ def _run_steps(model, config, block_size: int = 4) -> list[torch.Tensor]:  # typ
     return [torch.cat(runner.step(step)) for step in STEPS]
 
 
+def _fresh_block_manager(engine, num_blocks: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    """An empty prefix cache (``_run_steps`` writes cache blocks behind the block manager's back),
+    optionally with fewer blocks than the cache holds (to force preemption)."""
+    from backends.engine.block_manager import BlockManager
+
+    bm = engine.scheduler.block_manager
+    engine.scheduler.block_manager = BlockManager(num_blocks or bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
+
+
 def _assert_workers_gone(pids: list[int], timeout: float = 10.0) -> None:
     import psutil
 
@@ -346,6 +355,8 @@ def test_smollm2_tp2_logits_equal_tp1(smollm2_engines) -> None:  # type: ignore[
     tp, single = smollm2_engines
     ours = _run_steps(tp.runner.model, tp.runner.config, block_size=16)
     ref = _run_steps(single.runner.model, single.runner.config, block_size=16)
+    _fresh_block_manager(tp)
+    _fresh_block_manager(single)
     for step, (a, b) in enumerate(zip(ours, ref, strict=True)):
         torch.testing.assert_close(a, b, atol=ATOL * 10, rtol=RTOL, msg=lambda m, s=step: f"step {s}: {m}")
 
@@ -353,9 +364,25 @@ def test_smollm2_tp2_logits_equal_tp1(smollm2_engines) -> None:  # type: ignore[
 @pytest.mark.slow
 def test_smollm2_tp2_greedy_tokens_identical_on_10_prompts(smollm2_engines) -> None:  # type: ignore[no-untyped-def]
     tp, single = smollm2_engines
-    ours = _greedy_all(tp, PROMPTS, max_tokens=24)
-    assert ours == _greedy_all(single, PROMPTS, max_tokens=24)
+    ours = _greedy_all(tp, PROMPTS, max_tokens=20)
+    assert ours == _greedy_all(single, PROMPTS, max_tokens=20)
     assert all(len(t) > 0 for t in ours.values())
+    # prefix caching: the same prompts again reuse the KV blocks the workers kept
+    assert _greedy_all(tp, PROMPTS[:3], max_tokens=8) == {k: ours[k][:8] for k in list(ours)[:3]}
+    assert tp.scheduler.stats().blocks.prefix_cache_hit_rate > 0
+
+
+@pytest.mark.slow
+def test_smollm2_tp2_preemption_matches_tp1(smollm2_engines) -> None:  # type: ignore[no-untyped-def]
+    tp, single = smollm2_engines
+    outputs = []
+    for engine in (tp, single):
+        _fresh_block_manager(engine, num_blocks=12)  # 192 tokens for 6 requests of ~45: preemption
+        before = engine.scheduler.stats().num_preemptions
+        outputs.append(_greedy_all(engine, PROMPTS[:6], max_tokens=12))
+        assert engine.scheduler.stats().num_preemptions > before
+        _fresh_block_manager(engine, num_blocks=4096 // 16)
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.slow
