@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Serving benchmark, Taxiway's engine vs llama.cpp's native server, in one run on one machine.
+#
+#   scripts/bench_vs_llamacpp.sh /path/to/llama-server [OUTDIR]
+#
+# Same GGUF, same workload (taxiway bench serving defaults: streaming chat, prompts of 16-512
+# tokens, 128 output tokens, temperature 0, closed loop at concurrency 1, 4 and 16), servers run
+# one after the other on 2 threads each. llama-server is built from llama.cpp's sources (see
+# ../shared/ANCHORS.md); it is a yardstick, not a dependency.
+set -euo pipefail
+LLAMA_SERVER=${1:?path to llama-server}
+OUT=${2:-bench-results}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+TAXIWAY=.venv/bin/taxiway
+GGUF=$($TAXIWAY pull smollm2-135m-instruct -q)
+CONC=${CONCURRENCY:-1,4,16}
+
+wait_for() {  # url
+  for _ in $(seq 1 600); do
+    if curl -sf "$1" >/dev/null; then return 0; fi
+    sleep 0.5
+  done
+  echo "timed out waiting for $1" >&2; return 1
+}
+
+echo "== llama-server -np 16" >&2
+"$LLAMA_SERVER" -m "$GGUF" -t 2 -np 16 -c 16384 --port 8102 >"$OUT/llama-server.log" 2>&1 &
+LPID=$!
+trap 'kill $LPID 2>/dev/null || true' EXIT
+wait_for http://127.0.0.1:8102/health
+$TAXIWAY bench serving --base-url http://127.0.0.1:8102/v1 --model smollm2 --concurrency "$CONC" \
+  --out "$OUT/llama-server.json" --plot "$OUT/llama-server.png" --no-progress | tee "$OUT/llama-server.md"
+kill $LPID; wait $LPID 2>/dev/null || true
+
+echo "== taxiway serve (engine, default config)" >&2
+$TAXIWAY serve --port 8103 >"$OUT/taxiway.log" 2>&1 &
+TPID=$!
+trap 'kill $TPID 2>/dev/null || true' EXIT
+wait_for http://127.0.0.1:8103/ready
+$TAXIWAY bench serving --base-url http://127.0.0.1:8103/v1 --model default --concurrency "$CONC" \
+  --out "$OUT/taxiway.json" --plot "$OUT/taxiway.png" --no-progress | tee "$OUT/taxiway.md"
+kill $TPID; wait $TPID 2>/dev/null || true
