@@ -74,7 +74,6 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue[EngineOutput | BaseException]] = {}
         self._ready = False
-        self._num_steps = 0
         self._num_failures = 0
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._last_generated = 0
@@ -163,7 +162,6 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001 - a failed step must not kill the loop
                 self._step_failed(exc)
                 continue
-            self._num_steps += 1
             self._count_tokens()
             if outputs:
                 self._post(self._dispatch, outputs)
@@ -227,6 +225,6 @@ class AsyncEngine:
             kv_block_size=blocks.block_size,
             prefix_cache_hit_rate=blocks.prefix_cache_hit_rate,
             generation_tokens_per_s=sum(recent) / _RATE_WINDOW_S,
-            num_steps=self._num_steps,
+            num_steps=self.engine.num_steps,
             num_step_failures=self._num_failures,
         )

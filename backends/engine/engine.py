@@ -70,6 +70,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self._requests: dict[str, _Request] = {}
         self.num_generated_tokens = 0
+        self.num_steps = 0
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -119,6 +120,7 @@ class LLMEngine:
         if out.is_empty:
             return []
         sampled = self.runner.run(out)
+        self.num_steps += 1
         self.scheduler.update(out, {seq_id: s.token_id for seq_id, s in sampled.items()})
 
         outputs: dict[str, EngineOutput] = {}
