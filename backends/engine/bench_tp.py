@@ -136,20 +136,20 @@ def decode_rate(engine: Any, prompts: list[str], streams: int, tokens: int) -> d
 def measure_allreduce(hidden: int, iters: int) -> dict[str, float]:
     """µs per gloo all_reduce of ``[B, hidden]`` between two local processes, per dtype and B."""
     import torch
-    import torch.distributed as dist
 
-    from backends.engine.tp_comm import STORE_TIMEOUT
+    from backends.engine.tp_comm import LoopbackStore
 
-    store = dist.TCPStore("127.0.0.1", 0, 2, True, STORE_TIMEOUT, wait_for_workers=False)
+    server = LoopbackStore(2)
     ctx = torch.multiprocessing.get_context("spawn")
-    peer = ctx.Process(target=_allreduce_peer, args=(store.port, hidden, iters), daemon=True)
+    peer = ctx.Process(target=_allreduce_peer, args=(server.port, hidden, iters), daemon=True)
     peer.start()
     try:
-        return _allreduce_loop(store, 0, hidden, iters)
+        return _allreduce_loop(server.store, 0, hidden, iters)
     finally:
         peer.join(60)
         if peer.exitcode is None:
             peer.kill()
+        server.close()
 
 
 def _allreduce_peer(port: int, hidden: int, iters: int) -> None:

@@ -38,7 +38,7 @@ from backends.engine.tp_comm import (
     CMD_LOGITS,
     CMD_STOP,
     COLLECTIVE_TIMEOUT_S,
-    STORE_TIMEOUT,
+    LoopbackStore,
     TPGroup,
     TPWorkerError,
     send_command,
@@ -123,13 +123,13 @@ class SpawnedRanks:
         self.world_size = options.tensor_parallel
         self.device = _rank_device(options.device, 0)
         self._procs: list[Any] = []
-        self._store: dist.TCPStore | None = None
+        self._store: LoopbackStore | None = None
         self._world = 0
 
     def spawn(self) -> tuple[dist.Store, RankSpec]:
         """A new world: a store on a fresh loopback port, and the worker processes."""
         self._world += 1
-        self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, True, STORE_TIMEOUT, wait_for_workers=False)
+        self._store = LoopbackStore(self.world_size)
         ctx = torch.multiprocessing.get_context("spawn")
         specs = [
             RankSpec(
@@ -145,7 +145,8 @@ class SpawnedRanks:
             proc = ctx.Process(target=worker_main, args=(spec,), name=f"taxiway-tp-rank{spec.rank}", daemon=True)
             proc.start()
             self._procs.append(proc)
-        return dist.PrefixStore(specs[0].store_prefix, self._store), specs[0]
+        assert self._store.store is not None
+        return dist.PrefixStore(specs[0].store_prefix, self._store.store), specs[0]
 
     @property
     def pids(self) -> list[int]:
@@ -165,7 +166,9 @@ class SpawnedRanks:
                 proc.kill()
                 proc.join(5)
         self._procs = []
-        self._store = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 class TorchrunRanks:

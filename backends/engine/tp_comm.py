@@ -23,6 +23,7 @@ Step protocol (rank 0 -> all, on ``ctrl``): a header ``int64[4] = [cmd, T, S, W]
 from __future__ import annotations
 
 import datetime
+import socket
 
 import torch
 import torch.distributed as dist
@@ -129,6 +130,27 @@ class TPGroup:
         if self._compute is None:
             raise TPWorkerError("the tensor-parallel group is not connected")
         return self._compute
+
+
+class LoopbackStore:
+    """A ``TCPStore`` server listening on 127.0.0.1 only, on a free port.
+
+    ``TCPStore`` binds its own server socket to every interface; handing it a socket already bound
+    to loopback (``master_listen_fd``) keeps a one-machine world off the network.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        self.port: int = listener.getsockname()[1]
+        self.store: dist.TCPStore | None = dist.TCPStore(
+            "127.0.0.1", self.port, world_size, True, STORE_TIMEOUT,
+            wait_for_workers=False, master_listen_fd=listener.detach(),  # the store closes it
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.store = None
 
 
 def _root() -> dist.BroadcastOptions:
