@@ -133,15 +133,16 @@ class TPGroup:
 
 
 class LoopbackStore:
-    """A ``TCPStore`` server listening on 127.0.0.1 only, on a free port.
+    """A ``TCPStore`` server listening on 127.0.0.1 only, on ``port`` (0: a free one).
 
     ``TCPStore`` binds its own server socket to every interface; handing it a socket already bound
     to loopback (``master_listen_fd``) keeps a one-machine world off the network.
     """
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, port: int = 0) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
         listener.listen(128)
         self.port: int = listener.getsockname()[1]
         self.store: dist.TCPStore | None = dist.TCPStore(

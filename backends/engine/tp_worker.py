@@ -29,6 +29,7 @@ from backends.engine.tp_comm import (
     CMD_STOP,
     COLLECTIVE_TIMEOUT_S,
     STORE_TIMEOUT,
+    LoopbackStore,
     TPGroup,
     TPWorkerError,
     recv_header,
@@ -134,11 +135,15 @@ def wait_for_ranks(
 
 
 def world_store(spec: RankSpec) -> dist.Store:
-    """The world's store (this rank's view, under the world's prefix)."""
-    store = dist.TCPStore(
-        spec.store_host, spec.store_port, spec.world_size, spec.store_is_master, STORE_TIMEOUT,
-        wait_for_workers=False,
-    )  # fmt: skip
+    """The world's store (this rank's view, under the world's prefix); a loopback master listens
+    on 127.0.0.1 only."""
+    if spec.store_is_master and spec.loopback:
+        store = LoopbackStore(spec.world_size, spec.store_port).store
+    else:
+        store = dist.TCPStore(
+            spec.store_host, spec.store_port, spec.world_size, spec.store_is_master, STORE_TIMEOUT,
+            wait_for_workers=False,
+        )  # fmt: skip
     return dist.PrefixStore(spec.store_prefix, store)
 
 

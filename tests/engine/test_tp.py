@@ -498,3 +498,58 @@ def test_served_to_the_openai_client_and_recovers_from_a_killed_rank(  # type: i
 
     server.stop()
     _assert_workers_gone([new_worker])
+
+
+def test_torchrun_style_ranks_rank0_serves_rank1_works(tiny_dir: Path, tmp_path: Path) -> None:
+    """Two ``taxiway serve`` processes with the variables torchrun sets (torchrun itself starts its
+    own store on every interface, so the test plays its part): rank 1 becomes a worker before
+    binding anything, rank 0 serves, and rank 1 exits cleanly when rank 0 stops."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import REPO_ROOT, free_port
+
+    config = tmp_path / "tp.toml"
+    config.write_text(
+        f'[[models]]\nname = "tiny"\nbackend = "engine"\n'
+        f'options = {{ model = "{tiny_dir}", tensor_parallel = 2, threads = 1, kv_cache_tokens = 256 }}\n'
+    )
+    port, master = free_port(), free_port()
+    command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+               "--log-format", "json"]  # fmt: skip
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
+    procs = []
+    try:
+        for rank in (1, 0):
+            log = open(tmp_path / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen(
+                command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
+                stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            ))  # fmt: skip
+        worker, server = procs
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and worker.poll() is None, (tmp_path / "rank0.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()
+            time.sleep(0.25)
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}, timeout=60,
+        )  # fmt: skip
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4, reply.text
+        assert "engine.tp.worker" in (tmp_path / "rank1.log").read_text()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after shutting down
+        assert worker.wait(30) == 0  # left its loop on rank 0's stop command
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
