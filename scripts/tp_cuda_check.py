@@ -225,7 +225,8 @@ def main() -> int:
         for p in PROMPTS
     )
     report("2. bfloat16 CUDA engine (int4 kernel) vs float32 CPU", diff < 5e-2, f"relative logit error {diff:.2e}")
-    same = sum(x == y for x, y in zip(greedy(cuda16, PROMPTS, args.tokens), greedy(cpu, PROMPTS, args.tokens)))
+    pairs = zip(greedy(cuda16, PROMPTS, args.tokens), greedy(cpu, PROMPTS, args.tokens), strict=True)
+    same = sum(x == y for x, y in pairs)
     report("2. bfloat16 CUDA greedy tokens vs float32 CPU", None, f"{same}/{len(PROMPTS)} identical (bf16 may differ)")
     del cuda16
 

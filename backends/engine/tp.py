@@ -10,7 +10,8 @@ They are started either
   the others notice their ``RANK`` in ``plugin_configure`` and become workers
   (``serve_torchrun_worker``).
 
-How the weights are split is in ``tp_shard.py``, the wire protocol in ``tp_comm.py``.
+How the weights are split is in ``tp_shard.py``, the wire protocol in ``tp_comm.py``, a rank's
+life in ``tp_worker.py``, and how rank 0 starts and watches the others in ``tp_ranks.py``.
 
 Failure: a worker that exits is noticed before the next step; one that dies mid-step closes its
 sockets (gloo raises at once); one that hangs makes the step's next collective time out. The step
@@ -30,7 +31,6 @@ from typing import Any
 import msgspec
 import structlog
 import torch
-import torch.distributed as dist
 
 from backends.engine.builder import EngineOptions, resolve_model_path
 from backends.engine.engine import LLMEngine
@@ -38,23 +38,13 @@ from backends.engine.tp_comm import (
     CMD_LOGITS,
     CMD_STOP,
     COLLECTIVE_TIMEOUT_S,
-    LoopbackStore,
     TPGroup,
     TPWorkerError,
     send_command,
     send_step,
 )
-from backends.engine.tp_worker import (
-    RankInfo,
-    RankModel,
-    RankSpec,
-    connect,
-    load_rank,
-    run_worker,
-    wait_for_ranks,
-    worker_main,
-    world_store,
-)
+from backends.engine.tp_ranks import SpawnedRanks, TorchrunRanks, rank_device
+from backends.engine.tp_worker import RankInfo, RankModel, RankSpec, connect, load_rank, run_worker, wait_for_ranks
 from gateway.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -96,102 +86,11 @@ class TorchrunEnv(msgspec.Struct, frozen=True, kw_only=True):
         loopback = self.master_addr in ("127.0.0.1", "localhost", "::1")
         return RankSpec(
             rank=self.rank, world_size=self.world_size, options=options, model_path=model_path,
-            device=_rank_device(options.device, self.local_rank), store_host=self.master_addr,
+            device=rank_device(options.device, self.local_rank), store_host=self.master_addr,
             store_port=self.master_port, store_prefix=f"taxiway-tp/attempt-{self.restart_count}",
             store_is_master=self.rank == 0 and not self.use_agent_store, loopback=loopback,
             interface=self.gloo_interface, collective_timeout_s=collective_timeout_s,
         )  # fmt: skip
-
-
-def _rank_device(device: str, local_rank: int) -> str:
-    return f"cuda:{local_rank}" if torch.device(device).type == "cuda" else "cpu"
-
-
-# --------------------------------------------------------------------------------------------
-# the other ranks, as seen from rank 0
-
-
-class SpawnedRanks:
-    """Ranks 1..N-1 as child processes of this one (daemonic, and watching their parent)."""
-
-    recoverable = True
-
-    def __init__(self, options: EngineOptions, model_path: str, collective_timeout_s: float) -> None:
-        self.options = options
-        self.model_path = model_path
-        self.collective_timeout_s = collective_timeout_s
-        self.world_size = options.tensor_parallel
-        self.device = _rank_device(options.device, 0)
-        self._procs: list[Any] = []
-        self._store: LoopbackStore | None = None
-        self._world = 0
-
-    def spawn(self) -> tuple[dist.Store, RankSpec]:
-        """A new world: a store on a fresh loopback port, and the worker processes."""
-        self._world += 1
-        self._store = LoopbackStore(self.world_size)
-        ctx = torch.multiprocessing.get_context("spawn")
-        specs = [
-            RankSpec(
-                rank=rank, world_size=self.world_size, options=self.options, model_path=self.model_path,
-                device=_rank_device(self.options.device, rank), store_host="127.0.0.1", store_port=self._store.port,
-                store_prefix=f"taxiway-tp/world-{self._world}", collective_timeout_s=self.collective_timeout_s,
-                parent_pid=os.getpid(),
-            )  # fmt: skip
-            for rank in range(self.world_size)
-        ]
-        self._procs = []
-        for spec in specs[1:]:
-            proc = ctx.Process(target=worker_main, args=(spec,), name=f"taxiway-tp-rank{spec.rank}", daemon=True)
-            proc.start()
-            self._procs.append(proc)
-        assert self._store.store is not None
-        return dist.PrefixStore(specs[0].store_prefix, self._store.store), specs[0]
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
-    def check(self) -> None:
-        """Raise ``TPWorkerError`` if a worker process has exited."""
-        for rank, proc in enumerate(self._procs, start=1):
-            if proc.exitcode is not None:
-                raise TPWorkerError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Wait ``grace_s`` for the workers to exit (after a stop command), then kill what is left."""
-        for proc in self._procs:
-            proc.join(grace_s)
-            if proc.exitcode is None:
-                proc.kill()
-                proc.join(5)
-        self._procs = []
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
-
-class TorchrunRanks:
-    """Ranks 1..N-1 started by torchrun, each in its own ``taxiway serve`` process."""
-
-    recoverable = False
-
-    def __init__(self, env: TorchrunEnv, options: EngineOptions, model_path: str, collective_timeout_s: float) -> None:
-        self.env = env
-        self.options = options
-        self.model_path = model_path
-        self.collective_timeout_s = collective_timeout_s
-        self.pids: list[int] = []
-
-    def spawn(self) -> tuple[dist.Store, RankSpec]:
-        spec = self.env.spec(self.options, self.model_path, self.collective_timeout_s)
-        return world_store(spec), spec
-
-    def check(self) -> None:
-        pass  # other machines' processes: their failures arrive as gloo errors
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +229,7 @@ def build_tp_engine(
         ranks: Any = TorchrunRanks(env, options, str(path), collective_timeout_s)
     else:
         ranks = SpawnedRanks(options, str(path), collective_timeout_s)
-    device = torch.device(_rank_device(options.device, env.local_rank if env else 0))
+    device = torch.device(rank_device(options.device, env.local_rank if env else 0))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     group = TPGroup(0, options.tensor_parallel, device)

@@ -27,7 +27,7 @@ import torch
 from backends.engine.builder import EngineOptions, build_engine
 from backends.engine.loader import load_model
 from backends.engine.quant import ConcatLinear, DenseLinear, Int4Linear, Int8Linear, quantize_int4, quantize_int8
-from backends.engine.tp import TPWorkerError, TorchrunEnv, build_tp_engine
+from backends.engine.tp import TorchrunEnv, TPWorkerError, build_tp_engine
 from backends.engine.tp_shard import (
     ShardPlan,
     column_slice,
