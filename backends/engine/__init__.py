@@ -17,12 +17,13 @@ def register_backends(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def register_commands(register: Callable[..., Any]) -> None:
-    from backends.engine import bench_batching, bench_tp, cli
+    from backends.engine import bench_batching, bench_engine, bench_tp, cli
 
     register(("pull",), cli.configure_pull, cli.run_pull)
     register(("generate",), cli.configure_generate, cli.run_generate)
     register(("bench", "tp"), bench_tp.configure, bench_tp.run)
     register(("bench", "batching"), bench_batching.configure, bench_batching.run)
+    register(("bench", "engine"), bench_engine.configure, bench_engine.run)
 
 
 @hookimpl
