@@ -35,12 +35,12 @@ import torch
 from backends.engine.builder import EngineOptions, resolve_model_path
 from backends.engine.engine import LLMEngine
 from backends.engine.tp_comm import (
-    CMD_LOGITS,
     CMD_STOP,
     COLLECTIVE_TIMEOUT_S,
     TPGroup,
     TPWorkerError,
     send_command,
+    send_hidden,
     send_step,
 )
 from backends.engine.tp_ranks import SpawnedRanks, TorchrunRanks, rank_device
@@ -107,6 +107,7 @@ class TPDriver:
         self.model = model
         self.group = group
         self.check = check
+        self.broken = False  # a step failed: the other ranks may be stuck in a collective
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Any, kv_caches: Any) -> torch.Tensor:
         self.check()
@@ -114,15 +115,16 @@ class TPDriver:
             send_step(self.group, input_ids, positions, attn)
             return self.model(input_ids, positions, attn, kv_caches)
         except RuntimeError as exc:  # gloo: a peer closed its sockets, or a collective timed out
+            self.broken = True
             raise TPWorkerError(f"tensor-parallel step failed: {exc}") from exc
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         try:
-            send_command(self.group, CMD_LOGITS, hidden.shape[0])
             with torch.inference_mode():
-                hidden = self.group.broadcast(hidden.contiguous())
+                hidden = send_hidden(self.group, hidden)
             return self.model.compute_logits(hidden)
         except RuntimeError as exc:
+            self.broken = True
             raise TPWorkerError(f"tensor-parallel logits failed: {exc}") from exc
 
 
@@ -168,12 +170,13 @@ class TPEngine(LLMEngine):
         for k, v in self.runner.kv_caches:  # stale, and meaningless without the other ranks' heads
             k.zero_()
             v.zero_()
+        self.runner.model.broken = False
         self.scheduler = self._make_scheduler()  # no blocks in use, no prefix cache, nothing in flight
         log.info("engine.tp.recovered", worker_pids=self.worker_pids)
 
     def close(self) -> None:
         """Stop the workers (a stop command, then kill) and drop the world."""
-        if self.group.is_connected:
+        if self.group.is_connected and not self.runner.model.broken:
             try:
                 self.ranks.check()
                 send_command(self.group, CMD_STOP)

@@ -17,7 +17,7 @@ A dead peer's closed sockets make gloo raise at once ("Connection closed by peer
 Step protocol (rank 0 -> all, on ``ctrl``): a header ``int64[4] = [cmd, T, S, W]``, then for
 ``STEP`` one int64 payload ``input_ids[T] | positions[T] | slot_mapping[T] | query_start_loc[S+1]
 | seq_lens[S] | block_tables[S*W]``; for ``LOGITS`` (``T`` rows) the hidden rows follow on
-``compute``; ``STOP`` ends the worker loop.
+``compute`` (the header says ``[LOGITS, rows, width, dtype]``); ``STOP`` ends the worker loop.
 """
 
 from __future__ import annotations
@@ -212,8 +212,24 @@ def recv_step(group: TPGroup, header: Tensor) -> tuple[Tensor, Tensor, Attention
     return ids.contiguous(), pos.contiguous(), attn
 
 
-def send_command(group: TPGroup, cmd: int, rows: int = 0) -> None:
-    group.broadcast_ctrl(torch.tensor([cmd, rows, 0, 0], dtype=torch.int64))
+def send_command(group: TPGroup, cmd: int) -> None:
+    group.broadcast_ctrl(torch.tensor([cmd, 0, 0, 0], dtype=torch.int64))
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def send_hidden(group: TPGroup, hidden: Tensor) -> Tensor:
+    """Rank 0: the hidden rows that sample, announced (shape and dtype) and broadcast."""
+    rows, width = hidden.shape
+    group.broadcast_ctrl(torch.tensor([CMD_LOGITS, rows, width, _DTYPES.index(hidden.dtype)], dtype=torch.int64))
+    return group.broadcast(hidden.contiguous())
+
+
+def recv_hidden(group: TPGroup, header: Tensor) -> Tensor:
+    """Other ranks: the hidden rows announced by ``header``."""
+    _, rows, width, dtype = header.tolist()
+    return group.broadcast(torch.empty(rows, width, dtype=_DTYPES[dtype], device=group.device))
 
 
 def recv_header(group: TPGroup) -> Tensor:

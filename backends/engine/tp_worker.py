@@ -33,6 +33,7 @@ from backends.engine.tp_comm import (
     TPGroup,
     TPWorkerError,
     recv_header,
+    recv_hidden,
     recv_step,
 )
 from backends.engine.tp_shard import ShardPlan, plan_heads, shard_model, weight_bytes
@@ -177,7 +178,6 @@ def run_worker(spec: RankSpec) -> None:
 def serve_steps(rank: RankModel, group: TPGroup, kv_caches: KVCache) -> None:
     """Run the steps rank 0 broadcasts, in order, until ``CMD_STOP``."""
     model = rank.model
-    hidden_size = rank.config.hidden_size
     while True:
         header = recv_header(group)
         cmd = int(header[0])
@@ -185,8 +185,7 @@ def serve_steps(rank: RankModel, group: TPGroup, kv_caches: KVCache) -> None:
             input_ids, positions, attn = recv_step(group, header)
             model(input_ids, positions, attn, kv_caches)
         elif cmd == CMD_LOGITS:
-            hidden = torch.empty(int(header[1]), hidden_size, dtype=rank.dtype, device=group.device)
-            model.compute_logits(group.broadcast(hidden))
+            model.compute_logits(recv_hidden(group, header))
         elif cmd == CMD_STOP:
             return
         else:

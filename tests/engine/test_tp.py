@@ -81,8 +81,8 @@ def _options(path: Path, **kw: object) -> EngineOptions:
     return EngineOptions(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def _run_steps(model, config, block_size: int = 4) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-    runner = PagedRunner(model, config, num_blocks=64, block_size=block_size, seed=1)
+def _run_steps(model, config, block_size=4, dtype=torch.float32) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    runner = PagedRunner(model, config, num_blocks=64, block_size=block_size, dtype=dtype, seed=1)
     return [torch.cat(runner.step(step)) for step in STEPS]
 
 
@@ -225,6 +225,25 @@ def test_tiny_each_rank_holds_about_half_the_weights(tiny_tp) -> None:  # type: 
     assert len(per_rank) == 2
     assert all(b < 0.62 * total for b in per_rank), (per_rank, total)
     assert sum(per_rank) == pytest.approx(total, rel=0.05)  # only norms and rotary tables are replicated
+
+
+def test_tiny_bfloat16_tp2_tracks_tp1(tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """The serving dtype: packed int4 kernels, float32 residual stream, logits refined in float32.
+    Each partial sum is rounded to bfloat16 before the all-reduce, so: close, not equal."""
+    path = _tiny_dir(tmp_path_factory, "qwen2")
+    engine = build_tp_engine(_options(path, quantization="int4", dtype="bfloat16"))
+    try:
+        reference = load_model(path, quantization="int4", dtype=torch.bfloat16)
+        ours = _run_steps(engine.runner.model, engine.runner.config, dtype=torch.bfloat16)
+        ref = _run_steps(reference.model, reference.config, dtype=torch.bfloat16)
+        for a, b in zip(ours, ref, strict=True):
+            assert (a - b).abs().max() <= 0.05 * b.abs().max()
+        _fresh_block_manager(engine)
+        assert len(_generate(engine, [5, 6, 7, 8])) == 6
+    finally:
+        pids = engine.worker_pids
+        engine.close()
+        _assert_workers_gone(pids)
 
 
 # --------------------------------------------------------------------------------------------
