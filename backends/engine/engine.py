@@ -119,7 +119,11 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        sampled = self.runner.run(out)
+        try:
+            sampled = self.runner.run(out)
+        except BaseException:
+            self.scheduler.discard(out)  # the caller fails and aborts the requests in flight
+            raise
         self.num_steps += 1
         self.scheduler.update(out, {seq_id: s.token_id for seq_id, s in sampled.items()})
 

@@ -303,6 +303,14 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def discard(self, out: SchedulerOutput) -> None:
+        """The step ``out`` failed: forget it without advancing any sequence. Nothing it wrote
+        was published to the prefix cache (that happens in ``update``); the caller aborts the
+        requests it carried."""
+        if out.scheduled and out is not self._in_flight:
+            raise RuntimeError("discard() with an output that is not the step in flight")
+        self._in_flight = None
+
     def finish(self, seq_id: int, reason: FinishReason) -> Sequence | None:
         """Finish one choice now (e.g. a stop string matched) and free its blocks.
 

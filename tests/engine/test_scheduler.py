@@ -707,3 +707,22 @@ def test_random_operations_property(
         prefix_caching=prefix_caching,
         num_steps=120,
     )
+
+
+def test_discard_forgets_a_failed_step_and_the_next_one_runs() -> None:
+    from backends.engine.block_manager import BlockManager
+    from backends.engine.scheduler import Scheduler
+    from backends.engine.sequence import SequenceGroup
+    from gateway.interface import SamplingParams
+
+    scheduler = Scheduler(BlockManager(8, 4), max_num_seqs=2, max_num_batched_tokens=16, max_model_len=32)
+    scheduler.add(SequenceGroup("a", [1, 2, 3], SamplingParams(max_tokens=2)))
+    failed = scheduler.schedule()
+    scheduler.discard(failed)
+    scheduler.abort("a")
+    assert scheduler.block_manager.stats().num_used_blocks == 0
+    scheduler.add(SequenceGroup("b", [4, 5], SamplingParams(max_tokens=1)))
+    out = scheduler.schedule()
+    (sched,) = out.scheduled
+    finished = scheduler.update(out, {sched.seq_id: 9})
+    assert [s.output_token_ids for s in finished] == [[9]]
