@@ -7,14 +7,12 @@ turned into its final form (packed, requantized or cast) before the next is read
 full-precision copy of a quantized model ever exists.
 
 ``quantization``:
-- ``None``: keep what the file has: GGUF Q4_0/Q4_1 -> int4, Q8_0 -> int8; float tensors stay dense.
+- ``None``: keep what the file has: GGUF Q4_0/Q4_1 -> int4 (``Int4Linear``), Q8_0 -> per-group int8
+  kept exactly (``Int8GroupLinear``); float tensors stay dense.
 - ``"int4"`` / ``"int8"``: float linear weights are quantized at load (int4 groupwise with group 32,
   int8 per channel); the embedding and an untied lm_head become int8 per channel. GGUF tensors that
   are already quantized keep their own format.
 - ``"none"``: everything dense in ``dtype`` (GGUF quantized tensors dequantised one at a time).
-
-With bfloat16 activations Q8_0 tensors are requantized per channel so that ``_weight_int8pack_mm``
-can run them (about 1.2 % relative error on SmolLM2's embedding); with float32 they stay exact.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ from backends.engine.quant import (
     Int8Data,
     WeightData,
     cat_rows,
-    int8_per_channel,
     make_linear,
     quantize_int4,
     quantize_int8,
@@ -125,8 +122,6 @@ class _Builder:
             if q == "int4":
                 return quantize_int4(data, DEFAULT_GROUP_SIZE)
             return data
-        if isinstance(data, Int8Data) and self.dtype != torch.float32:
-            return int8_per_channel(data)
         return data
 
     def vocab(self, name: str) -> nn.Module:
@@ -159,7 +154,7 @@ class _Builder:
     def vector(self, name: str) -> Tensor:
         data = self.source.get(name)
         assert isinstance(data, Tensor)
-        return data.to(device=self.device, dtype=self.dtype)
+        return data.to(device=self.device, dtype=torch.float32)
 
 
 def _build(source: Any, *, quantization: str | None, dtype: torch.dtype, device: torch.device) -> CausalLM:
@@ -167,6 +162,9 @@ def _build(source: Any, *, quantization: str | None, dtype: torch.dtype, device:
     with torch.device("meta"):
         model = CausalLM(config, dtype)
     b = _Builder(source, quantization, dtype, device)
+    # The vocabulary-sized tensors first, while the heap is empty: their transients are the largest.
+    model.embed_tokens = b.vocab("embed")
+    model.lm_head = model.embed_tokens if config.tie_word_embeddings else b.vocab("lm_head")
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         layer.attn_norm.set_weight(b.vector(f"{p}.attn_norm"))
@@ -177,8 +175,6 @@ def _build(source: Any, *, quantization: str | None, dtype: torch.dtype, device:
         layer.mlp.down_proj = b.linear([f"{p}.down"])
         _return_freed_memory()  # glibc keeps freed temporaries otherwise: peak RSS grows per layer
     model.norm.set_weight(b.vector("norm"))
-    model.embed_tokens = b.vocab("embed")
-    model.lm_head = model.embed_tokens if config.tie_word_embeddings else b.vocab("lm_head")
     rope_freqs = source.get("rope_freqs") if source.has("rope_freqs") else None
     model.inv_freq = rope_inv_freq(config, rope_freqs).to(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

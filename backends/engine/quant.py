@@ -11,10 +11,11 @@ runs through ``_weight_int8pack_mm``; per group (GGUF Q8_0 kept exactly) runs th
 dequantise path only.
 
 Every module keeps ``forward(x[M, in]) -> [M, out]``, a ``dequantize(dtype)`` reference and an
-``embed(ids)`` row gather. Which kernel a call takes is picked per call from the activation dtype
-and ``M`` (see ``INT4_KERNEL_MAX_ROWS``): the packed kernels win at decode-sized ``M`` with bfloat16
-activations, a transient dense tile wins at prefill-sized ``M``, and float32 activations always take
-the dequantise path (the packed kernels are 20x slower there and float32 is the exact reference).
+``embed(ids, dtype)`` row gather. The path is picked per call from the activation dtype and ``M``:
+float32 activations take the dequantise path (the plain-torch reference; the packed kernels are
+~20x slower with float32 activations); bfloat16 activations take the packed int4 kernel at every
+``M`` (exact stored weights, float32 accumulation; see ``INT4_DENSE_TILE_MIN_ROWS`` for the faster,
+less exact bfloat16 tile) and the int8 kernel at decode-sized ``M``.
 
 For tensor parallelism the quantized tensors shard along whole rows (column parallel) and whole
 groups (row parallel): ``Int4Linear.to_data()`` unpacks to an ``Int4Data`` that can be sliced
@@ -23,7 +24,7 @@ and packed again with ``Int4Linear.from_data``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -33,10 +34,15 @@ from torch import Tensor, nn
 
 DEFAULT_GROUP_SIZE = 32
 
-#: Largest activation row count that uses the packed int4 / int8 kernels; above it the layer's
-#: weight is dequantised to a transient tile and multiplied densely (measured crossover on
-#: 2 AVX-512 cores, SmolLM2 shapes; see docs/benchmarks.md).
-INT4_KERNEL_MAX_ROWS = 64
+#: bfloat16 activations with more rows than this take a transient dense tile of the dequantised
+#: weight in bfloat16 instead of the packed int4 kernel. ``None`` (the default): always the kernel.
+#: Measured on 2 AVX-512 cores (SmolLM2's 3072x576, M=512): the bfloat16 tile is 1.85x faster than
+#: the kernel, but it rounds the weights to bfloat16, which took SmolLM2's teacher-forced top-1
+#: agreement with the float32 reference from 0.991 to 0.978; the kernel dequantises in float32 and
+#: accumulates in float32 (its output equals float32 math rounded once to bfloat16).
+INT4_DENSE_TILE_MIN_ROWS: int | None = None
+#: ``_weight_int8pack_mm`` costs grow linearly with M (a GEMV per row); above this many rows the
+#: exact float32 tile is cheaper.
 INT8_KERNEL_MAX_ROWS = 8
 
 #: Rows dequantised at a time when a huge weight (the vocabulary) takes the dequantise path.
@@ -144,8 +150,20 @@ def int8_per_channel(data: Int8Data) -> Int8Data:
 # int4 packing / unpacking
 
 
+_PACK_CHUNK_ROWS = 1024  # rows packed at a time: the packing op wants int32 input (8x the bytes)
+
+
 def _cpu_pack(q: Tensor) -> Tensor:
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+    """Pack ``q`` (uint8 ``[N, K]``, N a multiple of 64) in row chunks; the layout is blocked by
+    64 rows, so packed chunks concatenate into the packing of the whole."""
+    n = q.shape[0]
+    if n <= _PACK_CHUNK_ROWS or n % _CPU_BLOCK_N:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+    out = torch.empty(n, q.shape[1] // 2, dtype=torch.uint8)
+    for r in range(0, n, _PACK_CHUNK_ROWS):
+        chunk = q[r : r + _PACK_CHUNK_ROWS].to(torch.int32)
+        out[r : r + chunk.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk, 2)
+    return out
 
 
 def _cpu_unpack(packed: Tensor, n: int, k: int) -> Tensor:
@@ -227,6 +245,30 @@ class Int4Linear(nn.Module):
             mod.bias = bias.to(device=device, dtype=dtype)
         return mod
 
+    @classmethod
+    def from_row_chunks(cls, chunks: Iterable[Int4Data], rows: int, *, dtype: torch.dtype) -> Int4Linear:
+        """``from_data`` of the row-concatenated ``chunks`` (CPU; every chunk but the last a whole
+        number of 64-row blocks), packing one chunk at a time so no full-size temporary exists."""
+        mod: Int4Linear | None = None
+        weight = sz = None
+        start = 0
+        for data in chunks:
+            part = cls.from_data(data, dtype=dtype, device="cpu")
+            if mod is None:
+                mod = cls(part.in_features, rows, part.group_size)
+                mod.padded_out = rows + (-rows) % _CPU_BLOCK_N
+                mod._mm, mod._cpu_layout = part._mm, part._cpu_layout
+                weight = torch.empty(mod.padded_out, part.weight.shape[1], dtype=part.weight.dtype)
+                sz = torch.empty(part.scales_and_zeros.shape[0], mod.padded_out, 2, dtype=dtype)
+            assert start % _CPU_BLOCK_N == 0, "only the last chunk may be padded"
+            weight[start : start + part.padded_out] = part.weight
+            sz[:, start : start + part.padded_out] = part.scales_and_zeros
+            start += part.out_features
+        assert mod is not None and start == rows
+        mod.register_buffer("weight", weight)
+        mod.register_buffer("scales_and_zeros", sz)
+        return mod
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
 
@@ -277,39 +319,44 @@ class Int4Linear(nn.Module):
     # forward -----------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.bfloat16 and (x.shape[0] <= INT4_KERNEL_MAX_ROWS or x.device.type != "cpu"):
-            y = self._mm(x, self.weight, self.group_size, self.scales_and_zeros)
-        elif self.padded_out > DEQUANT_CHUNK_ROWS and self._cpu_layout:
-            y = torch.cat(
-                [
-                    F.linear(x, self.dequantize(x.dtype, slice(r, min(r + DEQUANT_CHUNK_ROWS, self.padded_out))))
-                    for r in range(0, self.padded_out, DEQUANT_CHUNK_ROWS)
-                ],
-                dim=-1,
-            )
-        else:
-            y = F.linear(x, self.dequantize(x.dtype))
+        if x.dtype != torch.bfloat16:  # float32: the plain-torch reference
+            return _dense_forward(self, x)
+        if INT4_DENSE_TILE_MIN_ROWS is not None and x.shape[0] > INT4_DENSE_TILE_MIN_ROWS and self._cpu_layout:
+            return _dense_forward(self, x)
+        y = self._mm(x, self.weight, self.group_size, self.scales_and_zeros)
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        return y if self.bias is None else y + self.bias
 
-    def embed(self, ids: Tensor) -> Tensor:
-        """Rows ``ids`` of the dequantised weight: an embedding lookup, ``[T, K]``."""
+    def gather_q(self, ids: Tensor) -> Tensor:
+        """``q`` of rows ``ids`` (uint8 ``[T, K]``), read straight from the packed layout."""
+        k = self.in_features
+        if not self._cpu_layout:
+            return self.unpacked_q()[ids]
+        blocks = self.weight.view(-1, k, _CPU_BLOCK_N // 2)
+        r = ids % _CPU_BLOCK_N
+        b = blocks[ids // _CPU_BLOCK_N, :, r % (_CPU_BLOCK_N // 2)]  # [T, K]
+        shift = (r >= _CPU_BLOCK_N // 2).to(torch.uint8).mul_(4).unsqueeze(-1)
+        return torch.bitwise_right_shift(b, shift).bitwise_and_(15)
+
+    def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Rows ``ids`` of the dequantised weight (an embedding lookup), ``[T, K]`` in ``dtype``
+        (default: the compute dtype)."""
         k, gs = self.in_features, self.group_size
-        dtype = self.scales_and_zeros.dtype
-        if self._cpu_layout:
-            blocks = self.weight.view(-1, k, _CPU_BLOCK_N // 2)
-            r = ids % _CPU_BLOCK_N
-            b = blocks[ids // _CPU_BLOCK_N, :, r % (_CPU_BLOCK_N // 2)]  # [T, K]
-            shift = (r >= _CPU_BLOCK_N // 2).to(torch.uint8).mul_(4).unsqueeze(-1)
-            q = torch.bitwise_right_shift(b, shift).bitwise_and_(15)
-        else:
-            q = self.unpacked_q()[ids]
-        sz = self.scales_and_zeros[:, ids].transpose(0, 1)  # [T, G, 2]
-        w = q.to(dtype).view(-1, k // gs, gs).sub_(8.0).mul_(sz[..., 0:1]).add_(sz[..., 1:2])
+        sz = self.scales_and_zeros[:, ids].transpose(0, 1).to(dtype or self.scales_and_zeros.dtype)  # [T, G, 2]
+        w = self.gather_q(ids).to(sz.dtype).view(-1, k // gs, gs).sub_(8.0).mul_(sz[..., 0:1]).add_(sz[..., 1:2])
         return w.view(-1, k)
+
+
+def _dense_forward(mod: nn.Module, x: Tensor) -> Tensor:
+    """``x @ mod.dequantize().T``, a row chunk at a time for vocabulary-sized weights."""
+    n = getattr(mod, "padded_out", mod.out_features)
+    if n <= DEQUANT_CHUNK_ROWS:
+        y = F.linear(x, mod.dequantize(x.dtype))
+    else:
+        chunks = [mod.dequantize(x.dtype, slice(r, min(r + DEQUANT_CHUNK_ROWS, n))) for r in range(0, n, DEQUANT_CHUNK_ROWS)]
+        y = torch.cat([F.linear(x, w) for w in chunks], dim=-1)[:, : mod.out_features]
+    return y if mod.bias is None else y + mod.bias
 
 
 class Int8Linear(nn.Module):
@@ -359,26 +406,104 @@ class Int8Linear(nn.Module):
             and x.shape[0] <= INT8_KERNEL_MAX_ROWS
         ):
             y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
-        elif self.out_features > DEQUANT_CHUNK_ROWS:
-            y = torch.cat(
-                [
-                    F.linear(x, self.dequantize(x.dtype, slice(r, r + DEQUANT_CHUNK_ROWS)))
-                    for r in range(0, self.out_features, DEQUANT_CHUNK_ROWS)
-                ],
-                dim=-1,
-            )
-        else:
-            y = F.linear(x, self.dequantize(x.dtype))
+        elif x.dtype == torch.float32:
+            return _dense_forward(self, x)
+        else:  # many bfloat16 rows: the exact float32 tile
+            return _dense_forward(self, x.float()).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y
 
-    def embed(self, ids: Tensor) -> Tensor:
+    def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         k, gs = self.in_features, self.group_size
-        dtype = self.scales.dtype
+        dtype = dtype or self.scales.dtype
         w = self.weight[ids].to(dtype).view(-1, k // gs, gs)
-        w.mul_(self.scales[ids].view(-1, k // gs, 1))
+        w.mul_(self.scales[ids].to(dtype).view(-1, k // gs, 1))
         return w.view(-1, k)
+
+
+class Int8GroupLinear(Int8Linear):
+    """Per-group symmetric int8 (GGUF Q8_0: ``w = d * q``, q in -127..127, groups of 32) kept
+    exactly and run through the int4 kernel, for which no per-group int8 kernel exists.
+
+    ``q = 16 * hi + lo`` with ``hi`` in -8..7 and ``lo`` in 0..15. Each group becomes one 64-wide
+    int4 group holding the 32 nibbles ``hi + 8`` then the 32 nibbles ``lo``, with scale ``d`` and
+    zero ``8 d / 17``, and is fed the input ``[16 x_g, x_g]``. The kernel computes
+    ``(nibble - 8) * d + z`` per weight, so the group contributes
+    ``sum(d q x) + (17 z - 8 d) * sum(x_g)``: exact for ``z = 8 d / 17``, up to the rounding of
+    ``z`` (and ``d``) to the activation dtype. Same bytes per weight as int8, same speed as an
+    int4 matmul of twice the width.
+    """
+
+    def __init__(self, inner: Int4Linear, group_size: int) -> None:
+        nn.Module.__init__(self)  # an Int8Linear by contract (to_data, scales), not by storage
+        self.inner = inner
+        self.in_features = inner.in_features // 2
+        self.out_features = inner.out_features
+        self.group_size = group_size
+        self.per_channel = False
+
+    @classmethod
+    def from_data(
+        cls, data: Int8Data, *, bias: Tensor | None = None, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> Int8GroupLinear:
+        n, k = data.q.shape
+        gs = data.group_size
+
+        def nibbles(rows: slice) -> Int4Data:
+            q = data.q[rows].to(torch.int16).view(-1, k // gs, 1, gs)
+            hi = torch.div(q, 16, rounding_mode="floor")
+            both = torch.cat([hi + 8, q - 16 * hi], dim=2).to(torch.uint8).view(-1, 2 * k)
+            scales = data.scales[rows].float()
+            return Int4Data(q=both, scales=scales, zeros=scales * (8.0 / 17.0), group_size=2 * gs)
+
+        if torch.device(device).type == "cpu" and n > _PACK_CHUNK_ROWS:  # the vocabulary: bound temporaries
+            chunks = (nibbles(slice(r, r + _PACK_CHUNK_ROWS)) for r in range(0, n, _PACK_CHUNK_ROWS))
+            inner = Int4Linear.from_row_chunks(chunks, n, dtype=dtype)
+            if bias is not None:
+                inner.bias = bias.to(dtype=dtype)
+        else:
+            inner = Int4Linear.from_data(nibbles(slice(0, n)), bias=bias, dtype=dtype, device=device)
+        return cls(inner, gs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.inner.bias
+
+    @property
+    def scales(self) -> Tensor:
+        """``d`` as ``[N, G]`` (in the compute dtype)."""
+        return self.inner.scales_and_zeros[:, : self.out_features, 0].t()
+
+    def _q(self, nibbles: Tensor) -> Tensor:
+        v = nibbles.view(nibbles.shape[0], -1, 2, self.group_size).to(torch.int16)
+        return (16 * (v[:, :, 0] - 8) + v[:, :, 1]).view(nibbles.shape[0], -1)  # [R, K]
+
+    def to_data(self) -> Int8Data:
+        q = self._q(self.inner.unpacked_q()[: self.out_features]).to(torch.int8)
+        return Int8Data(q=q, scales=self.scales.float().contiguous(), group_size=self.group_size)
+
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
+        dtype = dtype or self.inner.scales_and_zeros.dtype
+        q = self._q(self.inner.unpacked_q(rows))
+        sz = self.inner.scales_and_zeros if rows is None else self.inner.scales_and_zeros[:, rows]
+        n, k = q.shape
+        w = q.to(dtype).view(n, -1, self.group_size).mul_(sz[..., 0].t().unsqueeze(-1).to(dtype)).view(n, k)
+        return w[: self.out_features] if rows is None else w
+
+    def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        sz = self.inner.scales_and_zeros[:, ids, 0].t().unsqueeze(-1).to(dtype or self.inner.scales_and_zeros.dtype)
+        w = self._q(self.inner.gather_q(ids)).to(sz.dtype).view(-1, sz.shape[1], self.group_size).mul_(sz)
+        return w.view(-1, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # the exact reference: q * d in float32
+            return _dense_forward(self, x)
+        xg = x.view(x.shape[0], -1, 1, self.group_size)
+        return self.inner(torch.cat([xg * 16, xg], dim=2).view(x.shape[0], -1))
 
 
 class DenseLinear(nn.Module):
@@ -411,8 +536,9 @@ class DenseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def embed(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight)
+    def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        rows = F.embedding(ids, self.weight)
+        return rows if dtype is None else rows.to(dtype)
 
 
 class ConcatLinear(nn.Module):
@@ -432,16 +558,18 @@ class ConcatLinear(nn.Module):
         return w if rows is None else w[rows]
 
 
-QuantLinear = Int4Linear | Int8Linear | DenseLinear | ConcatLinear
+QuantLinear = Int4Linear | Int8GroupLinear | Int8Linear | DenseLinear | ConcatLinear
 
 
 def make_linear(
     data: WeightData, *, bias: Tensor | None = None, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> nn.Module:
-    """The module for ``data``: ``Int4Data`` -> ``Int4Linear``, ``Int8Data`` -> ``Int8Linear``,
-    a float tensor -> ``DenseLinear``."""
+    """The module for ``data``: ``Int4Data`` -> ``Int4Linear``; ``Int8Data`` -> ``Int8Linear`` per
+    channel, ``Int8GroupLinear`` per group; a float tensor -> ``DenseLinear``."""
     if isinstance(data, Int4Data):
         return Int4Linear.from_data(data, bias=bias, dtype=dtype, device=device)
     if isinstance(data, Int8Data):
-        return Int8Linear.from_data(data, bias=bias, dtype=dtype, device=device)
+        if data.group_size == data.q.shape[1]:
+            return Int8Linear.from_data(data, bias=bias, dtype=dtype, device=device)
+        return Int8GroupLinear.from_data(data, bias=bias, dtype=dtype, device=device)
     return DenseLinear.from_data(data, bias=bias, dtype=dtype, device=device)

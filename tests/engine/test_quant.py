@@ -45,15 +45,24 @@ def test_int4_quantization_error_is_within_half_a_step() -> None:
     assert ((data.dequantize() - w).abs() <= 0.5 * step + 1e-6).all()
 
 
-@pytest.mark.parametrize("rows", [1, 4, quant.INT4_KERNEL_MAX_ROWS, quant.INT4_KERNEL_MAX_ROWS + 1, 300])
-def test_int4_packed_kernel_matches_dequantised_reference_bfloat16(rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 4, 64, 300])
+def test_int4_packed_kernel_matches_float32_math_rounded_once(rows: int) -> None:
     data = quantize_int4(weights(256, 576))
     mod = Int4Linear.from_data(data, dtype=torch.bfloat16)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
     ref = F.linear(x.float(), mod.dequantize(torch.float32))  # same bf16-rounded scales, float32 math
     out = mod(x).float()
-    # both paths accumulate in float32; the difference is bfloat16 output/tile rounding
-    torch.testing.assert_close(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+    # the kernel dequantises and accumulates in float32: only the output's bfloat16 rounding differs
+    torch.testing.assert_close(out, ref, atol=0, rtol=2**-8)
+
+
+def test_int4_dense_tile_option_tracks_the_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(quant, "INT4_DENSE_TILE_MIN_ROWS", 16)
+    data = quantize_int4(weights(256, 576))
+    mod = Int4Linear.from_data(data, dtype=torch.bfloat16)
+    x = torch.randn(40, 576).bfloat16()
+    ref = F.linear(x.float(), mod.dequantize(torch.float32))
+    torch.testing.assert_close(mod(x).float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
 
 
 def test_int4_float32_activations_take_the_exact_path() -> None:
@@ -144,3 +153,43 @@ def test_gguf_blocks_decode_like_the_gguf_package(qtype) -> None:
     decoded = _decode(raw.reshape(70, -1).view(np.uint8), qtype, 70, 96)
     ours = decoded.float() if isinstance(decoded, torch.Tensor) else decoded.dequantize()
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_int8_per_group_through_the_int4_kernel_is_exact() -> None:
+    """Q8_0 as two nibbles per weight in the int4 kernel (``Int8GroupLinear``)."""
+    data = quantize_int8(weights(200, 576, seed=5), group_size=32)
+    data.q[0, :4] = torch.tensor([127, -127, -128 + 1, 0], dtype=torch.int8)  # the extremes
+    exact = data.dequantize()
+    ref32 = quant.make_linear(data, dtype=torch.float32)
+    assert isinstance(ref32, quant.Int8GroupLinear) and isinstance(ref32, Int8Linear)
+    torch.testing.assert_close(ref32.dequantize(), exact, rtol=0, atol=0)
+    back = ref32.to_data()
+    assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales)
+    ids = torch.tensor([0, 5, 63, 64, 199])
+    torch.testing.assert_close(ref32.embed(ids), exact[ids], rtol=0, atol=0)
+    x = torch.randn(3, 576)
+    torch.testing.assert_close(ref32(x), F.linear(x, exact), rtol=1e-5, atol=1e-5)
+    # bfloat16: the packed kernel, d rounded to bfloat16; vs float32 math on those weights
+    fast = quant.make_linear(data, dtype=torch.bfloat16)
+    xb = x.bfloat16()
+    ref = F.linear(xb.float(), fast.dequantize(torch.float32))
+    torch.testing.assert_close(fast(xb).float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(fast.embed(ids, torch.float32), fast.dequantize(torch.float32)[ids], rtol=0, atol=0)
+
+
+def test_int4_packing_in_row_chunks_equals_packing_whole(monkeypatch) -> None:
+    data = quantize_int4(weights(320, 128))
+    whole = Int4Linear.from_data(data, dtype=torch.float32)
+    monkeypatch.setattr(quant, "_PACK_CHUNK_ROWS", 128)
+    chunked = Int4Linear.from_data(data, dtype=torch.float32)
+    assert torch.equal(chunked.weight, whole.weight)
+
+
+def test_int8_per_group_vocabulary_is_packed_in_row_chunks(monkeypatch) -> None:
+    data = quantize_int8(weights(300, 64), group_size=32)  # 300 rows: the last chunk is padded
+    whole = quant.make_linear(data, dtype=torch.float32)
+    monkeypatch.setattr(quant, "_PACK_CHUNK_ROWS", 128)
+    chunked = quant.make_linear(data, dtype=torch.float32)
+    assert torch.equal(chunked.inner.weight, whole.inner.weight)
+    assert torch.equal(chunked.inner.scales_and_zeros, whole.inner.scales_and_zeros)
+    torch.testing.assert_close(chunked.dequantize(), data.dequantize(), rtol=0, atol=0)
