@@ -305,6 +305,8 @@ def run(args: Namespace) -> int:
                       args.temperature, args.timeout, not args.no_progress)
         )
         reports.append(report)
+        print(f"C={conc}: {report.output_tokens_per_s:.1f} output tok/s, TTFT p50 {report.ttft_p50_s:.2f} s, "
+              f"{report.num_errors} errors", file=sys.stderr, flush=True)  # fmt: skip
     bench = BenchReport(
         base_url=args.base_url,
         model=args.model,
