@@ -213,6 +213,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None)
         self._mm: Any = None
         self._cpu_layout = False
+        self._unpacked: Tensor | None = None  # q kept for row gathers when the layout is opaque
 
     @classmethod
     def from_data(
@@ -284,13 +285,17 @@ class Int4Linear(nn.Module):
                 packed = packed.view(-1)[rows.start // _CPU_BLOCK_N * per : rows.stop // _CPU_BLOCK_N * per]
                 return _cpu_unpack(packed, rows.stop - rows.start, k)
             return _cpu_unpack(packed, self.padded_out, k)
-        # Generic: run the kernel on the identity with scale 1 and zero 8, which yields q exactly.
+        # Generic (e.g. CUDA's layout): run the kernel on the identity with scale 1 and zero 8, which
+        # yields q exactly. Costly, so the result is kept (1 byte per weight on the device).
+        if self._unpacked is not None:
+            return self._unpacked if rows is None else self._unpacked[rows]
         g = k // self.group_size
         unit = torch.zeros(g, self.padded_out, 2, dtype=torch.bfloat16, device=self.weight.device)
         unit[..., 0] = 1.0
         unit[..., 1] = 8.0
         eye = torch.eye(k, dtype=torch.bfloat16, device=self.weight.device)
         q = self._mm(eye, self.weight, self.group_size, unit).t().to(torch.uint8)
+        self._unpacked = q
         return q if rows is None else q[rows]
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
