@@ -68,7 +68,7 @@ class AttentionMetadata(msgspec.Struct, kw_only=True):
 class PrefillSeq(msgspec.Struct):
     start: int  # first row of this sequence's tokens in the flattened batch
     end: int
-    blocks: Tensor | None  # int64 [nblocks]: its context's blocks; None when it has no cached prefix
+    blocks: Tensor | slice | None  # its context's blocks (see ``_blocks``); None when it has no cached prefix
     mask: Tensor | None  # bool [q_len, nblocks * block_size] (True = attend) when it has a cached prefix
 
 
@@ -83,7 +83,7 @@ class AttentionPlan(msgspec.Struct):
     num_tokens: int
     slot_mapping: Tensor
     decode_rows: Tensor | None  # token rows of decode sequences; None when all rows are decode
-    decode_blocks: Tensor | None  # int64 [Sd * nblocks]: each decode sequence's blocks, flattened
+    decode_blocks: Tensor | slice | None  # each decode sequence's blocks, flattened (see ``_blocks``)
     decode_len: int  # keys per decode sequence after gathering (nblocks * block_size, or the one length)
     decode_mask: Tensor | None  # bool [Sd, 1, 1, decode_len]; None when no key is padding
     prefills: list[PrefillSeq]
@@ -105,7 +105,7 @@ class AttentionPlan(msgspec.Struct):
                 prefills.append(PrefillSeq(start, end, None, None))
             else:
                 nblocks = -(-seq_len // block_size)
-                blocks = attn.block_tables[i, :nblocks].to(torch.int64)
+                blocks = _blocks(attn.block_tables[i, :nblocks])
                 rows = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
                 mask = torch.arange(nblocks * block_size, device=device).unsqueeze(0) <= rows
                 prefills.append(PrefillSeq(start, end, blocks, mask))
@@ -122,7 +122,7 @@ class AttentionPlan(msgspec.Struct):
                 tables = attn.block_tables.index_select(0, index)[:, :nblocks]
                 lens_t = attn.seq_lens.index_select(0, index)
                 decode_rows = torch.tensor([starts[i] for i in decode], device=device)
-            decode_blocks = tables.reshape(-1).to(torch.int64)
+            decode_blocks = _blocks(tables.reshape(-1)) if len(decode) == 1 else tables.reshape(-1).to(torch.int64)
             decode_len = nblocks * block_size
             if len(decode) == 1:
                 decode_len = lens[0]
@@ -132,10 +132,20 @@ class AttentionPlan(msgspec.Struct):
         return cls(num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, prefills)
 
 
-def _gather(cache: Tensor, blocks: Tensor, num_seqs: int, length: int) -> Tensor:
+def _blocks(table: Tensor) -> Tensor | slice:
+    """One sequence's block ids: a ``slice`` when they are consecutive (the common case for a
+    sequence allocated from a fresh free list), so attention reads the cache in place."""
+    ids = table.tolist()
+    if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+        return slice(ids[0], ids[0] + len(ids))
+    return table.to(torch.int64)
+
+
+def _gather(cache: Tensor, blocks: Tensor | slice, num_seqs: int, length: int) -> Tensor:
     """``[num_seqs, length, KV, D]`` keys or values of ``blocks`` (``num_seqs`` equal runs)."""
     _, block_size, num_kv, head_dim = cache.shape
-    out = cache.index_select(0, blocks).view(num_seqs, -1, num_kv, head_dim)
+    picked = cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks)
+    out = picked.view(num_seqs, -1, num_kv, head_dim)
     return out if out.shape[1] == length else out[:, :length]
 
 

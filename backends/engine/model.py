@@ -156,7 +156,8 @@ class CausalLM(nn.Module):
         """``cos, sin`` as ``[T, 1, head_dim]`` in the activation dtype; ``sin``'s first half negated
         so that ``rotate_half(x) * sin == roll(x, head_dim / 2) * sin``."""
         freqs = positions.unsqueeze(1).float() * self.inv_freq  # [T, D/2]
-        cos = freqs.cos().repeat(1, 2)
+        cos = freqs.cos()
+        cos = torch.cat([cos, cos], dim=-1)
         sin = freqs.sin()
         sin = torch.cat([-sin, sin], dim=-1)
         return cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)

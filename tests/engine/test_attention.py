@@ -27,7 +27,7 @@ def reference(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, q_l
     return o.transpose(0, 1).reshape(q_len, HEADS * HEAD_DIM)
 
 
-def run_case(seed: int, dtype: torch.dtype, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def run_case(seed: int, dtype: torch.dtype, block_size: int, shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     num_seqs = rng.randint(1, 6)
@@ -47,8 +47,9 @@ def run_case(seed: int, dtype: torch.dtype, block_size: int) -> tuple[torch.Tens
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
     k_cache = torch.zeros(num_blocks, block_size, KV_HEADS, HEAD_DIM, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
+    free = list(range(num_blocks))[::-1]  # popped from the end: consecutive ids per sequence
+    if shuffle:
+        rng.shuffle(free)
 
     qs, ks, vs, refs = [], [], [], []
     q_lens, seq_lens, tables = [], [], []
@@ -83,6 +84,12 @@ def run_case(seed: int, dtype: torch.dtype, block_size: int) -> tuple[torch.Tens
 @pytest.mark.parametrize("seed", range(40))
 def test_paged_attention_matches_contiguous_sdpa_float32(seed: int) -> None:
     out, ref = run_case(seed, torch.float32, block_size=[1, 4, 16][seed % 3])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_paged_attention_consecutive_blocks_read_in_place(seed: int) -> None:
+    out, ref = run_case(seed, torch.float32, block_size=[1, 4, 16][seed % 3], shuffle=False)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
