@@ -324,9 +324,9 @@ class Int4Linear(nn.Module):
     # forward -----------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.bfloat16:  # float32: the plain-torch reference
-            return _dense_forward(self, x)
-        if INT4_DENSE_TILE_MIN_ROWS is not None and x.shape[0] > INT4_DENSE_TILE_MIN_ROWS and self._cpu_layout:
+        if x.dtype is not torch.bfloat16 or (
+            INT4_DENSE_TILE_MIN_ROWS is not None and x.shape[0] > INT4_DENSE_TILE_MIN_ROWS and self._cpu_layout
+        ):  # float32: the plain-torch reference; or the optional bfloat16 tile
             return _dense_forward(self, x)
         y = self._mm(x, self.weight, self.group_size, self.scales_and_zeros)
         if self.padded_out != self.out_features:
