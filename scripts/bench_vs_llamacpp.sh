@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 TAXIWAY=.venv/bin/taxiway
 GGUF=$($TAXIWAY pull smollm2-135m-instruct -q)
 CONC=${CONCURRENCY:-1,4,16}
+NUM=${NUM_REQUESTS:-0}  # 0: the bench default, max(16, 4 x concurrency) per level
 
 wait_for() {  # url
   for _ in $(seq 1 600); do
@@ -29,7 +30,7 @@ echo "== llama-server -np 16" >&2
 LPID=$!
 trap 'kill $LPID 2>/dev/null || true' EXIT
 wait_for http://127.0.0.1:8102/health
-$TAXIWAY bench serving --base-url http://127.0.0.1:8102/v1 --model smollm2 --concurrency "$CONC" \
+$TAXIWAY bench serving --base-url http://127.0.0.1:8102/v1 --model smollm2 --concurrency "$CONC" --num-requests "$NUM" \
   --out "$OUT/llama-server.json" --plot "$OUT/llama-server.png" --no-progress | tee "$OUT/llama-server.md"
 kill $LPID; wait $LPID 2>/dev/null || true
 
@@ -38,6 +39,6 @@ $TAXIWAY serve --port 8103 >"$OUT/taxiway.log" 2>&1 &
 TPID=$!
 trap 'kill $TPID 2>/dev/null || true' EXIT
 wait_for http://127.0.0.1:8103/ready
-$TAXIWAY bench serving --base-url http://127.0.0.1:8103/v1 --model default --concurrency "$CONC" \
+$TAXIWAY bench serving --base-url http://127.0.0.1:8103/v1 --model default --concurrency "$CONC" --num-requests "$NUM" \
   --out "$OUT/taxiway.json" --plot "$OUT/taxiway.png" --no-progress | tee "$OUT/taxiway.md"
 kill $TPID; wait $TPID 2>/dev/null || true
