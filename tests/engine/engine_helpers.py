@@ -27,14 +27,24 @@ TINY = dict(
 
 
 def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
-    """A random-weight ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` in float32 with lively weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random-weight ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` in float32
+    with lively weights."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     kwargs = {**TINY, "initializer_range": 0.08, **overrides}
     if arch == "qwen2":
         kwargs.setdefault("tie_word_embeddings", True)
         model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**kwargs))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
     with torch.no_grad():

@@ -98,6 +98,13 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path) -> None:
     assert max_error(run_steps(loaded.model, loaded.config), hf) <= ATOL
 
 
+def test_mistral_matches_transformers(tmp_path) -> None:
+    hf = make_hf_model("mistral", seed=2, sliding_window=None)
+    loaded = load_model(save_hf(hf, tmp_path / "m"), dtype=torch.float32)
+    assert loaded.config.architecture == "mistral"
+    assert max_error(run_steps(loaded.model, loaded.config), hf) <= ATOL
+
+
 def test_batched_equals_alone(tiny) -> None:
     _, _, path = tiny
     loaded = load_model(path, dtype=torch.float32)
