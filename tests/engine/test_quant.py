@@ -140,7 +140,7 @@ def test_large_vocab_dequantise_path_is_chunked(monkeypatch) -> None:
     torch.testing.assert_close(mod4(x), F.linear(x, data4.dequantize()), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.F16, QT.F32])
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.F16, QT.BF16, QT.F32])
 def test_gguf_blocks_decode_like_the_gguf_package(qtype) -> None:
     w = weights(70, 96, seed=4).numpy()
     if qtype == QT.F16:
