@@ -70,7 +70,7 @@ def load_model(
     """Load a ``.gguf`` file or an HF model directory. ``threads`` sets torch's intra-op threads."""
     if quantization not in QUANTIZATIONS:
         raise UnsupportedModelError(f"quantization must be one of int4, int8, none (got {quantization!r})")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if dtype not in (torch.float32, torch.bfloat16):
         raise UnsupportedModelError(f"activation dtype {dtype} is not supported (float32, bfloat16)")
     if threads:
         torch.set_num_threads(threads)
