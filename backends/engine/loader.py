@@ -32,8 +32,6 @@ from backends.engine.model import CausalLM, rope_inv_freq
 from backends.engine.quant import (
     DEFAULT_GROUP_SIZE,
     ConcatLinear,
-    Int4Data,
-    Int8Data,
     WeightData,
     cat_rows,
     make_linear,
@@ -196,4 +194,4 @@ def _return_freed_memory() -> None:
         pass
 
 
-__all__ = ["LoadedModel", "load_model", "Int4Data", "Int8Data"]
+__all__ = ["QUANTIZATIONS", "LoadedModel", "load_model"]
