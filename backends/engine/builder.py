@@ -89,15 +89,29 @@ def resolve_model_path(options: EngineOptions, progress: bool = False) -> Path:
     return resolve_model(options.model, home, progress=progress)
 
 
+def make_scheduler(options: EngineOptions, layout: KVCacheLayout, eos_token_ids: frozenset[int]):  # type: ignore[no-untyped-def]
+    """A fresh scheduler and block manager for ``layout`` (also after a tensor-parallel restart)."""
+    from backends.engine.block_manager import BlockManager
+    from backends.engine.scheduler import Scheduler
+
+    return Scheduler(
+        BlockManager(layout.num_blocks, layout.block_size, enable_prefix_caching=options.enable_prefix_caching),
+        max_num_seqs=options.max_num_seqs,
+        max_num_batched_tokens=options.max_num_batched_tokens,
+        max_model_len=layout.max_model_len,
+        enable_chunked_prefill=options.enable_chunked_prefill,
+        max_waiting=options.max_waiting,
+        eos_token_ids=eos_token_ids,
+    )
+
+
 def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ignore[no-untyped-def]
     """Load the model and tokenizer, size the KV cache, wire scheduler and runner."""
     import torch
 
-    from backends.engine.block_manager import BlockManager
     from backends.engine.engine import LLMEngine
     from backends.engine.loader import load_model
     from backends.engine.model_runner import ModelRunner
-    from backends.engine.scheduler import Scheduler
     from backends.engine.tokenizer import Tokenizer
 
     path = resolve_model_path(options, progress=progress)
@@ -108,15 +122,7 @@ def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ig
     tokenizer = Tokenizer.load(path)
     config = loaded.config
     layout = kv_cache_layout(config, options, torch.finfo(dtype).bits // 8)
-    scheduler = Scheduler(
-        BlockManager(layout.num_blocks, layout.block_size, enable_prefix_caching=options.enable_prefix_caching),
-        max_num_seqs=options.max_num_seqs,
-        max_num_batched_tokens=options.max_num_batched_tokens,
-        max_model_len=layout.max_model_len,
-        enable_chunked_prefill=options.enable_chunked_prefill,
-        max_waiting=options.max_waiting,
-        eos_token_ids=tokenizer.eos_token_ids,
-    )
+    scheduler = make_scheduler(options, layout, tokenizer.eos_token_ids)
     runner = ModelRunner(
         loaded.model,
         config,

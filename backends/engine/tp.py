@@ -33,6 +33,7 @@ import structlog
 import torch
 
 from backends.engine.builder import EngineOptions, resolve_model_path
+from backends.engine.builder import make_scheduler as builder_make_scheduler
 from backends.engine.engine import LLMEngine
 from backends.engine.tp_comm import (
     CMD_STOP,
@@ -216,7 +217,6 @@ def build_tp_engine(
 ) -> TPEngine:
     """Rank 0 of a ``options.tensor_parallel``-rank engine: spawned workers, or torchrun's when this
     process was started by torchrun (``environ`` defaults to the process environment)."""
-    from backends.engine.block_manager import BlockManager
     from backends.engine.model_runner import ModelRunner
     from backends.engine.scheduler import Scheduler
     from backends.engine.tokenizer import Tokenizer
@@ -241,15 +241,7 @@ def build_tp_engine(
     layout = rank0.layout
 
     def make_scheduler() -> Scheduler:
-        return Scheduler(
-            BlockManager(layout.num_blocks, layout.block_size, enable_prefix_caching=options.enable_prefix_caching),
-            max_num_seqs=options.max_num_seqs,
-            max_num_batched_tokens=options.max_num_batched_tokens,
-            max_model_len=layout.max_model_len,
-            enable_chunked_prefill=options.enable_chunked_prefill,
-            max_waiting=options.max_waiting,
-            eos_token_ids=tokenizer.eos_token_ids,
-        )
+        return builder_make_scheduler(options, layout, tokenizer.eos_token_ids)
 
     runner = ModelRunner(
         TPDriver(rank0.model, group, ranks.check), rank0.local_config,
