@@ -62,13 +62,14 @@ class EngineBackend(Backend):
         self._loading = asyncio.create_task(self._start())
 
     async def _start(self) -> None:
+        from backends.engine.async_engine import AsyncEngine, run_in_own_thread
+
         try:
-            await asyncio.to_thread(self._load)
+            await run_in_own_thread(self._load)  # not a pooled thread: see async_engine
         except Exception as exc:
             self._state = f"failed to load: {exc}"
             log.error("engine.load_failed", model=self.model_name, error=str(exc))
             return
-        from backends.engine.async_engine import AsyncEngine
 
         self._async = AsyncEngine(self._engine, on_step_failure=self._recover)
         self._async.start(asyncio.get_running_loop())
