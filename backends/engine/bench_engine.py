@@ -4,7 +4,9 @@ Each measurement runs in a fresh subprocess (so resident memory is that engine's
 two engines alternate for ``--rounds`` rounds; medians are reported with the ratios. Figures:
 prefill tokens/s on a ``--prompt-tokens`` prompt (time to the first sampled token), decode tokens/s
 over ``--decode-tokens`` (greedy, EOS ignored), resident memory after load and peak while
-loading. HF transformers dequantises the GGUF to float32 (its only way to run one).
+loading. HF transformers dequantises the GGUF to float32 (its only way to run one) and runs
+``generate()`` (greedy): prefill is ``generate`` of one token, decode the extra time of
+``generate`` of ``1 + N`` tokens over ``N``.
 """
 
 from __future__ import annotations
@@ -87,18 +89,21 @@ def measure_hf(path: str, threads: int, prompt_tokens: int, decode_tokens: int) 
     rss, peak = _rss_mb()
     ids = torch.tensor([_prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), prompt_tokens)])
 
+    mask = torch.ones_like(ids)
+
     @torch.inference_mode()
-    def one(steps: int) -> tuple[float, float]:
+    def generate(new_tokens: int) -> float:
         t0 = time.perf_counter()
-        out = model(ids, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        t1 = time.perf_counter()
-        cache = out.past_key_values
-        for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-        return t1 - t0, time.perf_counter() - t1
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+        assert out.shape[1] == ids.shape[1] + new_tokens
+        return time.perf_counter() - t0
+
+    def one(steps: int) -> tuple[float, float]:
+        """generate() itself, as users call it: the prompt plus one token, then plus ``steps``."""
+        prefill_s = generate(1)
+        return prefill_s, generate(1 + steps) - prefill_s
 
     one(2)
     prefill_s, decode_s = one(decode_tokens)
