@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backends.engine import ckernels
 from backends.engine.config import ModelConfig
 
 KVCache = list[tuple[Tensor, Tensor]]
@@ -86,6 +87,8 @@ class AttentionPlan(msgspec.Struct):
     decode_blocks: Tensor | slice | None  # each decode sequence's blocks, flattened (see ``_blocks``)
     decode_len: int  # keys per decode sequence after gathering (nblocks * block_size, or the one length)
     decode_mask: Tensor | None  # bool [Sd, 1, 1, decode_len]; None when no key is padding
+    decode_tables: Tensor | None  # int32 [Sd, nblocks]: the decode sequences' block tables
+    decode_seq_lens: Tensor | None  # int32 [Sd]
     prefills: list[PrefillSeq]
 
     @classmethod
@@ -109,7 +112,7 @@ class AttentionPlan(msgspec.Struct):
                 rows = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
                 mask = torch.arange(nblocks * block_size, device=device).unsqueeze(0) <= rows
                 prefills.append(PrefillSeq(start, end, blocks, mask))
-        decode_rows = decode_blocks = decode_mask = None
+        decode_rows = decode_blocks = decode_mask = tables = lens_t = None
         decode_len = 0
         if decode:
             lens = [seq_lens[i] for i in decode]
@@ -129,7 +132,9 @@ class AttentionPlan(msgspec.Struct):
             elif min(lens) != decode_len:
                 keys = torch.arange(decode_len, device=device)
                 decode_mask = (keys < lens_t.unsqueeze(1)).view(len(decode), 1, 1, decode_len)
-        return cls(num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, prefills)
+        if tables is not None:
+            tables = tables.contiguous()
+        return cls(num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, tables, lens_t, prefills)
 
 
 def _blocks(table: Tensor) -> Tensor | slice:
@@ -147,6 +152,29 @@ def _gather(cache: Tensor, blocks: Tensor | slice, num_seqs: int, length: int) -
     picked = cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks)
     out = picked.view(num_seqs, -1, num_kv, head_dim)
     return out if out.shape[1] == length else out[:, :length]
+
+
+def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float) -> Tensor | None:
+    """Decode attention by the native kernel (``ckernels``), reading K/V in place through the
+    block tables; ``None`` where it does not apply (not bfloat16 on CPU, no kernel built)."""
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or plan.decode_tables is None:
+        return None
+    kernels = ckernels.load()
+    if kernels is None:
+        return None
+    num_seqs, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    tables, lens = plan.decode_tables, plan.decode_seq_lens
+    assert lens is not None and k_cache.is_contiguous() and v_cache.is_contiguous()
+    out = torch.empty(num_seqs, num_heads * head_dim, dtype=q.dtype)
+    status = kernels.decode_attention_bf16(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+        num_seqs, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
+        scale, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return out if status == 0 else None
 
 
 def paged_attention(
@@ -170,11 +198,13 @@ def paged_attention(
     if plan.decode_blocks is not None:
         qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
         sd = qd.shape[0]
-        kd = _gather(k_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)  # [Sd, KV, L, D]
-        vd = _gather(v_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)
-        decode_out = F.scaled_dot_product_attention(
-            qd.view(sd, num_kv, group, head_dim), kd, vd, attn_mask=plan.decode_mask, scale=scale
-        ).reshape(sd, num_heads * head_dim)
+        decode_out = _native_decode(qd, k_cache, v_cache, plan, scale)
+        if decode_out is None:
+            kd = _gather(k_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)  # [Sd, KV, L, D]
+            vd = _gather(v_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)
+            decode_out = F.scaled_dot_product_attention(
+                qd.view(sd, num_kv, group, head_dim), kd, vd, attn_mask=plan.decode_mask, scale=scale
+            ).reshape(sd, num_heads * head_dim)
         if not plan.prefills:
             return decode_out
 
