@@ -107,7 +107,58 @@ static inline void axpy(float *acc, float p, const float *x, int n) {
     for (; d < n; d++) acc[d] += p * x[d];
 }
 
-/* Returns 0, or -1 when a shape is outside what the kernel supports (the caller falls back). */
+/* One work item: sequence s, KV heads [h0, h1). Returns 0, or -1 when out of memory. */
+static int attend(
+    const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int len,
+    int h0, int h1, int group, int head_dim, int block_size, int64_t token_stride, float scale, uint16_t *out)
+{
+    const int nq = (h1 - h0) * group, width = (h1 - h0) * head_dim;
+    /* qf, acc: [nq][head_dim]; row: one key's (or value's) heads h0..h1; scores: [nq][len] */
+    float *scratch = malloc(sizeof(float) * ((size_t)nq * (2 * (size_t)head_dim + (size_t)len + 2) + (size_t)width));
+    if (scratch == NULL) return -1;
+    float *qf = scratch, *acc = qf + (size_t)nq * head_dim, *row = acc + (size_t)nq * head_dim;
+    float *scores = row + width, *maxs = scores + (size_t)nq * len, *sums = maxs + nq;
+    for (int i = 0; i < nq; i++) {
+        load_row(qf + (size_t)i * head_dim, q + (int64_t)(h0 * group + i) * head_dim, head_dim);
+        for (int d = 0; d < head_dim; d++) qf[(size_t)i * head_dim + d] *= scale;
+        maxs[i] = -INFINITY;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)nq * head_dim);
+    const int nblocks = (len + block_size - 1) / block_size;
+    /* scores: each key row (all the item's heads, contiguous in the cache) is read once */
+    for (int b = 0, t = 0; b < nblocks; b++) {
+        const uint16_t *kb = k_cache + (int64_t)table[b] * block_size * token_stride + (int64_t)h0 * head_dim;
+        for (int o = 0; o < block_size && t < len; o++, t++) {
+            load_row(row, kb + o * token_stride, width);
+            for (int i = 0; i < nq; i++) {
+                const float x = dot(qf + (size_t)i * head_dim, row + (size_t)(i / group) * head_dim, head_dim);
+                scores[(size_t)i * len + t] = x;
+                if (x > maxs[i]) maxs[i] = x;
+            }
+        }
+    }
+    for (int i = 0; i < nq; i++) sums[i] = exp_shifted(scores + (size_t)i * len, maxs[i], len);
+    /* weighted values, each value row read once */
+    for (int b = 0, t = 0; b < nblocks; b++) {
+        const uint16_t *vb = v_cache + (int64_t)table[b] * block_size * token_stride + (int64_t)h0 * head_dim;
+        for (int o = 0; o < block_size && t < len; o++, t++) {
+            load_row(row, vb + o * token_stride, width);
+            for (int i = 0; i < nq; i++)
+                axpy(acc + (size_t)i * head_dim, scores[(size_t)i * len + t], row + (size_t)(i / group) * head_dim, head_dim);
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        uint16_t *oh = out + (int64_t)(h0 * group + i) * head_dim;
+        const float inv = 1.0f / sums[i];
+        for (int d = 0; d < head_dim; d++) oh[d] = f32_to_bf16(acc[(size_t)i * head_dim + d] * inv);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* Returns 0, or -1 when a shape is outside what the kernel supports (the caller falls back).
+ * Work items: whole sequences when there are enough to keep every thread busy (each key row of
+ * the cache is then read once, all heads together); otherwise (sequence, KV head) pairs. */
 int decode_attention_bf16(
     const uint16_t *q, int64_t q_stride,
     const uint16_t *k_cache, const uint16_t *v_cache,
@@ -118,58 +169,16 @@ int decode_attention_bf16(
     const int group = num_heads / num_kv_heads;
     if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * num_kv_heads != num_heads) return -1;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim; /* between keys in a block */
-    const int items = num_seqs * num_kv_heads;
+    const int span = num_seqs >= 2 * num_threads ? num_kv_heads : 1; /* KV heads per item */
+    const int per_seq = num_kv_heads / span;
+    const int items = num_seqs * per_seq;
     int failed = 0;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
     for (int item = 0; item < items; item++) {
-        const int s = item / num_kv_heads, kvh = item % num_kv_heads;
-        const int len = seq_lens[s];
-        const int32_t *table = tables + (int64_t)s * table_stride;
-        float qf[MAX_GROUP][MAX_HEAD_DIM];
-        float acc[MAX_GROUP][MAX_HEAD_DIM];
-        float *scores = malloc(sizeof(float) * (size_t)group * (size_t)(len > 0 ? len : 1));
-        if (scores == NULL) { failed |= 1; continue; }
-
-        for (int g = 0; g < group; g++) {
-            const uint16_t *qh = q + s * q_stride + (int64_t)(kvh * group + g) * head_dim;
-            load_row(qf[g], qh, head_dim);
-            for (int d = 0; d < head_dim; d++) qf[g][d] *= scale;
-            memset(acc[g], 0, sizeof(float) * head_dim);
-        }
-        /* scores: each key is loaded once for the whole query group */
-        float maxs[MAX_GROUP];
-        for (int g = 0; g < group; g++) maxs[g] = -INFINITY;
-        const int nblocks = (len + block_size - 1) / block_size;
-        for (int b = 0, t = 0; b < nblocks; b++) {
-            const uint16_t *kb = k_cache + (int64_t)table[b] * block_size * token_stride + (int64_t)kvh * head_dim;
-            for (int o = 0; o < block_size && t < len; o++, t++) {
-                float kf[MAX_HEAD_DIM];
-                load_row(kf, kb + o * token_stride, head_dim);
-                for (int g = 0; g < group; g++) {
-                    const float x = dot(qf[g], kf, head_dim);
-                    scores[g * len + t] = x;
-                    if (x > maxs[g]) maxs[g] = x;
-                }
-            }
-        }
-        float sums[MAX_GROUP];
-        for (int g = 0; g < group; g++) sums[g] = exp_shifted(scores + (int64_t)g * len, maxs[g], len);
-        /* weighted values: each value row is loaded once for the group */
-        for (int b = 0, t = 0; b < nblocks; b++) {
-            const uint16_t *vb = v_cache + (int64_t)table[b] * block_size * token_stride + (int64_t)kvh * head_dim;
-            for (int o = 0; o < block_size && t < len; o++, t++) {
-                float vf[MAX_HEAD_DIM];
-                load_row(vf, vb + o * token_stride, head_dim);
-                for (int g = 0; g < group; g++) axpy(acc[g], scores[g * len + t], vf, head_dim);
-            }
-        }
-        for (int g = 0; g < group; g++) {
-            uint16_t *oh = out + s * out_stride + (int64_t)(kvh * group + g) * head_dim;
-            const float inv = 1.0f / sums[g];
-            for (int d = 0; d < head_dim; d++) oh[d] = f32_to_bf16(acc[g][d] * inv);
-        }
-        free(scores);
+        const int s = item / per_seq, h0 = (item % per_seq) * span;
+        failed |= attend(q + s * q_stride, k_cache, v_cache, tables + (int64_t)s * table_stride, seq_lens[s],
+                         h0, h0 + span, group, head_dim, block_size, token_stride, scale, out + s * out_stride) != 0;
     }
     return failed ? -1 : 0;
 }
