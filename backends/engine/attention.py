@@ -156,8 +156,18 @@ def _gather(cache: Tensor, blocks: Tensor | slice, num_seqs: int, length: int) -
 
 def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float) -> Tensor | None:
     """Decode attention by the native kernel (``ckernels``), reading K/V in place through the
-    block tables; ``None`` where it does not apply (not bfloat16 on CPU, no kernel built)."""
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or plan.decode_tables is None:
+    block tables; ``None`` where it does not apply (not bfloat16 on CPU, no kernel built, a shape
+    or block id the kernel refuses), and torch's path runs instead."""
+    tables, lens = plan.decode_tables, plan.decode_seq_lens
+    if (
+        q.dtype != torch.bfloat16
+        or q.device.type != "cpu"
+        or tables is None
+        or lens is None
+        or k_cache.dtype != torch.bfloat16
+        or v_cache.dtype != torch.bfloat16
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+    ):
         return None
     kernels = ckernels.load()
     if kernels is None:
@@ -165,12 +175,12 @@ def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionP
     num_seqs, num_heads, head_dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
-    tables, lens = plan.decode_tables, plan.decode_seq_lens
-    assert lens is not None and k_cache.is_contiguous() and v_cache.is_contiguous()
+    tables = tables.to(torch.int32).contiguous()
+    lens = lens.to(torch.int32).contiguous()
     out = torch.empty(num_seqs, num_heads * head_dim, dtype=q.dtype)
     status = kernels.decode_attention_bf16(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+        tables.data_ptr(), tables.stride(0), lens.data_ptr(), k_cache.shape[0],
         num_seqs, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
         scale, out.data_ptr(), out.stride(0), torch.get_num_threads(),
     )  # fmt: skip

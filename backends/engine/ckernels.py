@@ -6,8 +6,9 @@ pays for tiling machinery on a single query row and needs the paged K/V gathered
 first (SmolLM2, 16 sequences of ~500 keys: ~0.9 ms per layer gathered and attended).
 
 The source is compiled with the system C compiler (``$CC``, default ``cc``) for this machine
-(``-march=native``) into ``$TAXIWAY_HOME/kernels/``, keyed by a hash of the source, the flags
-and the CPU, so a build happens once per machine. The OpenMP runtime is the one torch already
+(``-march=native``) into ``$TAXIWAY_HOME/kernels/``, keyed by a hash of the source, the flags,
+the CPU's features and the compiler's version, so a build happens once per machine; a cached
+library that fails to load is rebuilt once. The OpenMP runtime is the one torch already
 loaded (same ``libgomp.so.1``), so the kernel's threads are torch's threads. Without a compiler,
 or when the build fails, ``load()`` returns ``None`` and the engine keeps torch's path; either
 way the choice is logged once. ``TAXIWAY_NATIVE_KERNELS=0`` turns the kernels off.
@@ -19,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +37,7 @@ _FLAGS = [
     "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
     "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast",
 ]  # fmt: skip
+_BUILD_TIMEOUT_S = 120
 _lock = threading.Lock()
 
 
@@ -42,26 +45,35 @@ def _home() -> Path:
     return Path(os.environ.get("TAXIWAY_HOME", Path.home() / ".cache" / "taxiway"))
 
 
-def _cpu_id() -> str:
+def _machine_id(compiler: list[str]) -> str:
+    """What a ``-march=native`` build depends on: the CPU's features and the compiler."""
+    parts = [platform.machine()]
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return line
-    return platform.machine()
+        text = ""
+    parts += sorted({line for line in text.splitlines() if line.startswith(("flags", "Features", "CPU part"))})
+    try:
+        done = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        parts.append(done.stdout)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return "\n".join(parts)
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, check=False
-        )
+        try:
+            done = subprocess.run(
+                [*compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"],
+                capture_output=True, text=True, check=False, timeout=_BUILD_TIMEOUT_S,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"{' '.join(compiler)} took over {_BUILD_TIMEOUT_S} s") from exc
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders (test workers, TP ranks) agree
 
 
@@ -72,7 +84,7 @@ class Kernels:
         self.path = path
         fn = lib.decode_attention_bf16
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i32, i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
+        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i32, i32, i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
         fn.restype = ctypes.c_int
         self.decode_attention_bf16 = fn
 
@@ -83,19 +95,28 @@ def load() -> Kernels | None:
     if os.environ.get("TAXIWAY_NATIVE_KERNELS", "1") == "0":
         log.info("engine.native_kernels", status="off (TAXIWAY_NATIVE_KERNELS=0)")
         return None
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        log.info("engine.native_kernels", status=f"unavailable: no C compiler ({compiler})")
+    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    if shutil.which(compiler[0]) is None:
+        log.info("engine.native_kernels", status=f"unavailable: no C compiler ({compiler[0]})")
         return None
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), _cpu_id().encode()]))
-    target = _home() / "kernels" / f"decode_attention-{key.hexdigest()[:16]}.so"
-    try:
-        with _lock:
-            if not target.exists():
-                _build(compiler, target)
-        kernels = Kernels(ctypes.CDLL(str(target)), target)
-    except (OSError, RuntimeError) as exc:
-        log.warning("engine.native_kernels", status=f"unavailable: {exc}")
+    parts = [_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), _machine_id(compiler).encode()]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    target = _home() / "kernels" / f"decode_attention-{digest}.so"
+    kernels = None
+    error: Exception | None = None
+    with _lock:
+        for attempt in range(2):  # a cached library that does not load is rebuilt once
+            try:
+                if attempt or not target.exists():
+                    _build(compiler, target)
+                kernels = Kernels(ctypes.CDLL(str(target)), target)
+                break
+            except (OSError, RuntimeError, AttributeError) as exc:
+                error = exc
+                if isinstance(exc, RuntimeError):
+                    break  # the compiler itself failed: building again gives the same
+    if kernels is None:
+        log.warning("engine.native_kernels", status=f"unavailable: {error}")
         return None
     log.info("engine.native_kernels", status="on", path=str(target))
     return kernels

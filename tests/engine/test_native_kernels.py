@@ -13,12 +13,23 @@ from backends.engine import attention, ckernels
 from backends.engine.attention import AttentionMetadata, AttentionPlan, paged_attention
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def kernels() -> ckernels.Kernels:
+    """The loaded kernels (function scope: a test that clears ``load``'s cache gets a new object)."""
     loaded = ckernels.load()
     if loaded is None:
         pytest.skip("no C compiler here: the engine runs torch's attention (tested elsewhere)")
     return loaded
+
+
+@pytest.fixture
+def two_threads():  # type: ignore[no-untyped-def]
+    """2 threads whatever the machine: fewer than 4 sequences then split by KV head and 4 or more
+    run whole, so the cases below cover both of the kernel's ways of dividing the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def decode_case(seed: int, heads: int, kv_heads: int, head_dim: int, block_size: int, num_seqs: int, max_len: int):  # type: ignore[no-untyped-def]
@@ -71,9 +82,11 @@ def run(case, block_size: int, head_dim: int, *, native: bool, monkeypatch: pyte
         (2, 8, 8, 32, 4, 5, 50),  # no GQA
         (3, 12, 2, 80, 1, 3, 40),  # group of 6, block size 1
         (4, 4, 1, 128, 32, 7, 300),  # one KV head (MQA)
+        (6, 6, 2, 72, 16, 2, 90),  # head_dim not a multiple of 16: the scalar tails
+        (7, 6, 2, 72, 16, 9, 90),
     ],
 )
-def test_native_decode_matches_exact_attention(kernels, monkeypatch, seed, heads, kv_heads, head_dim, block_size, num_seqs, max_len) -> None:  # type: ignore[no-untyped-def]
+def test_native_decode_matches_exact_attention(kernels, two_threads, monkeypatch, seed, heads, kv_heads, head_dim, block_size, num_seqs, max_len) -> None:  # type: ignore[no-untyped-def]
     calls = []
     real = kernels.decode_attention_bf16
 
@@ -114,3 +127,24 @@ def test_switch_off_and_missing_compiler(monkeypatch, tmp_path) -> None:  # type
         assert not (tmp_path / "kernels").exists()
     finally:
         ckernels.load.cache_clear()
+
+
+def test_block_id_outside_the_cache_is_refused(kernels) -> None:  # type: ignore[no-untyped-def]
+    q, _, _, k_cache, v_cache, attn, _ = decode_case(8, 9, 3, 64, 16, 2, 40)
+    tables = attn.block_tables.clone()
+    tables[1, 0] = k_cache.shape[0]  # one past the last block
+    out = torch.full((2, 9 * 64), 7.0).bfloat16()
+    status = kernels.decode_attention_bf16(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
+        attn.seq_lens.data_ptr(), k_cache.shape[0], 2, 9, 3, 64, 16, 0.125, out.data_ptr(), out.stride(0), 2,
+    )  # fmt: skip
+    assert status == -1
+    assert torch.equal(out[1], torch.full((9 * 64,), 7.0).bfloat16())  # the bad sequence wrote nothing
+
+
+def test_nan_propagates_like_sdpa(kernels, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    case = decode_case(9, 9, 3, 64, 16, 1, 64)
+    case[0][0, 0, 0] = float("nan")  # query head 0 of the only sequence
+    out = run(case, 16, 64, native=True, monkeypatch=monkeypatch)
+    assert out[0, :64].isnan().all()  # that head's output
+    assert not out[0, 64:].isnan().any()  # the others are untouched

@@ -8,7 +8,8 @@
  * Layouts (bfloat16 stored as uint16):
  *   q        [S, H, D], row stride q_stride (elements) between sequences
  *   k_cache  [num_blocks, block_size, KV, D]  (v_cache alike)
- *   tables   int32 [S, table_stride], seq_lens int32 [S] (keys per sequence, >= 1)
+ *   tables   int32 [S, table_stride], seq_lens int32 [S] (keys per sequence, >= 1); every block
+ *            id a sequence reads must lie in [0, num_blocks), or the call fails (-1) unread
  *   out      [S, H, D], row stride out_stride
  * Query head h attends with KV head h / (H / KV). Work items are (sequence, KV head) pairs.
  */
@@ -73,7 +74,8 @@ static inline float exp_shifted(float *x, float shift, int n) {
     const __m512 ln2_hi = _mm512_set1_ps(0.693145751953125f), ln2_lo = _mm512_set1_ps(1.428606765330187e-06f);
     __m512 total = _mm512_setzero_ps();
     for (; t + 16 <= n; t += 16) {
-        __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + t), sh), lo);
+        /* max(lo, v) returns v when v is NaN: a NaN score stays NaN, as in expf */
+        __m512 v = _mm512_max_ps(lo, _mm512_sub_ps(_mm512_loadu_ps(x + t), sh));
         __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, v));
         __m512 p = _mm512_set1_ps(1.0f / 720.0f);
@@ -107,12 +109,18 @@ static inline void axpy(float *acc, float p, const float *x, int n) {
     for (; d < n; d++) acc[d] += p * x[d];
 }
 
-/* One work item: sequence s, KV heads [h0, h1). Returns 0, or -1 when out of memory. */
+/* One work item: sequence s, KV heads [h0, h1). Returns 0, or -1 (nothing written) for an empty
+ * sequence, a block id outside the cache, or no memory. */
 static int attend(
     const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int len,
-    int h0, int h1, int group, int head_dim, int block_size, int64_t token_stride, float scale, uint16_t *out)
+    int32_t num_blocks, int h0, int h1, int group, int head_dim, int block_size, int64_t token_stride,
+    float scale, uint16_t *out)
 {
     const int nq = (h1 - h0) * group, width = (h1 - h0) * head_dim;
+    if (len <= 0) return -1;
+    const int nblocks = (len + block_size - 1) / block_size;
+    for (int b = 0; b < nblocks; b++)
+        if (table[b] < 0 || table[b] >= num_blocks) return -1;
     /* qf, acc: [nq][head_dim]; row: one key's (or value's) heads h0..h1; scores: [nq][len] */
     float *scratch = malloc(sizeof(float) * ((size_t)nq * (2 * (size_t)head_dim + (size_t)len + 2) + (size_t)width));
     if (scratch == NULL) return -1;
@@ -124,7 +132,6 @@ static int attend(
         maxs[i] = -INFINITY;
     }
     memset(acc, 0, sizeof(float) * (size_t)nq * head_dim);
-    const int nblocks = (len + block_size - 1) / block_size;
     /* scores: each key row (all the item's heads, contiguous in the cache) is read once */
     for (int b = 0, t = 0; b < nblocks; b++) {
         const uint16_t *kb = k_cache + (int64_t)table[b] * block_size * token_stride + (int64_t)h0 * head_dim;
@@ -162,10 +169,12 @@ static int attend(
 int decode_attention_bf16(
     const uint16_t *q, int64_t q_stride,
     const uint16_t *k_cache, const uint16_t *v_cache,
-    const int32_t *tables, int64_t table_stride, const int32_t *seq_lens,
+    const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, int32_t num_blocks,
     int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
     float scale, uint16_t *out, int64_t out_stride, int32_t num_threads)
 {
+    if (num_seqs <= 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || block_size <= 0 || num_threads <= 0)
+        return -1;
     const int group = num_heads / num_kv_heads;
     if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * num_kv_heads != num_heads) return -1;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim; /* between keys in a block */
@@ -178,7 +187,8 @@ int decode_attention_bf16(
     for (int item = 0; item < items; item++) {
         const int s = item / per_seq, h0 = (item % per_seq) * span;
         failed |= attend(q + s * q_stride, k_cache, v_cache, tables + (int64_t)s * table_stride, seq_lens[s],
-                         h0, h0 + span, group, head_dim, block_size, token_stride, scale, out + s * out_stride) != 0;
+                         num_blocks, h0, h0 + span, group, head_dim, block_size, token_stride, scale,
+                         out + s * out_stride) != 0;
     }
     return failed ? -1 : 0;
 }
