@@ -24,45 +24,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 
-def write_smollm2_shaped(path: Path) -> None:
-    from safetensors.torch import save_file
-
-    hidden, inter, layers, heads, kv_heads, vocab = 576, 1536, 30, 9, 3, 49152
-    head_dim = hidden // heads
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
-        "hidden_act": "silu", "torch_dtype": "float32",
-    }  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-
-    def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.02
-
-    tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": w(inter, hidden),
-            p + "mlp.up_proj.weight": w(inter, hidden),
-            p + "mlp.down_proj.weight": w(hidden, inter),
-            p + "input_layernorm.weight": torch.ones(hidden),
-            p + "post_attention_layernorm.weight": torch.ones(hidden),
-        }
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    save_file(tensors, str(path / "model.safetensors"))
-
-
 def main() -> int:
     from backends.engine.attention import AttentionMetadata, allocate_kv_cache
     from backends.engine.loader import load_model
+    from backends.engine.synthetic import write_random_llama
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -73,7 +38,10 @@ def main() -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_smollm2_shaped(Path(tmp))
+        write_random_llama(
+            Path(tmp), hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152,
+            std=0.02, rope_theta=100000.0, max_positions=8192,
+        )  # SmolLM2-135M's shapes
         loaded = load_model(tmp, quantization="int4", dtype=torch.bfloat16, device=device)
     model, config = loaded.model, loaded.config
     block_size, prompt_len = 16, 512

@@ -22,7 +22,6 @@ needs no network. Exit status 0 when nothing failed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -64,50 +63,11 @@ def find_model(arg: str | None) -> tuple[Path, str | None]:
 
 def write_tiny_model(path: Path) -> Path:
     """A random llama (6 heads over 3 KV heads, head_dim 64) with a byte-level tokenizer."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from backends.engine.synthetic import write_random_llama
 
-    hidden, inter, heads, kv_heads, layers, vocab = 384, 1024, 6, 3, 2, 320
-    head_dim = hidden // heads
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * 0.08
-
-    tensors = {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": 1 + rand(hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": rand(inter, hidden),
-            p + "mlp.up_proj.weight": rand(inter, hidden),
-            p + "mlp.down_proj.weight": rand(hidden, inter),
-            p + "input_layernorm.weight": 1 + rand(hidden),
-            p + "post_attention_layernorm.weight": 1 + rand(hidden),
-        }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    config = {
-        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "max_position_embeddings": 1024, "tie_word_embeddings": True,
-    }  # fmt: skip
-    (path / "config.json").write_text(json.dumps(config))
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<eos>"])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# engine helpers
-
+    return write_random_llama(
+        path, hidden=384, intermediate=1024, layers=2, heads=6, kv_heads=3, vocab=320, tokenizer=True
+    )
 
 def options(model: Path, quantization: str | None, **kw: object):  # type: ignore[no-untyped-def]
     from backends.engine.builder import EngineOptions

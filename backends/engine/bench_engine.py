@@ -11,7 +11,6 @@ loading. HF transformers dequantises the GGUF to float32 (its only way to run on
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys

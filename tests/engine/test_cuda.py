@@ -7,7 +7,6 @@ Self-contained (no transformers, no gguf) so it runs on a bare CUDA machine:
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from backends.engine.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from backends.engine.loader import load_model  # noqa: E402
 from backends.engine.quant import Int4Linear, make_linear, quantize_int4, quantize_int8  # noqa: E402
+from backends.engine.synthetic import write_random_llama  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -47,40 +47,7 @@ def test_packed_kernels_on_cuda_match_float32_math() -> None:
 
 
 def write_tiny_llama(path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    hidden, inter, layers, heads, kv_heads, vocab = 128, 256, 2, 4, 2, 256
-    head_dim = hidden // heads
-    config = {
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-        "tie_word_embeddings": True, "hidden_act": "silu",
-    }  # fmt: skip
-    g = torch.Generator().manual_seed(1)
-
-    def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.08
-
-    tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": 1 + 0.2 * torch.rand(hidden, generator=g)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": w(inter, hidden),
-            p + "mlp.up_proj.weight": w(inter, hidden),
-            p + "mlp.down_proj.weight": w(hidden, inter),
-            p + "input_layernorm.weight": 1 + 0.2 * torch.rand(hidden, generator=g),
-            p + "post_attention_layernorm.weight": 1 + 0.2 * torch.rand(hidden, generator=g),
-        }
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    save_file(tensors, str(path / "model.safetensors"))
-    return path
-
+    return write_random_llama(path, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=256, seed=1)
 
 def run(loaded, device: str) -> torch.Tensor:
     """A mixed step (prefill 9 + prefill 5) then two decode steps; all logits, float32 on CPU."""

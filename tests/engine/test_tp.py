@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -27,6 +26,7 @@ import torch
 from backends.engine.builder import EngineOptions, build_engine
 from backends.engine.loader import load_model
 from backends.engine.quant import ConcatLinear, DenseLinear, Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from backends.engine.synthetic import write_byte_tokenizer
 from backends.engine.tp import TorchrunEnv, TPWorkerError, build_tp_engine
 from backends.engine.tp_shard import (
     ShardPlan,
@@ -54,22 +54,9 @@ STEPS = [
 ]
 
 
-def _write_byte_tokenizer(path: Path) -> None:
-    """A byte-level vocabulary (256 tokens + ``<eos>``): enough for the engine to run requests."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<eos>"])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
-
-
 def _tiny_dir(tmp_path_factory: pytest.TempPathFactory, arch: str, **overrides: object) -> Path:
     path = save_hf(make_hf_model(arch, **{**TINY_TP, **overrides}), tmp_path_factory.mktemp(f"tiny-tp-{arch}"))
-    _write_byte_tokenizer(path)
+    write_byte_tokenizer(path)
     return path
 
 
