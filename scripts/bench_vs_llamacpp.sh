@@ -25,20 +25,21 @@ wait_for() {  # url
   echo "timed out waiting for $1" >&2; return 1
 }
 
+run_server() {  # NAME READY_URL MODEL PORT COMMAND...: start it, load-test it, stop it
+  local name=$1 ready=$2 model=$3 port=$4
+  shift 4
+  "$@" >"$OUT/$name.log" 2>&1 &
+  local pid=$!
+  trap "kill $pid 2>/dev/null || true" EXIT
+  wait_for "$ready"
+  $TAXIWAY bench serving --base-url "http://127.0.0.1:$port/v1" --model "$model" --concurrency "$CONC" \
+    --num-requests "$NUM" --out "$OUT/$name.json" --plot "$OUT/$name.png" --no-progress | tee "$OUT/$name.md"
+  kill $pid; wait $pid 2>/dev/null || true
+}
+
 echo "== llama-server -np 16" >&2
-"$LLAMA_SERVER" -m "$GGUF" -t 2 -np 16 -c 16384 --port 8102 >"$OUT/llama-server.log" 2>&1 &
-LPID=$!
-trap 'kill $LPID 2>/dev/null || true' EXIT
-wait_for http://127.0.0.1:8102/health
-$TAXIWAY bench serving --base-url http://127.0.0.1:8102/v1 --model smollm2 --concurrency "$CONC" --num-requests "$NUM" \
-  --out "$OUT/llama-server.json" --plot "$OUT/llama-server.png" --no-progress | tee "$OUT/llama-server.md"
-kill $LPID; wait $LPID 2>/dev/null || true
+run_server llama-server http://127.0.0.1:8102/health smollm2 8102 \
+  "$LLAMA_SERVER" -m "$GGUF" -t 2 -np 16 -c 16384 --port 8102
 
 echo "== taxiway serve (engine, default config)" >&2
-$TAXIWAY serve --port 8103 >"$OUT/taxiway.log" 2>&1 &
-TPID=$!
-trap 'kill $TPID 2>/dev/null || true' EXIT
-wait_for http://127.0.0.1:8103/ready
-$TAXIWAY bench serving --base-url http://127.0.0.1:8103/v1 --model default --concurrency "$CONC" --num-requests "$NUM" \
-  --out "$OUT/taxiway.json" --plot "$OUT/taxiway.png" --no-progress | tee "$OUT/taxiway.md"
-kill $TPID; wait $TPID 2>/dev/null || true
+run_server taxiway http://127.0.0.1:8103/ready default 8103 $TAXIWAY serve --port 8103
