@@ -132,8 +132,9 @@ class AttentionPlan(msgspec.Struct):
             elif min(lens) != decode_len:
                 keys = torch.arange(decode_len, device=device)
                 decode_mask = (keys < lens_t.unsqueeze(1)).view(len(decode), 1, 1, decode_len)
-        if tables is not None:
-            tables = tables.contiguous()
+        if tables is not None:  # as the native decode kernel reads them
+            tables = tables.to(torch.int32).contiguous()
+            lens_t = lens_t.to(torch.int32).contiguous()
         return cls(num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, tables, lens_t, prefills)
 
 
@@ -175,8 +176,6 @@ def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionP
     num_seqs, num_heads, head_dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
-    tables = tables.to(torch.int32).contiguous()
-    lens = lens.to(torch.int32).contiguous()
     out = torch.empty(num_seqs, num_heads * head_dim, dtype=q.dtype)
     status = kernels.decode_attention_bf16(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
