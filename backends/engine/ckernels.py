@@ -32,7 +32,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-_SOURCE = Path(__file__).with_name("kernels") / "decode_attention.c"
+_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.c"))
 _FLAGS = [
     "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
     "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast",
@@ -67,7 +67,7 @@ def _build(compiler: list[str], target: Path) -> None:
         out = Path(tmp) / target.name
         try:
             done = subprocess.run(
-                [*compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"],
+                [*compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out), "-lm"],
                 capture_output=True, text=True, check=False, timeout=_BUILD_TIMEOUT_S,
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
@@ -87,6 +87,12 @@ class Kernels:
         fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i32, i32, i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
         fn.restype = ctypes.c_int
         self.decode_attention_bf16 = fn
+        fn = lib.int4_matmul_bf16
+        fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32]
+        fn.restype = ctypes.c_int
+        self.int4_matmul_bf16 = fn
+        #: whether this machine's build has the int4 kernel's fast path (AVX-512 BF16)
+        self.has_int4_matmul = bool(lib.int4_matmul_supported())
 
 
 @cache
@@ -99,9 +105,9 @@ def load() -> Kernels | None:
     if shutil.which(compiler[0]) is None:
         log.info("engine.native_kernels", status=f"unavailable: no C compiler ({compiler[0]})")
         return None
-    parts = [_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), _machine_id(compiler).encode()]
+    parts = [*(s.read_bytes() for s in _SOURCES), " ".join(_FLAGS).encode(), _machine_id(compiler).encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    target = _home() / "kernels" / f"decode_attention-{digest}.so"
+    target = _home() / "kernels" / f"taxiway_kernels-{digest}.so"
     kernels = None
     error: Exception | None = None
     with _lock:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backends.engine import ckernels
+
 DEFAULT_GROUP_SIZE = 32
 
 #: bfloat16 activations with more rows than this take a transient dense tile of the dequantised
@@ -175,6 +177,37 @@ def _cpu_unpack(packed: Tensor, n: int, k: int) -> Tensor:
     return out.view(n, k)
 
 
+def _native_pack(q: Tensor) -> Tensor:
+    """``q`` (uint8 ``[N, K]``, N a multiple of 16, K of 8) in the native int4 kernel's layout
+    (``kernels/int4_matmul.c``): per 16 rows and 8 columns one 64-byte chunk whose byte
+    ``4 i + 2 e + b`` holds, low nibble first, ``q[i, k0 + 4 b + e]`` and ``q[i, k0 + 4 b + 2 + e]``.
+    Returned as ``[N, K // 2]`` bytes, rows in 16-row blocks (row chunks concatenate)."""
+    n, k = q.shape
+    a = q.view(n // 16, 16, k // 8, 2, 2, 2).permute(0, 2, 1, 5, 3, 4)  # [blk, kc, i, e, b, h]
+    return (a[..., 0] | (a[..., 1] << 4)).reshape(n, k // 2)
+
+
+def _native_nibbles(chunks: Tensor) -> Tensor:
+    """``[..., 4]`` lane bytes of the native layout -> ``[..., 8]`` values in column order."""
+    both = torch.stack([chunks & 15, chunks >> 4], dim=-1)  # [..., 4 (e, b), 2 (h)]
+    shape = both.shape[:-2]
+    return both.view(*shape, 2, 2, 2).permute(*range(len(shape)), -2, -1, -3).reshape(*shape, 8)  # [..., b, h, e]
+
+
+def _native_unpack(packed: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of ``_native_pack``."""
+    chunks = packed.reshape(n // 16, k // 8, 16, 4).transpose(1, 2)  # [blk, i, kc, 4]
+    return _native_nibbles(chunks).reshape(n, k)
+
+
+def _native_int4_kernel(device: torch.device, dtype: torch.dtype, k: int, group_size: int) -> bool:
+    """Whether a CPU bfloat16 layer of this shape runs on the native int4 kernel."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or group_size % 8 or k % group_size:
+        return False
+    kernels = ckernels.load()
+    return kernels is not None and kernels.has_int4_matmul
+
+
 _cpu_layout_ok: bool | None = None
 
 
@@ -197,11 +230,15 @@ def _inner_k_tiles(k: int) -> int:
 
 
 class Int4Linear(nn.Module):
-    """``y = x @ W.T (+ bias)`` with ``W`` groupwise int4 in torch's packed layout for its device.
+    """``y = x @ W.T (+ bias)`` with ``W`` groupwise int4, packed for the kernel that runs it.
 
     Buffers: ``weight`` (packed, device-specific), ``scales_and_zeros [G, N, 2]`` in the
     compute dtype, optional ``bias [N]``. ``out_features`` may be padded to the packing block
     (``padded_out``); outputs are sliced back.
+
+    ``layout``: ``"native"`` (CPU, bfloat16, the native kernel built: ``kernels/int4_matmul.c``,
+    exact weights, float32 sums, each row's result independent of the batch), ``"torch_cpu"``
+    (torch's ``_weight_int4pack_mm_for_cpu``) or ``"opaque"`` (CUDA's tiled layout).
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int) -> None:
@@ -212,7 +249,7 @@ class Int4Linear(nn.Module):
         self.padded_out = out_features
         self.register_buffer("bias", None)
         self._mm: Any = None
-        self._cpu_layout = False
+        self.layout = "opaque"
         self._unpacked: Tensor | None = None  # q kept for row gathers when the layout is opaque
 
     @classmethod
@@ -230,10 +267,13 @@ class Int4Linear(nn.Module):
             scales = torch.cat([scales, torch.zeros(pad, scales.shape[1])])
             zeros = torch.cat([zeros, torch.zeros(pad, zeros.shape[1])])
         mod.padded_out = n + pad
-        if device.type == "cpu":
+        if _native_int4_kernel(device, dtype, k, data.group_size):
+            packed = _native_pack(q)
+            mod.layout = "native"
+        elif device.type == "cpu":
             packed = _cpu_pack(q)
             mod._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-            mod._cpu_layout = _cpu_layout_known()
+            mod.layout = "torch_cpu" if _cpu_layout_known() else "opaque"
         else:
             q = q.to(device)
             bytes_ = (q[:, 0::2] << 4) | q[:, 1::2]
@@ -258,7 +298,7 @@ class Int4Linear(nn.Module):
             if mod is None:
                 mod = cls(part.in_features, rows, part.group_size)
                 mod.padded_out = rows + (-rows) % _CPU_BLOCK_N
-                mod._mm, mod._cpu_layout = part._mm, part._cpu_layout
+                mod._mm, mod.layout = part._mm, part.layout
                 weight = torch.empty(mod.padded_out, part.weight.shape[1], dtype=part.weight.dtype)
                 sz = torch.empty(part.scales_and_zeros.shape[0], mod.padded_out, 2, dtype=dtype)
             assert start % _CPU_BLOCK_N == 0, "only the last chunk may be padded"
@@ -278,13 +318,14 @@ class Int4Linear(nn.Module):
     def unpacked_q(self, rows: slice | None = None) -> Tensor:
         """``q`` (uint8 ``[N, K]``, padded rows included) for ``rows`` (a multiple-of-64 slice)."""
         k = self.in_features
-        if self._cpu_layout:
+        if self.layout != "opaque":
+            unpack = _native_unpack if self.layout == "native" else _cpu_unpack
             packed = self.weight
             if rows is not None:
                 per = _CPU_BLOCK_N * k // 2
                 packed = packed.view(-1)[rows.start // _CPU_BLOCK_N * per : rows.stop // _CPU_BLOCK_N * per]
-                return _cpu_unpack(packed, rows.stop - rows.start, k)
-            return _cpu_unpack(packed, self.padded_out, k)
+                return unpack(packed, rows.stop - rows.start, k)
+            return unpack(packed, self.padded_out, k)
         # Generic (e.g. CUDA's layout): run the kernel on the identity with scale 1 and zero 8, which
         # yields q exactly. Costly, so the result is kept (1 byte per weight on the device).
         if self._unpacked is not None:
@@ -325,18 +366,38 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype is not torch.bfloat16 or (
-            INT4_DENSE_TILE_MIN_ROWS is not None and x.shape[0] > INT4_DENSE_TILE_MIN_ROWS and self._cpu_layout
+            INT4_DENSE_TILE_MIN_ROWS is not None and x.shape[0] > INT4_DENSE_TILE_MIN_ROWS and self.layout != "opaque"
         ):  # float32: the plain-torch reference; or the optional bfloat16 tile
             return _dense_forward(self, x)
-        y = self._mm(x, self.weight, self.group_size, self.scales_and_zeros)
+        if self.layout == "native":
+            y = self._native_forward(x)
+        else:
+            y = self._mm(x, self.weight, self.group_size, self.scales_and_zeros)
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
         return y if self.bias is None else y + self.bias
 
+    def _native_forward(self, x: Tensor) -> Tensor:
+        kernels = ckernels.load()
+        assert kernels is not None, "a native-layout weight exists only where the kernel loaded"
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        y = torch.empty(x.shape[0], self.padded_out, dtype=x.dtype)
+        status = kernels.int4_matmul_bf16(
+            x.data_ptr(), x.stride(0), x.shape[0], self.weight.data_ptr(), self.scales_and_zeros.data_ptr(),
+            self.padded_out, self.in_features, self.group_size, y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"native int4 matmul failed ({status}) on x {tuple(x.shape)}, weight {self}")
+        return y
+
     def gather_q(self, ids: Tensor) -> Tensor:
         """``q`` of rows ``ids`` (uint8 ``[T, K]``), read straight from the packed layout."""
         k = self.in_features
-        if not self._cpu_layout:
+        if self.layout == "native":
+            lanes = self.weight.view(-1, k // 8, 16, 4)[ids // 16, :, ids % 16]  # [T, K / 8, 4]
+            return _native_nibbles(lanes).reshape(-1, k)
+        if self.layout == "opaque":
             return self.unpacked_q()[ids]
         blocks = self.weight.view(-1, k, _CPU_BLOCK_N // 2)
         r = ids % _CPU_BLOCK_N
