@@ -82,6 +82,7 @@ def run(case, block_size: int, head_dim: int, *, native: bool, monkeypatch: pyte
         (2, 8, 8, 32, 4, 5, 50),  # no GQA
         (3, 12, 2, 80, 1, 3, 40),  # group of 6, block size 1
         (4, 4, 1, 128, 32, 7, 300),  # one KV head (MQA)
+        (5, 16, 1, 64, 16, 3, 47),  # the largest group, lengths off 16-key tiles
         (6, 6, 2, 72, 16, 2, 90),  # head_dim not a multiple of 16: the scalar tails
         (7, 6, 2, 72, 16, 9, 90),
     ],

@@ -163,6 +163,108 @@ static int attend(
     return 0;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define ATTEND_FAST 1
+/* Sums of the 16 lanes of each of v[0..15], as the 16 lanes of one vector (lane j: v[j]), by a
+ * fixed tree of pairwise sums: every score is summed in the same order. */
+static inline __m512 reduce16(__m512 *v) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int n = 16; n > 1; n /= 2)
+        for (int j = 0; j < n / 2; j++)
+            v[j] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * j], even, v[2 * j + 1]),
+                                 _mm512_permutex2var_ps(v[2 * j], odd, v[2 * j + 1]));
+    return v[0];
+}
+
+/* out[h] = sum_t p[t] * vf[t] / sum for one head: ND 16-float columns held in registers. */
+static inline __attribute__((always_inline)) void weighted_sum(
+    const float *p, const float *vf, int len, int head_dim, float inv, uint16_t *out, const int ND)
+{
+    __m512 acc[8];
+    for (int c = 0; c < ND; c++) acc[c] = _mm512_setzero_ps();
+    for (int t = 0; t < len; t++) {
+        const __m512 pt = _mm512_set1_ps(p[t]);
+        for (int c = 0; c < ND; c++) acc[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vf + (size_t)t * head_dim + 16 * c), acc[c]);
+    }
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (int c = 0; c < ND; c++)
+        _mm256_storeu_si256((__m256i *)(out + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], iv)));
+}
+
+/* The fast work item for head_dim 32, 64 or 128 (AVX-512 BF16): scores 16 keys at a time with
+ * VDPBF16PS on the bfloat16 q and K as stored (exact products, float32 sums), each key's lanes
+ * summed by reduce16; the values are converted to float32 once per KV head and summed per query
+ * head in registers. Same contract and results (to float32 rounding) as attend(). */
+static int attend_fast(
+    const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int len,
+    int32_t num_blocks, int h0, int h1, int group, int head_dim, int block_size, int64_t token_stride,
+    float scale, uint16_t *out)
+{
+    if (len <= 0) return -1;
+    const int nblocks = (len + block_size - 1) / block_size;
+    for (int b = 0; b < nblocks; b++)
+        if (table[b] < 0 || table[b] >= num_blocks) return -1;
+    const int padded = (len + 15) & ~15, npairs = head_dim / 32;
+    float *scratch = malloc(sizeof(float) * ((size_t)group * padded + (size_t)len * head_dim));
+    if (scratch == NULL) return -1;
+    float *scores = scratch, *vf = scores + (size_t)group * padded;
+    for (int hk = h0; hk < h1; hk++) {
+        /* scores[i][t] = scale * q_i . k_t */
+        __m512bh qv[MAX_GROUP][4];
+        for (int i = 0; i < group; i++)
+            for (int c = 0; c < npairs; c++)
+                qv[i][c] = (__m512bh)_mm512_loadu_si512(q + (int64_t)(hk * group + i) * head_dim + 32 * c);
+        float maxs[MAX_GROUP];
+        for (int i = 0; i < group; i++) maxs[i] = -INFINITY;
+        const __m512 sc = _mm512_set1_ps(scale);
+        for (int t0 = 0; t0 < len; t0 += 16) {
+            const uint16_t *keys[16];
+            for (int j = 0; j < 16; j++) {
+                const int t = t0 + j < len ? t0 + j : len - 1; /* lanes past the end: discarded */
+                keys[j] = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride
+                          + (int64_t)hk * head_dim;
+            }
+            const int live = len - t0 < 16 ? len - t0 : 16;
+            const __mmask16 mask = (__mmask16)((1u << live) - 1u);
+            for (int i = 0; i < group; i++) {
+                __m512 v[16];
+                for (int j = 0; j < 16; j++) {
+                    v[j] = _mm512_setzero_ps();
+                    for (int c = 0; c < npairs; c++)
+                        v[j] = _mm512_dpbf16_ps(v[j], qv[i][c], (__m512bh)_mm512_loadu_si512(keys[j] + 32 * c));
+                }
+                const __m512 s = _mm512_mul_ps(reduce16(v), sc);
+                _mm512_mask_storeu_ps(scores + (size_t)i * padded + t0, mask, s);
+                const float m = _mm512_mask_reduce_max_ps(mask, s);
+                /* a NaN score never wins the max; exp_shifted carries it to the output */
+                if (m > maxs[i]) maxs[i] = m;
+            }
+        }
+        /* values as float32, once for the group */
+        for (int t = 0; t < len; t++) {
+            const uint16_t *vrow = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride
+                                   + (int64_t)hk * head_dim;
+            load_row(vf + (size_t)t * head_dim, vrow, head_dim);
+        }
+        for (int i = 0; i < group; i++) {
+            float *p = scores + (size_t)i * padded;
+            const float inv = 1.0f / exp_shifted(p, maxs[i], len);
+            uint16_t *oh = out + (int64_t)(hk * group + i) * head_dim;
+            switch (npairs) {
+            case 1: weighted_sum(p, vf, len, head_dim, inv, oh, 2); break;
+            case 2: weighted_sum(p, vf, len, head_dim, inv, oh, 4); break;
+            default: weighted_sum(p, vf, len, head_dim, inv, oh, 8); break;
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+#else
+#define ATTEND_FAST 0
+#endif
+
 /* Returns 0, or -1 when a shape is outside what the kernel supports (the caller falls back).
  * Work items: whole sequences when there are enough to keep every thread busy (each key row of
  * the cache is then read once, all heads together); otherwise (sequence, KV head) pairs. */
@@ -186,6 +288,14 @@ int decode_attention_bf16(
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
     for (int item = 0; item < items; item++) {
         const int s = item / per_seq, h0 = (item % per_seq) * span;
+#if ATTEND_FAST
+        if (head_dim == 32 || head_dim == 64 || head_dim == 128) {
+            failed |= attend_fast(q + s * q_stride, k_cache, v_cache, tables + (int64_t)s * table_stride, seq_lens[s],
+                                  num_blocks, h0, h0 + span, group, head_dim, block_size, token_stride, scale,
+                                  out + s * out_stride) != 0;
+            continue;
+        }
+#endif
         failed |= attend(q + s * q_stride, k_cache, v_cache, tables + (int64_t)s * table_stride, seq_lens[s],
                          num_blocks, h0, h0 + span, group, head_dim, block_size, token_stride, scale,
                          out + s * out_stride) != 0;
