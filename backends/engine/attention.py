@@ -194,13 +194,17 @@ def paged_attention(
     v_cache: Tensor,
     plan: AttentionPlan,
     scale: float,
+    *,
+    write_kv: bool = True,
 ) -> Tensor:
-    """Write this step's K/V into the cache and attend; returns ``[T, H * D]``."""
+    """Write this step's K/V into the cache (unless the caller has: ``write_kv=False``) and
+    attend; returns ``[T, H * D]``."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
-    k_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, k)
-    v_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, v)
+    if write_kv:
+        k_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, k)
+        v_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, v)
 
     # decode: [Sd] sequences, one query each; query heads grouped by their KV head
     decode_out = None

@@ -88,9 +88,17 @@ class Kernels:
         fn.restype = ctypes.c_int
         self.decode_attention_bf16 = fn
         fn = lib.int4_matmul_bf16
-        fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32]
+        fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32, ptr, ptr, i64, i32]
         fn.restype = ctypes.c_int
         self.int4_matmul_bf16 = fn
+        fn = lib.rms_norm_bf16
+        fn.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i64, i32]
+        fn.restype = ctypes.c_int
+        self.rms_norm_bf16 = fn
+        fn = lib.rope_kv_bf16
+        fn.argtypes = [ptr, i64, i64, i32, i32, i32, ptr, ptr, i64, ptr, ptr, ptr, i64, i32]
+        fn.restype = ctypes.c_int
+        self.rope_kv_bf16 = fn
         #: whether this machine's build has the int4 kernel's fast path (AVX-512 BF16)
         self.has_int4_matmul = bool(lib.int4_matmul_supported())
 
@@ -105,7 +113,8 @@ def load() -> Kernels | None:
     if shutil.which(compiler[0]) is None:
         log.info("engine.native_kernels", status=f"unavailable: no C compiler ({compiler[0]})")
         return None
-    parts = [*(s.read_bytes() for s in _SOURCES), " ".join(_FLAGS).encode(), _machine_id(compiler).encode()]
+    headers = sorted(_SOURCES[0].parent.glob("*.h"))
+    parts = [*(s.read_bytes() for s in [*_SOURCES, *headers]), " ".join(_FLAGS).encode(), _machine_id(compiler).encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = _home() / "kernels" / f"taxiway_kernels-{digest}.so"
     kernels = None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from backends.engine.attention import AttentionMetadata, AttentionPlan, KVCache, allocate_kv_cache, paged_attention
 from backends.engine.config import ModelConfig
+from backends.engine.fused import FusedLayer
 from backends.engine.quant import DenseLinear
 
 __all__ = ["AttentionMetadata", "CausalLM", "allocate_kv_cache", "rope_inv_freq"]
@@ -127,9 +128,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config)
+        self._fused: FusedLayer | bool | None = None  # the native fast path (fused.py), if it applies
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """``h``: the float32 residual stream, updated in place and returned."""
+        if self._fused is None:  # decided once, on the first forward (weights are installed by then)
+            self._fused = FusedLayer.build(self) or False
+        if self._fused and h.is_contiguous():
+            return self._fused(h, cos, sin, plan, k_cache, v_cache)
         h.add_(self.self_attn(self.attn_norm(h), cos, sin, plan, k_cache, v_cache))
         return h.add_(self.mlp(self.ffn_norm(h)))
 

@@ -386,6 +386,7 @@ class Int4Linear(nn.Module):
         status = kernels.int4_matmul_bf16(
             x.data_ptr(), x.stride(0), x.shape[0], self.weight.data_ptr(), self.scales_and_zeros.data_ptr(),
             self.padded_out, self.in_features, self.group_size, y.data_ptr(), y.stride(0), torch.get_num_threads(),
+            None, None, 0, 0,
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"native int4 matmul failed ({status}) on x {tuple(x.shape)}, weight {self}")

@@ -141,10 +141,10 @@ def test_kernel_refuses_shapes_outside_its_contract(native) -> None:  # type: ig
     sz = torch.zeros(2, 48, 2, dtype=torch.bfloat16)
     y = torch.zeros(1, 48, dtype=torch.bfloat16)
     call = native.int4_matmul_bf16
-    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 48, 64, 32, y.data_ptr(), 48, 1) == -1  # n % 32
-    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 12, y.data_ptr(), 32, 1) == -1  # group % 8
-    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 48, y.data_ptr(), 32, 1) == -1  # k % group
-    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 32, y.data_ptr(), 32, 1) == 0
+    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 48, 64, 32, y.data_ptr(), 48, 1, None, None, 0, 0) == -1  # n % 32
+    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 12, y.data_ptr(), 32, 1, None, None, 0, 0) == -1  # group % 8
+    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 48, y.data_ptr(), 32, 1, None, None, 0, 0) == -1  # k % group
+    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 32, y.data_ptr(), 32, 1, None, None, 0, 0) == 0
 
 
 def test_switched_off_layers_keep_torchs_kernel(monkeypatch) -> None:  # type: ignore[no-untyped-def]

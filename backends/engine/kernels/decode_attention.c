@@ -13,43 +13,10 @@
  *   out      [S, H, D], row stride out_stride
  * Query head h attends with KV head h / (H / KV). Work items are (sequence, KV head) pairs.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-/* dst[0:n] = bf16 src[0:n] as float32 */
-static inline void load_row(float *dst, const uint16_t *src, int n) {
-    int d = 0;
-#ifdef __AVX512F__
-    for (; d + 16 <= n; d += 16) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)(src + d));
-        _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    }
-#endif
-    for (; d < n; d++) dst[d] = bf16_to_f32(src[d]);
-}
 
 static inline float dot(const float *a, const float *b, int n) {
     int d = 0;
@@ -63,29 +30,15 @@ static inline float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
-/* x[0:n] = exp(x[0:n] - shift), returns their sum. The vector path: exp(r) * 2^k with
- * |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 2e-7, about one float32 ulp);
- * scalar libm expf costs ~10 ns, more than the dot products it normalises. */
+/* x[0:n] = exp(x[0:n] - shift), returns their sum (exp512 for whole vectors, libm for the tail). */
 static inline float exp_shifted(float *x, float shift, int n) {
     int t = 0;
     float sum = 0.0f;
 #ifdef __AVX512F__
-    const __m512 sh = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-87.0f), log2e = _mm512_set1_ps(1.44269504f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693145751953125f), ln2_lo = _mm512_set1_ps(1.428606765330187e-06f);
+    const __m512 sh = _mm512_set1_ps(shift);
     __m512 total = _mm512_setzero_ps();
     for (; t + 16 <= n; t += 16) {
-        /* max(lo, v) returns v when v is NaN: a NaN score stays NaN, as in expf */
-        __m512 v = _mm512_max_ps(lo, _mm512_sub_ps(_mm512_loadu_ps(x + t), sh));
-        __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, v));
-        __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-        p = _mm512_scalef_ps(p, k);
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + t), sh));
         _mm512_storeu_ps(x + t, p);
         total = _mm512_add_ps(total, p);
     }

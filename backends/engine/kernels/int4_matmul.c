@@ -19,11 +19,8 @@
  *
  * Scales: sz [G, N, 2] bfloat16, (s, z) per group and row, as torch's int4 kernels take them.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "simd.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 #define INT4_FAST 1
 #else
 #define INT4_FAST 0
@@ -44,7 +41,28 @@ typedef struct {
     int64_t n, k, gs, groups;
     uint16_t *y;
     int64_t y_stride;
+    const uint16_t *bias;  /* [n] bfloat16, or NULL */
+    float *residual;       /* [m, n] float32 (row stride residual_stride), or NULL */
+    int64_t residual_stride;
 } Problem;
+
+/* The output tile at (row m, column c): bfloat16 y, plus the bias (rounded again, as y + bias in
+ * bfloat16), then either stored or added to the float32 residual stream. */
+static inline void epilogue(const Problem *p, int64_t m, int64_t c, __m512 out) {
+    __m256i y = (__m256i)_mm512_cvtneps_pbh(out);
+    if (p->bias != NULL) {
+        const __m512 sum = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(y), 16)),
+                                         bf16x16_to_f32(p->bias + c));
+        y = (__m256i)_mm512_cvtneps_pbh(sum);
+    }
+    if (p->residual != NULL) {
+        float *r = p->residual + m * p->residual_stride + c;
+        const __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(y), 16));
+        _mm512_storeu_ps(r, _mm512_add_ps(_mm512_loadu_ps(r), yf));
+    } else {
+        _mm256_storeu_si256((__m256i *)(p->y + m * p->y_stride + c), y);
+    }
+}
 
 /* bfloat16 q - 8 for q = 0..15 (in the low 16 of 32 table entries) */
 static inline __m512i centred_table(void) {
@@ -103,9 +121,7 @@ static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t
         }
     }
     for (int i = 0; i < MT; i++)
-        for (int j = 0; j < NB; j++)
-            _mm256_storeu_si256((__m256i *)(p->y + (m0 + i) * p->y_stride + (b0 + j) * 16),
-                                (__m256i)_mm512_cvtneps_pbh(out[i][j]));
+        for (int j = 0; j < NB; j++) epilogue(p, m0 + i, (b0 + j) * 16, out[i][j]);
 }
 
 /* All rows of x against the output blocks b0, b0 + 1: full tiles of 8 rows one block at a time
@@ -129,6 +145,22 @@ static void unit(const Problem *p, int64_t m, int64_t b0) {
     }
 }
 
+/* out[0:k] = bfloat16(bfloat16(silu(gate)) * up) for gate = in[0:k], up = in[k:2k]: the two
+ * roundings of F.silu(gate) * up in bfloat16. */
+static void silu_mul_row(const uint16_t *in, int64_t k, uint16_t *out) {
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        const __m512 g = bf16x16_to_f32(in + j);
+        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        const __m512 sr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(f32x16_to_bf16(s)), 16));
+        _mm256_storeu_si256((__m256i *)(out + j), f32x16_to_bf16(_mm512_mul_ps(sr, bf16x16_to_f32(in + k + j))));
+    }
+    for (; j < k; j++) {
+        const float g = bf16_to_f32(in[j]);
+        out[j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g)))) * bf16_to_f32(in[k + j]));
+    }
+}
+
 static float group_sum(const uint16_t *x, int64_t gs) {
     __m512 acc = _mm512_setzero_ps();
     int64_t j = 0;
@@ -148,36 +180,53 @@ static float group_sum(const uint16_t *x, int64_t gs) {
 
 #endif
 
-/* x: bfloat16 [m, k] (row stride x_stride, unit column stride); w: the native layout for
- * [n, k]; sz: bfloat16 [k / group_size, n, 2]; y: bfloat16 [m, n] (row stride y_stride).
+/* x: bfloat16 [m, k] (row stride x_stride, unit column stride), or with act = 1 [m, 2k] holding
+ * gate | up, of which the kernel multiplies silu(gate) * up (rounded as torch rounds it);
+ * w: the native layout for [n, k]; sz: bfloat16 [k / group_size, n, 2]; bias: bfloat16 [n] or
+ * NULL. The result goes to y (bfloat16 [m, n], row stride y_stride) or, when residual is not
+ * NULL, is added (as its bfloat16 value) to residual (float32 [m, n], row stride
+ * residual_stride) and y is unused.
  * Returns 0, or -1 (nothing written) for a shape outside the kernel's contract (n a multiple of
  * 32, group_size a multiple of 8 dividing k) or no memory, -2 when the build lacks the fast path. */
 int int4_matmul_bf16(
     const uint16_t *x, int64_t x_stride, int64_t m, const uint8_t *w, const uint16_t *sz,
-    int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads)
+    int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads,
+    const uint16_t *bias, float *residual, int64_t residual_stride, int32_t act)
 {
 #if INT4_FAST
-    if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0) return -1;
+    if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0 || (act != 0 && act != 1)) return -1;
     if (n % 32 || group_size % 8 || k % group_size) return -1;
     if (m == 0) return 0;
     const int64_t groups = k / group_size;
     float *xsum = malloc(sizeof(float) * (size_t)(m * groups));
-    if (xsum == NULL) return -1;
-    const Problem p = {x, x_stride, w, sz, xsum, n, k, group_size, groups, y, y_stride};
+    uint16_t *xa = act ? malloc(sizeof(uint16_t) * (size_t)(m * k)) : NULL;
+    if (xsum == NULL || (act && xa == NULL)) {
+        free(xsum);
+        free(xa);
+        return -1;
+    }
+    const uint16_t *xin = act ? xa : x;
+    const int64_t xin_stride = act ? k : x_stride;
+    const Problem p = {xin, xin_stride, w, sz, xsum, n, k, group_size, groups, y, y_stride, bias, residual, residual_stride};
     const int64_t units = n / 32;
 #pragma omp parallel num_threads(num_threads)
     {
+        if (act) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < m; r++) silu_mul_row(x + r * x_stride, k, xa + r * k);
+        }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m * groups; r++)
-            xsum[r] = group_sum(x + (r / groups) * x_stride + (r % groups) * group_size, group_size);
+            xsum[r] = group_sum(xin + (r / groups) * xin_stride + (r % groups) * group_size, group_size);
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; u++) unit(&p, m, 2 * u);
     }
     free(xsum);
+    free(xa);
     return 0;
 #else
     (void)x; (void)x_stride; (void)m; (void)w; (void)sz; (void)n; (void)k; (void)group_size;
-    (void)y; (void)y_stride; (void)num_threads;
+    (void)y; (void)y_stride; (void)num_threads; (void)bias; (void)residual; (void)residual_stride; (void)act;
     return -2;
 #endif
 }

@@ -1,0 +1,100 @@
+/* The small per-layer operations of the bfloat16 forward, fused so that a decoder layer is a few
+ * calls instead of ~30 torch ops (each ~3-7 us of dispatch at one token, more than the work).
+ * Each computes what the torch path (model.py) computes, rounding where it rounds.
+ *
+ * rms_norm_bf16: out = bfloat16(x * rsqrt(mean(x^2) + eps) * w), x float32 (the residual stream).
+ * rope_kv_bf16:  rotary embedding of q and k in place in the fused qkv rows,
+ *                x * cos + rotate_half(x) * sin (sin's first half negated by the caller), each
+ *                product rounded as the torch path rounds it; then k and v written to the paged
+ *                cache at each token's slot.
+ */
+#include "simd.h"
+
+#ifdef __AVX512F__
+#define FUSED_VECTOR 1
+#else
+#define FUSED_VECTOR 0
+#endif
+
+static void norm_row(const float *x, int64_t d, const float *w, float eps, uint16_t *out) {
+    int64_t j = 0;
+    float ss = 0.0f;
+#if FUSED_VECTOR
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= d; j += 16) {
+        const __m512 v = _mm512_loadu_ps(x + j);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    ss = _mm512_reduce_add_ps(acc);
+#endif
+    for (; j < d; j++) ss += x[j] * x[j];
+    const float rstd = 1.0f / sqrtf(ss / (float)d + eps);
+    j = 0;
+#if FUSED_VECTOR
+    const __m512 r = _mm512_set1_ps(rstd);
+    for (; j + 16 <= d; j += 16)
+        _mm256_storeu_si256((__m256i *)(out + j),
+                            f32x16_to_bf16(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), r), _mm512_loadu_ps(w + j))));
+#endif
+    for (; j < d; j++) out[j] = f32_to_bf16(x[j] * rstd * w[j]);
+}
+
+int rms_norm_bf16(
+    const float *x, int64_t x_stride, int64_t m, int64_t d, const float *w, float eps,
+    uint16_t *out, int64_t out_stride, int32_t num_threads)
+{
+    if (m < 0 || d <= 0 || num_threads <= 0) return -1;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (m >= 8)
+    for (int64_t r = 0; r < m; r++) norm_row(x + r * x_stride, d, w, eps, out + r * out_stride);
+    return 0;
+}
+
+/* one head of head_dim values in place: x = bf16(bf16(x * cos) + roll(x, D/2) * sin) */
+static void rope_head(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int d) {
+    float v[512];
+    load_row(v, x, d);
+    const int half = d / 2;
+    int j = 0;
+#if FUSED_VECTOR
+    if (half % 16 == 0)
+        for (; j < d; j += 16) {
+            const int partner = j < half ? j + half : j - half;
+            const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(f32x16_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(v + j), bf16x16_to_f32(cos + j)))), 16));
+            const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(v + partner), bf16x16_to_f32(sin + j));
+            _mm256_storeu_si256((__m256i *)(x + j), f32x16_to_bf16(_mm512_add_ps(a, b)));
+        }
+#endif
+    for (; j < d; j++) {
+        const float a = bf16_to_f32(f32_to_bf16(v[j] * bf16_to_f32(cos[j])));
+        x[j] = f32_to_bf16(a + v[j < half ? j + half : j - half] * bf16_to_f32(sin[j]));
+    }
+}
+
+/* qkv: bfloat16 [t, (H + 2 KV) * D] (row stride qkv_stride): q heads, k heads, v heads.
+ * cos/sin: bfloat16 [t, D] (row stride cs_stride). slots: int64 [t] cache slots, or NULL to
+ * skip the cache write; k_cache/v_cache: bfloat16 [num_slots, KV, D].
+ * Returns 0, or -1 (nothing written) for a bad shape or a slot outside [0, num_slots). */
+int rope_kv_bf16(
+    uint16_t *qkv, int64_t qkv_stride, int64_t t, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
+    const uint16_t *cos, const uint16_t *sin, int64_t cs_stride,
+    const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots, int32_t num_threads)
+{
+    if (t < 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || head_dim > 512 || head_dim % 2 || num_threads <= 0)
+        return -1;
+    if (slots != NULL)
+        for (int64_t r = 0; r < t; r++)
+            if (slots[r] < 0 || slots[r] >= num_slots) return -1;
+    const int rotated = num_heads + num_kv_heads;
+    const int64_t kv_width = (int64_t)num_kv_heads * head_dim;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (t >= 8)
+    for (int64_t r = 0; r < t; r++) {
+        uint16_t *row = qkv + r * qkv_stride;
+        for (int h = 0; h < rotated; h++) rope_head(row + (int64_t)h * head_dim, cos + r * cs_stride, sin + r * cs_stride, head_dim);
+        if (slots != NULL) {
+            memcpy(k_cache + slots[r] * kv_width, row + (int64_t)num_heads * head_dim, sizeof(uint16_t) * (size_t)kv_width);
+            memcpy(v_cache + slots[r] * kv_width, row + (int64_t)rotated * head_dim, sizeof(uint16_t) * (size_t)kv_width);
+        }
+    }
+    return 0;
+}
