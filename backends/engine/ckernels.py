@@ -91,6 +91,11 @@ class Kernels:
         fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32, ptr, ptr, i64, i32]
         fn.restype = ctypes.c_int
         self.int4_matmul_bf16 = fn
+        fn = lib.int8_matmul_bf16
+        fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32]
+        fn.restype = ctypes.c_int
+        self.int8_matmul_bf16 = fn
+        self.has_int8_matmul = bool(lib.int8_matmul_supported())
         fn = lib.rms_norm_bf16
         fn.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i64, i32]
         fn.restype = ctypes.c_int
@@ -99,6 +104,14 @@ class Kernels:
         fn.argtypes = [ptr, i64, i64, i32, i32, i32, ptr, ptr, i64, ptr, ptr, ptr, i64, i32]
         fn.restype = ctypes.c_int
         self.rope_kv_bf16 = fn
+        fn = lib.decode_layers_bf16
+        f32 = ctypes.c_float
+        fn.argtypes = [
+            ptr, i32, ptr, i64, i64, i32, i32, i32, i64, f32, f32,
+            ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, ptr, ptr, ptr, ptr, i32,
+        ]  # fmt: skip
+        fn.restype = ctypes.c_int
+        self.decode_layers_bf16 = fn
         #: whether this machine's build has the int4 kernel's fast path (AVX-512 BF16)
         self.has_int4_matmul = bool(lib.int4_matmul_supported())
 

@@ -573,6 +573,96 @@ class Int8GroupLinear(Int8Linear):
         return self.inner(torch.cat([xg * 16, xg], dim=2).view(x.shape[0], -1))
 
 
+def _native_int8_kernel(device: torch.device, dtype: torch.dtype, k: int, group_size: int) -> bool:
+    """Whether a CPU bfloat16 per-group int8 layer of this shape runs on the native int8 kernel."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or group_size % 2 or k % group_size:
+        return False
+    kernels = ckernels.load()
+    return kernels is not None and kernels.has_int8_matmul
+
+
+class Int8NativeLinear(Int8Linear):
+    """Per-group int8 (GGUF Q8_0, ``W = d * q``) on the native int8 kernel (``kernels/int8_matmul.c``):
+    every weight exact, ``d`` kept in float32, float32 sums, each row independent of the batch.
+
+    Buffers: ``weight`` int8 in the kernel's layout (16-row blocks, 32 bytes per column pair:
+    row ``i``'s two values at bytes ``2i, 2i + 1``), ``scales_t`` float32 ``[G, N]``. Rows are
+    padded to 16 (``padded_out``) with zero scales. Half the work per row of ``Int8GroupLinear``'s
+    two-nibble form, which it replaces where the kernel is built.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype) -> None:
+        super().__init__(in_features, out_features, group_size)
+        self.per_channel = False
+        self.compute_dtype = dtype
+        self.padded_out = out_features + (-out_features) % 16
+
+    @classmethod
+    def from_data(
+        cls, data: Int8Data, *, bias: Tensor | None = None, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> Int8NativeLinear:
+        n, k = data.q.shape
+        mod = cls(k, n, data.group_size, dtype)
+        rows = mod.padded_out
+        weight = torch.zeros(rows // 16, k // 2, 16, 2, dtype=torch.int8)
+        for r in range(0, n - n % 16, _PACK_CHUNK_ROWS):  # whole blocks, a chunk at a time
+            stop = min(r + _PACK_CHUNK_ROWS, n - n % 16)
+            weight[r // 16 : stop // 16] = data.q[r:stop].view(-1, 16, k // 2, 2).transpose(1, 2)
+        if n % 16:
+            tail = torch.zeros(16, k, dtype=torch.int8)
+            tail[: n % 16] = data.q[n - n % 16 :]
+            weight[-1] = tail.view(16, k // 2, 2).transpose(0, 1)
+        scales = torch.zeros(data.scales.shape[1], rows, dtype=torch.float32)
+        scales[:, :n] = data.scales.t()
+        mod.register_buffer("weight", weight.view(rows, k))
+        mod.register_buffer("scales_t", scales)
+        if bias is not None:
+            mod.bias = bias.to(dtype=dtype)
+        return mod
+
+    @property
+    def scales(self) -> Tensor:  # type: ignore[override]
+        """``d`` as ``[N, G]`` float32."""
+        return self.scales_t[:, : self.out_features].t()
+
+    def _rows_q(self, ids: Tensor) -> Tensor:
+        k = self.in_features
+        return self.weight.view(-1, k // 2, 16, 2)[ids // 16, :, ids % 16].reshape(-1, k)
+
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
+        dtype = dtype or self.compute_dtype
+        ids = torch.arange(self.out_features) if rows is None else torch.arange(rows.start, rows.stop)
+        return self.embed(ids, dtype)
+
+    def to_data(self) -> Int8Data:
+        q = self._rows_q(torch.arange(self.out_features))
+        return Int8Data(q=q, scales=self.scales.contiguous(), group_size=self.group_size)
+
+    def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        k, gs = self.in_features, self.group_size
+        d = self.scales_t[:, ids].t().unsqueeze(-1)  # [T, G, 1] float32
+        w = self._rows_q(ids).float().view(-1, k // gs, gs).mul_(d).view(-1, k)
+        return w.to(dtype or self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.bfloat16:
+            return _dense_forward(self, x)
+        kernels = ckernels.load()
+        assert kernels is not None, "a native-layout weight exists only where the kernel loaded"
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        y = torch.empty(x.shape[0], self.padded_out, dtype=x.dtype)
+        status = kernels.int8_matmul_bf16(
+            x.data_ptr(), x.stride(0), x.shape[0], self.weight.data_ptr(), self.scales_t.data_ptr(),
+            self.padded_out, self.in_features, self.group_size, y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"native int8 matmul failed ({status}) on x {tuple(x.shape)}, weight {self}")
+        if self.padded_out != self.out_features:
+            y = y[:, : self.out_features]
+        return y if self.bias is None else y + self.bias
+
+
 class DenseLinear(nn.Module):
     """Unquantized ``y = x @ W.T (+ bias)``; also the embedding table when tied."""
 
@@ -625,18 +715,21 @@ class ConcatLinear(nn.Module):
         return w if rows is None else w[rows]
 
 
-QuantLinear = Int4Linear | Int8GroupLinear | Int8Linear | DenseLinear | ConcatLinear
+QuantLinear = Int4Linear | Int8GroupLinear | Int8NativeLinear | Int8Linear | DenseLinear | ConcatLinear
 
 
 def make_linear(
     data: WeightData, *, bias: Tensor | None = None, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> nn.Module:
     """The module for ``data``: ``Int4Data`` -> ``Int4Linear``; ``Int8Data`` -> ``Int8Linear`` per
-    channel, ``Int8GroupLinear`` per group; a float tensor -> ``DenseLinear``."""
+    channel, per group ``Int8NativeLinear`` (where the native kernel runs) or ``Int8GroupLinear``;
+    a float tensor -> ``DenseLinear``."""
     if isinstance(data, Int4Data):
         return Int4Linear.from_data(data, bias=bias, dtype=dtype, device=device)
     if isinstance(data, Int8Data):
         if data.group_size == data.q.shape[1]:
             return Int8Linear.from_data(data, bias=bias, dtype=dtype, device=device)
+        if _native_int8_kernel(torch.device(device), dtype, data.q.shape[1], data.group_size):
+            return Int8NativeLinear.from_data(data, bias=bias, dtype=dtype)
         return Int8GroupLinear.from_data(data, bias=bias, dtype=dtype, device=device)
     return DenseLinear.from_data(data, bias=bias, dtype=dtype, device=device)

@@ -1,6 +1,6 @@
-"""The fused native decoder layer (``fused.py``) against the torch ops it replaces, on the same
-int4 weights in bfloat16: prefill, chunked prefill, decode and mixed steps through a paged cache;
-and the fused pieces (RMSNorm, rotary + cache write, SiLU-gated down projection) one by one."""
+"""The fused native decoder layer and the one-call decode step (``fused.py``) against the torch
+ops they replace, on the same int4 weights in bfloat16: prefill, chunked prefill, decode and
+mixed steps through a paged cache; and the fused pieces (RMSNorm, rotary + cache write, SiLU-gated down projection) one by one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.engine import ckernels, fused
-from backends.engine.fused import FusedLayer
+from backends.engine.fused import FusedLayer, FusedStack
 from backends.engine.loader import load_model
 from backends.engine.model import RMSNorm
 from backends.engine.quant import Int4Linear, quantize_int4
@@ -33,9 +33,19 @@ def tiny_path(request, tmp_path_factory):
 
 def test_fused_layers_match_the_torch_ops(native, tiny_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     fast = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
+    stack_calls = []
+    real_call = FusedStack.__call__
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        stack_calls.append(args[0].shape[0])
+        return real_call(self, *args)
+
+    monkeypatch.setattr(FusedStack, "__call__", spy)
     ours = run_steps(fast.model, fast.config, dtype=torch.bfloat16)
     assert all(isinstance(layer._fused, FusedLayer) for layer in fast.model.layers), "the fused path did not run"
+    assert stack_calls == [3, 3], "the two decode-only steps run as one native call each"
 
+    monkeypatch.setattr(FusedStack, "__call__", real_call)
     monkeypatch.setattr(fused, "ENABLED", False)
     plain = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
     ref = run_steps(plain.model, plain.config, dtype=torch.bfloat16)

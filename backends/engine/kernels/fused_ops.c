@@ -98,3 +98,67 @@ int rope_kv_bf16(
     }
     return 0;
 }
+
+/* ---- a whole decode step's layers in one call ------------------------------------------------ */
+
+int int4_matmul_bf16(
+    const uint16_t *x, int64_t x_stride, int64_t m, const uint8_t *w, const uint16_t *sz,
+    int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads,
+    const uint16_t *bias, float *residual, int64_t residual_stride, int32_t act);
+int decode_attention_bf16(
+    const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+    const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, int32_t num_blocks,
+    int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+    float scale, uint16_t *out, int64_t out_stride, int32_t num_threads);
+
+/* One layer's weights (native int4 projections; see fused.py's LayerWeights mirror). */
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    const uint8_t *qkv_w;
+    const uint16_t *qkv_sz, *qkv_bias;
+    int64_t qkv_n, qkv_gs;
+    const uint8_t *o_w;
+    const uint16_t *o_sz, *o_bias;
+    int64_t o_gs;
+    const uint8_t *gu_w;
+    const uint16_t *gu_sz, *gu_bias;
+    int64_t gu_n, gu_gs;
+    const uint8_t *down_w;
+    const uint16_t *down_sz, *down_bias;
+    int64_t down_gs;
+    uint16_t *k_cache, *v_cache;
+} LayerWeights;
+
+/* The decoder layers of a step whose t rows are all decodes (one new token per sequence), in
+ * order, exactly as fused.py's FusedLayer runs them one call at a time: the residual stream h
+ * (float32 [t, hidden], contiguous) is updated in place. Scratch: x [t, hidden], qkv [t, qkv_n],
+ * attn [t, heads * head_dim], gate_up [t, gu_n], all bfloat16. Returns 0, or 1 + the index of
+ * the layer whose kernel refused (layers before it have run). */
+int decode_layers_bf16(
+    const LayerWeights *layers, int32_t num_layers, float *h, int64_t t, int64_t hidden,
+    int32_t heads, int32_t kv_heads, int32_t head_dim, int64_t intermediate, float eps, float scale,
+    const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int64_t num_slots,
+    const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, int32_t num_blocks, int32_t block_size,
+    uint16_t *x, uint16_t *qkv, uint16_t *attn, uint16_t *gate_up, int32_t num_threads)
+{
+    const int64_t q_width = (int64_t)heads * head_dim;
+    for (int32_t l = 0; l < num_layers; l++) {
+        const LayerWeights *w = layers + l;
+        int bad = rms_norm_bf16(h, hidden, t, hidden, w->attn_norm, eps, x, hidden, num_threads);
+        bad |= int4_matmul_bf16(x, hidden, t, w->qkv_w, w->qkv_sz, w->qkv_n, hidden, w->qkv_gs, qkv, w->qkv_n,
+                                num_threads, w->qkv_bias, NULL, 0, 0);
+        bad |= rope_kv_bf16(qkv, w->qkv_n, t, heads, kv_heads, head_dim, cos, sin, head_dim, slots, w->k_cache,
+                            w->v_cache, num_slots, num_threads);
+        bad |= decode_attention_bf16(qkv, w->qkv_n, w->k_cache, w->v_cache, tables, table_stride, seq_lens, num_blocks,
+                                     (int32_t)t, heads, kv_heads, head_dim, block_size, scale, attn, q_width, num_threads);
+        bad |= int4_matmul_bf16(attn, q_width, t, w->o_w, w->o_sz, hidden, q_width, w->o_gs, NULL, 0, num_threads,
+                                w->o_bias, h, hidden, 0);
+        bad |= rms_norm_bf16(h, hidden, t, hidden, w->ffn_norm, eps, x, hidden, num_threads);
+        bad |= int4_matmul_bf16(x, hidden, t, w->gu_w, w->gu_sz, w->gu_n, hidden, w->gu_gs, gate_up, w->gu_n,
+                                num_threads, w->gu_bias, NULL, 0, 0);
+        bad |= int4_matmul_bf16(gate_up, w->gu_n, t, w->down_w, w->down_sz, hidden, intermediate, w->down_gs, NULL, 0,
+                                num_threads, w->down_bias, h, hidden, 1);
+        if (bad) return 1 + l;
+    }
+    return 0;
+}

@@ -1,0 +1,104 @@
+/* y = x @ W.T for per-group int8 W (GGUF Q8_0: w = d * q, q in -127..127) and bfloat16 x.
+ *
+ * Built by backends/engine/ckernels.py with the other kernels. Like int4_matmul.c, every weight is
+ * exact: q -> float32 -> bfloat16 is exact for |q| <= 256, VDPBF16PS multiplies it with bfloat16
+ * x (exact products, float32 sums per group), then d * sum in float32 (d kept in float32), rounded
+ * once to bfloat16. Rows are summed in one order whatever the batch.
+ *
+ * Weight layout ("native", packed by quant.py): blocks of 16 output rows; within a block, 32
+ * bytes per pair of columns (k, k + 1): row i's q[i][k], q[i][k + 1] at bytes 2i, 2i + 1. The
+ * 32 bytes widen to two float32 vectors (rows 0-7, rows 8-15) and VCVTNE2PS2BF16 packs them so
+ * that 32-bit lane i holds row i's pair.
+ * Scales: d float32 [G, N].
+ */
+#include "simd.h"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define INT8_FAST 1
+#else
+#define INT8_FAST 0
+#endif
+
+int int8_matmul_supported(void) { return INT8_FAST; }
+
+#if INT8_FAST
+
+typedef struct {
+    const uint16_t *x;
+    int64_t x_stride;
+    const int8_t *w;
+    const float *d;
+    int64_t n, k, gs, groups;
+    uint16_t *y;
+    int64_t y_stride;
+} Problem8;
+
+static inline __m512bh pair_weights(const int8_t *p) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    return _mm512_cvtne2ps_pbh(hi, lo); /* words 0-15 from lo (rows 0-7), 16-31 from hi */
+}
+
+static inline __m512 bcast_pair8(const uint16_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm512_castsi512_ps(_mm512_set1_epi32(v));
+}
+
+static inline __attribute__((always_inline)) void tile8(const Problem8 *p, int64_t m0, int64_t b, const int MT) {
+    __m512 out[8], acc[8];
+    for (int i = 0; i < MT; i++) out[i] = _mm512_setzero_ps();
+    const int64_t block_bytes = p->k * 16;
+    const int8_t *wb = p->w + b * block_bytes;
+    for (int64_t g = 0; g < p->groups; g++) {
+        for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t kp = g * p->gs / 2; kp < (g + 1) * p->gs / 2; kp++) {
+            const __m512bh wv = pair_weights(wb + kp * 32);
+            for (int i = 0; i < MT; i++)
+                acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)bcast_pair8(p->x + (m0 + i) * p->x_stride + 2 * kp));
+        }
+        const __m512 d = _mm512_loadu_ps(p->d + g * p->n + b * 16);
+        for (int i = 0; i < MT; i++) out[i] = _mm512_fmadd_ps(d, acc[i], out[i]);
+    }
+    for (int i = 0; i < MT; i++)
+        _mm256_storeu_si256((__m256i *)(p->y + (m0 + i) * p->y_stride + b * 16), (__m256i)_mm512_cvtneps_pbh(out[i]));
+}
+
+static void block8(const Problem8 *p, int64_t m, int64_t b) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= m; m0 += 8) tile8(p, m0, b, 8);
+    switch (m - m0) {
+    case 1: tile8(p, m0, b, 1); break;
+    case 2: tile8(p, m0, b, 2); break;
+    case 3: tile8(p, m0, b, 3); break;
+    case 4: tile8(p, m0, b, 4); break;
+    case 5: tile8(p, m0, b, 5); break;
+    case 6: tile8(p, m0, b, 6); break;
+    case 7: tile8(p, m0, b, 7); break;
+    default: break;
+    }
+}
+
+#endif
+
+/* x: bfloat16 [m, k] (row stride x_stride); w: the native layout for [n, k]; d: float32 [k /
+ * group_size, n]; y: bfloat16 [m, n] (row stride y_stride). Returns 0, -1 (nothing written) for a
+ * shape outside the contract (n a multiple of 16, group_size even and dividing k), -2 when the
+ * build lacks the fast path. */
+int int8_matmul_bf16(
+    const uint16_t *x, int64_t x_stride, int64_t m, const int8_t *w, const float *d,
+    int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads)
+{
+#if INT8_FAST
+    if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0) return -1;
+    if (n % 16 || group_size % 2 || k % group_size) return -1;
+    if (m == 0) return 0;
+    const Problem8 p = {x, x_stride, w, d, n, k, group_size, k / group_size, y, y_stride};
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t b = 0; b < n / 16; b++) block8(&p, m, b);
+    return 0;
+#else
+    (void)x; (void)x_stride; (void)m; (void)w; (void)d; (void)n; (void)k; (void)group_size;
+    (void)y; (void)y_stride; (void)num_threads;
+    return -2;
+#endif
+}
