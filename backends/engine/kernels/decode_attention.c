@@ -130,25 +130,27 @@ static inline __m512 reduce16(__m512 *v) {
     return v[0];
 }
 
-/* out[h] = sum_t p[t] * vf[t] / sum for one head: ND 16-float columns held in registers. */
+#define VALUE_TILE 32
+
+/* acc[0:head_dim] += sum_t p[t] * vt[t] over one tile of n values: ND 16-float columns held in
+ * registers across the tile. */
 static inline __attribute__((always_inline)) void weighted_sum(
-    const float *p, const float *vf, int len, int head_dim, float inv, uint16_t *out, const int ND)
+    const float *p, const float *vt, int n, int head_dim, float *acc_mem, const int ND)
 {
     __m512 acc[8];
-    for (int c = 0; c < ND; c++) acc[c] = _mm512_setzero_ps();
-    for (int t = 0; t < len; t++) {
+    for (int c = 0; c < ND; c++) acc[c] = _mm512_loadu_ps(acc_mem + 16 * c);
+    for (int t = 0; t < n; t++) {
         const __m512 pt = _mm512_set1_ps(p[t]);
-        for (int c = 0; c < ND; c++) acc[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vf + (size_t)t * head_dim + 16 * c), acc[c]);
+        for (int c = 0; c < ND; c++) acc[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + (size_t)t * head_dim + 16 * c), acc[c]);
     }
-    const __m512 iv = _mm512_set1_ps(inv);
-    for (int c = 0; c < ND; c++)
-        _mm256_storeu_si256((__m256i *)(out + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], iv)));
+    for (int c = 0; c < ND; c++) _mm512_storeu_ps(acc_mem + 16 * c, acc[c]);
 }
 
 /* The fast work item for head_dim 32, 64 or 128 (AVX-512 BF16): scores 16 keys at a time with
  * VDPBF16PS on the bfloat16 q and K as stored (exact products, float32 sums), each key's lanes
  * summed by reduce16; the values are converted to float32 once per KV head and summed per query
- * head in registers. Same contract and results (to float32 rounding) as attend(). */
+ * head in registers over tiles of VALUE_TILE keys (converted once, kept in L1). Same contract and
+ * results (to float32 rounding) as attend(). */
 static int attend_fast(
     const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table, int len,
     int32_t num_blocks, int h0, int h1, int group, int head_dim, int block_size, int64_t token_stride,
@@ -159,9 +161,9 @@ static int attend_fast(
     for (int b = 0; b < nblocks; b++)
         if (table[b] < 0 || table[b] >= num_blocks) return -1;
     const int padded = (len + 15) & ~15, npairs = head_dim / 32;
-    float *scratch = malloc(sizeof(float) * ((size_t)group * padded + (size_t)len * head_dim));
+    float *scratch = malloc(sizeof(float) * ((size_t)group * padded + (size_t)(VALUE_TILE + group) * head_dim));
     if (scratch == NULL) return -1;
-    float *scores = scratch, *vf = scores + (size_t)group * padded;
+    float *scores = scratch, *vt = scores + (size_t)group * padded, *acc = vt + (size_t)VALUE_TILE * head_dim;
     for (int hk = h0; hk < h1; hk++) {
         /* scores[i][t] = scale * q_i . k_t */
         __m512bh qv[MAX_GROUP][4];
@@ -194,21 +196,34 @@ static int attend_fast(
                 if (m > maxs[i]) maxs[i] = m;
             }
         }
-        /* values as float32, once for the group */
-        for (int t = 0; t < len; t++) {
-            const uint16_t *vrow = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride
-                                   + (int64_t)hk * head_dim;
-            load_row(vf + (size_t)t * head_dim, vrow, head_dim);
+        float sums[MAX_GROUP];
+        for (int i = 0; i < group; i++) sums[i] = exp_shifted(scores + (size_t)i * padded, maxs[i], len);
+        memset(acc, 0, sizeof(float) * (size_t)group * head_dim);
+        /* values a tile at a time: converted to float32 once for the group, kept in L1 */
+        for (int t0 = 0; t0 < len; t0 += VALUE_TILE) {
+            const int n = len - t0 < VALUE_TILE ? len - t0 : VALUE_TILE;
+            for (int t = 0; t < n; t++) {
+                const int pos = t0 + t;
+                const uint16_t *vrow = v_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * token_stride
+                                       + (int64_t)hk * head_dim;
+                load_row(vt + (size_t)t * head_dim, vrow, head_dim);
+            }
+            for (int i = 0; i < group; i++) {
+                const float *p = scores + (size_t)i * padded + t0;
+                float *a = acc + (size_t)i * head_dim;
+                switch (npairs) {
+                case 1: weighted_sum(p, vt, n, head_dim, a, 2); break;
+                case 2: weighted_sum(p, vt, n, head_dim, a, 4); break;
+                default: weighted_sum(p, vt, n, head_dim, a, 8); break;
+                }
+            }
         }
         for (int i = 0; i < group; i++) {
-            float *p = scores + (size_t)i * padded;
-            const float inv = 1.0f / exp_shifted(p, maxs[i], len);
+            const __m512 iv = _mm512_set1_ps(1.0f / sums[i]);
             uint16_t *oh = out + (int64_t)(hk * group + i) * head_dim;
-            switch (npairs) {
-            case 1: weighted_sum(p, vf, len, head_dim, inv, oh, 2); break;
-            case 2: weighted_sum(p, vf, len, head_dim, inv, oh, 4); break;
-            default: weighted_sum(p, vf, len, head_dim, inv, oh, 8); break;
-            }
+            for (int c = 0; c < head_dim; c += 16)
+                _mm256_storeu_si256((__m256i *)(oh + c),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)i * head_dim + c), iv)));
         }
     }
     free(scratch);
