@@ -43,19 +43,42 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _padded_bias(mod: Int4Linear) -> Tensor | None:
+    """The bias at the kernel's padded width (the epilogue reads ``padded_out`` values)."""
+    if mod.bias is None:
+        return None
+    out = torch.zeros(mod.padded_out, dtype=mod.bias.dtype)
+    out[: mod.out_features] = mod.bias
+    return out
+
+
+def _cache_ok(k_cache: Tensor, v_cache: Tensor) -> bool:
+    return (
+        k_cache.dtype == v_cache.dtype == torch.bfloat16 and k_cache.device.type == "cpu"
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+    )  # fmt: skip
+
+
 class FusedLayer:
-    """The native forward of one ``DecoderLayer``; holds no tensors of its own."""
+    """The native forward of one ``DecoderLayer``. Weights must stay in place once built (the
+    loader installs them all before the first forward); the tensors read are held here."""
 
     def __init__(self, layer: DecoderLayer, kernels: ckernels.Kernels) -> None:
         self.layer = layer
         self.k = kernels
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.hidden = layer.attn_norm.dim
+        self.qkv_bias, self.gate_up_bias = _padded_bias(attn.qkv_proj), _padded_bias(mlp.gate_up_proj)
+        self.o_bias, self.down_bias = attn.o_proj.bias, mlp.down_proj.bias  # unpadded (checked in build)
+        self.pinned = [
+            layer.attn_norm.weight2, layer.ffn_norm.weight2,
+            *(t for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj) for t in (p.weight, p.scales_and_zeros)),
+        ]  # fmt: skip
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> FusedLayer | None:
-        if not ENABLED or layer.attn_norm.out_dtype != torch.bfloat16:
+        if not ENABLED or layer.attn_norm.out_dtype != torch.bfloat16 or layer.attn_norm.weight2.device.type != "cpu":
             return None
         kernels = ckernels.load()
         if kernels is None or not kernels.has_int4_matmul:
@@ -70,12 +93,18 @@ class FusedLayer:
             return None
         return cls(layer, kernels)
 
-    def _matmul(self, mod: Int4Linear, x: Tensor, x_stride: int, rows: int, out: Tensor | None, residual: Tensor | None, act: int, threads: int) -> None:
+    def accepts(self, h: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+        return h.is_contiguous() and _cache_ok(k_cache, v_cache)
+
+    def _matmul(
+        self, mod: Int4Linear, bias: Tensor | None, x: Tensor, x_stride: int, rows: int,
+        out: Tensor | None, residual: Tensor | None, act: int, threads: int,
+    ) -> None:  # fmt: skip
         status = self.k.int4_matmul_bf16(
             x.data_ptr(), x_stride, rows, mod.weight.data_ptr(), mod.scales_and_zeros.data_ptr(),
             mod.padded_out, mod.in_features, mod.group_size,
             _ptr(out), 0 if out is None else out.stride(0), threads,
-            _ptr(mod.bias), _ptr(residual), 0 if residual is None else residual.stride(0), act,
+            _ptr(bias), _ptr(residual), 0 if residual is None else residual.stride(0), act,
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"native int4 matmul failed ({status}) on {rows} rows, weight {mod}")
@@ -83,7 +112,11 @@ class FusedLayer:
     def _norm(self, norm: torch.nn.Module, h: Tensor, threads: int) -> Tensor:
         rows = h.shape[0]
         out = torch.empty(rows, self.hidden, dtype=torch.bfloat16)
-        self.k.rms_norm_bf16(h.data_ptr(), h.stride(0), rows, self.hidden, norm.weight2.data_ptr(), norm.eps, out.data_ptr(), self.hidden, threads)
+        status = self.k.rms_norm_bf16(
+            h.data_ptr(), h.stride(0), rows, self.hidden, norm.weight2.data_ptr(), norm.eps, out.data_ptr(), self.hidden, threads
+        )
+        if status != 0:
+            raise RuntimeError(f"native RMSNorm refused {rows} rows of {self.hidden}")
         return out
 
     def __call__(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
@@ -97,7 +130,7 @@ class FusedLayer:
         # attention: norm, qkv, rotary + cache write, attend, o_proj into the residual
         x = self._norm(layer.attn_norm, h, threads)
         qkv = torch.empty(rows, attn.qkv_proj.padded_out, dtype=torch.bfloat16)
-        self._matmul(attn.qkv_proj, x, self.hidden, rows, qkv, None, 0, threads)
+        self._matmul(attn.qkv_proj, self.qkv_bias, x, self.hidden, rows, qkv, None, 0, threads)
         slots = plan.slot_mapping
         status = self.k.rope_kv_bf16(
             qkv.data_ptr(), qkv.stride(0), rows, heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(), head_dim,
@@ -106,13 +139,13 @@ class FusedLayer:
         if status != 0:
             raise RuntimeError(f"rotary / cache write refused: {rows} rows, slots {slots.tolist()[:8]}...")
         o = self._attend(qkv, plan, k_cache, v_cache, attn.scale, threads)
-        self._matmul(attn.o_proj, o, o.stride(0), rows, None, h, 0, threads)
+        self._matmul(attn.o_proj, self.o_bias, o, o.stride(0), rows, None, h, 0, threads)
 
         # MLP: norm, gate_up, down of silu(gate) * up into the residual
         x = self._norm(layer.ffn_norm, h, threads)
         gate_up = torch.empty(rows, mlp.gate_up_proj.padded_out, dtype=torch.bfloat16)
-        self._matmul(mlp.gate_up_proj, x, self.hidden, rows, gate_up, None, 0, threads)
-        self._matmul(mlp.down_proj, gate_up, gate_up.stride(0), rows, None, h, 1, threads)
+        self._matmul(mlp.gate_up_proj, self.gate_up_bias, x, self.hidden, rows, gate_up, None, 0, threads)
+        self._matmul(mlp.down_proj, self.down_bias, gate_up, gate_up.stride(0), rows, None, h, 1, threads)
         return h
 
     def _attend(self, qkv: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor, scale: float, threads: int) -> Tensor:
@@ -168,16 +201,24 @@ class FusedStack:
         self.gu_n = first.layer.mlp.gate_up_proj.padded_out
         self._table = (LayerWeights * len(self.layers))()
         self._cache_key: tuple[int, ...] = ()
+        self._cache_ok = False
+        group = self.num_heads // self.num_kv_heads
+        # decode_attention_bf16's limits: beyond them the per-layer path falls back to torch
+        self.attention_ok = self.num_heads % self.num_kv_heads == 0 and group <= 16 and self.head_dim <= 256
         for entry, fused_layer in zip(self._table, self.layers, strict=True):
             layer = fused_layer.layer
             attn, mlp = layer.self_attn, layer.mlp
             if attn.qkv_proj.padded_out != self.qkv_n or mlp.gate_up_proj.padded_out != self.gu_n:
                 raise ValueError("layers differ in shape")
             entry.attn_norm, entry.ffn_norm = layer.attn_norm.weight2.data_ptr(), layer.ffn_norm.weight2.data_ptr()
-            for prefix, mod in (("qkv", attn.qkv_proj), ("o", attn.o_proj), ("gu", mlp.gate_up_proj), ("down", mlp.down_proj)):
+            projections = (
+                ("qkv", attn.qkv_proj, fused_layer.qkv_bias), ("o", attn.o_proj, fused_layer.o_bias),
+                ("gu", mlp.gate_up_proj, fused_layer.gate_up_bias), ("down", mlp.down_proj, fused_layer.down_bias),
+            )  # fmt: skip
+            for prefix, mod, bias in projections:  # the tensors stay alive in fused_layer.pinned / its biases
                 setattr(entry, f"{prefix}_w", mod.weight.data_ptr())
                 setattr(entry, f"{prefix}_sz", mod.scales_and_zeros.data_ptr())
-                setattr(entry, f"{prefix}_bias", _ptr(mod.bias))
+                setattr(entry, f"{prefix}_bias", _ptr(bias))
                 setattr(entry, f"{prefix}_gs", mod.group_size)
             entry.qkv_n, entry.gu_n = self.qkv_n, self.gu_n
 
@@ -191,18 +232,23 @@ class FusedStack:
         except ValueError:
             return None
 
-    def applies(self, h: Tensor, plan: AttentionPlan) -> bool:
-        return (
-            not plan.prefills and plan.decode_rows is None and plan.decode_tables is not None
+    def applies(self, h: Tensor, plan: AttentionPlan, kv_caches: KVCache) -> bool:
+        if not (
+            self.attention_ok and not plan.prefills and plan.decode_rows is None and plan.decode_tables is not None
             and plan.decode_seq_lens is not None and h.is_contiguous()
-        )  # fmt: skip
-
-    def __call__(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, kv_caches: KVCache) -> Tensor:
+        ):  # fmt: skip
+            return False
         key = tuple(t.data_ptr() for pair in kv_caches for t in pair)
         if key != self._cache_key:  # the cache tensors: fixed for an engine, but not known at build
+            self._cache_ok = all(_cache_ok(k, v) for k, v in kv_caches)
             for entry, (k_cache, v_cache) in zip(self._table, kv_caches, strict=True):
                 entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
             self._cache_key = key
+            self._caches = kv_caches  # held: the table points into them
+        return self._cache_ok
+
+    def __call__(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, kv_caches: KVCache) -> Tensor:
+        """Call only after ``applies`` returned True for these ``kv_caches``."""
         rows = h.shape[0]
         bf16 = torch.bfloat16
         x = torch.empty(rows, self.hidden, dtype=bf16)

@@ -134,7 +134,7 @@ class DecoderLayer(nn.Module):
         """``h``: the float32 residual stream, updated in place and returned."""
         if self._fused is None:  # decided once, on the first forward (weights are installed by then)
             self._fused = FusedLayer.build(self) or False
-        if self._fused and h.is_contiguous():
+        if isinstance(self._fused, FusedLayer) and self._fused.accepts(h, k_cache, v_cache):
             return self._fused(h, cos, sin, plan, k_cache, v_cache)
         h.add_(self.self_attn(self.attn_norm(h), cos, sin, plan, k_cache, v_cache))
         return h.add_(self.mlp(self.ffn_norm(h)))
@@ -178,7 +178,7 @@ class CausalLM(nn.Module):
         # The residual stream stays float32 whatever the matmul dtype: 60 bfloat16 additions cost
         # ~1 point of top-1 agreement with the float32 reference on SmolLM2, float32 costs nothing.
         h = self.embed_tokens.embed(input_ids).float()  # a fresh tensor: the layers add into it in place
-        if self._stack and self._stack.applies(h, plan):
+        if isinstance(self._stack, FusedStack) and self._stack.applies(h, plan, kv_caches):
             return self.norm(self._stack(h, cos, sin, plan, kv_caches))
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, plan, k_cache, v_cache)

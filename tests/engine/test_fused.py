@@ -61,6 +61,42 @@ def test_fused_layers_match_the_torch_ops(native, tiny_path, monkeypatch) -> Non
         assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
 
 
+def test_one_call_decode_steps_equal_the_per_layer_calls(native, tiny_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``FusedStack`` runs the same kernels in the same order as ``FusedLayer``: bit for bit."""
+    stacked = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
+    a = run_steps(stacked.model, stacked.config, dtype=torch.bfloat16)
+    assert isinstance(stacked.model._stack, FusedStack)
+    monkeypatch.setattr(FusedStack, "build", classmethod(lambda cls, layers: None))
+    layered = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
+    b = run_steps(layered.model, layered.config, dtype=torch.bfloat16)
+    assert layered.model._stack is False and isinstance(layered.model.layers[0]._fused, FusedLayer)
+    for seq_id in SEQS:
+        assert torch.equal(a[seq_id][1], b[seq_id][1])
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads"),
+    [
+        (8, 1),  # head_dim 16: qkv 160 wide, padded to 192 with its bias; scalar attention and rotary
+        (32, 1),  # a group of 32: past the decode kernel's 16, attention falls back to torch's
+    ],
+)
+def test_odd_shapes_fuse_or_fall_back_correctly(native, tmp_path, monkeypatch, heads: int, kv_heads: int) -> None:  # type: ignore[no-untyped-def]
+    path = save_hf(make_hf_model("qwen2", num_attention_heads=heads, num_key_value_heads=kv_heads), tmp_path)
+    fast = load_model(path, quantization="int4", dtype=torch.bfloat16)
+    assert fast.model.layers[0].self_attn.qkv_proj.padded_out != fast.model.layers[0].self_attn.qkv_proj.out_features
+    ours = run_steps(fast.model, fast.config, dtype=torch.bfloat16)
+    assert isinstance(fast.model.layers[0]._fused, FusedLayer)
+    assert fast.model._stack.attention_ok == (heads // kv_heads <= 16)
+    monkeypatch.setattr(fused, "ENABLED", False)
+    plain = load_model(path, quantization="int4", dtype=torch.bfloat16)
+    ref = run_steps(plain.model, plain.config, dtype=torch.bfloat16)
+    for seq_id in SEQS:
+        a, b = ours[seq_id][1], ref[seq_id][1]
+        assert (a - b).abs().max().item() <= 0.01 * b.abs().max().item()
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+
+
 def test_rms_norm_matches_the_layer_norm_form(native) -> None:  # type: ignore[no-untyped-def]
     norm = RMSNorm(96, 1e-5, torch.bfloat16)
     norm.set_weight(torch.randn(96))

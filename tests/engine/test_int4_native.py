@@ -76,6 +76,27 @@ def test_kernel_matches_exact_products(native, n: int, k: int, group_size: int) 
         assert within_bfloat16_of_exact(out, x, mod), rows
 
 
+def test_bias_and_residual_epilogues(native) -> None:  # type: ignore[no-untyped-def]
+    """The epilogues the fused layer uses: the bias (padded to the kernel's width) added and
+    rounded as ``y + bias`` in bfloat16, and the bfloat16 result added into a float32 residual."""
+    n, k, rows = 200, 64, 3  # padded to 256 rows
+    mod = Int4Linear.from_data(quantize_int4(weights(n, k)), dtype=torch.bfloat16, bias=torch.randn(n))
+    x = torch.randn(rows, k).bfloat16()
+    bias = torch.zeros(mod.padded_out, dtype=torch.bfloat16)
+    bias[:n] = mod.bias
+    y = torch.empty(rows, mod.padded_out, dtype=torch.bfloat16)
+    args = (x.data_ptr(), k, rows, mod.weight.data_ptr(), mod.scales_and_zeros.data_ptr(), mod.padded_out, k, 32)
+    assert native.int4_matmul_bf16(*args, y.data_ptr(), mod.padded_out, 2, bias.data_ptr(), None, 0, 0) == 0
+    assert torch.equal(y[:, :n], mod(x))
+    plain = torch.empty_like(y)
+    assert native.int4_matmul_bf16(*args, plain.data_ptr(), mod.padded_out, 2, None, None, 0, 0) == 0
+    residual = torch.randn(rows, mod.padded_out)
+    expected = residual + plain.float()
+    assert native.int4_matmul_bf16(*args, None, 0, 2, None, residual.data_ptr(), mod.padded_out, 0) == 0
+    assert torch.equal(residual, expected)
+    assert native.int4_matmul_bf16(*args, None, 0, 2, None, None, 0, 0) == -1  # nowhere to write
+
+
 def test_each_row_is_independent_of_the_batch_and_the_threads(native) -> None:  # type: ignore[no-untyped-def]
     """Rows are summed in one fixed order whatever shares the call: batched generation can equal
     generation alone bit for bit."""

@@ -223,7 +223,7 @@ static int attend_fast(
             uint16_t *oh = out + (int64_t)(hk * group + i) * head_dim;
             for (int c = 0; c < head_dim; c += 16)
                 _mm256_storeu_si256((__m256i *)(oh + c),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)i * head_dim + c), iv)));
+                                    f32x16_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)i * head_dim + c), iv)));
         }
     }
     free(scratch);

@@ -132,8 +132,10 @@ typedef struct {
 /* The decoder layers of a step whose t rows are all decodes (one new token per sequence), in
  * order, exactly as fused.py's FusedLayer runs them one call at a time: the residual stream h
  * (float32 [t, hidden], contiguous) is updated in place. Scratch: x [t, hidden], qkv [t, qkv_n],
- * attn [t, heads * head_dim], gate_up [t, gu_n], all bfloat16. Returns 0, or 1 + the index of
- * the layer whose kernel refused (layers before it have run). */
+ * attn [t, heads * head_dim], gate_up [t, gu_n], all bfloat16. Biases are padded to their
+ * matmul's width. Returns 0; -1 before touching anything for a shape the attention kernel
+ * refuses; or 1 + the index of the layer where a kernel refused, right after that kernel (the
+ * step is then lost: earlier layers have updated h and the caches). */
 int decode_layers_bf16(
     const LayerWeights *layers, int32_t num_layers, float *h, int64_t t, int64_t hidden,
     int32_t heads, int32_t kv_heads, int32_t head_dim, int64_t intermediate, float eps, float scale,
@@ -142,23 +144,28 @@ int decode_layers_bf16(
     uint16_t *x, uint16_t *qkv, uint16_t *attn, uint16_t *gate_up, int32_t num_threads)
 {
     const int64_t q_width = (int64_t)heads * head_dim;
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > 16 || head_dim <= 0 || head_dim > 256 ||
+        head_dim % 2 || t <= 0)
+        return -1; /* decode_attention_bf16's limits, checked before anything is written */
     for (int32_t l = 0; l < num_layers; l++) {
         const LayerWeights *w = layers + l;
-        int bad = rms_norm_bf16(h, hidden, t, hidden, w->attn_norm, eps, x, hidden, num_threads);
-        bad |= int4_matmul_bf16(x, hidden, t, w->qkv_w, w->qkv_sz, w->qkv_n, hidden, w->qkv_gs, qkv, w->qkv_n,
-                                num_threads, w->qkv_bias, NULL, 0, 0);
-        bad |= rope_kv_bf16(qkv, w->qkv_n, t, heads, kv_heads, head_dim, cos, sin, head_dim, slots, w->k_cache,
-                            w->v_cache, num_slots, num_threads);
-        bad |= decode_attention_bf16(qkv, w->qkv_n, w->k_cache, w->v_cache, tables, table_stride, seq_lens, num_blocks,
-                                     (int32_t)t, heads, kv_heads, head_dim, block_size, scale, attn, q_width, num_threads);
-        bad |= int4_matmul_bf16(attn, q_width, t, w->o_w, w->o_sz, hidden, q_width, w->o_gs, NULL, 0, num_threads,
-                                w->o_bias, h, hidden, 0);
-        bad |= rms_norm_bf16(h, hidden, t, hidden, w->ffn_norm, eps, x, hidden, num_threads);
-        bad |= int4_matmul_bf16(x, hidden, t, w->gu_w, w->gu_sz, w->gu_n, hidden, w->gu_gs, gate_up, w->gu_n,
-                                num_threads, w->gu_bias, NULL, 0, 0);
-        bad |= int4_matmul_bf16(gate_up, w->gu_n, t, w->down_w, w->down_sz, hidden, intermediate, w->down_gs, NULL, 0,
-                                num_threads, w->down_bias, h, hidden, 1);
-        if (bad) return 1 + l;
+#define STEP(call) \
+    if ((call) != 0) return 1 + l
+        STEP(rms_norm_bf16(h, hidden, t, hidden, w->attn_norm, eps, x, hidden, num_threads));
+        STEP(int4_matmul_bf16(x, hidden, t, w->qkv_w, w->qkv_sz, w->qkv_n, hidden, w->qkv_gs, qkv, w->qkv_n,
+                              num_threads, w->qkv_bias, NULL, 0, 0));
+        STEP(rope_kv_bf16(qkv, w->qkv_n, t, heads, kv_heads, head_dim, cos, sin, head_dim, slots, w->k_cache,
+                          w->v_cache, num_slots, num_threads));
+        STEP(decode_attention_bf16(qkv, w->qkv_n, w->k_cache, w->v_cache, tables, table_stride, seq_lens, num_blocks,
+                                   (int32_t)t, heads, kv_heads, head_dim, block_size, scale, attn, q_width, num_threads));
+        STEP(int4_matmul_bf16(attn, q_width, t, w->o_w, w->o_sz, hidden, q_width, w->o_gs, NULL, 0, num_threads,
+                              w->o_bias, h, hidden, 0));
+        STEP(rms_norm_bf16(h, hidden, t, hidden, w->ffn_norm, eps, x, hidden, num_threads));
+        STEP(int4_matmul_bf16(x, hidden, t, w->gu_w, w->gu_sz, w->gu_n, hidden, w->gu_gs, gate_up, w->gu_n,
+                              num_threads, w->gu_bias, NULL, 0, 0));
+        STEP(int4_matmul_bf16(gate_up, w->gu_n, t, w->down_w, w->down_sz, hidden, intermediate, w->down_gs, NULL, 0,
+                              num_threads, w->down_bias, h, hidden, 1));
+#undef STEP
     }
     return 0;
 }

@@ -49,11 +49,12 @@ typedef struct {
 /* The output tile at (row m, column c): bfloat16 y, plus the bias (rounded again, as y + bias in
  * bfloat16), then either stored or added to the float32 residual stream. */
 static inline void epilogue(const Problem *p, int64_t m, int64_t c, __m512 out) {
-    __m256i y = (__m256i)_mm512_cvtneps_pbh(out);
+    /* f32x16_to_bf16, not VCVTNEPS2BF16: that one flushes subnormals to zero, torch does not */
+    __m256i y = f32x16_to_bf16(out);
     if (p->bias != NULL) {
         const __m512 sum = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(y), 16)),
                                          bf16x16_to_f32(p->bias + c));
-        y = (__m256i)_mm512_cvtneps_pbh(sum);
+        y = f32x16_to_bf16(sum);
     }
     if (p->residual != NULL) {
         float *r = p->residual + m * p->residual_stride + c;
@@ -183,7 +184,8 @@ static float group_sum(const uint16_t *x, int64_t gs) {
 /* x: bfloat16 [m, k] (row stride x_stride, unit column stride), or with act = 1 [m, 2k] holding
  * gate | up, of which the kernel multiplies silu(gate) * up (rounded as torch rounds it);
  * w: the native layout for [n, k]; sz: bfloat16 [k / group_size, n, 2]; bias: bfloat16 [n] or
- * NULL. The result goes to y (bfloat16 [m, n], row stride y_stride) or, when residual is not
+ * NULL, else [n] (n is the padded width: the caller pads the bias too). The result goes to y
+ * (bfloat16 [m, n], row stride y_stride) or, when residual is not
  * NULL, is added (as its bfloat16 value) to residual (float32 [m, n], row stride
  * residual_stride) and y is unused.
  * Returns 0, or -1 (nothing written) for a shape outside the kernel's contract (n a multiple of
@@ -197,6 +199,7 @@ int int4_matmul_bf16(
     if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0 || (act != 0 && act != 1)) return -1;
     if (n % 32 || group_size % 8 || k % group_size) return -1;
     if (m == 0) return 0;
+    if (y == NULL && residual == NULL) return -1;
     const int64_t groups = k / group_size;
     float *xsum = malloc(sizeof(float) * (size_t)(m * groups));
     uint16_t *xa = act ? malloc(sizeof(uint16_t) * (size_t)(m * k)) : NULL;

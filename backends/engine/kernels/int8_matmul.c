@@ -60,7 +60,7 @@ static inline __attribute__((always_inline)) void tile8(const Problem8 *p, int64
         for (int i = 0; i < MT; i++) out[i] = _mm512_fmadd_ps(d, acc[i], out[i]);
     }
     for (int i = 0; i < MT; i++)
-        _mm256_storeu_si256((__m256i *)(p->y + (m0 + i) * p->y_stride + b * 16), (__m256i)_mm512_cvtneps_pbh(out[i]));
+        _mm256_storeu_si256((__m256i *)(p->y + (m0 + i) * p->y_stride + b * 16), f32x16_to_bf16(out[i]));
 }
 
 static void block8(const Problem8 *p, int64_t m, int64_t b) {

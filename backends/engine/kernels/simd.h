@@ -53,12 +53,15 @@ static inline __m256i f32x16_to_bf16(__m512 v) {
 }
 
 /* exp(v) lane by lane: exp(r) * 2^k with |r| <= ln2 / 2 and a degree-6 Taylor polynomial
- * (relative error < 2e-7, about one float32 ulp); below -87 it is 0, above 88 +inf, NaN stays
- * NaN (max/min return their second operand when it is NaN). Scalar libm expf costs ~10 ns. */
-static inline __m512 exp512(__m512 v) {
+ * (relative error < 2e-7, about one float32 ulp); 0 below -87.3 (where expf turns subnormal),
+ * +inf above 88.7 (where it overflows), NaN stays NaN (max/min return their second operand when
+ * it is NaN). Scalar libm expf costs ~10 ns. */
+static inline __m512 exp512(__m512 x) {
     const __m512 log2e = _mm512_set1_ps(1.44269504f);
     const __m512 ln2_hi = _mm512_set1_ps(0.693145751953125f), ln2_lo = _mm512_set1_ps(1.428606765330187e-06f);
-    v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), v));
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    const __mmask16 over = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72f), _CMP_GT_OQ);
+    const __m512 v = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
     const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, v));
     __m512 p = _mm512_set1_ps(1.0f / 720.0f);
@@ -68,7 +71,9 @@ static inline __m512 exp512(__m512 v) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, k);
+    p = _mm512_scalef_ps(p, k);
+    p = _mm512_mask_mov_ps(p, under, _mm512_setzero_ps());
+    return _mm512_mask_mov_ps(p, over, _mm512_set1_ps(INFINITY));
 }
 #endif
 
