@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backends.engine import ckernels
+from backends.engine import ckernels, hugepages
 from backends.engine.config import ModelConfig
 
 KVCache = list[tuple[Tensor, Tensor]]
@@ -259,6 +259,8 @@ def allocate_kv_cache(
     ``softmax @ V`` product, so the cache never holds garbage.
     """
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    if torch.device(device).type == "cpu":  # read at every step: on huge pages where allowed
+        return [(hugepages.empty(shape, dtype).zero_(), hugepages.empty(shape, dtype).zero_()) for _ in range(config.num_layers)]
     return [
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(config.num_layers)

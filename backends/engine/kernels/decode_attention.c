@@ -164,6 +164,19 @@ static int attend_fast(
     float *scratch = malloc(sizeof(float) * ((size_t)group * padded + (size_t)(VALUE_TILE + group) * head_dim));
     if (scratch == NULL) return -1;
     float *scores = scratch, *vt = scores + (size_t)group * padded, *acc = vt + (size_t)VALUE_TILE * head_dim;
+    /* The cache of all layers is far larger than the CPU's caches, so this sequence's keys and
+     * values come from memory: ask for all of the item's rows up front (into L2), so that their
+     * loads overlap instead of each waiting its turn (16 sequences of 400 keys, 30 layers'
+     * distinct caches, 2 threads: 592 -> 507 us per layer). A block's tokens are contiguous. */
+    for (int b = 0; b < nblocks; b++) {
+        const int n = (b + 1) * block_size <= len ? block_size : len - b * block_size;
+        const int64_t base = (int64_t)table[b] * block_size * token_stride + (int64_t)h0 * head_dim;
+        const int64_t bytes = ((int64_t)(n - 1) * token_stride + (int64_t)(h1 - h0) * head_dim) * 2;
+        for (int64_t off = 0; off < bytes; off += 64) {
+            _mm_prefetch((const char *)(k_cache + base) + off, _MM_HINT_T1);
+            _mm_prefetch((const char *)(v_cache + base) + off, _MM_HINT_T1);
+        }
+    }
     for (int hk = h0; hk < h1; hk++) {
         /* scores[i][t] = scale * q_i . k_t */
         __m512bh qv[MAX_GROUP][4];
