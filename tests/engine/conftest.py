@@ -22,3 +22,17 @@ def smollm2_path() -> Path:
     if not SMOLLM2_FALLBACK.is_file():
         pytest.skip("SmolLM2-135M-Instruct GGUF is not available")
     return SMOLLM2_FALLBACK
+
+
+@pytest.fixture
+def native_matmuls():  # type: ignore[no-untyped-def]
+    """The native kernels with their int4 and int8 matmuls (``backends/engine/kernels``), freshly
+    loaded (a test that cleared ``load``'s cache, e.g. to switch them off, left no stale copy);
+    skips where this machine builds none (no C compiler, or no AVX-512 BF16)."""
+    from backends.engine import ckernels
+
+    ckernels.load.cache_clear()
+    loaded = ckernels.load()
+    if loaded is None or not (loaded.has_int4_matmul and loaded.has_int8_matmul):
+        pytest.skip("no native int4/int8 matmul on this machine (needs a C compiler and AVX-512 BF16)")
+    return loaded

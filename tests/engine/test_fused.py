@@ -17,12 +17,9 @@ from engine_helpers import make_hf_model, save_hf
 from test_model import SEQS, run_steps
 
 
-@pytest.fixture(scope="module")
-def native() -> ckernels.Kernels:
-    loaded = ckernels.load()
-    if loaded is None or not loaded.has_int4_matmul:
-        pytest.skip("no native int4 kernel on this machine (needs a C compiler and AVX-512 BF16)")
-    return loaded
+@pytest.fixture
+def native(native_matmuls):  # type: ignore[no-untyped-def]
+    return native_matmuls
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
