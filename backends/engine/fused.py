@@ -9,9 +9,11 @@ step beside ~6 ms of matmuls. Here a layer is
       -> gate_up (int4) -> down (int4 of silu(gate) * up, added into the residual)
 
 with the kernels of ``kernels/`` (``int4_matmul.c``, ``fused_ops.c``, ``decode_attention.c``),
-each rounding where the torch path rounds, so the two agree to float32 rounding (tested). A step
-with prefills runs their attention through torch's SDPA as before (``paged_attention`` with the
-cache already written).
+each rounding where the torch path rounds, so the two agree to float32 rounding (tested; identical
+on the test models). A step with prefills runs their attention through torch's SDPA as before
+(``paged_attention`` with the cache already written). A step of decodes alone goes further:
+``FusedStack`` runs every layer in one native call (``decode_layers_bf16``), the same kernels in
+the same order, without the Python between them (~2 ms a step on SmolLM2).
 
 ``FusedLayer.build(layer)`` returns ``None`` unless every piece applies: the native kernels are
 built with the int4 fast path, activations are bfloat16 on CPU, and the four projections are
