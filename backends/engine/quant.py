@@ -200,12 +200,31 @@ def _native_unpack(packed: Tensor, n: int, k: int) -> Tensor:
     return _native_nibbles(chunks).reshape(n, k)
 
 
+def _native_kernels(device: torch.device, dtype: torch.dtype, k: int, group_size: int, group_multiple: int) -> ckernels.Kernels | None:
+    """The native kernels, where a layer of this shape may run on their matmuls: CPU, bfloat16,
+    groups a multiple of ``group_multiple`` dividing ``k``."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or group_size % group_multiple or k % group_size:
+        return None
+    return ckernels.load()
+
+
 def _native_int4_kernel(device: torch.device, dtype: torch.dtype, k: int, group_size: int) -> bool:
-    """Whether a CPU bfloat16 layer of this shape runs on the native int4 kernel."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or group_size % 8 or k % group_size:
-        return False
-    kernels = ckernels.load()
+    kernels = _native_kernels(device, dtype, k, group_size, 8)
     return kernels is not None and kernels.has_int4_matmul
+
+
+def _native_matmul(mod: nn.Module, x: Tensor, launch: Any) -> Tensor:
+    """``[M, mod.padded_out]`` from ``launch(kernels, x, y)``, a native matmul call returning its
+    status; ``x`` made unit-strided along its rows first."""
+    kernels = ckernels.load()
+    assert kernels is not None, "a native-layout weight exists only where the kernels loaded"
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(x.shape[0], mod.padded_out, dtype=x.dtype)
+    status = launch(kernels, x, y)
+    if status != 0:
+        raise RuntimeError(f"native matmul failed ({status}) on x {tuple(x.shape)}, weight {mod}")
+    return y
 
 
 _cpu_layout_ok: bool | None = None
@@ -370,27 +389,30 @@ class Int4Linear(nn.Module):
         ):  # float32: the plain-torch reference; or the optional bfloat16 tile
             return _dense_forward(self, x)
         if self.layout == "native":
-            y = self._native_forward(x)
+            y = _native_matmul(self, x, self._launch)
         else:
             y = self._mm(x, self.weight, self.group_size, self.scales_and_zeros)
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
         return y if self.bias is None else y + self.bias
 
-    def _native_forward(self, x: Tensor) -> Tensor:
-        kernels = ckernels.load()
-        assert kernels is not None, "a native-layout weight exists only where the kernel loaded"
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        y = torch.empty(x.shape[0], self.padded_out, dtype=x.dtype)
-        status = kernels.int4_matmul_bf16(
-            x.data_ptr(), x.stride(0), x.shape[0], self.weight.data_ptr(), self.scales_and_zeros.data_ptr(),
-            self.padded_out, self.in_features, self.group_size, y.data_ptr(), y.stride(0), torch.get_num_threads(),
-            None, None, 0, 0,
+    def _launch(self, kernels: ckernels.Kernels, x: Tensor, y: Tensor) -> int:
+        return self.native_matmul(kernels, x, x.stride(0), x.shape[0], y)
+
+    def native_matmul(
+        self, kernels: ckernels.Kernels, x: Tensor, x_stride: int, rows: int, y: Tensor | None, *,
+        bias: Tensor | None = None, residual: Tensor | None = None, act: int = 0,
+    ) -> int:  # fmt: skip
+        """``kernels/int4_matmul.c`` on this (native-layout) weight; returns its status. The
+        epilogues and prologue the fused layer uses: ``bias`` padded to ``padded_out``, the result
+        added into a float32 ``residual`` instead of written to ``y``, ``act=1`` for x = gate|up."""
+        return kernels.int4_matmul_bf16(
+            x.data_ptr(), x_stride, rows, self.weight.data_ptr(), self.scales_and_zeros.data_ptr(),
+            self.padded_out, self.in_features, self.group_size,
+            None if y is None else y.data_ptr(), 0 if y is None else y.stride(0), torch.get_num_threads(),
+            None if bias is None else bias.data_ptr(),
+            None if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0), act,
         )  # fmt: skip
-        if status != 0:
-            raise RuntimeError(f"native int4 matmul failed ({status}) on x {tuple(x.shape)}, weight {self}")
-        return y
 
     def gather_q(self, ids: Tensor) -> Tensor:
         """``q`` of rows ``ids`` (uint8 ``[T, K]``), read straight from the packed layout."""
@@ -452,6 +474,11 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activation dtype the layer was built for (its scales')."""
+        return self.scales.dtype
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
         dtype = dtype or self.scales.dtype
@@ -574,10 +601,7 @@ class Int8GroupLinear(Int8Linear):
 
 
 def _native_int8_kernel(device: torch.device, dtype: torch.dtype, k: int, group_size: int) -> bool:
-    """Whether a CPU bfloat16 per-group int8 layer of this shape runs on the native int8 kernel."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or group_size % 2 or k % group_size:
-        return False
-    kernels = ckernels.load()
+    kernels = _native_kernels(device, dtype, k, group_size, 2)
     return kernels is not None and kernels.has_int8_matmul
 
 
@@ -594,7 +618,7 @@ class Int8NativeLinear(Int8Linear):
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype) -> None:
         super().__init__(in_features, out_features, group_size)
         self.per_channel = False
-        self.compute_dtype = dtype
+        self._compute_dtype = dtype  # its scales stay float32 whatever it computes in
         self.padded_out = out_features + (-out_features) % 16
 
     @classmethod
@@ -621,6 +645,10 @@ class Int8NativeLinear(Int8Linear):
         return mod
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._compute_dtype
+
+    @property
     def scales(self) -> Tensor:  # type: ignore[override]
         """``d`` as ``[N, G]`` float32."""
         return self.scales_t[:, : self.out_features].t()
@@ -644,20 +672,16 @@ class Int8NativeLinear(Int8Linear):
         w = self._rows_q(ids).float().view(-1, k // gs, gs).mul_(d).view(-1, k)
         return w.to(dtype or self.compute_dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.bfloat16:
-            return _dense_forward(self, x)
-        kernels = ckernels.load()
-        assert kernels is not None, "a native-layout weight exists only where the kernel loaded"
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        y = torch.empty(x.shape[0], self.padded_out, dtype=x.dtype)
-        status = kernels.int8_matmul_bf16(
+    def _launch(self, kernels: ckernels.Kernels, x: Tensor, y: Tensor) -> int:
+        return kernels.int8_matmul_bf16(
             x.data_ptr(), x.stride(0), x.shape[0], self.weight.data_ptr(), self.scales_t.data_ptr(),
             self.padded_out, self.in_features, self.group_size, y.data_ptr(), y.stride(0), torch.get_num_threads(),
         )  # fmt: skip
-        if status != 0:
-            raise RuntimeError(f"native int8 matmul failed ({status}) on x {tuple(x.shape)}, weight {self}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.bfloat16:
+            return _dense_forward(self, x)
+        y = _native_matmul(self, x, self._launch)
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
         return y if self.bias is None else y + self.bias

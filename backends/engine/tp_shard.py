@@ -39,7 +39,6 @@ from backends.engine.quant import (
     Int4Linear,
     Int8Data,
     Int8Linear,
-    Int8NativeLinear,
     WeightData,
     cat_rows,
     make_linear,
@@ -184,12 +183,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def _compute_dtype(module: nn.Module) -> torch.dtype:
-    if isinstance(module, Int8NativeLinear):  # its scales stay float32 whatever it computes in
-        return module.compute_dtype
     if isinstance(module, Int4Linear):
         return module.scales_and_zeros.dtype
     if isinstance(module, Int8Linear):
-        return module.scales.dtype
+        return module.compute_dtype
     return module.weight.dtype
 
 
