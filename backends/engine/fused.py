@@ -100,14 +100,9 @@ class FusedLayer:
 
     def _matmul(
         self, mod: Int4Linear, bias: Tensor | None, x: Tensor, x_stride: int, rows: int,
-        out: Tensor | None, residual: Tensor | None, act: int, threads: int,
+        out: Tensor | None, residual: Tensor | None, act: int,
     ) -> None:  # fmt: skip
-        status = self.k.int4_matmul_bf16(
-            x.data_ptr(), x_stride, rows, mod.weight.data_ptr(), mod.scales_and_zeros.data_ptr(),
-            mod.padded_out, mod.in_features, mod.group_size,
-            _ptr(out), 0 if out is None else out.stride(0), threads,
-            _ptr(bias), _ptr(residual), 0 if residual is None else residual.stride(0), act,
-        )  # fmt: skip
+        status = mod.native_matmul(self.k, x, x_stride, rows, out, bias=bias, residual=residual, act=act)
         if status != 0:
             raise RuntimeError(f"native int4 matmul failed ({status}) on {rows} rows, weight {mod}")
 
@@ -132,7 +127,7 @@ class FusedLayer:
         # attention: norm, qkv, rotary + cache write, attend, o_proj into the residual
         x = self._norm(layer.attn_norm, h, threads)
         qkv = torch.empty(rows, attn.qkv_proj.padded_out, dtype=torch.bfloat16)
-        self._matmul(attn.qkv_proj, self.qkv_bias, x, self.hidden, rows, qkv, None, 0, threads)
+        self._matmul(attn.qkv_proj, self.qkv_bias, x, self.hidden, rows, qkv, None, 0)
         slots = plan.slot_mapping
         status = self.k.rope_kv_bf16(
             qkv.data_ptr(), qkv.stride(0), rows, heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(), head_dim,
@@ -140,28 +135,21 @@ class FusedLayer:
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"rotary / cache write refused: {rows} rows, slots {slots.tolist()[:8]}...")
-        o = self._attend(qkv, plan, k_cache, v_cache, attn.scale, threads)
-        self._matmul(attn.o_proj, self.o_bias, o, o.stride(0), rows, None, h, 0, threads)
+        o = self._attend(qkv, plan, k_cache, v_cache, attn.scale)
+        self._matmul(attn.o_proj, self.o_bias, o, o.stride(0), rows, None, h, 0)
 
         # MLP: norm, gate_up, down of silu(gate) * up into the residual
         x = self._norm(layer.ffn_norm, h, threads)
         gate_up = torch.empty(rows, mlp.gate_up_proj.padded_out, dtype=torch.bfloat16)
-        self._matmul(mlp.gate_up_proj, self.gate_up_bias, x, self.hidden, rows, gate_up, None, 0, threads)
-        self._matmul(mlp.down_proj, self.down_bias, gate_up, gate_up.stride(0), rows, None, h, 1, threads)
+        self._matmul(mlp.gate_up_proj, self.gate_up_bias, x, self.hidden, rows, gate_up, None, 0)
+        self._matmul(mlp.down_proj, self.down_bias, gate_up, gate_up.stride(0), rows, None, h, 1)
         return h
 
-    def _attend(self, qkv: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor, scale: float, threads: int) -> Tensor:
+    def _attend(self, qkv: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor, scale: float) -> Tensor:
+        """``paged_attention`` on views of the rotated qkv rows (decode rows reach the native
+        kernel in place: the views have unit head stride), the cache already written."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         rows = qkv.shape[0]
-        if not plan.prefills and plan.decode_rows is None and plan.decode_tables is not None and plan.decode_seq_lens is not None:
-            out = torch.empty(rows, heads * head_dim, dtype=torch.bfloat16)
-            status = self.k.decode_attention_bf16(
-                qkv.data_ptr(), qkv.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                plan.decode_tables.data_ptr(), plan.decode_tables.stride(0), plan.decode_seq_lens.data_ptr(),
-                k_cache.shape[0], rows, heads, kv_heads, head_dim, k_cache.shape[1], scale, out.data_ptr(), out.stride(0), threads,
-            )  # fmt: skip
-            if status == 0:
-                return out
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         q = qkv[:, :q_size].view(rows, heads, head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(rows, kv_heads, head_dim)
@@ -172,15 +160,22 @@ class FusedLayer:
 _p = ctypes.c_void_p
 
 
+class Projection(ctypes.Structure):
+    """Mirror of ``Projection`` in ``kernels/fused_ops.c``."""
+
+    _fields_ = [("w", _p), ("sz", _p), ("bias", _p), ("n", ctypes.c_int64), ("gs", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, mod: Int4Linear, bias: Tensor | None) -> Projection:
+        return cls(mod.weight.data_ptr(), mod.scales_and_zeros.data_ptr(), _ptr(bias), mod.padded_out, mod.group_size)
+
+
 class LayerWeights(ctypes.Structure):
     """Mirror of ``LayerWeights`` in ``kernels/fused_ops.c``."""
 
     _fields_ = [
         ("attn_norm", _p), ("ffn_norm", _p),
-        ("qkv_w", _p), ("qkv_sz", _p), ("qkv_bias", _p), ("qkv_n", ctypes.c_int64), ("qkv_gs", ctypes.c_int64),
-        ("o_w", _p), ("o_sz", _p), ("o_bias", _p), ("o_gs", ctypes.c_int64),
-        ("gu_w", _p), ("gu_sz", _p), ("gu_bias", _p), ("gu_n", ctypes.c_int64), ("gu_gs", ctypes.c_int64),
-        ("down_w", _p), ("down_sz", _p), ("down_bias", _p), ("down_gs", ctypes.c_int64),
+        ("qkv", Projection), ("o", Projection), ("gate_up", Projection), ("down", Projection),
         ("k_cache", _p), ("v_cache", _p),
     ]  # fmt: skip
 
@@ -202,7 +197,7 @@ class FusedStack:
         self.qkv_n = first.layer.self_attn.qkv_proj.padded_out
         self.gu_n = first.layer.mlp.gate_up_proj.padded_out
         self._table = (LayerWeights * len(self.layers))()
-        self._cache_key: tuple[int, ...] = ()
+        self._caches: KVCache | None = None  # the caches the table points into (held)
         self._cache_ok = False
         group = self.num_heads // self.num_kv_heads
         # decode_attention_bf16's limits: beyond them the per-layer path falls back to torch
@@ -212,17 +207,12 @@ class FusedStack:
             attn, mlp = layer.self_attn, layer.mlp
             if attn.qkv_proj.padded_out != self.qkv_n or mlp.gate_up_proj.padded_out != self.gu_n:
                 raise ValueError("layers differ in shape")
+            # the tensors stay alive in fused_layer.pinned and its biases
             entry.attn_norm, entry.ffn_norm = layer.attn_norm.weight2.data_ptr(), layer.ffn_norm.weight2.data_ptr()
-            projections = (
-                ("qkv", attn.qkv_proj, fused_layer.qkv_bias), ("o", attn.o_proj, fused_layer.o_bias),
-                ("gu", mlp.gate_up_proj, fused_layer.gate_up_bias), ("down", mlp.down_proj, fused_layer.down_bias),
-            )  # fmt: skip
-            for prefix, mod, bias in projections:  # the tensors stay alive in fused_layer.pinned / its biases
-                setattr(entry, f"{prefix}_w", mod.weight.data_ptr())
-                setattr(entry, f"{prefix}_sz", mod.scales_and_zeros.data_ptr())
-                setattr(entry, f"{prefix}_bias", _ptr(bias))
-                setattr(entry, f"{prefix}_gs", mod.group_size)
-            entry.qkv_n, entry.gu_n = self.qkv_n, self.gu_n
+            entry.qkv = Projection.of(attn.qkv_proj, fused_layer.qkv_bias)
+            entry.o = Projection.of(attn.o_proj, fused_layer.o_bias)
+            entry.gate_up = Projection.of(mlp.gate_up_proj, fused_layer.gate_up_bias)
+            entry.down = Projection.of(mlp.down_proj, fused_layer.down_bias)
 
     @classmethod
     def build(cls, layers: Sequence[object]) -> FusedStack | None:
@@ -240,13 +230,11 @@ class FusedStack:
             and plan.decode_seq_lens is not None and h.is_contiguous()
         ):  # fmt: skip
             return False
-        key = tuple(t.data_ptr() for pair in kv_caches for t in pair)
-        if key != self._cache_key:  # the cache tensors: fixed for an engine, but not known at build
+        if kv_caches is not self._caches:  # one list per engine, allocated once; not known at build
             self._cache_ok = all(_cache_ok(k, v) for k, v in kv_caches)
             for entry, (k_cache, v_cache) in zip(self._table, kv_caches, strict=True):
                 entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
-            self._cache_key = key
-            self._caches = kv_caches  # held: the table points into them
+            self._caches = kv_caches
         return self._cache_ok
 
     def __call__(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, kv_caches: KVCache) -> Tensor:

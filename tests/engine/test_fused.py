@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.engine import ckernels, fused
+from backends.engine import fused
 from backends.engine.fused import FusedLayer, FusedStack
 from backends.engine.loader import load_model
 from backends.engine.model import RMSNorm

@@ -111,31 +111,35 @@ int decode_attention_bf16(
     int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
     float scale, uint16_t *out, int64_t out_stride, int32_t num_threads);
 
-/* One layer's weights (native int4 projections; see fused.py's LayerWeights mirror). */
+/* One native-layout int4 projection: packed weight, (scale, zero) pairs, bias padded to n or
+ * NULL, padded output width n, group size gs. */
+typedef struct {
+    const uint8_t *w;
+    const uint16_t *sz, *bias;
+    int64_t n, gs;
+} Projection;
+
+/* One layer's weights (see fused.py's LayerWeights mirror). */
 typedef struct {
     const float *attn_norm, *ffn_norm;
-    const uint8_t *qkv_w;
-    const uint16_t *qkv_sz, *qkv_bias;
-    int64_t qkv_n, qkv_gs;
-    const uint8_t *o_w;
-    const uint16_t *o_sz, *o_bias;
-    int64_t o_gs;
-    const uint8_t *gu_w;
-    const uint16_t *gu_sz, *gu_bias;
-    int64_t gu_n, gu_gs;
-    const uint8_t *down_w;
-    const uint16_t *down_sz, *down_bias;
-    int64_t down_gs;
+    Projection qkv, o, gate_up, down;
     uint16_t *k_cache, *v_cache;
 } LayerWeights;
 
+/* y (or, with residual, residual +=) = x[t, k] @ p^T, as int4_matmul_bf16 */
+static int project(const Projection *p, const uint16_t *x, int64_t x_stride, int64_t t, int64_t k, uint16_t *y,
+                   float *residual, int32_t act, int32_t num_threads) {
+    return int4_matmul_bf16(x, x_stride, t, p->w, p->sz, p->n, k, p->gs, y, p->n, num_threads, p->bias, residual,
+                            p->n, act);
+}
+
 /* The decoder layers of a step whose t rows are all decodes (one new token per sequence), in
  * order, exactly as fused.py's FusedLayer runs them one call at a time: the residual stream h
- * (float32 [t, hidden], contiguous) is updated in place. Scratch: x [t, hidden], qkv [t, qkv_n],
- * attn [t, heads * head_dim], gate_up [t, gu_n], all bfloat16. Biases are padded to their
- * matmul's width. Returns 0; -1 before touching anything for a shape the attention kernel
- * refuses; or 1 + the index of the layer where a kernel refused, right after that kernel (the
- * step is then lost: earlier layers have updated h and the caches). */
+ * (float32 [t, hidden], contiguous) is updated in place. Scratch: x [t, hidden], qkv [t, qkv.n],
+ * attn [t, heads * head_dim], gate_up [t, gate_up.n], all bfloat16. o and down are unpadded
+ * (n = hidden, the residual's row stride). Returns 0; -1 before touching anything for a shape
+ * the attention kernel refuses; or 1 + the index of the layer where a kernel refused, right
+ * after that kernel (the step is then lost: earlier layers have updated h and the caches). */
 int decode_layers_bf16(
     const LayerWeights *layers, int32_t num_layers, float *h, int64_t t, int64_t hidden,
     int32_t heads, int32_t kv_heads, int32_t head_dim, int64_t intermediate, float eps, float scale,
@@ -152,19 +156,15 @@ int decode_layers_bf16(
 #define STEP(call) \
     if ((call) != 0) return 1 + l
         STEP(rms_norm_bf16(h, hidden, t, hidden, w->attn_norm, eps, x, hidden, num_threads));
-        STEP(int4_matmul_bf16(x, hidden, t, w->qkv_w, w->qkv_sz, w->qkv_n, hidden, w->qkv_gs, qkv, w->qkv_n,
-                              num_threads, w->qkv_bias, NULL, 0, 0));
-        STEP(rope_kv_bf16(qkv, w->qkv_n, t, heads, kv_heads, head_dim, cos, sin, head_dim, slots, w->k_cache,
+        STEP(project(&w->qkv, x, hidden, t, hidden, qkv, NULL, 0, num_threads));
+        STEP(rope_kv_bf16(qkv, w->qkv.n, t, heads, kv_heads, head_dim, cos, sin, head_dim, slots, w->k_cache,
                           w->v_cache, num_slots, num_threads));
-        STEP(decode_attention_bf16(qkv, w->qkv_n, w->k_cache, w->v_cache, tables, table_stride, seq_lens, num_blocks,
+        STEP(decode_attention_bf16(qkv, w->qkv.n, w->k_cache, w->v_cache, tables, table_stride, seq_lens, num_blocks,
                                    (int32_t)t, heads, kv_heads, head_dim, block_size, scale, attn, q_width, num_threads));
-        STEP(int4_matmul_bf16(attn, q_width, t, w->o_w, w->o_sz, hidden, q_width, w->o_gs, NULL, 0, num_threads,
-                              w->o_bias, h, hidden, 0));
+        STEP(project(&w->o, attn, q_width, t, q_width, NULL, h, 0, num_threads));
         STEP(rms_norm_bf16(h, hidden, t, hidden, w->ffn_norm, eps, x, hidden, num_threads));
-        STEP(int4_matmul_bf16(x, hidden, t, w->gu_w, w->gu_sz, w->gu_n, hidden, w->gu_gs, gate_up, w->gu_n,
-                              num_threads, w->gu_bias, NULL, 0, 0));
-        STEP(int4_matmul_bf16(gate_up, w->gu_n, t, w->down_w, w->down_sz, hidden, intermediate, w->down_gs, NULL, 0,
-                              num_threads, w->down_bias, h, hidden, 1));
+        STEP(project(&w->gate_up, x, hidden, t, hidden, gate_up, NULL, 0, num_threads));
+        STEP(project(&w->down, gate_up, w->gate_up.n, t, intermediate, NULL, h, 1, num_threads));
 #undef STEP
     }
     return 0;
