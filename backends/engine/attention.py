@@ -9,9 +9,12 @@ K/V goes (``slot_mapping``, ``block * block_size + offset``). A sequence's new t
 a position > 0) need nothing special.
 
 Per layer, ``paged_attention`` writes the new K/V into the cache, then attends:
-- decode (one new token): every such sequence at once, gathering its cached K/V blocks into a
-  padded ``[S, L]`` batch with a length mask, one SDPA call;
-- prefill (several new tokens): one SDPA call per sequence, causal, offset by its cached prefix.
+- decode (one new token): every such sequence at once, natively in place
+  (``kernels/decode_attention.c``) or gathering its cached K/V blocks into a padded ``[S, L]``
+  batch with a length mask for one SDPA call;
+- prefill (several new tokens): causal, offset by its cached prefix; bfloat16 on CPU runs every
+  prefill of the step in one native call reading K/V in place (``kernels/prefill_attention.c``,
+  ~3.7x torch's SDPA on SmolLM2's heads), else one SDPA call per sequence.
 What depends only on the metadata (block indices, masks) is computed once per step in
 ``AttentionPlan`` and shared by all layers.
 """
@@ -73,6 +76,15 @@ class PrefillSeq(msgspec.Struct):
     mask: Tensor | None  # bool [q_len, nblocks * block_size] (True = attend) when it has a cached prefix
 
 
+class PrefillTables(msgspec.Struct):
+    """The prefill sequences as the native prefill kernel reads them (int32, contiguous)."""
+
+    q_starts: Tensor  # [Sp]: first row of each sequence's new tokens
+    q_lens: Tensor  # [Sp]
+    seq_lens: Tensor  # [Sp]: context after this step
+    block_tables: Tensor  # [Sp, max_blocks]
+
+
 class AttentionPlan(msgspec.Struct):
     """Per-step indices and masks derived once from ``AttentionMetadata``.
 
@@ -90,6 +102,7 @@ class AttentionPlan(msgspec.Struct):
     decode_tables: Tensor | None  # int32 [Sd, nblocks]: the decode sequences' block tables
     decode_seq_lens: Tensor | None  # int32 [Sd]
     prefills: list[PrefillSeq]
+    prefill_tables: PrefillTables | None = None  # when there are prefills
 
     @classmethod
     def build(cls, attn: AttentionMetadata, block_size: int) -> AttentionPlan:
@@ -99,12 +112,15 @@ class AttentionPlan(msgspec.Struct):
         device = attn.slot_mapping.device
         decode: list[int] = []
         prefills: list[PrefillSeq] = []
+        prefill_ids: list[int] = []
         for i, seq_len in enumerate(seq_lens):
             start, end = starts[i], starts[i + 1]
             q_len = end - start
             if q_len == 1:
                 decode.append(i)
-            elif q_len == seq_len:  # no cached prefix: attend to this step's own K/V, causally
+                continue
+            prefill_ids.append(i)
+            if q_len == seq_len:  # no cached prefix: attend to this step's own K/V, causally
                 prefills.append(PrefillSeq(start, end, None, None))
             else:
                 nblocks = -(-seq_len // block_size)
@@ -135,7 +151,20 @@ class AttentionPlan(msgspec.Struct):
         if tables is not None:  # as the native decode kernel reads them
             tables = tables.to(torch.int32).contiguous()
             lens_t = lens_t.to(torch.int32).contiguous()
-        return cls(num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, tables, lens_t, prefills)
+        prefill_tables = None
+        if prefill_ids and device.type == "cpu":
+            nblocks = -(-max(seq_lens[i] for i in prefill_ids) // block_size)
+            rows = attn.block_tables[prefill_ids] if len(prefill_ids) < len(seq_lens) else attn.block_tables
+            prefill_tables = PrefillTables(
+                q_starts=torch.tensor([starts[i] for i in prefill_ids], dtype=torch.int32),
+                q_lens=torch.tensor([starts[i + 1] - starts[i] for i in prefill_ids], dtype=torch.int32),
+                seq_lens=torch.tensor([seq_lens[i] for i in prefill_ids], dtype=torch.int32),
+                block_tables=rows[:, :nblocks].to(torch.int32).contiguous(),
+            )
+        return cls(
+            num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, tables, lens_t, prefills,
+            prefill_tables,
+        )  # fmt: skip
 
 
 def _blocks(table: Tensor) -> Tensor | slice:
@@ -221,8 +250,50 @@ def paged_attention(
         if not plan.prefills:
             return decode_out
 
-    # prefill: one sequence at a time, causal over its context
+    # prefill: causal over each sequence's context, all at once natively, else one SDPA each
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+    if not _native_prefill(q, k_cache, v_cache, plan, scale, out):
+        _sdpa_prefill(q, k, v, k_cache, v_cache, plan, scale, out)
+    if decode_out is not None:
+        out.index_copy_(0, plan.decode_rows, decode_out)
+    return out
+
+
+def _native_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float, out: Tensor) -> bool:
+    """Prefill attention by the native kernel into ``out``, reading every key and value (this
+    step's included: the cache is written first) through the block tables; False where it does
+    not apply, as ``_native_decode``."""
+    tables = plan.prefill_tables
+    if (
+        tables is None
+        or q.dtype != torch.bfloat16
+        or q.device.type != "cpu"
+        or k_cache.dtype != torch.bfloat16
+        or v_cache.dtype != torch.bfloat16
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+    ):
+        return False
+    kernels = ckernels.load()
+    if kernels is None or not kernels.has_prefill_attention:
+        return False
+    _, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    status = kernels.prefill_attention_bf16(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.block_tables.data_ptr(), tables.block_tables.stride(0),
+        tables.q_starts.data_ptr(), tables.q_lens.data_ptr(), tables.seq_lens.data_ptr(),
+        k_cache.shape[0], tables.q_lens.shape[0], num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
+        scale, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return status == 0
+
+
+def _sdpa_prefill(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float, out: Tensor
+) -> None:
+    num_heads, head_dim = q.shape[1:]
+    group = num_heads // k.shape[1]
     for seq in plan.prefills:
         n = seq.end - seq.start
         if seq.blocks is None:
@@ -241,9 +312,6 @@ def paged_attention(
             enable_gqa=group > 1,
         )
         out[seq.start : seq.end] = o[0].transpose(0, 1).reshape(n, num_heads * head_dim)
-    if decode_out is not None:
-        out.index_copy_(0, plan.decode_rows, decode_out)
-    return out
 
 
 def allocate_kv_cache(

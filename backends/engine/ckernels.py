@@ -1,9 +1,10 @@
 """Native CPU kernels: C sources in ``kernels/``, built on first use, called through ctypes.
 
 Torch's CPU ops cover almost everything the engine needs; where one does far more work than the
-engine asks of it, a small C kernel takes over. Today that is decode attention: torch's SDPA
-pays for tiling machinery on a single query row and needs the paged K/V gathered into a copy
-first (SmolLM2, 16 sequences of ~500 keys: ~0.9 ms per layer gathered and attended).
+engine asks of it, a small C kernel takes over: attention over the paged cache (decode: torch's
+SDPA pays for tiling machinery on a single query row and needs the K/V gathered into a copy
+first; prefill: torch's CPU flash attention runs at ~35 GMAC/s on SmolLM2's heads, the kernel at
+~130), the int4/int8 matmuls and the fused decoder layer (``fused.py``).
 
 The source is compiled with the system C compiler (``$CC``, default ``cc``) for this machine
 (``-march=native``) into ``$TAXIWAY_HOME/kernels/``, keyed by a hash of the source, the flags,
@@ -87,6 +88,12 @@ class Kernels:
         fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i32, i32, i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
         fn.restype = ctypes.c_int
         self.decode_attention_bf16 = fn
+        fn = lib.prefill_attention_bf16
+        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
+        fn.restype = ctypes.c_int
+        self.prefill_attention_bf16 = fn
+        #: whether this machine's build has the prefill attention kernel (AVX-512 BF16)
+        self.has_prefill_attention = bool(lib.prefill_attention_supported())
         fn = lib.int4_matmul_bf16
         fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32, ptr, ptr, i64, i32]
         fn.restype = ctypes.c_int

@@ -10,8 +10,8 @@ step beside ~6 ms of matmuls. Here a layer is
 
 with the kernels of ``kernels/`` (``int4_matmul.c``, ``fused_ops.c``, ``decode_attention.c``),
 each rounding where the torch path rounds, so the two agree to float32 rounding (tested; identical
-on the test models). A step with prefills runs their attention through torch's SDPA as before
-(``paged_attention`` with the cache already written). A step of decodes alone goes further:
+on the test models). A step with prefills runs their attention through ``paged_attention``
+with the cache already written (the native prefill kernel). A step of decodes alone goes further:
 ``FusedStack`` runs every layer in one native call (``decode_layers_bf16``), the same kernels in
 the same order, without the Python between them (~2 ms a step on SmolLM2).
 
