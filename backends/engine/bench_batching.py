@@ -6,7 +6,10 @@
   batch start. Useful tokens are each request's own length.
 - **continuous**: C requests in flight; a finished request's slot is refilled at the next step.
 
-Output lengths are exact (``ignore_eos``), so every mode produces the same useful tokens.
+Output lengths are exact (``ignore_eos``), so every mode produces the same useful tokens. Each
+mode also reports where its time went, step by step: steps that computed prompt tokens (with any
+decodes beside them) and decode-only steps, with the rows each computed (static's padding
+included), which is what the ratios between the modes come from.
 """
 
 from __future__ import annotations
@@ -24,12 +27,41 @@ class Job(msgspec.Struct, frozen=True):
     max_tokens: int
 
 
+class StepTally(msgspec.Struct):
+    """A mode's steps (``LLMEngine.last_step``), timed one by one."""
+
+    num_steps: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_rows: int = 0  # sequences that computed one token (static: padding included)
+    prefill_steps_s: float = 0.0  # steps that computed prompt tokens, decodes beside them included
+    num_decode_only_steps: int = 0
+    num_decode_only_rows: int = 0
+    decode_only_steps_s: float = 0.0
+
+    def step(self, engine) -> list:  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        outputs = engine.step()
+        elapsed = time.perf_counter() - start
+        counts = engine.last_step
+        self.num_steps += 1
+        self.num_prefill_tokens += counts.num_prefill_tokens
+        self.num_decode_rows += counts.num_decode_rows
+        if counts.num_prefill_tokens:
+            self.prefill_steps_s += elapsed
+        else:
+            self.num_decode_only_steps += 1
+            self.num_decode_only_rows += counts.num_decode_rows
+            self.decode_only_steps_s += elapsed
+        return outputs
+
+
 class ModeResult(msgspec.Struct):
     mode: str
     wall_s: float
     output_tokens: int
     output_tokens_per_s: float
     prompt_tokens: int
+    steps: StepTally
 
 
 def make_jobs(tokenizer, num: int, prompt: tuple[int, int], output: tuple[int, int], seed: int) -> list[Job]:  # type: ignore[no-untyped-def]
@@ -54,31 +86,31 @@ def _params(max_tokens: int):  # type: ignore[no-untyped-def]
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def _drain(engine) -> None:  # type: ignore[no-untyped-def]
+def _drain(engine, tally: StepTally) -> None:  # type: ignore[no-untyped-def]
     while engine.has_unfinished():
-        engine.step()
+        tally.step(engine)
 
 
-def run_none(engine, jobs: list[Job]) -> float:  # type: ignore[no-untyped-def]
+def run_none(engine, jobs: list[Job], tally: StepTally) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     for i, job in enumerate(jobs):
         engine.add_request(f"none-{i}", job.prompt_ids, _params(job.max_tokens))
-        _drain(engine)
+        _drain(engine, tally)
     return time.perf_counter() - start
 
 
-def run_static(engine, jobs: list[Job], batch: int) -> float:  # type: ignore[no-untyped-def]
+def run_static(engine, jobs: list[Job], batch: int, tally: StepTally) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     for first in range(0, len(jobs), batch):
         group = jobs[first : first + batch]
         longest = max(j.max_tokens for j in group)
         for i, job in enumerate(group):
             engine.add_request(f"static-{first + i}", job.prompt_ids, _params(longest))
-        _drain(engine)
+        _drain(engine, tally)
     return time.perf_counter() - start
 
 
-def run_continuous(engine, jobs: list[Job], concurrency: int) -> float:  # type: ignore[no-untyped-def]
+def run_continuous(engine, jobs: list[Job], concurrency: int, tally: StepTally) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     pending = list(enumerate(jobs))
     in_flight = 0
@@ -87,7 +119,7 @@ def run_continuous(engine, jobs: list[Job], concurrency: int) -> float:  # type:
             i, job = pending.pop(0)
             engine.add_request(f"cont-{i}", job.prompt_ids, _params(job.max_tokens))
             in_flight += 1
-        for output in engine.step():
+        for output in tally.step(engine):
             if output.finished:
                 in_flight -= 1
     return time.perf_counter() - start
@@ -123,28 +155,53 @@ def run(args: Namespace) -> int:
     useful = sum(j.max_tokens for j in jobs)
     prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
     engine.add_request("warm-up", jobs[0].prompt_ids, _params(4))
-    _drain(engine)
+    _drain(engine, StepTally())
     results = []
     for mode in args.modes.split(","):
+        tally = StepTally()
         if mode == "none":
-            wall = run_none(engine, jobs)
+            wall = run_none(engine, jobs, tally)
         elif mode == "static":
-            wall = run_static(engine, jobs, args.concurrency)
+            wall = run_static(engine, jobs, args.concurrency, tally)
         elif mode == "continuous":
-            wall = run_continuous(engine, jobs, args.concurrency)
+            wall = run_continuous(engine, jobs, args.concurrency, tally)
         else:
             print(f"unknown mode {mode!r}", file=sys.stderr)
             return 2
-        results.append(ModeResult(mode, wall, useful, useful / wall, prompt_tokens))
+        results.append(ModeResult(mode, wall, useful, useful / wall, prompt_tokens, tally))
         print(f"{mode:>10}: {wall:7.1f} s  {useful / wall:7.1f} output tok/s", file=sys.stderr)
-    base = {r.mode: r.output_tokens_per_s for r in results}
-    print("| mode | wall (s) | output tok/s | vs none | vs static |\n|---|---|---|---|---|")
-    for r in results:
-        vs_none = r.output_tokens_per_s / base["none"] if "none" in base else float("nan")
-        vs_static = r.output_tokens_per_s / base["static"] if "static" in base else float("nan")
-        print(f"| {r.mode} | {r.wall_s:.1f} | {r.output_tokens_per_s:.1f} | {vs_none:.2f}x | {vs_static:.2f}x |")
-    print(f"\n{len(jobs)} requests, {prompt_tokens} prompt tokens, {useful} output tokens, concurrency {args.concurrency}")
+    print(report(results, len(jobs), args.concurrency))
     if args.out:
         with open(args.out, "wb") as f:
             f.write(msgspec.json.format(msgspec.json.encode(results)))
     return 0
+
+
+def report(results: list[ModeResult], num_requests: int, concurrency: int) -> str:
+    """The modes side by side (markdown), then where each one's time went."""
+    base = {r.mode: r.output_tokens_per_s for r in results}
+    lines = ["| mode | wall (s) | output tok/s | vs none | vs static |", "|---|---|---|---|---|"]
+    for r in results:
+        vs_none = r.output_tokens_per_s / base["none"] if "none" in base else float("nan")
+        vs_static = r.output_tokens_per_s / base["static"] if "static" in base else float("nan")
+        lines.append(f"| {r.mode} | {r.wall_s:.1f} | {r.output_tokens_per_s:.1f} | {vs_none:.2f}x | {vs_static:.2f}x |")
+    lines += [
+        "",
+        "| mode | steps | rows decoded | steps with prompt tokens (s) | decode-only steps | their time (s) "
+        "| ms per decode-only step | rows per decode-only step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t = r.steps
+        n = t.num_decode_only_steps or float("nan")
+        per_step, rows = t.decode_only_steps_s / n * 1e3, t.num_decode_only_rows / n
+        lines.append(
+            f"| {r.mode} | {t.num_steps} | {t.num_decode_rows} | {t.prefill_steps_s:.1f} | {t.num_decode_only_steps} "
+            f"| {t.decode_only_steps_s:.1f} | {per_step:.1f} | {rows:.1f} |"
+        )
+    prompt_tokens = results[0].prompt_tokens if results else 0
+    output_tokens = results[0].output_tokens if results else 0
+    lines.append(
+        f"\n{num_requests} requests, {prompt_tokens} prompt tokens, {output_tokens} output tokens, concurrency {concurrency}"
+    )
+    return "\n".join(lines)

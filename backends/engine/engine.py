@@ -41,6 +41,15 @@ class EngineOutput(msgspec.Struct):
     finished: bool = False
 
 
+class StepCounts(msgspec.Struct, frozen=True):
+    """What one step computed, as attention sees it: ``num_decode_rows`` sequences computing one
+    new token, ``num_prefill_tokens`` the tokens of sequences computing several (prompt chunks,
+    recomputation after preemption)."""
+
+    num_prefill_tokens: int = 0
+    num_decode_rows: int = 0
+
+
 class _Choice:
     """Text state of one sequence (one choice of a request)."""
 
@@ -71,6 +80,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self.num_generated_tokens = 0
         self.num_steps = 0
+        self.last_step = StepCounts()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -118,7 +128,10 @@ class LLMEngine:
     def step(self) -> list[EngineOutput]:
         out = self.scheduler.schedule()
         if out.is_empty:
+            self.last_step = StepCounts()
             return []
+        decode_rows = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
+        self.last_step = StepCounts(out.num_batched_tokens - decode_rows, decode_rows)
         try:
             sampled = self.runner.run(out)
         except BaseException:
