@@ -133,6 +133,7 @@ class AttentionPlan(msgspec.Struct):
         if decode:
             lens = [seq_lens[i] for i in decode]
             nblocks = -(-max(lens) // block_size)
+            assert nblocks <= attn.block_tables.shape[1], "block tables narrower than the context"  # the kernels read that far
             if len(decode) == len(seq_lens):
                 tables = attn.block_tables[:, :nblocks]
                 lens_t = attn.seq_lens
@@ -154,6 +155,7 @@ class AttentionPlan(msgspec.Struct):
         prefill_tables = None
         if prefill_ids and device.type == "cpu":
             nblocks = -(-max(seq_lens[i] for i in prefill_ids) // block_size)
+            assert nblocks <= attn.block_tables.shape[1], "block tables narrower than the context"  # the kernels read that far
             rows = attn.block_tables[prefill_ids] if len(prefill_ids) < len(seq_lens) else attn.block_tables
             prefill_tables = PrefillTables(
                 q_starts=torch.tensor([starts[i] for i in prefill_ids], dtype=torch.int32),

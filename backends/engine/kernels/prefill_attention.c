@@ -10,7 +10,10 @@
  * probabilities rounded to bfloat16 for the weighted sum of values (float32 sums), divided by
  * the float32 sum of the unrounded exponentials, rounded once to bfloat16. Every sum runs over
  * key positions in a fixed order (tiles of 16 keys, pairs of keys) whatever the batch, the chunk
- * or the work split, so a row's result does not depend on what else the step computes.
+ * or the work split, so a row's result does not depend on what else the step computes — for
+ * finite keys and values: the rows of a register block sum values up to the block's last row's
+ * limit with probability 0 past their own, and 0 x inf is NaN, so a non-finite value poisons the
+ * few rows before it in its block (torch's SDPA poisons every row of the prompt).
  *
  * Layouts (bfloat16 stored as uint16):
  *   q         [T, H, D] rows of the step, row stride q_stride (elements), heads contiguous
@@ -258,10 +261,15 @@ int prefill_attention_bf16(
                       (int64_t)kvh * head_dim, head_dim, kpacked + (size_t)g * tile_words, vpacked + (size_t)g * tile_words);
         }
         float *scores = malloc(sizeof(float) * (rows_cap * ld_cap + rows_cap) + sizeof(uint16_t) * (rows_cap * ld_cap + 256));
-        if (scores == NULL) failed = 1;
-        float *sums = scores + rows_cap * ld_cap;
-        uint16_t *probs = (uint16_t *)(sums + rows_cap), *zeros = probs + rows_cap * ld_cap;
-        if (scores != NULL) memset(zeros, 0, sizeof(uint16_t) * 256);
+        float *sums = NULL;
+        uint16_t *probs = NULL, *zeros = NULL;
+        if (scores == NULL) {
+            failed = 1;
+        } else {
+            sums = scores + rows_cap * ld_cap;
+            probs = (uint16_t *)(sums + rows_cap), zeros = probs + rows_cap * ld_cap;
+            memset(zeros, 0, sizeof(uint16_t) * 256);
+        }
         /* attend: (sequence, KV head, 16 query positions), heaviest (latest positions) first */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = item_off[num_seqs] - 1; w >= 0; w--) {
