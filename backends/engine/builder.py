@@ -27,7 +27,9 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     quantization: Literal["int4", "int8", "none"] | None = None  # None: as stored in the file
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activations and KV cache
     max_num_seqs: Positive = 16
-    max_num_batched_tokens: Positive = 512
+    # a prefill chunk delays every running stream by its cost: on 2 cores 256 tokens of SmolLM2
+    # take ~0.18 s (512: ~0.35 s) at the same serving throughput (docs/benchmarks.md)
+    max_num_batched_tokens: Positive = 256
     max_model_len: Positive | None = None  # default: the model's context length
     kv_cache_tokens: Positive | None = None  # default: DEFAULT_KV_CACHE_TOKENS
     kv_cache_memory_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
