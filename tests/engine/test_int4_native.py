@@ -104,8 +104,10 @@ def test_each_row_is_independent_of_the_batch_and_the_threads(native) -> None:  
     assert torch.equal(mod(x[5:12]), batched[5:12])
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert torch.equal(mod(x), batched)
+        for threads in (1, 3):  # one row splits its blocks by thread: any split, the same sums
+            torch.set_num_threads(threads)
+            assert torch.equal(mod(x), batched)
+            assert all(torch.equal(mod(x[i : i + 1]), batched[i : i + 1]) for i in (0, 7, 20))
     finally:
         torch.set_num_threads(before)
 

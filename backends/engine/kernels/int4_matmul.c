@@ -20,6 +20,7 @@
  * Scales: sz [G, N, 2] bfloat16, (s, z) per group and row, as torch's int4 kernels take them.
  */
 #include "simd.h"
+#include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define INT4_FAST 1
 #else
@@ -89,7 +90,7 @@ static inline __m512 bcast_pair(const uint16_t *p) {
 /* Rows m0..m0+MT of x against output blocks b0..b0+NB (16 rows each). MT and NB are constants at
  * every call site, so the loops unroll into registers: MT * NB accumulators and as many sums. */
 static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t m0, int64_t b0, const int MT, const int NB) {
-    __m512 out[8][2], acc[8][2];
+    __m512 out[8][4], acc[8][4];
     for (int i = 0; i < MT; i++)
         for (int j = 0; j < NB; j++) out[i][j] = _mm512_setzero_ps();
     const int64_t chunks_per_group = p->gs / 8, block_bytes = p->k / 8 * 64;
@@ -221,8 +222,22 @@ int int4_matmul_bf16(
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m * groups; r++)
             xsum[r] = group_sum(xin + (r / groups) * xin_stride + (r % groups) * group_size, group_size);
+        if (m == 1) {
+            /* one row (a decode step of one sequence): four blocks per tile, four independent
+             * accumulator chains instead of two, so the multiply-adds' latency hides behind the
+             * weight stream; each row's sums keep their order */
+            const int parts = omp_get_num_threads();
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < units; u++) unit(&p, m, 2 * u);
+            for (int part = 0; part < parts; part++) { /* pairs of blocks split evenly */
+                const int64_t pairs = n / 32, hi = pairs * (part + 1) / parts * 2;
+                int64_t b = pairs * part / parts * 2;
+                for (; b + 4 <= hi; b += 4) tile(&p, 0, b, 1, 4);
+                if (b < hi) tile(&p, 0, b, 1, 2);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < units; u++) unit(&p, m, 2 * u);
+        }
     }
     free(xsum);
     free(xa);
