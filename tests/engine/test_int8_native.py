@@ -38,6 +38,19 @@ def test_matches_exact_products_at_every_batch_size(native, n: int, k: int) -> N
         assert torch.equal(mod(x[-1:]), out[-1:])  # a row's result does not depend on the batch
 
 
+def test_one_row_is_the_batched_row_at_any_thread_count(native) -> None:  # type: ignore[no-untyped-def]
+    mod = make_linear(q8(1000, 96, seed=1), dtype=torch.bfloat16)  # 63 blocks: quads and single blocks
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
+    batched = mod(x)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):  # one row splits its blocks by thread
+            torch.set_num_threads(threads)
+            assert all(torch.equal(mod(x[i : i + 1]), batched[i : i + 1]) for i in range(9))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rows_unpack_and_gather_exactly(native) -> None:  # type: ignore[no-untyped-def]
     data = q8(200, 64, seed=1)  # 200 rows: padded to 208
     mod = make_linear(data, dtype=torch.bfloat16)
