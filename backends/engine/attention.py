@@ -72,8 +72,21 @@ class AttentionMetadata(msgspec.Struct, kw_only=True):
 class PrefillSeq(msgspec.Struct):
     start: int  # first row of this sequence's tokens in the flattened batch
     end: int
-    blocks: Tensor | slice | None  # its context's blocks (see ``_blocks``); None when it has no cached prefix
-    mask: Tensor | None  # bool [q_len, nblocks * block_size] (True = attend) when it has a cached prefix
+    seq_len: int  # context after this step
+    table: Tensor | None  # its block table, cut to its context; None when it has no cached prefix
+    # for torch's SDPA, made on its first use in a step (``context``): the native kernel needs neither
+    blocks: Tensor | slice | None = None  # the context's blocks (see ``_blocks``)
+    mask: Tensor | None = None  # bool [q_len, nblocks * block_size] (True = attend)
+
+    def context(self, block_size: int) -> tuple[Tensor | slice, Tensor]:
+        """The blocks holding a cached prefix and this chunk, and the causal mask over them."""
+        assert self.table is not None
+        if self.blocks is None or self.mask is None:
+            device = self.table.device
+            self.blocks = _blocks(self.table)
+            rows = torch.arange(self.seq_len - (self.end - self.start), self.seq_len, device=device).unsqueeze(1)
+            self.mask = torch.arange(self.table.shape[0] * block_size, device=device).unsqueeze(0) <= rows
+        return self.blocks, self.mask
 
 
 class PrefillTables(msgspec.Struct):
@@ -120,20 +133,14 @@ class AttentionPlan(msgspec.Struct):
                 decode.append(i)
                 continue
             prefill_ids.append(i)
-            if q_len == seq_len:  # no cached prefix: attend to this step's own K/V, causally
-                prefills.append(PrefillSeq(start, end, None, None))
-            else:
-                nblocks = -(-seq_len // block_size)
-                blocks = _blocks(attn.block_tables[i, :nblocks])
-                rows = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
-                mask = torch.arange(nblocks * block_size, device=device).unsqueeze(0) <= rows
-                prefills.append(PrefillSeq(start, end, blocks, mask))
+            # no cached prefix: SDPA attends to this step's own K/V, causally
+            table = None if q_len == seq_len else attn.block_tables[i, : _num_blocks(attn, seq_len, block_size)]
+            prefills.append(PrefillSeq(start, end, seq_len, table))
         decode_rows = decode_blocks = decode_mask = tables = lens_t = None
         decode_len = 0
         if decode:
             lens = [seq_lens[i] for i in decode]
-            nblocks = -(-max(lens) // block_size)
-            assert nblocks <= attn.block_tables.shape[1], "block tables narrower than the context"  # the kernels read that far
+            nblocks = _num_blocks(attn, max(lens), block_size)
             if len(decode) == len(seq_lens):
                 tables = attn.block_tables[:, :nblocks]
                 lens_t = attn.seq_lens
@@ -154,8 +161,7 @@ class AttentionPlan(msgspec.Struct):
             lens_t = lens_t.to(torch.int32).contiguous()
         prefill_tables = None
         if prefill_ids and device.type == "cpu":
-            nblocks = -(-max(seq_lens[i] for i in prefill_ids) // block_size)
-            assert nblocks <= attn.block_tables.shape[1], "block tables narrower than the context"  # the kernels read that far
+            nblocks = _num_blocks(attn, max(seq_lens[i] for i in prefill_ids), block_size)
             rows = attn.block_tables[prefill_ids] if len(prefill_ids) < len(seq_lens) else attn.block_tables
             prefill_tables = PrefillTables(
                 q_starts=torch.tensor([starts[i] for i in prefill_ids], dtype=torch.int32),
@@ -167,6 +173,14 @@ class AttentionPlan(msgspec.Struct):
             num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, tables, lens_t, prefills,
             prefill_tables,
         )  # fmt: skip
+
+
+def _num_blocks(attn: AttentionMetadata, seq_len: int, block_size: int) -> int:
+    """Blocks holding ``seq_len`` tokens; the block tables must be that wide (the native kernels
+    read that far without seeing the tables' width)."""
+    nblocks = -(-seq_len // block_size)
+    assert nblocks <= attn.block_tables.shape[1], "block tables narrower than the context"
+    return nblocks
 
 
 def _blocks(table: Tensor) -> Tensor | slice:
@@ -298,18 +312,20 @@ def _sdpa_prefill(
     group = num_heads // k.shape[1]
     for seq in plan.prefills:
         n = seq.end - seq.start
-        if seq.blocks is None:
+        mask = None
+        if seq.table is None:
             ks = k[seq.start : seq.end]
             vs = v[seq.start : seq.end]
         else:
-            ks = _gather(k_cache, seq.blocks, 1, seq.mask.shape[1])[0]
-            vs = _gather(v_cache, seq.blocks, 1, seq.mask.shape[1])[0]
+            blocks, mask = seq.context(k_cache.shape[1])
+            ks = _gather(k_cache, blocks, 1, mask.shape[1])[0]
+            vs = _gather(v_cache, blocks, 1, mask.shape[1])[0]
         o = F.scaled_dot_product_attention(
             q[seq.start : seq.end].transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
             ks.transpose(0, 1).unsqueeze(0),
             vs.transpose(0, 1).unsqueeze(0),
-            attn_mask=seq.mask,
-            is_causal=seq.mask is None,
+            attn_mask=mask,
+            is_causal=mask is None,
             scale=scale,
             enable_gqa=group > 1,
         )
