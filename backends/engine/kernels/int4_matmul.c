@@ -81,12 +81,6 @@ static inline __m512i nibble_pair(__m512i chunk, int t, __m512i table) {
     return _mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x000F)), table);
 }
 
-static inline __m512 bcast_pair(const uint16_t *p) {
-    int32_t v;
-    memcpy(&v, p, sizeof v);
-    return _mm512_castsi512_ps(_mm512_set1_epi32(v));
-}
-
 /* Rows m0..m0+MT of x against output blocks b0..b0+NB (16 rows each). MT and NB are constants at
  * every call site, so the loops unroll into registers: MT * NB accumulators and as many sums. */
 static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t m0, int64_t b0, const int MT, const int NB) {
@@ -105,7 +99,7 @@ static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t
                 for (int t = 0; t < 4; t++) {
                     const __m512bh wv = (__m512bh)nibble_pair(chunk, t, table);
                     for (int i = 0; i < MT; i++) {
-                        const __m512bh xv = (__m512bh)bcast_pair(p->x + (m0 + i) * p->x_stride + kc * 8 + 2 * t);
+                        const __m512bh xv = (__m512bh)bf16_pair_bcast(p->x + (m0 + i) * p->x_stride + kc * 8 + 2 * t);
                         acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xv);
                     }
                 }

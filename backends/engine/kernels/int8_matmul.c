@@ -38,12 +38,6 @@ static inline __m512bh pair_weights(const int8_t *p) {
     return _mm512_cvtne2ps_pbh(hi, lo); /* words 0-15 from lo (rows 0-7), 16-31 from hi */
 }
 
-static inline __m512 bcast_pair8(const uint16_t *p) {
-    int32_t v;
-    memcpy(&v, p, sizeof v);
-    return _mm512_castsi512_ps(_mm512_set1_epi32(v));
-}
-
 static inline __attribute__((always_inline)) void tile8(const Problem8 *p, int64_t m0, int64_t b, const int MT) {
     __m512 out[8], acc[8];
     for (int i = 0; i < MT; i++) out[i] = _mm512_setzero_ps();
@@ -54,7 +48,7 @@ static inline __attribute__((always_inline)) void tile8(const Problem8 *p, int64
         for (int64_t kp = g * p->gs / 2; kp < (g + 1) * p->gs / 2; kp++) {
             const __m512bh wv = pair_weights(wb + kp * 32);
             for (int i = 0; i < MT; i++)
-                acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)bcast_pair8(p->x + (m0 + i) * p->x_stride + 2 * kp));
+                acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)bf16_pair_bcast(p->x + (m0 + i) * p->x_stride + 2 * kp));
         }
         const __m512 d = _mm512_loadu_ps(p->d + g * p->n + b * 16);
         for (int i = 0; i < MT; i++) out[i] = _mm512_fmadd_ps(d, acc[i], out[i]);

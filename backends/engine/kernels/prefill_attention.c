@@ -86,12 +86,6 @@ static void pack_tile(
     }
 }
 
-static inline __m512bh pair_bcast(const uint16_t *at) {
-    uint32_t x;
-    memcpy(&x, at, sizeof x);
-    return (__m512bh)_mm512_set1_epi32((int)x);
-}
-
 /* scores[b][0:16 * NT] = scale * q_b . k over NT (1 or 2) packed key tiles, for SCORE_ROWS rows */
 static inline __attribute__((always_inline)) void score_tiles(
     const uint16_t *const *qrows, const uint32_t *kp, int half, float scale, float *scores, size_t ld, const int NT)
@@ -103,7 +97,7 @@ static inline __attribute__((always_inline)) void score_tiles(
         __m512bh kv[2];
         for (int u = 0; u < NT; u++) kv[u] = (__m512bh)_mm512_loadu_si512(kp + ((size_t)u * half + p) * 16);
         for (int b = 0; b < SCORE_ROWS; b++) {
-            const __m512bh qb = pair_bcast(qrows[b] + 2 * p);
+            const __m512bh qb = (__m512bh)bf16_pair_bcast(qrows[b] + 2 * p);
             for (int u = 0; u < NT; u++) acc[u][b] = _mm512_dpbf16_ps(acc[u][b], kv[u], qb);
         }
     }
@@ -124,7 +118,7 @@ static inline __attribute__((always_inline)) void weigh_values(
         __m512bh vv[8];
         for (int c = 0; c < ND; c++) vv[c] = (__m512bh)_mm512_loadu_si512(vp + ((size_t)i * ND + c) * 16);
         for (int b = 0; b < RB; b++) {
-            const __m512bh pb = pair_bcast(prows[b] + 2 * i);
+            const __m512bh pb = (__m512bh)bf16_pair_bcast(prows[b] + 2 * i);
             for (int c = 0; c < ND; c++) acc[b][c] = _mm512_dpbf16_ps(acc[b][c], vv[c], pb);
         }
     }

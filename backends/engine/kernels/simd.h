@@ -38,6 +38,14 @@ static inline void load_row(float *dst, const uint16_t *src, int n) {
 }
 
 #ifdef __AVX512F__
+/* the two bfloat16 at p (a pair along the dot product) in every 32-bit lane: the operand
+ * VDPBF16PS multiplies a vector of pairs by */
+static inline __m512i bf16_pair_bcast(const uint16_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
 static inline __m512 bf16x16_to_f32(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
 }
