@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -78,49 +79,47 @@ def _build(compiler: list[str], target: Path) -> None:
         os.replace(out, target)  # atomic: concurrent builders (test workers, TP ranks) agree
 
 
+_i64, _i32, _ptr, _f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
+#: each entry point's C signature (every one returns an int status)
+_SIGNATURES: dict[str, list[type]] = {
+    "decode_attention_bf16": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr, _i64, _i32],
+    "prefill_attention_bf16": [
+        _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr, _i64, _i32,
+    ],
+    "int4_matmul_bf16": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _i32, _ptr, _ptr, _i64, _i32],
+    "int8_matmul_bf16": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _i32],
+    "rms_norm_bf16": [_ptr, _i64, _i64, _i64, _ptr, _f32, _ptr, _i64, _i32],
+    "rope_kv_bf16": [_ptr, _i64, _i64, _i32, _i32, _i32, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32],
+    "decode_layers_bf16": [
+        _ptr, _i32, _ptr, _i64, _i64, _i32, _i32, _i32, _i64, _f32, _f32,
+        _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i32, _i32, _ptr, _ptr, _ptr, _ptr, _i32,
+    ],
+}  # fmt: skip
+
+
 class Kernels:
-    """The loaded library with typed entry points."""
+    """The loaded library with typed entry points (``_SIGNATURES``, as attributes)."""
+
+    decode_attention_bf16: Callable[..., int]
+    prefill_attention_bf16: Callable[..., int]
+    int4_matmul_bf16: Callable[..., int]
+    int8_matmul_bf16: Callable[..., int]
+    rms_norm_bf16: Callable[..., int]
+    rope_kv_bf16: Callable[..., int]
+    decode_layers_bf16: Callable[..., int]
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        fn = lib.decode_attention_bf16
-        i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i32, i32, i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
-        fn.restype = ctypes.c_int
-        self.decode_attention_bf16 = fn
-        fn = lib.prefill_attention_bf16
-        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, ctypes.c_float, ptr, i64, i32]
-        fn.restype = ctypes.c_int
-        self.prefill_attention_bf16 = fn
-        #: whether this machine's build has the prefill attention kernel (AVX-512 BF16)
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+            setattr(self, name, fn)
+        # whether this machine's build has the fast paths (AVX-512 BF16); without them the
+        # kernels refuse every call and the engine keeps torch's ops
         self.has_prefill_attention = bool(lib.prefill_attention_supported())
-        fn = lib.int4_matmul_bf16
-        fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32, ptr, ptr, i64, i32]
-        fn.restype = ctypes.c_int
-        self.int4_matmul_bf16 = fn
-        fn = lib.int8_matmul_bf16
-        fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32]
-        fn.restype = ctypes.c_int
-        self.int8_matmul_bf16 = fn
-        self.has_int8_matmul = bool(lib.int8_matmul_supported())
-        fn = lib.rms_norm_bf16
-        fn.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i64, i32]
-        fn.restype = ctypes.c_int
-        self.rms_norm_bf16 = fn
-        fn = lib.rope_kv_bf16
-        fn.argtypes = [ptr, i64, i64, i32, i32, i32, ptr, ptr, i64, ptr, ptr, ptr, i64, i32]
-        fn.restype = ctypes.c_int
-        self.rope_kv_bf16 = fn
-        fn = lib.decode_layers_bf16
-        f32 = ctypes.c_float
-        fn.argtypes = [
-            ptr, i32, ptr, i64, i64, i32, i32, i32, i64, f32, f32,
-            ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, ptr, ptr, ptr, ptr, i32,
-        ]  # fmt: skip
-        fn.restype = ctypes.c_int
-        self.decode_layers_bf16 = fn
-        #: whether this machine's build has the int4 kernel's fast path (AVX-512 BF16)
         self.has_int4_matmul = bool(lib.int4_matmul_supported())
+        self.has_int8_matmul = bool(lib.int8_matmul_supported())
 
 
 @cache
