@@ -18,6 +18,9 @@ log = structlog.get_logger(__name__)
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 DEFAULT_KV_CACHE_TOKENS = 16384
+#: a prefill chunk delays every running stream by its cost: on 2 cores 256 tokens of SmolLM2 take
+#: ~0.18 s (512: ~0.35 s) at the same serving throughput (docs/benchmarks.md)
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 
 
 class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -27,9 +30,7 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     quantization: Literal["int4", "int8", "none"] | None = None  # None: as stored in the file
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activations and KV cache
     max_num_seqs: Positive = 16
-    # a prefill chunk delays every running stream by its cost: on 2 cores 256 tokens of SmolLM2
-    # take ~0.18 s (512: ~0.35 s) at the same serving throughput (docs/benchmarks.md)
-    max_num_batched_tokens: Positive = 256
+    max_num_batched_tokens: Positive | None = None  # default: see ``num_batched_tokens``
     max_model_len: Positive | None = None  # default: the model's context length
     kv_cache_tokens: Positive | None = None  # default: DEFAULT_KV_CACHE_TOKENS
     kv_cache_memory_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
@@ -46,8 +47,16 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def __post_init__(self) -> None:
         if self.kv_cache_tokens is not None and self.kv_cache_memory_mb is not None:
             raise ValueError("set kv_cache_tokens or kv_cache_memory_mb, not both")
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+
+    def num_batched_tokens(self, max_model_len: int) -> int:
+        """The step budget: as set, else ``DEFAULT_MAX_NUM_BATCHED_TOKENS`` (at least
+        ``max_num_seqs``, and the whole context when prompts are not chunked)."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        floor = max(self.max_num_seqs, 1 if self.enable_chunked_prefill else max_model_len)
+        return max(DEFAULT_MAX_NUM_BATCHED_TOKENS, floor)
 
 
 class KVCacheLayout(msgspec.Struct, frozen=True):
@@ -99,7 +108,7 @@ def make_scheduler(options: EngineOptions, layout: KVCacheLayout, eos_token_ids:
     return Scheduler(
         BlockManager(layout.num_blocks, layout.block_size, enable_prefix_caching=options.enable_prefix_caching),
         max_num_seqs=options.max_num_seqs,
-        max_num_batched_tokens=options.max_num_batched_tokens,
+        max_num_batched_tokens=options.num_batched_tokens(layout.max_model_len),
         max_model_len=layout.max_model_len,
         enable_chunked_prefill=options.enable_chunked_prefill,
         max_waiting=options.max_waiting,
