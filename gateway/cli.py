@@ -143,10 +143,6 @@ def _check_config(args: argparse.Namespace) -> int:
 class _Builtins:
     @hookimpl
     def register_commands(self, register: Callable[..., None]) -> None:
-        from gateway.bench import loadgen, overhead
-
         register(("serve",), _configure_serve, _serve)
         register(("models",), _configure_models, _models)
         register(("check-config",), _configure_check, _check_config)
-        register(("bench", "gateway"), overhead.configure, overhead.run)
-        register(("bench", "serving"), loadgen.configure, loadgen.run)

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 
 
 def main() -> int:
-    from backends.engine.attention import AttentionMetadata, allocate_kv_cache
-    from backends.engine.loader import load_model
-    from backends.engine.synthetic import write_random_llama
+    from backends.engine.model.attention import AttentionMetadata, allocate_kv_cache
+    from backends.engine.model.loader import load_model
+    from bench.synthetic import write_random_llama
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")

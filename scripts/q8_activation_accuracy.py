@@ -15,7 +15,8 @@ from torch import Tensor
 
 sys.path.insert(0, "tests/engine")
 
-from backends.engine import fused, quant  # noqa: E402
+from backends.engine.native import fused
+from backends.engine.model import quant# noqa: E402
 from backends.engine.catalogue import pull  # noqa: E402
 
 

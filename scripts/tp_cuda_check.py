@@ -63,7 +63,7 @@ def find_model(arg: str | None) -> tuple[Path, str | None]:
 
 def write_tiny_model(path: Path) -> Path:
     """A random llama (6 heads over 3 KV heads, head_dim 64) with a byte-level tokenizer."""
-    from backends.engine.synthetic import write_random_llama
+    from bench.synthetic import write_random_llama
 
     return write_random_llama(
         path, hidden=384, intermediate=1024, layers=2, heads=6, kv_heads=3, vocab=320, tokenizer=True
@@ -79,7 +79,7 @@ def options(model: Path, quantization: str | None, **kw: object):  # type: ignor
 def forget_cached_blocks(engine) -> None:  # type: ignore[no-untyped-def]
     """An empty prefix cache: runs compare like with like, and ``prefill_logits`` (which writes
     cache blocks behind the block manager's back) cannot leave stale cached blocks."""
-    from backends.engine.block_manager import BlockManager
+    from backends.engine.sched.block_manager import BlockManager
 
     bm = engine.scheduler.block_manager
     engine.scheduler.block_manager = BlockManager(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
@@ -102,7 +102,7 @@ def greedy(engine, prompts: list[str], max_tokens: int) -> list[list[int]]:  # t
 
 def prefill_logits(engine, text: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """Float32 logits of every position of one prompt, through the engine's model and cache."""
-    from backends.engine.attention import AttentionMetadata
+    from backends.engine.model.attention import AttentionMetadata
 
     runner = engine.runner
     ids = engine.tokenizer.encode(text)
@@ -131,7 +131,7 @@ def compare(name: str, a, b, prompts: list[str], tokens: int, atol: float) -> No
 
 
 def check_int4_kernel(device: str) -> None:
-    from backends.engine.quant import Int4Linear, quantize_int4
+    from backends.engine.model.quant import Int4Linear, quantize_int4
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(1536, 576, generator=gen)
@@ -158,7 +158,7 @@ def main() -> int:
     dev = args.device
 
     from backends.engine.builder import build_engine
-    from backends.engine.tp import build_tp_engine
+    from backends.engine.tp.engine import build_tp_engine
 
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}")
     if dev == "cuda" and not torch.cuda.is_available():

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.stub_upstream import StubUpstream
+from bench.stub_upstream import StubUpstream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,13 +17,10 @@ def register_backends(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def register_commands(register: Callable[..., Any]) -> None:
-    from backends.engine import bench_batching, bench_engine, bench_tp, cli
+    from backends.engine import cli
 
     register(("pull",), cli.configure_pull, cli.run_pull)
     register(("generate",), cli.configure_generate, cli.run_generate)
-    register(("bench", "tp"), bench_tp.configure, bench_tp.run)
-    register(("bench", "batching"), bench_batching.configure, bench_batching.run)
-    register(("bench", "engine"), bench_engine.configure, bench_engine.run)
 
 
 @hookimpl
@@ -31,6 +28,6 @@ def plugin_configure(settings: Any) -> None:
     # Under `torchrun ... -m gateway serve`, ranks > 0 become tensor-parallel workers here, before
     # anything binds the port, and exit when rank 0 stops. torch is imported only for such configs.
     if any(m.backend == "engine" and m.options.get("tensor_parallel", 1) != 1 for m in settings.models):
-        from backends.engine.tp import serve_torchrun_worker
+        from backends.engine.tp.engine import serve_torchrun_worker
 
         serve_torchrun_worker(settings)

@@ -44,7 +44,7 @@ class EngineBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        from backends.engine.sampling import MAX_TOP_LOGPROBS  # torch: only once a model is served
+        from backends.engine.runner.sampling import MAX_TOP_LOGPROBS  # torch: only once a model is served
 
         # chat stays on without a template: ChatTemplate.render says why it cannot serve (400)
         return Capabilities(
@@ -86,14 +86,14 @@ class EngineBackend(Backend):
 
     def _load(self) -> None:
         if self.options.tensor_parallel > 1:
-            from backends.engine.tp import build_tp_engine
+            from backends.engine.tp.engine import build_tp_engine
 
             self._engine = build_tp_engine(self.options)
         else:
             from backends.engine.builder import build_engine
 
             self._engine = build_engine(self.options)
-        from backends.engine.chat_template import ChatTemplate
+        from backends.engine.text.chat_template import ChatTemplate
 
         self._template = ChatTemplate.from_tokenizer(self._engine.tokenizer)
         self._warm_up()

@@ -102,8 +102,8 @@ def resolve_model_path(options: EngineOptions, progress: bool = False) -> Path:
 
 def make_scheduler(options: EngineOptions, layout: KVCacheLayout, eos_token_ids: frozenset[int]):  # type: ignore[no-untyped-def]
     """A fresh scheduler and block manager for ``layout`` (also after a tensor-parallel restart)."""
-    from backends.engine.block_manager import BlockManager
-    from backends.engine.scheduler import Scheduler
+    from backends.engine.sched.block_manager import BlockManager
+    from backends.engine.sched.scheduler import Scheduler
 
     return Scheduler(
         BlockManager(layout.num_blocks, layout.block_size, enable_prefix_caching=options.enable_prefix_caching),
@@ -121,9 +121,9 @@ def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ig
     import torch
 
     from backends.engine.engine import LLMEngine
-    from backends.engine.loader import load_model
-    from backends.engine.model_runner import ModelRunner
-    from backends.engine.tokenizer import Tokenizer
+    from backends.engine.model.loader import load_model
+    from backends.engine.runner.model_runner import ModelRunner
+    from backends.engine.text.tokenizer import Tokenizer
 
     path = resolve_model_path(options, progress=progress)
     dtype = torch.bfloat16 if options.dtype == "bfloat16" else torch.float32

@@ -72,7 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from backends.engine.builder import EngineOptions, build_engine
     from backends.engine.catalogue import PullError
-    from backends.engine.chat_template import ChatTemplate
+    from backends.engine.text.chat_template import ChatTemplate
     from gateway.errors import TaxiwayError
     from gateway.interface import ChatMessage, Delta, SamplingParams
     from gateway.logs import configure_logging

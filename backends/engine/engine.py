@@ -14,12 +14,12 @@ from collections.abc import Sequence as SequenceABC
 import msgspec
 import structlog
 
-from backends.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from backends.engine.model_runner import ModelRunner, SampledToken
-from backends.engine.sampling import validate_sampling_params
-from backends.engine.scheduler import QueueFullError, RequestTooLargeError, Scheduler
-from backends.engine.sequence import Sequence, SequenceGroup
-from backends.engine.tokenizer import Tokenizer
+from backends.engine.text.detokenizer import IncrementalDetokenizer, StopMatcher
+from backends.engine.runner.model_runner import ModelRunner, SampledToken
+from backends.engine.runner.sampling import validate_sampling_params
+from backends.engine.sched.scheduler import QueueFullError, RequestTooLargeError, Scheduler
+from backends.engine.sched.sequence import Sequence, SequenceGroup
+from backends.engine.text.tokenizer import Tokenizer
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, RateLimitError
 from gateway.interface import (
     Delta,

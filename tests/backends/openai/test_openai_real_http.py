@@ -16,7 +16,7 @@ import msgspec
 import openai
 import pytest
 
-from gateway.stub_upstream import StubUpstream
+from bench.stub_upstream import StubUpstream
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 

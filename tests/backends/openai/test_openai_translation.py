@@ -13,7 +13,7 @@ from backends.openai.sse import iter_sse_data
 from backends.openai.transport import LeanTransport
 from gateway.errors import RateLimitError, ServiceUnavailableError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.interface import ChatMessage, Delta, GenerationRequest, SamplingParams
-from gateway.stub_upstream import StubUpstream
+from bench.stub_upstream import StubUpstream
 
 
 async def _collect(chunks: list[bytes]) -> list[bytes]:

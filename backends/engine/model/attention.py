@@ -1,0 +1,354 @@
+"""Attention over a paged KV cache for a flattened batch that mixes prefill and decode.
+
+The contract (docs/architecture.md): a step runs the new tokens of ``S`` sequences concatenated
+(``T`` tokens). ``AttentionMetadata`` says where each sequence's tokens start
+(``query_start_loc``), how long its context is after this step (``seq_lens``, cached + new),
+which cache blocks hold that context (``block_tables``, padded with 0) and where each new token's
+K/V goes (``slot_mapping``, ``block * block_size + offset``). A sequence's new tokens are the last
+``q_len`` positions of its context, so chunked prefill and prefix caching (new tokens starting at
+a position > 0) need nothing special.
+
+Per layer, ``paged_attention`` writes the new K/V into the cache, then attends:
+- decode (one new token): every such sequence at once, natively in place
+  (``kernels/decode_attention.c``) or gathering its cached K/V blocks into a padded ``[S, L]``
+  batch with a length mask for one SDPA call;
+- prefill (several new tokens): causal, offset by its cached prefix; bfloat16 on CPU runs every
+  prefill of the step in one native call reading K/V in place (``kernels/prefill_attention.c``,
+  ~3.7x torch's SDPA on SmolLM2's heads), else one SDPA call per sequence.
+What depends only on the metadata (block indices, masks) is computed once per step in
+``AttentionPlan`` and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backends.engine.native import ckernels
+from backends.engine.native import hugepages
+from backends.engine.model.config import ModelConfig
+
+KVCache = list[tuple[Tensor, Tensor]]
+
+
+class AttentionMetadata(msgspec.Struct, kw_only=True):
+    """Where the new tokens of each sequence sit, and where their context lives in the cache."""
+
+    query_start_loc: Tensor  # int32 [S + 1]
+    seq_lens: Tensor  # int32 [S]: context length after this step (cached + new)
+    block_tables: Tensor  # int32 [S, max_blocks], padded with 0
+    slot_mapping: Tensor  # int64 [T]
+
+    @classmethod
+    def from_lists(
+        cls,
+        *,
+        query_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Build from per-sequence Python lists (tests, simple runners)."""
+        starts = [0]
+        slots: list[int] = []
+        for q_len, seq_len, table in zip(query_lens, seq_lens, block_tables, strict=True):
+            starts.append(starts[-1] + q_len)
+            for pos in range(seq_len - q_len, seq_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0) or 1
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        )
+
+
+class PrefillSeq(msgspec.Struct):
+    start: int  # first row of this sequence's tokens in the flattened batch
+    end: int
+    seq_len: int  # context after this step
+    table: Tensor | None  # its block table, cut to its context; None when it has no cached prefix
+    # for torch's SDPA, made on its first use in a step (``context``): the native kernel needs neither
+    blocks: Tensor | slice | None = None  # the context's blocks (see ``_blocks``)
+    mask: Tensor | None = None  # bool [q_len, nblocks * block_size] (True = attend)
+
+    def context(self, block_size: int) -> tuple[Tensor | slice, Tensor]:
+        """The blocks holding a cached prefix and this chunk, and the causal mask over them."""
+        assert self.table is not None
+        if self.blocks is None or self.mask is None:
+            device = self.table.device
+            self.blocks = _blocks(self.table)
+            rows = torch.arange(self.seq_len - (self.end - self.start), self.seq_len, device=device).unsqueeze(1)
+            self.mask = torch.arange(self.table.shape[0] * block_size, device=device).unsqueeze(0) <= rows
+        return self.blocks, self.mask
+
+
+class PrefillTables(msgspec.Struct):
+    """The prefill sequences as the native prefill kernel reads them (int32, contiguous)."""
+
+    q_starts: Tensor  # [Sp]: first row of each sequence's new tokens
+    q_lens: Tensor  # [Sp]
+    seq_lens: Tensor  # [Sp]: context after this step
+    block_tables: Tensor  # [Sp, max_blocks]
+
+
+class AttentionPlan(msgspec.Struct):
+    """Per-step indices and masks derived once from ``AttentionMetadata``.
+
+    K/V are gathered a whole block at a time (``index_select`` on the block axis copies
+    contiguous ``block_size * KV * D`` runs, several times faster than per-slot indexing); the
+    unused tail of the last block is masked, or sliced off when there is one decode sequence.
+    """
+
+    num_tokens: int
+    slot_mapping: Tensor
+    decode_rows: Tensor | None  # token rows of decode sequences; None when all rows are decode
+    decode_blocks: Tensor | slice | None  # each decode sequence's blocks, flattened (see ``_blocks``)
+    decode_len: int  # keys per decode sequence after gathering (nblocks * block_size, or the one length)
+    decode_mask: Tensor | None  # bool [Sd, 1, 1, decode_len]; None when no key is padding
+    decode_tables: Tensor | None  # int32 [Sd, nblocks]: the decode sequences' block tables
+    decode_seq_lens: Tensor | None  # int32 [Sd]
+    prefills: list[PrefillSeq]
+    prefill_tables: PrefillTables | None = None  # when there are prefills
+
+    @classmethod
+    def build(cls, attn: AttentionMetadata, block_size: int) -> AttentionPlan:
+        starts = attn.query_start_loc.tolist()
+        seq_lens = attn.seq_lens.tolist()
+        num_tokens = starts[-1]
+        device = attn.slot_mapping.device
+        decode: list[int] = []
+        prefills: list[PrefillSeq] = []
+        prefill_ids: list[int] = []
+        for i, seq_len in enumerate(seq_lens):
+            start, end = starts[i], starts[i + 1]
+            q_len = end - start
+            if q_len == 1:
+                decode.append(i)
+                continue
+            prefill_ids.append(i)
+            # no cached prefix: SDPA attends to this step's own K/V, causally
+            table = None if q_len == seq_len else attn.block_tables[i, : _num_blocks(attn, seq_len, block_size)]
+            prefills.append(PrefillSeq(start, end, seq_len, table))
+        decode_rows = decode_blocks = decode_mask = tables = lens_t = None
+        decode_len = 0
+        if decode:
+            lens = [seq_lens[i] for i in decode]
+            nblocks = _num_blocks(attn, max(lens), block_size)
+            if len(decode) == len(seq_lens):
+                tables = attn.block_tables[:, :nblocks]
+                lens_t = attn.seq_lens
+            else:
+                index = torch.tensor(decode, device=device)
+                tables = attn.block_tables.index_select(0, index)[:, :nblocks]
+                lens_t = attn.seq_lens.index_select(0, index)
+                decode_rows = torch.tensor([starts[i] for i in decode], device=device)
+            decode_blocks = _blocks(tables.reshape(-1)) if len(decode) == 1 else tables.reshape(-1).to(torch.int64)
+            decode_len = nblocks * block_size
+            if len(decode) == 1:
+                decode_len = lens[0]
+            elif min(lens) != decode_len:
+                keys = torch.arange(decode_len, device=device)
+                decode_mask = (keys < lens_t.unsqueeze(1)).view(len(decode), 1, 1, decode_len)
+        if tables is not None:  # as the native decode kernel reads them
+            tables = tables.to(torch.int32).contiguous()
+            lens_t = lens_t.to(torch.int32).contiguous()
+        prefill_tables = None
+        if prefill_ids and device.type == "cpu":
+            nblocks = _num_blocks(attn, max(seq_lens[i] for i in prefill_ids), block_size)
+            rows = attn.block_tables[prefill_ids] if len(prefill_ids) < len(seq_lens) else attn.block_tables
+            prefill_tables = PrefillTables(
+                q_starts=torch.tensor([starts[i] for i in prefill_ids], dtype=torch.int32),
+                q_lens=torch.tensor([starts[i + 1] - starts[i] for i in prefill_ids], dtype=torch.int32),
+                seq_lens=torch.tensor([seq_lens[i] for i in prefill_ids], dtype=torch.int32),
+                block_tables=rows[:, :nblocks].to(torch.int32).contiguous(),
+            )
+        return cls(
+            num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, tables, lens_t, prefills,
+            prefill_tables,
+        )  # fmt: skip
+
+
+def _num_blocks(attn: AttentionMetadata, seq_len: int, block_size: int) -> int:
+    """Blocks holding ``seq_len`` tokens; the block tables must be that wide (the native kernels
+    read that far without seeing the tables' width)."""
+    nblocks = -(-seq_len // block_size)
+    assert nblocks <= attn.block_tables.shape[1], "block tables narrower than the context"
+    return nblocks
+
+
+def _blocks(table: Tensor) -> Tensor | slice:
+    """One sequence's block ids: a ``slice`` when they are consecutive (the common case for a
+    sequence allocated from a fresh free list), so attention reads the cache in place."""
+    ids = table.tolist()
+    if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+        return slice(ids[0], ids[0] + len(ids))
+    return table.to(torch.int64)
+
+
+def _gather(cache: Tensor, blocks: Tensor | slice, num_seqs: int, length: int) -> Tensor:
+    """``[num_seqs, length, KV, D]`` keys or values of ``blocks`` (``num_seqs`` equal runs)."""
+    _, block_size, num_kv, head_dim = cache.shape
+    picked = cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks)
+    out = picked.view(num_seqs, -1, num_kv, head_dim)
+    return out if out.shape[1] == length else out[:, :length]
+
+
+def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float) -> Tensor | None:
+    """Decode attention by the native kernel (``ckernels``), reading K/V in place through the
+    block tables; ``None`` where it does not apply (not bfloat16 on CPU, no kernel built, a shape
+    or block id the kernel refuses), and torch's path runs instead."""
+    tables, lens = plan.decode_tables, plan.decode_seq_lens
+    if (
+        q.dtype != torch.bfloat16
+        or q.device.type != "cpu"
+        or tables is None
+        or lens is None
+        or k_cache.dtype != torch.bfloat16
+        or v_cache.dtype != torch.bfloat16
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+    ):
+        return None
+    kernels = ckernels.load()
+    if kernels is None:
+        return None
+    num_seqs, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    out = torch.empty(num_seqs, num_heads * head_dim, dtype=q.dtype)
+    status = kernels.decode_attention_bf16(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.data_ptr(), tables.stride(0), lens.data_ptr(), k_cache.shape[0],
+        num_seqs, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
+        scale, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return out if status == 0 else None
+
+
+def paged_attention(
+    q: Tensor,  # [T, H, D]
+    k: Tensor,  # [T, KV, D]
+    v: Tensor,  # [T, KV, D]
+    k_cache: Tensor,  # [num_blocks, block_size, KV, D]
+    v_cache: Tensor,
+    plan: AttentionPlan,
+    scale: float,
+    *,
+    write_kv: bool = True,
+) -> Tensor:
+    """Write this step's K/V into the cache (unless the caller has: ``write_kv=False``) and
+    attend; returns ``[T, H * D]``."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv = k.shape[1]
+    group = num_heads // num_kv
+    if write_kv:
+        k_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, k)
+        v_cache.view(-1, num_kv, head_dim).index_copy_(0, plan.slot_mapping, v)
+
+    # decode: [Sd] sequences, one query each; query heads grouped by their KV head
+    decode_out = None
+    if plan.decode_blocks is not None:
+        qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
+        sd = qd.shape[0]
+        decode_out = _native_decode(qd, k_cache, v_cache, plan, scale)
+        if decode_out is None:
+            kd = _gather(k_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)  # [Sd, KV, L, D]
+            vd = _gather(v_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)
+            decode_out = F.scaled_dot_product_attention(
+                qd.view(sd, num_kv, group, head_dim), kd, vd, attn_mask=plan.decode_mask, scale=scale
+            ).reshape(sd, num_heads * head_dim)
+        if not plan.prefills:
+            return decode_out
+
+    # prefill: causal over each sequence's context, all at once natively, else one SDPA each
+    out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+    if not _native_prefill(q, k_cache, v_cache, plan, scale, out):
+        _sdpa_prefill(q, k, v, k_cache, v_cache, plan, scale, out)
+    if decode_out is not None:
+        out.index_copy_(0, plan.decode_rows, decode_out)
+    return out
+
+
+def _native_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float, out: Tensor) -> bool:
+    """Prefill attention by the native kernel into ``out``, reading every key and value (this
+    step's included: the cache is written first) through the block tables; False where it does
+    not apply, as ``_native_decode``."""
+    tables = plan.prefill_tables
+    if (
+        tables is None
+        or q.dtype != torch.bfloat16
+        or q.device.type != "cpu"
+        or k_cache.dtype != torch.bfloat16
+        or v_cache.dtype != torch.bfloat16
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+    ):
+        return False
+    kernels = ckernels.load()
+    if kernels is None or not kernels.has_prefill_attention:
+        return False
+    _, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    status = kernels.prefill_attention_bf16(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.block_tables.data_ptr(), tables.block_tables.stride(0),
+        tables.q_starts.data_ptr(), tables.q_lens.data_ptr(), tables.seq_lens.data_ptr(),
+        k_cache.shape[0], tables.q_lens.shape[0], num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
+        scale, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    return status == 0
+
+
+def _sdpa_prefill(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float, out: Tensor
+) -> None:
+    num_heads, head_dim = q.shape[1:]
+    group = num_heads // k.shape[1]
+    for seq in plan.prefills:
+        n = seq.end - seq.start
+        mask = None
+        if seq.table is None:
+            ks = k[seq.start : seq.end]
+            vs = v[seq.start : seq.end]
+        else:
+            blocks, mask = seq.context(k_cache.shape[1])
+            ks = _gather(k_cache, blocks, 1, mask.shape[1])[0]
+            vs = _gather(v_cache, blocks, 1, mask.shape[1])[0]
+        o = F.scaled_dot_product_attention(
+            q[seq.start : seq.end].transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
+            ks.transpose(0, 1).unsqueeze(0),
+            vs.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=group > 1,
+        )
+        out[seq.start : seq.end] = o[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+
+
+def allocate_kv_cache(
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> KVCache:
+    """One ``(k_cache, v_cache)`` pair per layer, each ``[num_blocks, block_size, KV, head_dim]``.
+
+    Zero-filled: padded decode slots are masked, but a masked NaN would still poison the
+    ``softmax @ V`` product, so the cache never holds garbage.
+    """
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    if torch.device(device).type == "cpu":  # read at every step: on huge pages where allowed
+        return [(hugepages.empty(shape, dtype).zero_(), hugepages.empty(shape, dtype).zero_()) for _ in range(config.num_layers)]
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(config.num_layers)
+    ]

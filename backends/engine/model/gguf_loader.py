@@ -1,0 +1,239 @@
+"""Weights from a GGUF file, read through ``gguf.GGUFReader`` (memory-mapped).
+
+``GGUFSource.get(name)`` decodes one tensor at a time into the engine's exchange forms
+(``quant.Int4Data`` for Q4_0/Q4_1, ``quant.Int8Data`` for Q8_0, a float tensor for
+F32/F16/BF16) and drops the file pages it read from this process's mapping, so loading never
+holds the whole file and the decoded model at once. Names are the engine's canonical ones
+(``embed``, ``lm_head``, ``norm``, ``layers.{i}.q`` … see ``loader.py``).
+
+llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` of ``llama`` models so that each
+head's rotary pairs are interleaved (GPT-J style); the engine uses the Hugging Face half-rotation
+layout, so those rows are permuted back here (a row permutation, exact for any tensor type).
+``qwen2`` GGUFs are written unpermuted.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from torch import Tensor
+
+from backends.engine.model.config import ModelConfig, UnsupportedModelError
+from backends.engine.model.quant import Int4Data, Int8Data, WeightData
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+_BLOCK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
+_CHUNK_ROWS = 4096  # rows decoded at a time: bounds the transient memory of huge tensors
+
+_LAYER_NAMES = {
+    "attn_q.weight": "q",
+    "attn_k.weight": "k",
+    "attn_v.weight": "v",
+    "attn_output.weight": "o",
+    "attn_q.bias": "q.bias",
+    "attn_k.bias": "k.bias",
+    "attn_v.bias": "v.bias",
+    "attn_output.bias": "o.bias",
+    "ffn_gate.weight": "gate",
+    "ffn_up.weight": "up",
+    "ffn_down.weight": "down",
+    "attn_norm.weight": "attn_norm",
+    "ffn_norm.weight": "ffn_norm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "embed",
+    "output.weight": "lm_head",
+    "output_norm.weight": "norm",
+    "rope_freqs.weight": "rope_freqs",
+}
+
+
+def canonical_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name.startswith("blk."):
+        _, layer, rest = gguf_name.split(".", 2)
+        short = _LAYER_NAMES.get(rest)
+        if short is not None:
+            return f"layers.{layer}.{short}"
+    return None
+
+
+_EAGER_ARRAY_MAX = 1024  # longer arrays (the vocabulary, merges) are decoded on first access
+
+
+class GGUFMetadata(Mapping[str, Any]):
+    """The GGUF key/values as Python values (strings, numbers, lists).
+
+    Long arrays (tokenizer vocabularies and merges: ~100k strings, ~16 MB of Python objects) are
+    read from the file again on first access instead of being held for the process's life.
+    """
+
+    def __init__(self, path: Path, reader: GGUFReader) -> None:
+        self._path = path
+        self._values: dict[str, Any] = {}
+        self._lazy: set[str] = set()
+        for name, field in reader.fields.items():
+            if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > _EAGER_ARRAY_MAX:
+                self._lazy.add(name)
+            else:
+                self._values[name] = field.contents()
+        self._order = list(reader.fields)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._values:
+            return self._values[key]
+        if key not in self._lazy:
+            raise KeyError(key)
+        value = self._values[key] = GGUFReader(self._path).fields[key].contents()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class _TensorInfo(msgspec.Struct, frozen=True):
+    gguf_name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: columns first
+    offset: int  # absolute, in the file
+    n_bytes: int
+
+
+class GGUFSource:
+    """An open GGUF file: ``config``, ``metadata`` and ``get(name)`` of decoded tensors."""
+
+    format = "gguf"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            reader = GGUFReader(self.path)
+        except (ValueError, OSError) as exc:
+            raise UnsupportedModelError(f"cannot read GGUF file '{self.path}': {exc}") from exc
+        self.metadata = GGUFMetadata(self.path, reader)
+        self._tensors: dict[str, _TensorInfo] = {}
+        for t in reader.tensors:
+            name = canonical_name(t.name)
+            if name is not None:
+                shape = tuple(int(d) for d in t.shape)
+                self._tensors[name] = _TensorInfo(t.name, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes))
+        self.config = ModelConfig.from_gguf_metadata(self.metadata, has_output_tensor="lm_head" in self._tensors)
+        self.tensor_types = {name: t.qtype.name for name, t in self._tensors.items()}
+        # Keep only the file's mapping: the reader's parsed fields and tensor records (~140 MB of
+        # small numpy views for SmolLM2's vocabulary) and the pages parsing touched are dropped
+        # before the weights load.
+        self._data: np.memmap | None = reader.data
+        reader.fields.clear()
+        del reader
+        self._release(0, len(self._data))
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def close(self) -> None:
+        """Drop the mapping (the decoded metadata stays)."""
+        self._tensors.clear()
+        self._data = None
+
+    def num_rows(self, name: str) -> int:
+        shape = self._info(name).shape
+        return int(np.prod(shape[1:])) if len(shape) > 1 else 1
+
+    def _info(self, name: str) -> _TensorInfo:
+        t = self._tensors.get(name)
+        if t is None or self._data is None:
+            raise UnsupportedModelError(f"GGUF file '{self.path}' lacks tensor '{name}'")
+        if t.qtype.name not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(
+                f"GGUF tensor '{t.gguf_name}' has type {t.qtype.name}, which the engine cannot load "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+        return t
+
+    def get(self, name: str, rows: slice | None = None) -> WeightData:
+        """Decode tensor ``name`` (``[rows, cols]`` or ``[cols]``), or only the row range ``rows``."""
+        t = self._info(name)
+        assert self._data is not None
+        cols = t.shape[0]
+        num_rows = self.num_rows(name)
+        row_bytes = t.n_bytes // num_rows
+        first, last = (0, num_rows) if rows is None else (rows.start, min(rows.stop, num_rows))
+        start = t.offset + first * row_bytes
+        raw = self._data[start : t.offset + last * row_bytes].reshape(last - first, row_bytes)
+        try:
+            data = _decode(raw, t.qtype, last - first, cols)
+        finally:
+            self._release(start, (last - first) * row_bytes)
+        if len(t.shape) == 1:
+            assert isinstance(data, Tensor)
+            data = data.view(cols)
+        return data if rows is not None else self._unpermute(name, data)
+
+    def _unpermute(self, name: str, data: WeightData) -> WeightData:
+        cfg = self.config
+        if cfg.architecture != "llama" or not name.endswith((".q", ".k")):
+            return data
+        heads = cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads
+        rows = data.shape[0] if isinstance(data, Tensor) else data.q.shape[0]
+        # GGUF row (head, i, j) holds HF row (head, j, i) for j in {0, 1}, i < head_dim / 2.
+        perm = torch.arange(rows).view(heads, -1, 2).transpose(1, 2).reshape(-1)
+        return data[perm] if isinstance(data, Tensor) else data.rows(perm)
+
+    def _release(self, offset: int, length: int) -> None:
+        """Drop the mapped pages of bytes already decoded, so they stop counting as ours."""
+        mm = getattr(self._data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        except (OSError, ValueError):
+            pass  # advisory only
+
+
+def _decode(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int) -> WeightData:
+    name = qtype.name
+    if name in ("F32", "F16", "BF16"):
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
+        return torch.from_numpy(np.array(raw)).view(dtype).view(rows, cols)
+    if cols % _BLOCK:
+        raise UnsupportedModelError(f"{name} tensor with {cols} columns is not whole blocks of {_BLOCK}")
+    groups = cols // _BLOCK
+    if name == "Q8_0":
+        q = torch.empty(rows, cols, dtype=torch.int8)
+        scales = torch.empty(rows, groups, dtype=torch.float32)
+    else:
+        q = torch.empty(rows, cols, dtype=torch.uint8)
+        scales = torch.empty(rows, groups, dtype=torch.float32)
+        zeros = torch.empty(rows, groups, dtype=torch.float32)
+    for r0 in range(0, rows, _CHUNK_ROWS):
+        r1 = min(r0 + _CHUNK_ROWS, rows)
+        blocks = torch.from_numpy(np.array(raw[r0:r1])).view(r1 - r0, groups, -1)
+        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+        scales[r0:r1] = d
+        if name == "Q8_0":
+            q[r0:r1] = blocks[..., 2:34].contiguous().view(torch.int8).reshape(r1 - r0, cols)
+            continue
+        if name == "Q4_0":  # w = d * (q - 8)
+            qs = blocks[..., 2:18]
+            zeros[r0:r1] = 0.0
+        else:  # Q4_1: w = d * q + m = (q - 8) * d + (m + 8 d)
+            m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+            zeros[r0:r1] = m + 8.0 * d
+            qs = blocks[..., 4:20]
+        # Within a block, byte j holds element j (low nibble) and element j + 16 (high nibble).
+        q[r0:r1] = torch.cat([qs & 15, qs >> 4], dim=-1).view(r1 - r0, cols)
+    if name == "Q8_0":
+        return Int8Data(q=q, scales=scales, group_size=_BLOCK)
+    return Int4Data(q=q, scales=scales, zeros=zeros, group_size=_BLOCK)

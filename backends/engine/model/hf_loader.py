@@ -1,0 +1,110 @@
+"""Weights from a Hugging Face model directory: ``config.json`` plus ``*.safetensors``.
+
+Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped); quantization,
+when asked for, happens per tensor in ``loader.py``. Names are mapped to the engine's canonical
+ones (``embed``, ``layers.{i}.q`` … see ``loader.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from safetensors import safe_open
+from torch import Tensor
+
+from backends.engine.model.config import ModelConfig, UnsupportedModelError
+
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "q",
+    "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v",
+    "self_attn.o_proj.weight": "o",
+    "self_attn.q_proj.bias": "q.bias",
+    "self_attn.k_proj.bias": "k.bias",
+    "self_attn.v_proj.bias": "v.bias",
+    "self_attn.o_proj.bias": "o.bias",
+    "mlp.gate_proj.weight": "gate",
+    "mlp.up_proj.weight": "up",
+    "mlp.down_proj.weight": "down",
+    "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "ffn_norm",
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "embed",
+    "lm_head.weight": "lm_head",
+    "model.norm.weight": "norm",
+}
+
+
+def canonical_name(hf_name: str) -> str | None:
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    if hf_name.startswith("model.layers."):
+        layer, rest = hf_name[len("model.layers.") :].split(".", 1)
+        short = _LAYER_NAMES.get(rest)
+        if short is not None:
+            return f"layers.{layer}.{short}"
+    return None
+
+
+class HFSource:
+    """An HF model directory: ``config``, ``metadata`` (config.json) and ``get(name)``."""
+
+    format = "hf"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise UnsupportedModelError(f"model directory '{self.path}' has no config.json")
+        self.metadata: dict[str, Any] = json.loads(config_path.read_text())
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise UnsupportedModelError(f"model directory '{self.path}' has no *.safetensors files")
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    name = canonical_name(key)
+                    if name is not None:
+                        self._where[name] = (file, key)
+        self.config = ModelConfig.from_hf_config(self.metadata)
+        if self.config.tie_word_embeddings:
+            self._where.pop("lm_head", None)
+        elif "lm_head" not in self._where:  # some checkpoints tie without saying so
+            self.config = _with_tied(self.config)
+        self.tensor_types = {name: "safetensors" for name in self._where}
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def _handle(self, name: str) -> tuple[Any, str]:
+        if name not in self._where:
+            raise UnsupportedModelError(f"model directory '{self.path}' lacks tensor '{name}'")
+        file, key = self._where[name]
+        handle = self._files.get(str(file))
+        if handle is None:
+            handle = self._files[str(file)] = safe_open(file, framework="pt")
+        return handle, key
+
+    def num_rows(self, name: str) -> int:
+        handle, key = self._handle(name)
+        return int(handle.get_slice(key).get_shape()[0])
+
+    def get(self, name: str, rows: slice | None = None) -> Tensor:
+        """Tensor ``name``, or only its row range ``rows``."""
+        handle, key = self._handle(name)
+        if rows is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[rows.start : rows.stop]
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def _with_tied(config: ModelConfig) -> ModelConfig:
+    return msgspec.structs.replace(config, tie_word_embeddings=True)

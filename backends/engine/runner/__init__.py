@@ -1,0 +1,1 @@
+"""One engine step on the model: scheduler output to tensors, the forward, batched sampling."""

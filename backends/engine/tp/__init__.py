@@ -1,0 +1,1 @@
+"""Tensor parallelism over torch.distributed: the TP engine, sharding, step messages, ranks."""

@@ -1,0 +1,281 @@
+"""`taxiway bench gateway`: what the gateway adds in front of an instant upstream.
+
+Starts the stub upstream (``bench.stub_upstream``) and ``taxiway serve`` with one ``openai``
+model pointing at it, each in its own process, then measures from this process with httpx:
+
+* sequential latency, direct to the upstream vs through the gateway (p50/p99, and the difference);
+* streaming time to first token, the same way;
+* requests/s with C concurrent clients, direct vs through the gateway;
+* the gateway process's CPU time per request, and its own ``X-Taxiway-Overhead-Ms``.
+
+Direct and gateway phases alternate within each round (and swap order every round), so drift in
+the machine's load hits both alike. The load generator is the limit for the direct requests/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from argparse import ArgumentParser, Namespace
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgspec
+
+_BODY = msgspec.json.encode(
+    {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark"}], "max_tokens": 16}
+)
+_STREAM_BODY = msgspec.json.encode(
+    {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark"}], "max_tokens": 16,
+     "stream": True}  # fmt: skip
+)
+
+
+class Side(msgspec.Struct):
+    latencies_ms: list[float] = []
+    ttft_ms: list[float] = []
+    rps: list[float] = []
+    overhead_header_ms: list[float] = []
+    cpu_ms_per_request: list[float] = []
+
+
+class Summary(msgspec.Struct):
+    date: str
+    machine: str
+    command: str
+    rounds: int
+    sequential_per_round: int
+    concurrency: int
+    concurrent_per_round: int
+    direct_p50_ms: float
+    direct_p99_ms: float
+    gateway_p50_ms: float
+    gateway_p99_ms: float
+    added_p50_ms: float
+    added_p99_ms: float
+    direct_ttft_p50_ms: float
+    gateway_ttft_p50_ms: float
+    added_ttft_p50_ms: float
+    direct_rps: float
+    gateway_rps: float
+    rps_ratio: float
+    gateway_cpu_ms_per_request: float
+    overhead_header_p50_ms: float
+    overhead_header_p99_ms: float
+
+
+def configure(parser: ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--sequential", type=int, default=500, help="sequential requests per side per round")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
+    parser.add_argument("--concurrent-requests", type=int, default=3000, help="requests per side per round")
+    parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+
+
+def run(args: Namespace) -> int:
+    """Measure the gateway's added latency and throughput against a stub upstream."""
+    summary = asyncio.run(_bench(args))
+    print(format_summary(summary))
+    if args.json:
+        Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited:\n{log.read_text(errors='replace')}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up:\n{log.read_text(errors='replace')}")
+
+
+@contextlib.contextmanager
+def _processes(tmp: Path) -> Iterator[tuple[str, str, int]]:
+    """(direct base URL, gateway base URL, gateway pid)."""
+    upstream_port, gateway_port = _free_port(), _free_port()
+    config = tmp / "bench.toml"
+    config.write_text(
+        "[[models]]\nname = \"bench\"\nbackend = \"openai\"\n"
+        f'options = {{ base_url = "http://127.0.0.1:{upstream_port}/v1", upstream_model = "stub" }}\n'
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(tmp / "upstream.log", "wb") as upstream_log, open(tmp / "gateway.log", "wb") as gateway_log:
+            upstream = subprocess.Popen(
+                [sys.executable, "-m", "bench.stub_upstream", "--port", str(upstream_port)],
+                stdout=upstream_log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            procs.append(upstream)
+            _wait_http(f"http://127.0.0.1:{upstream_port}/v1/models", upstream, tmp / "upstream.log")
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(gateway_port),
+                 "--log-format", "json"],
+                stdout=gateway_log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            procs.append(gateway)
+            _wait_http(f"http://127.0.0.1:{gateway_port}/health", gateway, tmp / "gateway.log")
+            yield f"http://127.0.0.1:{upstream_port}/v1", f"http://127.0.0.1:{gateway_port}/v1", gateway.pid
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+async def _sequential(client: httpx.AsyncClient, url: str, n: int, side: Side) -> None:
+    for _ in range(n):
+        start = time.perf_counter()
+        response = await client.post(url, content=_BODY, headers={"content-type": "application/json"})
+        side.latencies_ms.append((time.perf_counter() - start) * 1000)
+        response.raise_for_status()
+        if "x-taxiway-overhead-ms" in response.headers:
+            side.overhead_header_ms.append(float(response.headers["x-taxiway-overhead-ms"]))
+
+
+async def _ttft(client: httpx.AsyncClient, url: str, n: int, side: Side) -> None:
+    for _ in range(n):
+        start = time.perf_counter()
+        async with client.stream("POST", url, content=_STREAM_BODY, headers={"content-type": "application/json"}) as r:
+            r.raise_for_status()
+            first = True
+            # read to the end, as a real client does: a stream left unread closes the connection,
+            # and every request would then pay for a new one
+            async for _chunk in r.aiter_raw():
+                if first:
+                    side.ttft_ms.append((time.perf_counter() - start) * 1000)
+                    first = False
+
+
+async def _concurrent(client: httpx.AsyncClient, url: str, n: int, concurrency: int) -> float:
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            response = await client.post(url, content=_BODY, headers={"content-type": "application/json"})
+            response.raise_for_status()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - start)
+
+
+async def _bench(args: Namespace) -> Summary:
+    direct, gateway = Side(), Side()
+    with tempfile.TemporaryDirectory(prefix="taxiway-bench-") as tmp, _processes(Path(tmp)) as (d_url, g_url, pid):
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+            sides = [(direct, d_url), (gateway, g_url)]
+            for side, base in sides:  # warm-up: connections, caches, first-call imports
+                await _sequential(client, f"{base}/chat/completions", 100, Side())
+                await _concurrent(client, f"{base}/chat/completions", 500, args.concurrency)
+            for round_index in range(args.rounds):
+                order = sides if round_index % 2 == 0 else sides[::-1]
+                for side, base in order:
+                    await _sequential(client, f"{base}/chat/completions", args.sequential, side)
+                for side, base in order:
+                    await _ttft(client, f"{base}/chat/completions", max(50, args.sequential // 5), side)
+                for side, base in order:
+                    cpu_before = _cpu_seconds(pid)
+                    side.rps.append(
+                        await _concurrent(client, f"{base}/chat/completions", args.concurrent_requests, args.concurrency)
+                    )
+                    if side is gateway:
+                        used = _cpu_seconds(pid) - cpu_before
+                        side.cpu_ms_per_request.append(used * 1000 / args.concurrent_requests)
+    return _summarise(args, direct, gateway)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _median(values: list[float]) -> float:
+    return _pct(values, 0.5)
+
+
+def _summarise(args: Namespace, direct: Side, gateway: Side) -> Summary:
+    d50, d99 = _pct(direct.latencies_ms, 0.5), _pct(direct.latencies_ms, 0.99)
+    g50, g99 = _pct(gateway.latencies_ms, 0.5), _pct(gateway.latencies_ms, 0.99)
+    dt, gt = _median(direct.ttft_ms), _median(gateway.ttft_ms)
+    d_rps, g_rps = _median(direct.rps), _median(gateway.rps)
+    return Summary(
+        date=time.strftime("%Y-%m-%d %H:%M %Z"),
+        machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        command="taxiway bench gateway " + " ".join(sys.argv[3:]),
+        rounds=args.rounds,
+        sequential_per_round=args.sequential,
+        concurrency=args.concurrency,
+        concurrent_per_round=args.concurrent_requests,
+        direct_p50_ms=d50,
+        direct_p99_ms=d99,
+        gateway_p50_ms=g50,
+        gateway_p99_ms=g99,
+        added_p50_ms=g50 - d50,
+        added_p99_ms=g99 - d99,
+        direct_ttft_p50_ms=dt,
+        gateway_ttft_p50_ms=gt,
+        added_ttft_p50_ms=gt - dt,
+        direct_rps=d_rps,
+        gateway_rps=g_rps,
+        rps_ratio=g_rps / d_rps,
+        gateway_cpu_ms_per_request=_median(gateway.cpu_ms_per_request),
+        overhead_header_p50_ms=_pct(gateway.overhead_header_ms, 0.5),
+        overhead_header_p99_ms=_pct(gateway.overhead_header_ms, 0.99),
+    )
+
+
+def format_summary(s: Summary) -> str:
+    return "\n".join(
+        [
+            f"taxiway bench gateway — {s.date} — {s.machine}",
+            f"{s.rounds} alternating rounds; {s.sequential_per_round} sequential and {s.concurrent_per_round} "
+            f"concurrent (C={s.concurrency}) requests per side per round",
+            "",
+            "|  | direct | through the gateway | added |",
+            "|---|---|---|---|",
+            f"| sequential latency p50 | {s.direct_p50_ms:.2f} ms | {s.gateway_p50_ms:.2f} ms | +{s.added_p50_ms:.2f} ms |",
+            f"| sequential latency p99 | {s.direct_p99_ms:.2f} ms | {s.gateway_p99_ms:.2f} ms | +{s.added_p99_ms:.2f} ms |",
+            f"| streaming TTFT p50 | {s.direct_ttft_p50_ms:.2f} ms | {s.gateway_ttft_p50_ms:.2f} ms | "
+            f"+{s.added_ttft_p50_ms:.2f} ms |",
+            f"| requests/s at C={s.concurrency} | {s.direct_rps:.0f} | {s.gateway_rps:.0f} | {s.rps_ratio:.2f}× |",
+            f"| gateway CPU per request | — | {s.gateway_cpu_ms_per_request:.2f} ms | — |",
+            f"| X-Taxiway-Overhead-Ms p50 / p99 | — | {s.overhead_header_p50_ms:.3f} / {s.overhead_header_p99_ms:.3f} ms | — |",
+        ]
+    )

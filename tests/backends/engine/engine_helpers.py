@@ -1,0 +1,187 @@
+"""Helpers for the engine's model tests: tiny random-weight HF models, the same weights written as
+GGUF, and a small paged-cache runner that drives ``CausalLM`` like the model runner does."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from backends.engine.model.attention import AttentionMetadata, allocate_kv_cache
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
+
+
+def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
+    """A random-weight ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` in float32
+    with lively weights."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    kwargs = {**TINY, "initializer_range": 0.08, **overrides}
+    if arch == "qwen2":
+        kwargs.setdefault("tie_word_embeddings", True)
+        model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**kwargs))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.6, 1.4)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def save_hf(model: torch.nn.Module, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation of q/k rows (half-rotation -> interleaved pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def quant_roundtrip(w: np.ndarray, qtype: QT) -> np.ndarray:
+    """What a tensor stored as ``qtype`` decodes to (float32)."""
+    if qtype == QT.F32:
+        return w.astype(np.float32)
+    if qtype == QT.F16:
+        return w.astype(np.float16).astype(np.float32)
+    return gguf.quants.dequantize(gguf.quants.quantize(w.astype(np.float32), qtype), qtype).reshape(w.shape)
+
+
+def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT | None = None) -> Path:
+    """Write ``model``'s weights as a GGUF file the way llama.cpp's converter lays them out:
+    2-D weights in ``qtype`` (the embedding in ``embed_type``), norms and biases F32."""
+    cfg = model.config
+    arch = cfg.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def put(name: str, arr: np.ndarray, kind: QT) -> None:
+        if arr.ndim == 1 or kind == QT.F32:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        elif kind == QT.F16:
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), kind), raw_dtype=kind)
+
+    put("token_embd.weight", sd["model.embed_tokens.weight"], embed_type or qtype)
+    if not cfg.tie_word_embeddings:
+        put("output.weight", sd["lm_head.weight"], qtype)
+    put("output_norm.weight", sd["model.norm.weight"], QT.F32)
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _llama_permute(q, heads), _llama_permute(k, kv_heads)
+        put(f"blk.{i}.attn_q.weight", q, qtype)
+        put(f"blk.{i}.attn_k.weight", k, qtype)
+        put(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"], qtype)
+        put(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"], qtype)
+        for short in ("q", "k", "v"):
+            bias = sd.get(p + f"self_attn.{short}_proj.bias")
+            if bias is not None:
+                put(f"blk.{i}.attn_{short}.bias", bias, QT.F32)
+        put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], qtype)
+        put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], qtype)
+        put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], qtype)
+        put(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], QT.F32)
+        put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], QT.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def roundtrip_model(model: torch.nn.Module, qtype: QT, *, embed_type: QT | None = None) -> torch.nn.Module:
+    """A copy of ``model`` whose 2-D weights are what a ``qtype`` GGUF of it decodes to."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim == 2:
+                kind = (embed_type or qtype) if "embed_tokens" in name else qtype
+                p.copy_(torch.from_numpy(quant_roundtrip(p.numpy(), kind)))
+    return ref
+
+
+def hf_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([list(tokens)])).logits[0].float()
+
+
+class PagedRunner:
+    """Drives ``CausalLM`` over steps of ``(seq_id, new_tokens)`` with a shuffled block pool."""
+
+    def __init__(self, model, config, *, num_blocks: int = 64, block_size: int = 4, dtype=torch.float32, seed: int = 0):
+        self.model = model
+        self.block_size = block_size
+        self.kv = allocate_kv_cache(config, num_blocks, block_size, dtype)
+        self.free = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free)
+        self.tables: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+
+    def step(self, batch: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
+        """Run one flattened step; returns each sequence's float32 logits ``[q_len, V]``."""
+        ids, positions, q_lens, seq_lens, tables = [], [], [], [], []
+        for seq_id, tokens in batch:
+            start = self.lens.get(seq_id, 0)
+            end = start + len(tokens)
+            table = self.tables.setdefault(seq_id, [])
+            while len(table) * self.block_size < end:
+                table.append(self.free.pop())
+            self.lens[seq_id] = end
+            ids.extend(tokens)
+            positions.extend(range(start, end))
+            q_lens.append(len(tokens))
+            seq_lens.append(end)
+            tables.append(table)
+        attn = AttentionMetadata.from_lists(
+            query_lens=q_lens, seq_lens=seq_lens, block_tables=tables, block_size=self.block_size
+        )
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), attn, self.kv)
+        logits = self.model.compute_logits(hidden)
+        out, row = [], 0
+        for n in q_lens:
+            out.append(logits[row : row + n])
+            row += n
+        return out

@@ -1,0 +1,216 @@
+"""Quantized linear modules: packed kernels vs the plain-torch dequantise reference, exact
+round trips of the unpacked form (what tensor parallelism slices), embedding row gathers, and
+GGUF block decoding vs the ``gguf`` package's own dequantiser."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+
+from backends.engine.native import ckernels
+from backends.engine.model import quant
+from backends.engine.model.gguf_loader import _decode
+from backends.engine.model.quant import (
+    Int4Data,
+    Int4Linear,
+    Int8Linear,
+    cat_rows,
+    int8_per_channel,
+    quantize_int4,
+    quantize_int8,
+)
+
+
+def weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("n, k", [(192, 576), (200, 64), (64, 1536)])
+def test_int4_dequantize_is_exact_in_float32(n: int, k: int) -> None:
+    data = quantize_int4(weights(n, k))
+    mod = Int4Linear.from_data(data, dtype=torch.float32)
+    torch.testing.assert_close(mod.dequantize(torch.float32), data.dequantize(), rtol=0, atol=1e-7)
+    back = mod.to_data()
+    assert torch.equal(back.q, data.q)
+    assert torch.equal(back.scales, data.scales) and torch.equal(back.zeros, data.zeros)
+
+
+def test_int4_quantization_error_is_within_half_a_step() -> None:
+    w = weights(128, 256)
+    data = quantize_int4(w)
+    step = data.scales.repeat_interleave(data.group_size, dim=1)
+    assert ((data.dequantize() - w).abs() <= 0.5 * step + 1e-6).all()
+
+
+@pytest.fixture(params=["native", "torch_cpu"])
+def int4_layout(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """Both CPU bfloat16 int4 kernels: the native one (where this machine builds it) and torch's."""
+    if request.param == "torch_cpu":
+        monkeypatch.setenv("TAXIWAY_NATIVE_KERNELS", "0")
+    ckernels.load.cache_clear()
+    if request.param == "native" and not quant._native_int4_kernel(torch.device("cpu"), torch.bfloat16, 64, 32):
+        pytest.skip("this machine builds no native int4 kernel (needs a C compiler and AVX-512 BF16)")
+    yield request.param
+    ckernels.load.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64, 300])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_int4_packed_kernel_is_exact_weights_summed_in_float32(int4_layout: str, rows: int, seed: int) -> None:
+    """Against the float64 product of the same (bfloat16-scaled) weights: the output is that value
+    rounded once to bfloat16 (half an ulp, ``2**-8`` relative), give or take the float32
+    accumulation, which is bounded by one float32 rounding of ``sum |w| |x|`` (a naive float32 sum
+    may err by up to K of those). Comparing with a float32 ``F.linear`` instead would flake: on
+    outputs that cancel to near zero either kernel lands over half an ulp from it on some seeds."""
+    data = quantize_int4(weights(256, 576, seed))
+    mod = Int4Linear.from_data(data, dtype=torch.bfloat16)
+    assert mod.layout == int4_layout
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(seed + 1)).bfloat16()
+    w = mod.dequantize(torch.float32).double()  # the stored weights, exactly
+    truth = F.linear(x.double(), w)
+    accumulation = F.linear(x.double().abs(), w.abs()) * 2**-24
+    out = mod(x).double()
+    assert ((out - truth).abs() <= truth.abs() * 2**-8 + accumulation).all()
+
+
+def test_int4_dense_tile_option_tracks_the_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(quant, "INT4_DENSE_TILE_MIN_ROWS", 16)
+    data = quantize_int4(weights(256, 576))
+    mod = Int4Linear.from_data(data, dtype=torch.bfloat16)
+    x = torch.randn(40, 576).bfloat16()
+    ref = F.linear(x.float(), mod.dequantize(torch.float32))
+    torch.testing.assert_close(mod(x).float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_int4_float32_activations_take_the_exact_path() -> None:
+    data = quantize_int4(weights(128, 128))
+    mod = Int4Linear.from_data(data, dtype=torch.float32, bias=torch.randn(128))
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(mod(x), F.linear(x, data.dequantize(), mod.bias), rtol=1e-6, atol=1e-6)
+
+
+def test_int4_padded_rows_and_embedding_gather() -> None:
+    data = quantize_int4(weights(200, 64))  # 200 rows: padded to 256 for the CPU layout
+    mod = Int4Linear.from_data(data, dtype=torch.float32)
+    assert mod.padded_out == 256 and mod(torch.randn(2, 64)).shape == (2, 200)
+    ids = torch.tensor([0, 31, 32, 63, 64, 199, 5, 5])
+    torch.testing.assert_close(mod.embed(ids), data.dequantize()[ids], rtol=0, atol=1e-7)
+
+
+def test_int4_shards_along_rows_and_groups_and_repacks_exactly() -> None:
+    """What tensor parallelism does: unpack, take whole rows / whole groups, pack again."""
+    data = quantize_int4(weights(256, 256))
+    mod = Int4Linear.from_data(data, dtype=torch.float32)
+    full = mod.dequantize(torch.float32)
+    back = mod.to_data()
+    top = Int4Linear.from_data(back.rows(slice(0, 128)), dtype=torch.float32)
+    torch.testing.assert_close(top.dequantize(torch.float32), full[:128], rtol=0, atol=0)
+    left = Int4Data(q=back.q[:, :64].contiguous(), scales=back.scales[:, :2], zeros=back.zeros[:, :2], group_size=32)
+    torch.testing.assert_close(Int4Linear.from_data(left, dtype=torch.float32).dequantize(), full[:, :64], rtol=0, atol=0)
+    both = cat_rows([back.rows(slice(128, 256)), back.rows(slice(0, 128))])
+    torch.testing.assert_close(Int4Linear.from_data(both, dtype=torch.float32).dequantize(), full.roll(128, 0), rtol=0, atol=0)
+
+
+def test_int4_row_chunked_dequantize() -> None:
+    data = quantize_int4(weights(256, 64))
+    mod = Int4Linear.from_data(data, dtype=torch.float32)
+    torch.testing.assert_close(mod.dequantize(torch.float32, slice(64, 192)), data.dequantize()[64:192], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, quant.INT8_KERNEL_MAX_ROWS, quant.INT8_KERNEL_MAX_ROWS + 1])
+def test_int8_per_channel_kernel_matches_reference(rows: int) -> None:
+    data = quantize_int8(weights(320, 192))
+    mod = Int8Linear.from_data(data, dtype=torch.bfloat16)
+    assert mod.per_channel
+    x = torch.randn(rows, 192).bfloat16()
+    ref = F.linear(x.float(), mod.dequantize(torch.float32))
+    torch.testing.assert_close(mod(x).float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_int8_per_group_is_exact_and_gathers_rows() -> None:
+    data = quantize_int8(weights(96, 128), group_size=32)
+    mod = Int8Linear.from_data(data, dtype=torch.float32)
+    torch.testing.assert_close(mod.dequantize(), data.dequantize(), rtol=0, atol=0)
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(mod(x), F.linear(x, data.dequantize()), rtol=1e-6, atol=1e-6)
+    ids = torch.tensor([3, 0, 95])
+    torch.testing.assert_close(mod.embed(ids), data.dequantize()[ids], rtol=0, atol=0)
+
+
+def test_int8_per_channel_requantization_error_is_bounded() -> None:
+    w = weights(64, 576)
+    group = quantize_int8(w, group_size=32)
+    channel = int8_per_channel(group)
+    assert channel.group_size == 576
+    err = (channel.dequantize() - group.dequantize()).abs()
+    assert (err <= 0.5 * channel.scales + 1e-7).all()  # half a per-channel step
+
+
+def test_large_vocab_dequantise_path_is_chunked(monkeypatch) -> None:
+    monkeypatch.setattr(quant, "DEQUANT_CHUNK_ROWS", 64)
+    data = quantize_int8(weights(200, 64))
+    mod = Int8Linear.from_data(data, dtype=torch.float32)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(mod(x), F.linear(x, data.dequantize()), rtol=1e-6, atol=1e-6)
+    data4 = quantize_int4(weights(256, 64))
+    mod4 = Int4Linear.from_data(data4, dtype=torch.float32)
+    torch.testing.assert_close(mod4(x), F.linear(x, data4.dequantize()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.F16, QT.BF16, QT.F32])
+def test_gguf_blocks_decode_like_the_gguf_package(qtype) -> None:
+    w = weights(70, 96, seed=4).numpy()
+    if qtype == QT.F16:
+        raw = w.astype(np.float16)
+    elif qtype == QT.F32:
+        raw = w
+    else:
+        raw = gguf.quants.quantize(w, qtype)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(70, 96).astype(np.float32))
+    decoded = _decode(raw.reshape(70, -1).view(np.uint8), qtype, 70, 96)
+    ours = decoded.float() if isinstance(decoded, torch.Tensor) else decoded.dequantize()
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_int8_per_group_through_the_int4_kernel_is_exact() -> None:
+    """Q8_0 as two nibbles per weight in the int4 kernel (``Int8GroupLinear``)."""
+    data = quantize_int8(weights(200, 576, seed=5), group_size=32)
+    data.q[0, :4] = torch.tensor([127, -127, -128 + 1, 0], dtype=torch.int8)  # the extremes
+    exact = data.dequantize()
+    ref32 = quant.make_linear(data, dtype=torch.float32)
+    assert isinstance(ref32, quant.Int8GroupLinear) and isinstance(ref32, Int8Linear)
+    torch.testing.assert_close(ref32.dequantize(), exact, rtol=0, atol=0)
+    back = ref32.to_data()
+    assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales)
+    ids = torch.tensor([0, 5, 63, 64, 199])
+    torch.testing.assert_close(ref32.embed(ids), exact[ids], rtol=0, atol=0)
+    x = torch.randn(3, 576)
+    torch.testing.assert_close(ref32(x), F.linear(x, exact), rtol=1e-5, atol=1e-5)
+    # bfloat16: the packed kernel, d rounded to bfloat16; vs float32 math on those weights
+    fast = quant.make_linear(data, dtype=torch.bfloat16)
+    xb = x.bfloat16()
+    ref = F.linear(xb.float(), fast.dequantize(torch.float32))
+    torch.testing.assert_close(fast(xb).float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(fast.embed(ids, torch.float32), fast.dequantize(torch.float32)[ids], rtol=0, atol=0)
+
+
+def test_int4_packing_in_row_chunks_equals_packing_whole(monkeypatch) -> None:
+    data = quantize_int4(weights(320, 128))
+    whole = Int4Linear.from_data(data, dtype=torch.float32)
+    monkeypatch.setattr(quant, "_PACK_CHUNK_ROWS", 128)
+    chunked = Int4Linear.from_data(data, dtype=torch.float32)
+    assert torch.equal(chunked.weight, whole.weight)
+
+
+def test_int8_per_group_vocabulary_is_packed_in_row_chunks(monkeypatch) -> None:
+    data = quantize_int8(weights(300, 64), group_size=32)  # 300 rows: the last chunk is padded
+    whole = quant.make_linear(data, dtype=torch.float32)
+    monkeypatch.setattr(quant, "_PACK_CHUNK_ROWS", 128)
+    chunked = quant.make_linear(data, dtype=torch.float32)
+    assert torch.equal(chunked.inner.weight, whole.inner.weight)
+    assert torch.equal(chunked.inner.scales_and_zeros, whole.inner.scales_and_zeros)
+    torch.testing.assert_close(chunked.dequantize(), data.dequantize(), rtol=0, atol=0)

@@ -1,0 +1,152 @@
+"""The native decode-attention kernel (``backends/engine/kernels``) against torch's SDPA over
+the same paged cache, at SmolLM2's shapes and at odd ones, and the build's fallbacks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backends.engine.model import attention
+from backends.engine.native import ckernels
+from backends.engine.model.attention import AttentionMetadata, AttentionPlan, paged_attention
+
+
+@pytest.fixture
+def kernels() -> ckernels.Kernels:
+    """The loaded kernels (function scope: a test that clears ``load``'s cache gets a new object)."""
+    loaded = ckernels.load()
+    if loaded is None:
+        pytest.skip("no C compiler here: the engine runs torch's attention (tested elsewhere)")
+    return loaded
+
+
+@pytest.fixture
+def two_threads():  # type: ignore[no-untyped-def]
+    """2 threads whatever the machine: fewer than 4 sequences then split by KV head and 4 or more
+    run whole, so the cases below cover both of the kernel's ways of dividing the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def decode_case(seed: int, heads: int, kv_heads: int, head_dim: int, block_size: int, num_seqs: int, max_len: int):  # type: ignore[no-untyped-def]
+    """Decode rows for ``num_seqs`` sequences over shuffled blocks; returns the step's inputs and an
+    exact float32 reference computed from contiguous copies."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    lens = [rng.randint(1, max_len) for _ in range(num_seqs)]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 2
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).bfloat16()
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).bfloat16()
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lens]
+    q = torch.randn(num_seqs, heads, head_dim, generator=gen).bfloat16()
+    k_new = torch.randn(num_seqs, kv_heads, head_dim, generator=gen).bfloat16()
+    v_new = torch.randn(num_seqs, kv_heads, head_dim, generator=gen).bfloat16()
+    attn = AttentionMetadata.from_lists(query_lens=[1] * num_seqs, seq_lens=lens, block_tables=tables, block_size=block_size)
+    refs = []
+    for i, n in enumerate(lens):
+        slots = [tables[i][p // block_size] * block_size + p % block_size for p in range(n)]
+        k = k_cache.view(-1, kv_heads, head_dim)[slots].clone()
+        v = v_cache.view(-1, kv_heads, head_dim)[slots].clone()
+        k[-1], v[-1] = k_new[i], v_new[i]  # this step's K/V, written by paged_attention
+        rep = heads // kv_heads
+        o = F.scaled_dot_product_attention(
+            q[i].float().unsqueeze(1),  # [H, 1, D]
+            k.float().repeat_interleave(rep, dim=1).transpose(0, 1),
+            v.float().repeat_interleave(rep, dim=1).transpose(0, 1),
+            scale=head_dim**-0.5,
+        )
+        refs.append(o.reshape(heads * head_dim))
+    return q, k_new, v_new, k_cache, v_cache, attn, torch.stack(refs)
+
+
+def run(case, block_size: int, head_dim: int, *, native: bool, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    q, k_new, v_new, k_cache, v_cache, attn, _ = case
+    with monkeypatch.context() as m:
+        if not native:
+            m.setattr(attention.ckernels, "load", lambda: None)
+        plan = AttentionPlan.build(attn, block_size)
+        return paged_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), plan, head_dim**-0.5).float()
+
+
+@pytest.mark.parametrize(
+    ("seed", "heads", "kv_heads", "head_dim", "block_size", "num_seqs", "max_len"),
+    [
+        (0, 9, 3, 64, 16, 1, 700),  # SmolLM2, one stream
+        (1, 9, 3, 64, 16, 16, 900),  # SmolLM2, a full batch
+        (2, 8, 8, 32, 4, 5, 50),  # no GQA
+        (3, 12, 2, 80, 1, 3, 40),  # group of 6, block size 1
+        (4, 4, 1, 128, 32, 7, 300),  # one KV head (MQA)
+        (5, 16, 1, 64, 16, 3, 47),  # the largest group, lengths off 16-key tiles
+        (6, 6, 2, 72, 16, 2, 90),  # head_dim not a multiple of 16: the scalar tails
+        (7, 6, 2, 72, 16, 9, 90),
+    ],
+)
+def test_native_decode_matches_exact_attention(kernels, two_threads, monkeypatch, seed, heads, kv_heads, head_dim, block_size, num_seqs, max_len) -> None:  # type: ignore[no-untyped-def]
+    calls = []
+    real = kernels.decode_attention_bf16
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "decode_attention_bf16", spy)
+    case = decode_case(seed, heads, kv_heads, head_dim, block_size, num_seqs, max_len)
+    ref = case[-1]
+    native = run(case, block_size, head_dim, native=True, monkeypatch=monkeypatch)
+    assert len(calls) == 1, "the native kernel did not run"
+    torch_out = run(case, block_size, head_dim, native=False, monkeypatch=monkeypatch)
+    # float32 math on bfloat16 inputs, rounded once: within half a bfloat16 step of the exact value
+    half_ulp = ref.abs().clamp_min(2**-10) * 2**-8
+    assert ((native - ref).abs() <= half_ulp * 1.01).all()
+    # and at least as close as torch's SDPA path
+    assert (native - ref).abs().max() <= (torch_out - ref).abs().max() + 1e-6
+
+
+def test_unsupported_shape_falls_back_to_torch(kernels, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # a query group of 32 exceeds the kernel's MAX_GROUP: it declines and torch's path answers
+    case = decode_case(5, 32, 1, 16, 4, 2, 20)
+    out = run(case, 4, 16, native=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(out, case[-1], atol=2e-2, rtol=2e-2)
+
+
+def test_switch_off_and_missing_compiler(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TAXIWAY_HOME", str(tmp_path))
+    try:
+        ckernels.load.cache_clear()
+        monkeypatch.setenv("TAXIWAY_NATIVE_KERNELS", "0")
+        assert ckernels.load() is None
+        ckernels.load.cache_clear()
+        monkeypatch.delenv("TAXIWAY_NATIVE_KERNELS")
+        monkeypatch.setenv("CC", "no-such-compiler-here")
+        assert ckernels.load() is None
+        assert not (tmp_path / "kernels").exists()
+    finally:
+        ckernels.load.cache_clear()
+
+
+def test_block_id_outside_the_cache_is_refused(kernels) -> None:  # type: ignore[no-untyped-def]
+    q, _, _, k_cache, v_cache, attn, _ = decode_case(8, 9, 3, 64, 16, 2, 40)
+    tables = attn.block_tables.clone()
+    tables[1, 0] = k_cache.shape[0]  # one past the last block
+    out = torch.full((2, 9 * 64), 7.0).bfloat16()
+    status = kernels.decode_attention_bf16(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
+        attn.seq_lens.data_ptr(), k_cache.shape[0], 2, 9, 3, 64, 16, 0.125, out.data_ptr(), out.stride(0), 2,
+    )  # fmt: skip
+    assert status == -1
+    assert torch.equal(out[1], torch.full((9 * 64,), 7.0).bfloat16())  # the bad sequence wrote nothing
+
+
+def test_nan_propagates_like_sdpa(kernels, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    case = decode_case(9, 9, 3, 64, 16, 1, 64)
+    case[0][0, 0, 0] = float("nan")  # query head 0 of the only sequence
+    out = run(case, 16, 64, native=True, monkeypatch=monkeypatch)
+    assert out[0, :64].isnan().all()  # that head's output
+    assert not out[0, 64:].isnan().any()  # the others are untouched
