@@ -10,11 +10,27 @@ from __future__ import annotations
 
 
 class TaxiwayError(Exception):
-    """Base class: an error with an HTTP status and an OpenAI-shaped body."""
+    """Base class: an error with an HTTP status and an OpenAI-shaped body.
+
+    A subclass states what it renders as in its class line, e.g.
+    ``class NotFoundError(TaxiwayError, status=404, error_type="invalid_request_error")``;
+    what it leaves out it inherits.
+    """
 
     status_code: int = 500
     error_type: str = "server_error"
     default_code: str | None = None
+
+    def __init_subclass__(
+        cls, *, status: int | None = None, error_type: str | None = None, code: str | None = None, **kwargs: object
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status_code = status
+        if error_type is not None:
+            cls.error_type = error_type
+        if code is not None:
+            cls.default_code = code
 
     def __init__(
         self,
@@ -30,79 +46,44 @@ class TaxiwayError(Exception):
         self.code = code if code is not None else self.default_code
         self.headers = dict(headers or {})
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
-
-class InvalidRequestError(TaxiwayError):
+class InvalidRequestError(TaxiwayError, status=400, error_type="invalid_request_error"):
     """400: the request is malformed or asks for something the model cannot do."""
 
-    status_code = 400
-    error_type = "invalid_request_error"
 
-
-class UnsupportedParameterError(InvalidRequestError):
+class UnsupportedParameterError(InvalidRequestError, code="unsupported_parameter"):
     """400: the backend serving this model does not support ``param``."""
 
-    default_code = "unsupported_parameter"
 
-
-class ContextLengthExceededError(InvalidRequestError):
+class ContextLengthExceededError(InvalidRequestError, code="context_length_exceeded"):
     """400: prompt plus requested output does not fit the model's context."""
 
-    default_code = "context_length_exceeded"
 
-
-class AuthenticationError(TaxiwayError):
+class AuthenticationError(TaxiwayError, status=401, error_type="authentication_error", code="invalid_api_key"):
     """401: missing or wrong API key."""
 
-    status_code = 401
-    error_type = "authentication_error"
-    default_code = "invalid_api_key"
 
-
-class PermissionDeniedError(TaxiwayError):
+class PermissionDeniedError(TaxiwayError, status=403, error_type="permission_error"):
     """403: the key is valid but may not do this."""
 
-    status_code = 403
-    error_type = "permission_error"
 
-
-class NotFoundError(TaxiwayError):
+class NotFoundError(TaxiwayError, status=404, error_type="invalid_request_error"):
     """404: unknown model or route."""
 
-    status_code = 404
-    error_type = "invalid_request_error"
+
+class ModelNotFoundError(NotFoundError, code="model_not_found"):
+    """404: no model or alias of that name."""
 
 
-class ModelNotFoundError(NotFoundError):
-    default_code = "model_not_found"
-
-
-class MethodNotAllowedError(TaxiwayError):
+class MethodNotAllowedError(TaxiwayError, status=405, error_type="invalid_request_error", code="method_not_allowed"):
     """405: the route exists but not for this HTTP method."""
 
-    status_code = 405
-    error_type = "invalid_request_error"
-    default_code = "method_not_allowed"
 
-
-class PayloadTooLargeError(TaxiwayError):
+class PayloadTooLargeError(TaxiwayError, status=413, error_type="invalid_request_error", code="payload_too_large"):
     """413: request body over the configured limit."""
 
-    status_code = 413
-    error_type = "invalid_request_error"
-    default_code = "payload_too_large"
 
-
-class RateLimitError(TaxiwayError):
+class RateLimitError(TaxiwayError, status=429, error_type="rate_limit_error", code="rate_limit_exceeded"):
     """429: too many requests or a full queue; ``retry_after`` seconds become Retry-After."""
 
     status_code = 429
@@ -115,28 +96,16 @@ class RateLimitError(TaxiwayError):
         self.headers.setdefault("Retry-After", str(max(1, round(retry_after))))
 
 
-class UpstreamError(TaxiwayError):
+class UpstreamError(TaxiwayError, status=502, error_type="upstream_error", code="bad_gateway"):
     """502: the upstream or backend failed (connection refused, bad response, 5xx)."""
 
-    status_code = 502
-    error_type = "upstream_error"
-    default_code = "bad_gateway"
 
-
-class ServiceUnavailableError(TaxiwayError):
+class ServiceUnavailableError(TaxiwayError, status=503, code="service_unavailable"):
     """503: the model is not ready (loading, restarting, overloaded upstream)."""
 
-    status_code = 503
-    error_type = "server_error"
-    default_code = "service_unavailable"
 
-
-class UpstreamTimeoutError(TaxiwayError):
+class UpstreamTimeoutError(TaxiwayError, status=504, error_type="timeout_error", code="upstream_timeout"):
     """504: the upstream did not answer in time."""
-
-    status_code = 504
-    error_type = "timeout_error"
-    default_code = "upstream_timeout"
 
 
 class UpstreamStatusError(TaxiwayError):
@@ -150,15 +119,11 @@ class UpstreamStatusError(TaxiwayError):
         self.error_type = error_type
 
 
-class ClientDisconnectedError(TaxiwayError):
+class ClientDisconnectedError(TaxiwayError, status=499, error_type="client_disconnected", code="client_disconnected"):
     """499 (nginx's convention): the client went away before the response completed.
 
     Never sent (nobody is listening); handed to ``on_error`` hooks so logs show the request.
     """
-
-    status_code = 499
-    error_type = "client_disconnected"
-    default_code = "client_disconnected"
 
 
 class InternalError(TaxiwayError):
