@@ -26,7 +26,7 @@ from gateway.errors import (
 from gateway.hooks import LifecycleHooks
 from gateway.pipeline import Gateway
 from gateway.plugins import Plugins, load_plugins
-from gateway.render import error_body
+from gateway.render import error_body, error_headers
 from gateway.router import build_router
 
 log = structlog.get_logger("taxiway.app")
@@ -43,33 +43,22 @@ def create_app(settings: Settings, *, plugins: Plugins | None = None) -> Litesta
     router = build_router(settings, plugins)
     gateway = Gateway(settings, router, LifecycleHooks(plugins.pm))
 
-    @asgi("/v1/chat/completions", copy_scope=False)
-    async def chat_completions(scope: Any, receive: Any, send: Any) -> None:
-        await gateway.chat_completions(scope, receive, send)
-
-    @asgi("/v1/completions", copy_scope=False)
-    async def completions(scope: Any, receive: Any, send: Any) -> None:
-        await gateway.completions(scope, receive, send)
-
-    @asgi("/v1/embeddings", copy_scope=False)
-    async def embeddings(scope: Any, receive: Any, send: Any) -> None:
-        await gateway.embeddings(scope, receive, send)
-
+    # The API endpoints, raw ASGI handlers: they leave the scope as it is, so litestar need not copy it.
+    route_handlers = [
+        asgi(path, copy_scope=False)(handler)
+        for path, handler in (
+            ("/v1/chat/completions", gateway.chat_completions),
+            ("/v1/completions", gateway.completions),
+            ("/v1/embeddings", gateway.embeddings),
+            ("/health", gateway.health),
+            ("/ready", gateway.ready),
+        )
+    ]
     # A mount, not a path parameter: model names may contain "/" ("org/model/stats").
-    @asgi("/v1/models", is_mount=True, copy_scope=True)
-    async def models(scope: Any, receive: Any, send: Any) -> None:
-        await gateway.models(scope, receive, send)
-
-    @asgi("/health", copy_scope=False)
-    async def health(scope: Any, receive: Any, send: Any) -> None:
-        await gateway.health(scope, receive, send)
-
-    @asgi("/ready", copy_scope=False)
-    async def ready(scope: Any, receive: Any, send: Any) -> None:
-        await gateway.ready(scope, receive, send)
+    route_handlers.append(asgi("/v1/models", is_mount=True, copy_scope=True)(gateway.models))
 
     app = Litestar(
-        route_handlers=[chat_completions, completions, embeddings, models, health, ready],
+        route_handlers=route_handlers,
         lifespan=[gateway.lifespan],
         exception_handlers={HTTPException: _render_http_exception, Exception: _render_exception},
         openapi_config=None,
@@ -81,14 +70,14 @@ def create_app(settings: Settings, *, plugins: Plugins | None = None) -> Litesta
 
 
 def _render(request: Request[Any, Any, Any], error: TaxiwayError) -> Response[bytes]:
-    headers = dict(error.headers)
-    headers["x-request-id"] = request_id(request_headers(request.scope))  # type: ignore[arg-type]
+    headers = error_headers(error, request_id(request_headers(request.scope)))  # type: ignore[arg-type]
     return Response(
         content=error_body(error), status_code=error.status_code, media_type="application/json", headers=headers
     )
 
 
 def _render_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """litestar's own errors (no route, wrong method) as our ``TaxiwayError``s."""
     error: TaxiwayError
     if exc.status_code == 404:
         error = NotFoundError(f"Unknown route: {request.method} {request.url.path}")

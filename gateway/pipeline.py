@@ -4,7 +4,7 @@
     → backend stream (timed) → render → send → after_request / on_error
 
 Each endpoint is an ASGI callable mounted by ``gateway.app``. Errors are raised as ``TaxiwayError``
-and rendered in one place (``_fail``); after a stream has started an error ends it with an SSE
+and sent in one place (``_fail``, rendered by ``gateway.render``); after a stream has started an error ends it with an SSE
 error event and ``[DONE]``. The time spent awaiting the backend is measured, and the rest of the
 request's time is reported as the gateway's overhead in ``X-Taxiway-Overhead-Ms``.
 """
@@ -41,12 +41,13 @@ from gateway.errors import (
     ClientDisconnectedError,
     InternalError,
     MethodNotAllowedError,
+    ModelNotFoundError,
     NotFoundError,
     TaxiwayError,
 )
 from gateway.hooks import LifecycleHooks
 from gateway.interface import GenerationRequest, StreamItem, Usage
-from gateway.render import SSE_DONE, ChatRenderer, CompletionRenderer, encode, error_body, sse_event
+from gateway.render import SSE_DONE, ChatRenderer, CompletionRenderer, encode, error_body, error_headers, sse_error
 from gateway.router import Route, Router
 
 log = structlog.get_logger("taxiway.gateway")
@@ -55,7 +56,8 @@ perf_counter = time.perf_counter
 
 
 class _Endpoint:
-    """What differs between chat and legacy completions."""
+    """What differs between the POST endpoints: how a body decodes and normalises, and for the
+    generation endpoints how the response renders."""
 
     __slots__ = ("decoder", "id_prefix", "name", "normalize", "renderer")
 
@@ -63,9 +65,9 @@ class _Endpoint:
         self,
         name: str,
         request_type: type[Any],
-        normalize_fn: Callable[..., GenerationRequest],
-        renderer: type[ChatRenderer] | type[CompletionRenderer],
-        id_prefix: str,
+        normalize_fn: Callable[..., Any],
+        renderer: type[ChatRenderer] | type[CompletionRenderer] | None = None,
+        id_prefix: str = "",
     ) -> None:
         self.name = name
         self.decoder = msgspec.json.Decoder(request_type)
@@ -76,7 +78,7 @@ class _Endpoint:
 
 _CHAT = _Endpoint("chat.completions", wire.ChatCompletionRequest, normalize.chat_request, ChatRenderer, "chatcmpl-")
 _COMPLETIONS = _Endpoint("completions", wire.CompletionRequest, normalize.completion_request, CompletionRenderer, "cmpl-")
-_EMBEDDINGS_DECODER = msgspec.json.Decoder(wire.EmbeddingsRequest)
+_EMBEDDINGS = _Endpoint("embeddings", wire.EmbeddingsRequest, normalize.embedding_request)
 
 
 def _response_headers(ctx: RequestContext, base: Headers | tuple[tuple[bytes, bytes], ...]) -> Headers:
@@ -124,19 +126,50 @@ class Gateway:
                     log.exception("backend.stop_failed", model=route.name)
 
     # -----------------------------------------------------------------------------------------
-    # context and errors
+    # context, admission and the two ways a response ends
 
     def _context(self, scope: Scope, endpoint: str) -> tuple[RequestContext, dict[str, str]]:
         started = perf_counter()
         headers = request_headers(scope)
         return RequestContext(request_id=request_id(headers), endpoint=endpoint, started_at=started), headers
 
-    async def _fail(self, ctx: RequestContext, error: TaxiwayError, send: Any) -> None:
-        """Send ``error`` as the whole response and tell the ``on_error`` hooks."""
-        ctx.status_code = error.status_code
+    async def _admit(
+        self, ctx: RequestContext, endpoint: _Endpoint, scope: Scope, receive: Any, headers: dict[str, str]
+    ) -> tuple[Any, Route, Any]:
+        """The wire request, its route and the normalised request; raises what the client did wrong.
+
+        Nothing has reached the backend yet. ``before_request`` is left to the caller, which may
+        first fill in more of ``ctx``.
+        """
+        if scope["method"] != "POST":
+            raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST")
+        await self.hooks.authenticate(ctx, headers)
+        body = await read_body(receive, headers, self.max_body_bytes)
+        req = normalize.decode(body, endpoint.decoder)
+        route = self.router.resolve(req.model)
+        ctx.model = route.name
+        ctx.backend_name = route.backend_name
+        request = endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
+        return req, route, request
+
+    async def _succeed(self, ctx: RequestContext, body: bytes, usage: Usage | None, send: Any) -> None:
+        """Send ``body`` as the whole 200 response and tell the ``after_request`` hooks."""
+        now = perf_counter()
+        ctx.timings.total_s = now - ctx.started_at
         headers = _response_headers(ctx, (JSON,))
-        headers.extend((k.lower().encode(), v.encode()) for k, v in error.headers.items())
+        headers.append(_overhead_header(ctx, now))
+        await send_bytes(send, 200, body, headers)
+        await self.hooks.after_request(ctx, usage)
+
+    async def _fail(self, ctx: RequestContext, exc: Exception, send: Any) -> None:
+        """Send ``exc`` as the whole response and tell the ``on_error`` hooks.
+
+        Anything but a ``TaxiwayError`` is a bug: logged with its traceback, sent as a 500.
+        """
+        error = exc if isinstance(exc, TaxiwayError) else self._internal(ctx, exc)
+        ctx.status_code = error.status_code
         ctx.timings.total_s = perf_counter() - ctx.started_at
+        headers = [JSON, *((k.encode(), v.encode()) for k, v in error_headers(error, ctx.request_id).items())]
         await send_bytes(send, error.status_code, error_body(error), headers)
         await self.hooks.on_error(ctx, error)
 
@@ -161,29 +194,16 @@ class Gateway:
 
     async def _generate(self, endpoint: _Endpoint, scope: Scope, receive: Any, send: Any) -> None:
         ctx, headers = self._context(scope, endpoint.name)
-        # admission: nothing has reached the backend yet
         try:
-            if scope["method"] != "POST":
-                raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST")
-            await self.hooks.authenticate(ctx, headers)
-            body = await read_body(receive, headers, self.max_body_bytes)
-            req = normalize.decode(body, endpoint.decoder)
-            route = self.router.resolve(req.model)
-            ctx.model = route.name
-            ctx.backend_name = route.backend_name
+            req, route, request = await self._admit(ctx, endpoint, scope, receive, headers)
             ctx.is_stream = req.stream
-            request = endpoint.normalize(
-                req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities
-            )
             await self.hooks.before_request(ctx)
-        except TaxiwayError as error:
-            await self._fail(ctx, error, send)
-            return
         except Exception as exc:
-            await self._fail(ctx, self._internal(ctx, exc), send)
+            await self._fail(ctx, exc, send)
             return
 
         include_usage = req.stream_options is not None and req.stream_options.include_usage
+        assert endpoint.renderer is not None
         renderer = endpoint.renderer(
             endpoint.id_prefix + ctx.request_id, route.name, int(time.time()), include_usage=include_usage
         )
@@ -192,10 +212,7 @@ class Gateway:
         assert task is not None
         watcher = DisconnectWatcher(receive, task)
         try:
-            if req.stream:
-                await self._send_stream(ctx, stream, renderer, watcher, send)
-            else:
-                await self._send_whole(ctx, stream, renderer, watcher, send)
+            await self._respond(ctx, req.stream, stream, renderer, watcher, send)
         except asyncio.CancelledError:
             if not watcher.disconnected:
                 raise
@@ -230,49 +247,50 @@ class Gateway:
             ctx.timings.first_token_s = now - ctx.started_at
         return item
 
-    async def _send_whole(
+    async def _respond(
         self,
         ctx: RequestContext,
+        is_stream: bool,
         stream: AsyncIterator[StreamItem],
         renderer: ChatRenderer | CompletionRenderer,
         watcher: DisconnectWatcher,
         send: Any,
     ) -> None:
+        # Until the response starts a failure is an ordinary HTTP error with its status code: a
+        # whole response is collected first, and a stream's first item is awaited first, so that
+        # a backend failing at once (full queue, upstream down) is a 429 or 502, not a broken stream.
         try:
-            while (item := await self._next(ctx, stream)) is not None:
-                renderer.add(item)
-            body = renderer.body()
+            item = await self._next(ctx, stream)
+            if not is_stream:
+                while item is not None:
+                    renderer.add(item)
+                    item = await self._next(ctx, stream)
+                body = renderer.body()
         except TaxiwayError as error:
             watcher.stop()
             await self._fail(ctx, error, send)
             return
-        watcher.stop()
-        now = perf_counter()
-        ctx.timings.total_s = now - ctx.started_at
-        headers = _response_headers(ctx, (JSON,))
-        headers.append(_overhead_header(ctx, now))
-        await send_bytes(send, 200, body, headers)
-        await self.hooks.after_request(ctx, renderer.usage)
+        if is_stream:
+            await self._send_stream(ctx, item, stream, renderer, watcher, send)
+        else:
+            watcher.stop()
+            await self._succeed(ctx, body, renderer.usage, send)
 
     async def _send_stream(
         self,
         ctx: RequestContext,
+        item: StreamItem | None,
         stream: AsyncIterator[StreamItem],
         renderer: ChatRenderer | CompletionRenderer,
         watcher: DisconnectWatcher,
         send: Any,
     ) -> None:
-        # The first item is awaited before the response starts, so that a backend failing at once
-        # (full queue, upstream down) is an ordinary HTTP error with its status code.
-        try:
-            item = await self._next(ctx, stream)
-        except TaxiwayError as error:
-            watcher.stop()
-            await self._fail(ctx, error, send)
-            return
+        """SSE events from ``item`` on; a failure now ends the stream with an error event."""
         headers = _response_headers(ctx, SSE_HEADERS)
         headers.append(_overhead_header(ctx, perf_counter()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        failure: TaxiwayError | None = None
+        tail = SSE_DONE
         try:
             while item is not None:
                 chunk = renderer.chunk(item)
@@ -280,35 +298,24 @@ class Gateway:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 item = await self._next(ctx, stream)
         except TaxiwayError as error:
+            failure = error
             ctx.status_code = error.status_code
-            watcher.stop()
-            ctx.timings.total_s = perf_counter() - ctx.started_at
-            tail = sse_event(error_body(error)) + SSE_DONE
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
-            await self.hooks.on_error(ctx, error)
-            return
+            tail = sse_error(error)
         watcher.stop()
         ctx.timings.total_s = perf_counter() - ctx.started_at
-        await send({"type": "http.response.body", "body": SSE_DONE, "more_body": False})
-        await self.hooks.after_request(ctx, renderer.usage)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        if failure is None:
+            await self.hooks.after_request(ctx, renderer.usage)
+        else:
+            await self.hooks.on_error(ctx, failure)
 
     # -----------------------------------------------------------------------------------------
     # embeddings
 
     async def embeddings(self, scope: Scope, receive: Any, send: Any) -> None:
-        ctx, headers = self._context(scope, "embeddings")
+        ctx, headers = self._context(scope, _EMBEDDINGS.name)
         try:
-            if scope["method"] != "POST":
-                raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST")
-            await self.hooks.authenticate(ctx, headers)
-            body = await read_body(receive, headers, self.max_body_bytes)
-            req = normalize.decode(body, _EMBEDDINGS_DECODER)
-            route = self.router.resolve(req.model)
-            ctx.model = route.name
-            ctx.backend_name = route.backend_name
-            request = normalize.embedding_request(
-                req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities
-            )
+            req, route, request = await self._admit(ctx, _EMBEDDINGS, scope, receive, headers)
             await self.hooks.before_request(ctx)
             start = perf_counter()
             try:
@@ -322,18 +329,10 @@ class Gateway:
             ]
             usage = wire.EmbeddingsUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
             out = encode(wire.EmbeddingsResponse(data=data, model=route.name, usage=usage))
-        except TaxiwayError as error:
-            await self._fail(ctx, error, send)
-            return
         except Exception as exc:
-            await self._fail(ctx, self._internal(ctx, exc), send)
+            await self._fail(ctx, exc, send)
             return
-        now = perf_counter()
-        ctx.timings.total_s = now - ctx.started_at
-        headers = _response_headers(ctx, (JSON,))
-        headers.append(_overhead_header(ctx, now))
-        await send_bytes(send, 200, out, headers)
-        await self.hooks.after_request(ctx, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0))
+        await self._succeed(ctx, out, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0), send)
 
     # -----------------------------------------------------------------------------------------
     # models, stats, health
@@ -346,8 +345,8 @@ class Gateway:
                 raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET")
             await self.hooks.authenticate(ctx, headers)
             body = self._models_get(scope["path"])  # below the /v1/models mount
-        except TaxiwayError as error:
-            await self._fail(ctx, error, send)
+        except Exception as exc:
+            await self._fail(ctx, exc, send)
             return
         await send_bytes(send, 200, body, _response_headers(ctx, (JSON,)))
 
@@ -365,7 +364,7 @@ class Gateway:
             if stats is None:
                 raise NotFoundError(f"The model '{name}' has no stats", param="model")
             return encode(stats)
-        raise NotFoundError(f"The model '{rest}' does not exist", param="model", code="model_not_found")
+        raise ModelNotFoundError(f"The model '{rest}' does not exist", param="model")
 
     async def health(self, scope: Scope, receive: Any, send: Any) -> None:
         await send_bytes(send, 200, b'{"status":"ok"}', [JSON])

@@ -25,11 +25,25 @@ def sse_event(payload: bytes) -> bytes:
 
 
 def error_body(error: TaxiwayError) -> bytes:
+    """``{"error": {"message", "type", "param", "code"}}``: the one rendering of an error's body."""
     return encode(
         wire.ErrorResponse(
             error=wire.ErrorBody(message=error.message, type=error.error_type, param=error.param, code=error.code)
         )
     )
+
+
+def error_headers(error: TaxiwayError, request_id: str) -> dict[str, str]:
+    """The headers of a whole error response besides its content type: the error's own
+    (``Retry-After``) and ``X-Request-ID``. Names are lower-case."""
+    headers = {name.lower(): value for name, value in error.headers.items()}
+    headers["x-request-id"] = request_id
+    return headers
+
+
+def sse_error(error: TaxiwayError) -> bytes:
+    """The end of a stream that fails after it started: the error as an event, then ``[DONE]``."""
+    return sse_event(error_body(error)) + SSE_DONE
 
 
 def wire_usage(usage: Usage) -> wire.WireUsage:
