@@ -18,13 +18,14 @@ from gateway.config import load_settings
 from gateway.errors import ConfigError
 from gateway.hookspecs import hookimpl
 from gateway.plugins import Command, Plugins, load_plugins
+from gateway.router import Route, build_router
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    plugins = load_plugins(extra=[("gateway.cli", _Builtins())])
     try:
+        plugins = load_plugins(extra=[("gateway.cli", _Builtins())])
         parser = build_parser(plugins.commands())
-    except ValueError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"taxiway: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
@@ -112,31 +113,33 @@ def _configure_models(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in default model)")
 
 
-def _models(args: argparse.Namespace) -> int:
-    """List the configured models, their aliases and backends."""
-    settings = load_settings(args.config)
-    plugins: Plugins = args.plugins
-    for i, entry in enumerate(settings.models):
-        plugins.backend_class(entry.backend, path=f"models[{i}].backend")
-        aliases = f"  (aliases: {', '.join(entry.aliases)})" if entry.aliases else ""
-        print(f"{entry.name}\tbackend={entry.backend}{aliases}")
-    return 0
-
-
 def _configure_check(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="TOML config to validate")
 
 
+def _routes(config: str | None, plugins: Plugins) -> tuple[Route, ...]:
+    """The models of a config validated as ``serve`` would: every plugin's and backend's options.
+
+    Builds the backends but starts none (no model is loaded).
+    """
+    settings = load_settings(config)
+    plugins.pm.hook.plugin_configure(settings=settings)
+    return build_router(settings, plugins).routes
+
+
+def _models(args: argparse.Namespace) -> int:
+    """List the configured models, their aliases and backends."""
+    for route in _routes(args.config, args.plugins):
+        aliases = f"  (aliases: {', '.join(route.aliases)})" if route.aliases else ""
+        print(f"{route.name}\tbackend={route.backend_name}{aliases}")
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     """Validate a config file, including every backend's options."""
-    from gateway.router import build_router
-
-    settings = load_settings(args.file)
-    plugins: Plugins = args.plugins
-    plugins.pm.hook.plugin_configure(settings=settings)
-    router = build_router(settings, plugins)
-    names = ", ".join(r.name for r in router.routes)
-    print(f"{args.file}: ok ({len(router.routes)} model{'s' if len(router.routes) != 1 else ''}: {names})")
+    routes = _routes(args.file, args.plugins)
+    names = ", ".join(r.name for r in routes)
+    print(f"{args.file}: ok ({len(routes)} model{'s' if len(routes) != 1 else ''}: {names})")
     return 0
 
 

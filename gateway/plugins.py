@@ -103,7 +103,8 @@ def load_plugins(*, entry_points: bool = True, extra: Iterable[tuple[str, object
     """Load the ``taxiway`` entry points (unless ``entry_points`` is false) and ``extra`` plugins.
 
     A plugin module that fails to import is logged and remembered, not fatal: a config naming one
-    of its backends then fails with the reason.
+    of its backends then fails with the reason. A plugin that imports but implements a hook wrongly
+    (a name no spec has, an argument its spec lacks) is a ``ConfigError`` naming the plugin.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -118,7 +119,38 @@ def load_plugins(*, entry_points: bool = True, extra: Iterable[tuple[str, object
                 load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
                 log.warning("plugin.load_failed", plugin=ep.name, target=ep.value, error=load_errors[ep.name])
                 continue
-            pm.register(plugin, name=ep.name)
+            _register(pm, plugin, ep.name)
     for name, plugin in extra:
-        pm.register(plugin, name=name)
+        _register(pm, plugin, name)
+    _check_hook_names(pm)
     return Plugins(pm, load_errors)
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:  # e.g. an argument its hook's spec does not have
+        message = str(exc).replace("\n", "; ")
+        raise ConfigError(f"plugin {name!r} has an invalid hook implementation: {message}") from exc
+
+
+def _check_hook_names(pm: pluggy.PluginManager) -> None:
+    """``ConfigError`` naming the plugin and the hook when an implementation matches no spec.
+
+    pluggy never calls such an implementation: without this check a misspelt hook
+    (``before_reqest``) would be silently ignored.
+    """
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        callers = {name: caller for name, caller in vars(pm.hook).items() if not name.startswith("_")}
+        unknown = sorted(
+            name
+            for name, caller in callers.items()
+            if not caller.has_spec() and any(impl.plugin is exc.plugin for impl in caller.get_hookimpls())
+        )
+        known = ", ".join(sorted(name for name, caller in callers.items() if caller.has_spec()))
+        raise ConfigError(
+            f"plugin {pm.get_name(exc.plugin)!r} implements {', '.join(map(repr, unknown))}, which is no hook of"
+            f" Taxiway (misspelt?); the hooks are: {known}"
+        ) from exc

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from gateway_fakes import FakeBackend
 
+from gateway.cli import main
 from gateway.context import RequestContext
 from gateway.errors import ConfigError
 from gateway.hooks import LifecycleHooks
@@ -53,6 +54,51 @@ def test_third_party_entry_point_is_discovered(dist_on_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         plugins.backend_class("warp", path="models[0].backend")
     assert "failed to load" in str(info.value) and "no_such_module_xyz" in str(info.value)
+
+
+def test_a_misspelt_hook_fails_loading_naming_plugin_and_hook() -> None:
+    class Misspelt:
+        @hookimpl
+        def before_reqest(self, ctx: RequestContext) -> None:
+            pass
+
+    with pytest.raises(ConfigError) as info:
+        load_plugins(entry_points=False, extra=[("misspelt", Misspelt())])
+    message = str(info.value)
+    assert "'misspelt'" in message and "'before_reqest'" in message and "before_request" in message
+
+
+def test_a_hook_with_an_unknown_argument_fails_loading_naming_the_plugin() -> None:
+    class WrongArgs:
+        @hookimpl
+        def before_request(self, ctx: RequestContext, model: str) -> None:
+            pass
+
+    with pytest.raises(ConfigError, match="plugin 'wrong-args'.*before_request.*'model'"):
+        load_plugins(entry_points=False, extra=[("wrong-args", WrongArgs())])
+
+
+def test_an_installed_plugin_with_a_misspelt_hook_stops_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "typo_plugin.py").write_text(
+        "from gateway.hookspecs import hookimpl\n"
+        "@hookimpl\n"
+        "def on_eror(ctx, error):\n"
+        "    pass\n"
+    )
+    info = tmp_path / "typo_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: typo-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[taxiway]\ntypo = typo_plugin\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["models"]) == 2
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("typo_plugin", None)
+    err = capsys.readouterr().err
+    assert "plugin 'typo'" in err and "'on_eror'" in err
 
 
 def test_registering_a_backend_twice_is_an_error() -> None:
