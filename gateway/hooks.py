@@ -53,10 +53,6 @@ class LifecycleHooks:
         self._after_request = _impls(pm, "after_request")
         self._on_error = _impls(pm, "on_error")
 
-    @property
-    def has_authenticate(self) -> bool:
-        return bool(self._authenticate)
-
     async def authenticate(self, ctx: RequestContext, headers: dict[str, str]) -> None:
         """Raises what an implementation raises (401/403)."""
         if self._authenticate:
