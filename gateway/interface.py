@@ -17,7 +17,6 @@ from typing import ClassVar, Literal
 import msgspec
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-Role = Literal["system", "user", "assistant", "tool", "developer"]
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,10 +77,6 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: The client streams the response. A hint only: the stream contract is the same either way,
     #: but a proxy may ask its upstream for one whole response when the client does not stream.
     stream: bool = False
-
-    @property
-    def is_chat(self) -> bool:
-        return self.messages is not None
 
 
 class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
