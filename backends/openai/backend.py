@@ -8,14 +8,7 @@ from typing import Literal
 import httpx
 import msgspec
 
-from gateway.errors import (
-    ConfigError,
-    ServiceUnavailableError,
-    TaxiwayError,
-    UnsupportedParameterError,
-    UpstreamError,
-    UpstreamTimeoutError,
-)
+from gateway.errors import ConfigError, ServiceUnavailableError, UnsupportedParameterError
 from gateway.interface import (
     SAMPLING_PARAM_NAMES,
     Backend,
@@ -119,31 +112,35 @@ class OpenAIBackend(Backend):
             return ReadyState(ready=False, detail="not started")
         return ReadyState(ready=True)
 
-    def _require_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise ServiceUnavailableError(f"the model '{self.model_name}' is not started")
-        return self._client
-
     # -----------------------------------------------------------------------------------------
 
-    def _request(self, url: httpx.URL, body: bytes, request_id: str) -> httpx.Request:
+    async def _send(self, url: httpx.URL, body: bytes, request_id: str, *, stream: bool = False) -> httpx.Response:
+        """The upstream's answer to a POST of ``body``; an error status raises its mapped error.
+
+        httpx's own failures pass through: the caller maps them with ``upstream.transport_error``
+        around everything it reads, a stream's later chunks included.
+        """
+        if self._client is None:
+            raise ServiceUnavailableError(f"the model '{self.model_name}' is not started")
         headers = [*self._request_headers, (b"x-request-id", request_id.encode())]
-        return httpx.Request("POST", url, headers=headers, content=body, extensions={"timeout": self._timeouts})
+        request = httpx.Request("POST", url, headers=headers, content=body, extensions={"timeout": self._timeouts})
+        response = await self._client.send(request, stream=stream)
+        if response.status_code >= 400:
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+            raise upstream.status_error(response.status_code, content, response.headers.get("retry-after"))
+        return response
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         if request.sampling.ignore_eos and not self.opts.sampling_extensions:
             raise UnsupportedParameterError("'ignore_eos' is not supported by this model", param="ignore_eos")
-        client = self._require_client()
         url = self._chat_url if request.messages is not None else self._completions_url
         body = upstream.request_body(request, self.upstream_model, stream=request.stream)
-        upstream_request = self._request(url, body, request.request_id)
         try:
             if not request.stream:
-                response = await client.send(upstream_request)
-                if response.status_code >= 400:
-                    raise upstream.status_error(
-                        response.status_code, response.content, response.headers.get("retry-after")
-                    )
+                response = await self._send(url, body, request.request_id)
                 whole = upstream.decode_response(response.content)
                 for delta in upstream.deltas(whole):
                     yield delta
@@ -151,11 +148,8 @@ class OpenAIBackend(Backend):
                 return
             # Leaving early (the gateway closes us when the client goes away) closes the upstream
             # response, and with it the upstream's connection: the upstream stops generating.
-            response = await client.send(upstream_request, stream=True)
+            response = await self._send(url, body, request.request_id, stream=True)
             try:
-                if response.status_code >= 400:
-                    content = await response.aread()
-                    raise upstream.status_error(response.status_code, content, response.headers.get("retry-after"))
                 usage = None
                 async for data in iter_sse_data(response.aiter_bytes()):
                     if data == b"[DONE]":
@@ -168,28 +162,16 @@ class OpenAIBackend(Backend):
                 yield upstream.usage(usage)
             finally:
                 await response.aclose()
-        except TaxiwayError:
-            raise
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(f"the upstream did not answer in time ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}") from exc
+            raise upstream.transport_error(exc) from exc
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        client = self._require_client()
         body = upstream.embeddings_body(request.inputs, self.upstream_model, request.dimensions)
         try:
-            response = await client.send(self._request(self._embeddings_url, body, request.request_id))
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(f"the upstream did not answer in time ({type(exc).__name__})") from exc
+            response = await self._send(self._embeddings_url, body, request.request_id)
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 400:
-            raise upstream.status_error(response.status_code, response.content, response.headers.get("retry-after"))
-        try:
-            result = msgspec.json.decode(response.content, type=upstream.EmbeddingsResponse)
-        except msgspec.DecodeError as exc:
-            raise UpstreamError(f"the upstream sent a malformed response: {exc}") from None
+            raise upstream.transport_error(exc) from exc
+        result = upstream.decode_embeddings(response.content)
         data = sorted(result.data, key=lambda e: e.index)
         prompt_tokens = result.usage.prompt_tokens if result.usage else 0
         return EmbeddingResult(embeddings=tuple(tuple(e.embedding) for e in data), prompt_tokens=prompt_tokens)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import httpx
 
@@ -39,9 +39,36 @@ class _Connection:
         self.writer.close()
 
 
-def _timeout(request: httpx.Request, kind: str) -> float | None:
-    value: float | None = request.extensions.get("timeout", {}).get(kind)
-    return value
+T = TypeVar("T")
+
+# Each phase of an exchange, with httpx's errors for it running out of time and for it failing.
+_PHASE_ERRORS: dict[str, tuple[type[httpx.TimeoutException], type[httpx.TransportError]]] = {
+    "pool": (httpx.PoolTimeout, httpx.ConnectError),
+    "connect": (httpx.ConnectTimeout, httpx.ConnectError),
+    "write": (httpx.WriteTimeout, httpx.WriteError),
+    "read": (httpx.ReadTimeout, httpx.ReadError),
+}
+
+
+async def _within(phase: str, request: httpx.Request, operation: Awaitable[T]) -> T:
+    """``operation`` under the request's timeout for ``phase``; asyncio's and the socket's failures
+    raised as httpx's for that phase, so the code above sees the same errors as with httpcore.
+
+    A connection cut short or a line past the stream's limit is the upstream breaking HTTP
+    (``RemoteProtocolError``); any other ``OSError`` is the phase failing.
+    """
+    timeout_error, error = _PHASE_ERRORS[phase]
+    try:
+        async with asyncio.timeout(request.extensions.get("timeout", {}).get(phase)):
+            return await operation
+    except TimeoutError:
+        raise timeout_error(f"the upstream took too long ({phase})", request=request) from None
+    except asyncio.IncompleteReadError as exc:
+        raise httpx.RemoteProtocolError("the upstream closed the connection", request=request) from exc
+    except asyncio.LimitOverrunError as exc:
+        raise httpx.RemoteProtocolError("a response line is too long", request=request) from exc
+    except OSError as exc:
+        raise error(str(exc) or type(exc).__name__, request=request) from exc
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -65,11 +92,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise httpx.ConnectError("the transport is closed", request=request)
-        try:
-            async with asyncio.timeout(_timeout(request, "pool")):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise httpx.PoolTimeout("no free connection slot in time", request=request) from None
+        await _within("pool", request, self._slots.acquire())
         try:
             return await self._send(request)
         except BaseException:
@@ -116,41 +139,22 @@ class LeanTransport(httpx.AsyncBaseTransport):
         context = None
         if scheme == b"https":
             context = self._ssl_context or ssl.create_default_context()
-        try:
-            async with asyncio.timeout(_timeout(request, "connect")):
-                reader, writer = await asyncio.open_connection(
-                    host.decode("ascii"), port, ssl=context, limit=_MAX_HEAD_BYTES
-                )
-        except TimeoutError:
-            raise httpx.ConnectTimeout("connecting to the upstream timed out", request=request) from None
-        except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        connecting = asyncio.open_connection(host.decode("ascii"), port, ssl=context, limit=_MAX_HEAD_BYTES)
+        reader, writer = await _within("connect", request, connecting)
         return _Connection(reader, writer), False
 
     async def _exchange(
         self, connection: _Connection, head: bytes, body: bytes, request: httpx.Request
     ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        writer = connection.writer
         try:
-            connection.writer.write(head + body if len(body) < 65536 else head)
+            writer.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
-                connection.writer.write(body)
-            async with asyncio.timeout(_timeout(request, "write")):
-                await connection.writer.drain()
-        except TimeoutError:
-            raise httpx.WriteTimeout("writing to the upstream timed out", request=request) from None
+                writer.write(body)
         except OSError as exc:
             raise httpx.WriteError(str(exc) or type(exc).__name__, request=request) from exc
-        try:
-            async with asyncio.timeout(_timeout(request, "read")):
-                raw = await connection.reader.readuntil(b"\r\n\r\n")
-        except TimeoutError:
-            raise httpx.ReadTimeout("the upstream did not answer in time", request=request) from None
-        except asyncio.IncompleteReadError as exc:
-            raise httpx.RemoteProtocolError("the upstream closed the connection", request=request) from exc
-        except asyncio.LimitOverrunError as exc:
-            raise httpx.RemoteProtocolError("response head too large", request=request) from exc
-        except OSError as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        await _within("write", request, writer.drain())
+        raw = await _within("read", request, connection.reader.readuntil(b"\r\n\r\n"))
         lines = raw[:-4].split(b"\r\n")
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
@@ -187,7 +191,6 @@ class _ResponseBody(httpx.AsyncByteStream):
         self._origin = origin
         self._connection = connection
         self._request = request
-        self._read_timeout = _timeout(request, "read")
         self._complete = False
         self._released = False
         self._keep_alive = True
@@ -215,13 +218,13 @@ class _ResponseBody(httpx.AsyncByteStream):
             elif self._length is not None:
                 remaining = self._length
                 while remaining:
-                    data = await self._read(reader.read(min(remaining, _READ_SIZE)))
+                    data = await _within("read", self._request, reader.read(min(remaining, _READ_SIZE)))
                     if not data:
                         raise httpx.RemoteProtocolError("the upstream closed mid-body", request=self._request)
                     remaining -= len(data)
                     yield data
             else:
-                while data := await self._read(reader.read(_READ_SIZE)):
+                while data := await _within("read", self._request, reader.read(_READ_SIZE)):
                     yield data
             self._complete = True
         finally:
@@ -230,25 +233,14 @@ class _ResponseBody(httpx.AsyncByteStream):
 
     async def _chunks(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
         while True:
-            line = await self._read(reader.readuntil(b"\r\n"))
+            line = await _within("read", self._request, reader.readuntil(b"\r\n"))
             size = int(line.split(b";", 1)[0].strip() or b"0", 16)
             if size == 0:
-                while (await self._read(reader.readuntil(b"\r\n"))) != b"\r\n":
+                while (await _within("read", self._request, reader.readuntil(b"\r\n"))) != b"\r\n":
                     pass  # trailers
                 return
-            data = await self._read(reader.readexactly(size + 2))
+            data = await _within("read", self._request, reader.readexactly(size + 2))
             yield data[:-2]
-
-    async def _read(self, operation: Any) -> bytes:
-        try:
-            async with asyncio.timeout(self._read_timeout):
-                return await operation  # type: ignore[no-any-return]
-        except TimeoutError:
-            raise httpx.ReadTimeout("the upstream stopped sending", request=self._request) from None
-        except asyncio.IncompleteReadError as exc:
-            raise httpx.RemoteProtocolError("the upstream closed mid-body", request=self._request) from exc
-        except (OSError, asyncio.LimitOverrunError) as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=self._request) from exc
 
     def _finish(self) -> None:
         if not self._released:

@@ -1,12 +1,14 @@
 """The upstream's wire format: requests built from a ``GenerationRequest``, responses and SSE
-chunks decoded into ``Delta`` / ``Usage``, and upstream failures mapped to gateway errors.
+chunks decoded into ``Delta`` / ``Usage``, and upstream failures mapped to gateway errors (the one
+place that does: malformed answers, error statuses, httpx's transport errors).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 import msgspec
 
 from gateway.errors import (
@@ -87,15 +89,28 @@ class EmbeddingsResponse(msgspec.Struct):
     usage: _Usage | None = None
 
 
-_chat_response = msgspec.json.Decoder(Response)
+_response = msgspec.json.Decoder(Response)
+_embeddings_response = msgspec.json.Decoder(EmbeddingsResponse)
 _encoder = msgspec.json.Encoder()
+
+T = TypeVar("T")
+
+
+def _decode(decoder: msgspec.json.Decoder[T], payload: bytes | str) -> T:
+    try:
+        return decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise UpstreamError(f"the upstream sent a malformed response: {exc}") from None
 
 
 def decode_response(payload: bytes | str) -> Response:
-    try:
-        return _chat_response.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise UpstreamError(f"the upstream sent a malformed response: {exc}") from None
+    """A whole chat or completions response, or one SSE chunk; ``UpstreamError`` when malformed."""
+    return _decode(_response, payload)
+
+
+def decode_embeddings(payload: bytes) -> EmbeddingsResponse:
+    """An embeddings response; ``UpstreamError`` when malformed."""
+    return _decode(_embeddings_response, payload)
 
 
 def usage(raw: _Usage | None) -> Usage:
@@ -230,6 +245,13 @@ def _retry_after(value: str | None) -> float:
         return max(1.0, float(value)) if value else 1.0
     except ValueError:
         return 1.0  # an HTTP date: not worth parsing for a hint
+
+
+def transport_error(exc: httpx.HTTPError) -> TaxiwayError:
+    """httpx's failure to reach the upstream or read its answer → 504 for a timeout, else 502."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeoutError(f"the upstream did not answer in time ({type(exc).__name__})")
+    return UpstreamError(f"cannot reach the upstream: {type(exc).__name__}: {exc}")
 
 
 def status_error(status: int, content: bytes, retry_after: str | None) -> TaxiwayError:

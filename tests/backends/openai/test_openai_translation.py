@@ -88,6 +88,20 @@ def test_status_mapping(status: int, kind: type, code: int) -> None:
     assert "plain text" in upstream.status_error(status, b"plain text", None).message
 
 
+def test_transport_and_decoding_failures_map_to_the_exception_tree() -> None:
+    request = httpx.Request("POST", "http://upstream/v1/chat/completions")
+    for exc, kind, status in [
+        (httpx.ReadTimeout("slow", request=request), UpstreamTimeoutError, 504),
+        (httpx.PoolTimeout("busy", request=request), UpstreamTimeoutError, 504),
+        (httpx.ConnectError("refused", request=request), UpstreamError, 502),
+        (httpx.RemoteProtocolError("cut", request=request), UpstreamError, 502),
+    ]:
+        error = upstream.transport_error(exc)
+        assert isinstance(error, kind) and error.status_code == status and type(exc).__name__ in error.message
+    with pytest.raises(UpstreamError, match="malformed"):
+        upstream.decode_embeddings(b'{"data": "not a list"}')
+
+
 async def test_lean_transport_reuses_connections_and_times_out() -> None:
     stub = StubUpstream()
     await stub.serve()
