@@ -12,8 +12,8 @@ Start a server from any config (a path or TOML text)::
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
 
 ``shared_taxiway_server`` is the same factory with session lifetime: one server per distinct
-(config, env), reused by every test that asks for it. ``serve_process(config)`` is the context
-manager underneath. ``server.logs()`` returns what the server printed.
+(config, env), reused by every test that asks for it. ``serve_process(config, tmp_path)`` is the
+context manager underneath. ``server.logs()`` returns what the server printed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -81,7 +80,7 @@ class ServerProcess:
 @contextlib.contextmanager
 def serve_process(
     config: str | Path,
-    tmp_dir: Path | None = None,
+    tmp_dir: Path,
     *,
     env: Mapping[str, str] | None = None,
     startup_timeout: float = 60.0,
@@ -89,13 +88,12 @@ def serve_process(
 ) -> Iterator[ServerProcess]:
     """Run ``python -m gateway serve --config CONFIG`` on a free port until the block ends.
 
-    ``config`` is a path or TOML text. ``env`` is added to the environment (e.g. secrets for
+    ``config`` is a path or TOML text, written to ``tmp_dir`` (a pytest ``tmp_path``) with the
+    server's log. ``env`` is added to the environment (e.g. secrets for
     ``${ENV}`` interpolation, ``PYTHONPATH`` for out-of-tree plugins). Waits for ``GET /health``;
     fails with the server's output if it exits or does not come up in ``startup_timeout`` seconds.
     """
     with contextlib.ExitStack() as stack:
-        if tmp_dir is None:
-            tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="taxiway-test-")))
         if isinstance(config, Path) or "\n" not in config:
             config_path = Path(config)
         else:
