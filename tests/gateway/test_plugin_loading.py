@@ -24,30 +24,52 @@ def test_in_repo_plugins_come_from_entry_points() -> None:
         assert plugins.pm.has_plugin(name)
 
 
+class SitePackages:
+    """A folder on sys.path where tests install distributions as pip would (dist-info + module)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.modules: list[str] = []
+
+    def install(self, dist: str, entry_point: str, module_source: str | None = None) -> None:
+        """Install ``dist`` declaring ``entry_point`` ("name = module") in the taxiway group."""
+        if module_source is not None:
+            module = entry_point.partition("=")[2].strip()
+            (self.root / f"{module}.py").write_text(module_source)
+            self.modules.append(module)
+        info = self.root / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[taxiway]\n{entry_point}\n")
+
+
 @pytest.fixture
-def dist_on_path(tmp_path: Path) -> Iterator[Path]:
-    """A distribution (dist-info + module) on sys.path, as an installed third-party plugin would be."""
-    (tmp_path / "tp_plugin.py").write_text(
+def site_packages(tmp_path: Path) -> Iterator[SitePackages]:
+    site = SitePackages(tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    yield site
+    sys.path.remove(str(tmp_path))
+    for module in site.modules:
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def dist_on_path(site_packages: SitePackages) -> SitePackages:
+    """A working third-party plugin and one whose module is missing, as installed distributions."""
+    site_packages.install(
+        "tp-plugin",
+        "tp = tp_plugin",
         "from gateway.hookspecs import hookimpl\n"
         "from gateway_fakes import FakeBackend\n"
         "@hookimpl\n"
         "def register_backends(register):\n"
-        "    register('tp-fake', FakeBackend)\n"
+        "    register('tp-fake', FakeBackend)\n",
     )
-    info = tmp_path / "tp_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tp-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[taxiway]\ntp = tp_plugin\n")
-    (tmp_path / "broken_plugin-1.0.dist-info").mkdir()
-    (tmp_path / "broken_plugin-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 1.0\n")
-    (tmp_path / "broken_plugin-1.0.dist-info" / "entry_points.txt").write_text("[taxiway]\nwarp = no_such_module_xyz\n")
-    sys.path.insert(0, str(tmp_path))
-    yield tmp_path
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop("tp_plugin", None)
+    site_packages.install("broken", "warp = no_such_module_xyz")
+    return site_packages
 
 
-def test_third_party_entry_point_is_discovered(dist_on_path: Path) -> None:
+def test_third_party_entry_point_is_discovered(dist_on_path: SitePackages) -> None:
     plugins = load_plugins()
     assert plugins.backends["tp-fake"] is FakeBackend
     assert "warp" in plugins.load_errors  # a broken plugin is reported, not fatal
@@ -79,24 +101,11 @@ def test_a_hook_with_an_unknown_argument_fails_loading_naming_the_plugin() -> No
 
 
 def test_an_installed_plugin_with_a_misspelt_hook_stops_the_cli(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    site_packages: SitePackages, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (tmp_path / "typo_plugin.py").write_text(
-        "from gateway.hookspecs import hookimpl\n"
-        "@hookimpl\n"
-        "def on_eror(ctx, error):\n"
-        "    pass\n"
-    )
-    info = tmp_path / "typo_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: typo-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[taxiway]\ntypo = typo_plugin\n")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        assert main(["models"]) == 2
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("typo_plugin", None)
+    source = "from gateway.hookspecs import hookimpl\n@hookimpl\ndef on_eror(ctx, error):\n    pass\n"
+    site_packages.install("typo-plugin", "typo = typo_plugin", source)
+    assert main(["models"]) == 2
     err = capsys.readouterr().err
     assert "plugin 'typo'" in err and "'on_eror'" in err
 
