@@ -4,9 +4,10 @@
     → backend stream (timed) → render → send → after_request / on_error
 
 Each endpoint is an ASGI callable mounted by ``gateway.app``. Errors are raised as ``TaxiwayError``
-and sent in one place (``_fail``, rendered by ``gateway.render``); after a stream has started an error ends it with an SSE
-error event and ``[DONE]``. The time spent awaiting the backend is measured, and the rest of the
-request's time is reported as the gateway's overhead in ``X-Taxiway-Overhead-Ms``.
+and sent in one place (``_fail``, rendered by ``gateway.render``); after a stream has started an
+error ends it with an SSE error event and ``[DONE]``. The time spent awaiting the backend is
+measured, and the rest of the request's time is reported as the gateway's overhead in
+``X-Taxiway-Overhead-Ms``.
 """
 
 from __future__ import annotations
