@@ -1,4 +1,4 @@
-"""Weights from a GGUF file, read through ``gguf.GGUFReader`` (memory-mapped).
+"""Weights from a GGUF file: its header read by ``gguf_reader``, its tensors memory-mapped.
 
 ``GGUFSource.get(name)`` decodes one tensor at a time into the engine's exchange forms
 (``quant.Int4Data`` for Q4_0/Q4_1, ``quant.Int8Data`` for Q8_0, a float tensor for
@@ -19,51 +19,44 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
+from backends.engine.model.tensor_names import TensorNames
+from backends.engine.model.gguf_reader import GGUFHeader, GGUFTensorInfo, read_gguf
 from backends.engine.model.quant import Int4Data, Int8Data, WeightData
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _BLOCK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
 _CHUNK_ROWS = 4096  # rows decoded at a time: bounds the transient memory of huge tensors
 
-_LAYER_NAMES = {
-    "attn_q.weight": "q",
-    "attn_k.weight": "k",
-    "attn_v.weight": "v",
-    "attn_output.weight": "o",
-    "attn_q.bias": "q.bias",
-    "attn_k.bias": "k.bias",
-    "attn_v.bias": "v.bias",
-    "attn_output.bias": "o.bias",
-    "ffn_gate.weight": "gate",
-    "ffn_up.weight": "up",
-    "ffn_down.weight": "down",
-    "attn_norm.weight": "attn_norm",
-    "ffn_norm.weight": "ffn_norm",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "embed",
-    "output.weight": "lm_head",
-    "output_norm.weight": "norm",
-    "rope_freqs.weight": "rope_freqs",
-}
-
-
-def canonical_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    if gguf_name.startswith("blk."):
-        _, layer, rest = gguf_name.split(".", 2)
-        short = _LAYER_NAMES.get(rest)
-        if short is not None:
-            return f"layers.{layer}.{short}"
-    return None
+GGUF_NAMES = TensorNames(
+    layer_prefix="blk.",
+    per_layer={
+        "attn_q.weight": "q",
+        "attn_k.weight": "k",
+        "attn_v.weight": "v",
+        "attn_output.weight": "o",
+        "attn_q.bias": "q.bias",
+        "attn_k.bias": "k.bias",
+        "attn_v.bias": "v.bias",
+        "attn_output.bias": "o.bias",
+        "ffn_gate.weight": "gate",
+        "ffn_up.weight": "up",
+        "ffn_down.weight": "down",
+        "attn_norm.weight": "attn_norm",
+        "ffn_norm.weight": "ffn_norm",
+    },
+    whole_model={
+        "token_embd.weight": "embed",
+        "output.weight": "lm_head",
+        "output_norm.weight": "norm",
+        "rope_freqs.weight": "rope_freqs",
+    },
+)
 
 
 _EAGER_ARRAY_MAX = 1024  # longer arrays (the vocabulary, merges) are decoded on first access
@@ -76,23 +69,18 @@ class GGUFMetadata(Mapping[str, Any]):
     read from the file again on first access instead of being held for the process's life.
     """
 
-    def __init__(self, path: Path, reader: GGUFReader) -> None:
+    def __init__(self, path: Path, header: GGUFHeader) -> None:
         self._path = path
-        self._values: dict[str, Any] = {}
-        self._lazy: set[str] = set()
-        for name, field in reader.fields.items():
-            if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > _EAGER_ARRAY_MAX:
-                self._lazy.add(name)
-            else:
-                self._values[name] = field.contents()
-        self._order = list(reader.fields)
+        self._values: dict[str, Any] = dict(header.metadata)
+        self._lazy = header.long_arrays
+        self._order = [*header.metadata, *header.long_arrays]
 
     def __getitem__(self, key: str) -> Any:
         if key in self._values:
             return self._values[key]
         if key not in self._lazy:
             raise KeyError(key)
-        value = self._values[key] = GGUFReader(self._path).fields[key].contents()
+        value = self._values[key] = read_gguf(self._path, keep=key.__eq__, tensors=False).metadata[key]
         return value
 
     def __iter__(self) -> Iterator[str]:
@@ -100,14 +88,6 @@ class GGUFMetadata(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._order)
-
-
-class _TensorInfo(msgspec.Struct, frozen=True):
-    gguf_name: str
-    qtype: GGMLQuantizationType
-    shape: tuple[int, ...]  # GGUF order: columns first
-    offset: int  # absolute, in the file
-    n_bytes: int
 
 
 class GGUFSource:
@@ -118,25 +98,19 @@ class GGUFSource:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            reader = GGUFReader(self.path)
+            header = read_gguf(self.path, max_array=_EAGER_ARRAY_MAX)
         except (ValueError, OSError) as exc:
             raise UnsupportedModelError(f"cannot read GGUF file '{self.path}': {exc}") from exc
-        self.metadata = GGUFMetadata(self.path, reader)
-        self._tensors: dict[str, _TensorInfo] = {}
-        for t in reader.tensors:
-            name = canonical_name(t.name)
+        self.metadata = GGUFMetadata(self.path, header)
+        self._tensors: dict[str, GGUFTensorInfo] = {}
+        for t in header.tensors:
+            name = GGUF_NAMES.canonical(t.name)
             if name is not None:
-                shape = tuple(int(d) for d in t.shape)
-                self._tensors[name] = _TensorInfo(t.name, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes))
+                self._tensors[name] = t
         self.config = ModelConfig.from_gguf_metadata(self.metadata, has_output_tensor="lm_head" in self._tensors)
         self.tensor_types = {name: t.qtype.name for name, t in self._tensors.items()}
-        # Keep only the file's mapping: the reader's parsed fields and tensor records (~140 MB of
-        # small numpy views for SmolLM2's vocabulary) and the pages parsing touched are dropped
-        # before the weights load.
-        self._data: np.memmap | None = reader.data
-        reader.fields.clear()
-        del reader
-        self._release(0, len(self._data))
+        # The header was read through its own mapping, closed by now: this one has touched no page.
+        self._data: np.memmap | None = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def has(self, name: str) -> bool:
         return name in self._tensors
@@ -150,13 +124,13 @@ class GGUFSource:
         shape = self._info(name).shape
         return int(np.prod(shape[1:])) if len(shape) > 1 else 1
 
-    def _info(self, name: str) -> _TensorInfo:
+    def _info(self, name: str) -> GGUFTensorInfo:
         t = self._tensors.get(name)
         if t is None or self._data is None:
             raise UnsupportedModelError(f"GGUF file '{self.path}' lacks tensor '{name}'")
         if t.qtype.name not in SUPPORTED_TYPES:
             raise UnsupportedModelError(
-                f"GGUF tensor '{t.gguf_name}' has type {t.qtype.name}, which the engine cannot load "
+                f"GGUF tensor '{t.name}' has type {t.qtype.name}, which the engine cannot load "
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
         return t

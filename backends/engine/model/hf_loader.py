@@ -16,38 +16,31 @@ from safetensors import safe_open
 from torch import Tensor
 
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
+from backends.engine.model.tensor_names import TensorNames
 
-_LAYER_NAMES = {
-    "self_attn.q_proj.weight": "q",
-    "self_attn.k_proj.weight": "k",
-    "self_attn.v_proj.weight": "v",
-    "self_attn.o_proj.weight": "o",
-    "self_attn.q_proj.bias": "q.bias",
-    "self_attn.k_proj.bias": "k.bias",
-    "self_attn.v_proj.bias": "v.bias",
-    "self_attn.o_proj.bias": "o.bias",
-    "mlp.gate_proj.weight": "gate",
-    "mlp.up_proj.weight": "up",
-    "mlp.down_proj.weight": "down",
-    "input_layernorm.weight": "attn_norm",
-    "post_attention_layernorm.weight": "ffn_norm",
-}
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "embed",
-    "lm_head.weight": "lm_head",
-    "model.norm.weight": "norm",
-}
-
-
-def canonical_name(hf_name: str) -> str | None:
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    if hf_name.startswith("model.layers."):
-        layer, rest = hf_name[len("model.layers.") :].split(".", 1)
-        short = _LAYER_NAMES.get(rest)
-        if short is not None:
-            return f"layers.{layer}.{short}"
-    return None
+HF_NAMES = TensorNames(
+    layer_prefix="model.layers.",
+    per_layer={
+        "self_attn.q_proj.weight": "q",
+        "self_attn.k_proj.weight": "k",
+        "self_attn.v_proj.weight": "v",
+        "self_attn.o_proj.weight": "o",
+        "self_attn.q_proj.bias": "q.bias",
+        "self_attn.k_proj.bias": "k.bias",
+        "self_attn.v_proj.bias": "v.bias",
+        "self_attn.o_proj.bias": "o.bias",
+        "mlp.gate_proj.weight": "gate",
+        "mlp.up_proj.weight": "up",
+        "mlp.down_proj.weight": "down",
+        "input_layernorm.weight": "attn_norm",
+        "post_attention_layernorm.weight": "ffn_norm",
+    },
+    whole_model={
+        "model.embed_tokens.weight": "embed",
+        "lm_head.weight": "lm_head",
+        "model.norm.weight": "norm",
+    },
+)
 
 
 class HFSource:
@@ -69,7 +62,7 @@ class HFSource:
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    name = canonical_name(key)
+                    name = HF_NAMES.canonical(key)
                     if name is not None:
                         self._where[name] = (file, key)
         self.config = ModelConfig.from_hf_config(self.metadata)

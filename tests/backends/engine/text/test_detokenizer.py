@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.engine.text.detokenizer import IncrementalDetokenizer, StopMatcher
-from backends.engine.text.tokenizer import Tokenizer, byte_to_unicode
+from backends.engine.text.gguf_vocab import byte_to_unicode
+from backends.engine.text.tokenizer import Tokenizer
 
 # -- small in-memory vocabularies -------------------------------------------------------------
 

@@ -20,7 +20,9 @@ import gguf
 import numpy as np
 import pytest
 
-from backends.engine.text.tokenizer import Tokenizer, byte_to_unicode, read_gguf_metadata
+from backends.engine.model.gguf_reader import read_gguf_metadata
+from backends.engine.text.gguf_vocab import byte_to_unicode
+from backends.engine.text.tokenizer import Tokenizer
 from gateway.errors import ConfigError
 
 NUM_STRINGS = 1200
@@ -390,54 +392,6 @@ def test_hf_directory_without_tokenizer_json(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.model").write_bytes(b"")
     with pytest.raises(ConfigError, match="no tokenizer.json"):
         Tokenizer.load(tmp_path)
-
-
-# -- reading GGUF metadata ----------------------------------------------------------------------
-
-
-def _gguf_reader_metadata(path: Path) -> dict[str, object]:
-    reader = gguf.GGUFReader(path)
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
-def test_read_gguf_metadata_matches_gguf_reader(tmp_path: Path) -> None:
-    writer = gguf.GGUFWriter(str(tmp_path / "all.gguf"), "llama")
-    writer.add_uint8("t.u8", 200)
-    writer.add_int8("t.i8", -5)
-    writer.add_uint16("t.u16", 60000)
-    writer.add_int16("t.i16", -300)
-    writer.add_uint32("t.u32", 4_000_000_000)
-    writer.add_int32("t.i32", -7)
-    writer.add_float32("t.f32", 1.5)
-    writer.add_bool("t.bool", True)
-    writer.add_string("t.str", "héllo ▁ 日本")
-    writer.add_uint64("t.u64", 2**63 + 1)
-    writer.add_int64("t.i64", -(2**40))
-    writer.add_float64("t.f64", -2.25)
-    writer.add_array("t.ints", [1, -2, 3])
-    writer.add_array("t.floats", [0.5, -1.25])
-    writer.add_array("t.strs", ["a", "", "Ġb c", "<0x0A>"])
-    writer.add_array("t.bools", [True, False])
-    writer.add_array("t.empty", [])
-    writer.add_tensor("dummy", np.zeros(4, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    ours = read_gguf_metadata(tmp_path / "all.gguf")
-    assert ours == _gguf_reader_metadata(tmp_path / "all.gguf")
-    assert ours["t.strs"] == ["a", "", "Ġb c", "<0x0A>"] and ours["t.u64"] == 2**63 + 1
-    assert read_gguf_metadata(tmp_path / "all.gguf", prefix="t.s") == {"t.str": "héllo ▁ 日本", "t.strs": ours["t.strs"]}
-    (tmp_path / "not.gguf").write_bytes(b"nope" * 10)
-    with pytest.raises(ValueError, match="not a GGUF file"):
-        read_gguf_metadata(tmp_path / "not.gguf")
-
-
-@pytest.mark.slow
-def test_read_gguf_metadata_of_the_real_model(smollm2_path: Path, smollm_metadata) -> None:  # type: ignore[no-untyped-def]
-    everything = read_gguf_metadata(smollm2_path)
-    assert everything == _gguf_reader_metadata(smollm2_path)
-    assert smollm_metadata == {k: v for k, v in everything.items() if k.startswith("tokenizer.")}
 
 
 def test_unknown_tokenizer_model_is_rejected() -> None:
