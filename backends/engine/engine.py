@@ -17,7 +17,8 @@ import structlog
 from backends.engine.text.detokenizer import IncrementalDetokenizer, StopMatcher
 from backends.engine.runner.model_runner import ModelRunner, SampledToken
 from backends.engine.runner.sampling import validate_sampling_params
-from backends.engine.sched.scheduler import QueueFullError, RequestTooLargeError, Scheduler
+from backends.engine.sched.admission import QueueFullError, RequestTooLargeError
+from backends.engine.sched.scheduler import Scheduler
 from backends.engine.sched.sequence import Sequence, SequenceGroup
 from backends.engine.text.tokenizer import Tokenizer
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, RateLimitError

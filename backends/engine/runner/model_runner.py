@@ -15,7 +15,7 @@ import torch
 from backends.engine.model.attention import AttentionMetadata, allocate_kv_cache
 from backends.engine.model.config import ModelConfig
 from backends.engine.runner.sampling import MAX_TOP_LOGPROBS, SamplingBatch, SeqSamplingState, make_generator, sample
-from backends.engine.sched.scheduler import SchedulerOutput
+from backends.engine.sched.output import SchedulerOutput
 from backends.engine.sched.sequence import Sequence
 
 
@@ -57,9 +57,6 @@ class ModelRunner:
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
-
-    def kv_cache_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
 
     def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Run the model on the step; return float32 logits of the sampling rows (or None)."""

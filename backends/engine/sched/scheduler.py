@@ -31,95 +31,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 
-import msgspec
 import structlog
 
-from backends.engine.sched.block_manager import BlockManager, BlockManagerStats
+from backends.engine.sched.admission import QueueFullError, check_request
+from backends.engine.sched.block_manager import BlockManager
+from backends.engine.sched.output import ScheduledSequence, SchedulerOutput, SchedulerStats
 from backends.engine.sched.sequence import Sequence, SequenceGroup, SequenceStatus
 from gateway.interface import FinishReason, SamplingParams
 
 log = structlog.get_logger(__name__)
-
-
-class SchedulerError(Exception):
-    """Base of the scheduler's refusals; the engine backend maps them to gateway errors."""
-
-
-class QueueFullError(SchedulerError):
-    """The waiting queue is at ``max_waiting``: shed load (HTTP 429 with Retry-After)."""
-
-    def __init__(self, max_waiting: int) -> None:
-        super().__init__(f"too many requests waiting (max_waiting={max_waiting})")
-        self.max_waiting = max_waiting
-
-
-class RequestTooLargeError(SchedulerError):
-    """The request could never be served by this engine (HTTP 400); ``param`` names the cause."""
-
-    def __init__(self, message: str, *, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class ScheduledSequence(msgspec.Struct, frozen=True, kw_only=True):
-    """One sequence's share of a step: compute ``token_ids`` at positions
-    ``num_computed_tokens .. num_computed_tokens + num_new_tokens - 1``.
-
-    ``block_table`` covers every position up to ``seq_len``; the new tokens' keys/values go to
-    ``slot_mapping()``. ``do_sample``: the chunk reaches the last known token, so its last row's
-    logits are sampled; otherwise it is a non-final prefill chunk and produces no token.
-    """
-
-    seq: Sequence
-    num_computed_tokens: int  # context already in the cache before this step
-    num_new_tokens: int
-    token_ids: tuple[int, ...]  # the new tokens (len == num_new_tokens)
-    block_table: tuple[int, ...]
-    do_sample: bool
-
-    @property
-    def seq_id(self) -> int:
-        return self.seq.seq_id
-
-    @property
-    def seq_len(self) -> int:
-        """Context length after this step (``AttentionMetadata.seq_lens``)."""
-        return self.num_computed_tokens + self.num_new_tokens
-
-    @property
-    def positions(self) -> range:
-        return range(self.num_computed_tokens, self.seq_len)
-
-    def slot_mapping(self, block_size: int) -> list[int]:
-        """Flat KV slot ``block * block_size + offset`` of each new token."""
-        table = self.block_table
-        return [table[p // block_size] * block_size + p % block_size for p in self.positions]
-
-
-class SchedulerOutput(msgspec.Struct, frozen=True, kw_only=True):
-    """One step. ``scheduled``: running sequences oldest first, then the newly admitted ones.
-
-    ``preempted_seq_ids`` lost their blocks this step; ``finished_seq_ids`` finished or were
-    aborted since the previous ``schedule()``: the runner can drop per-sequence state (sampler
-    generators, penalties) for both.
-    """
-
-    scheduled: tuple[ScheduledSequence, ...]
-    num_batched_tokens: int
-    block_size: int
-    preempted_seq_ids: tuple[int, ...] = ()
-    finished_seq_ids: tuple[int, ...] = ()
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
-    num_running: int
-    num_waiting: int
-    num_preemptions: int  # since start
-    blocks: BlockManagerStats
 
 
 class Scheduler:
@@ -168,24 +88,8 @@ class Scheduler:
         return min(self.max_model_len, bm.num_blocks * bm.block_size)
 
     def check_request(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
-        """Raise ``RequestTooLargeError`` if such a request could never be served.
-
-        Every choice must be able to reach its longest length alone in the whole cache; that is
-        what makes preemption always able to finish the oldest sequence.
-        """
-        limit = self.max_seq_len
-        if sampling.max_tokens is not None and sampling.max_tokens < 1:
-            raise RequestTooLargeError("max_tokens must be at least 1", param="max_tokens")
-        if num_prompt_tokens + (sampling.max_tokens or 1) > limit:
-            raise RequestTooLargeError(
-                f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({sampling.max_tokens or 1}) "
-                f"exceeds the {limit}-token limit",
-                param="max_tokens" if sampling.max_tokens else "messages",
-            )
-        if sampling.n > self.max_num_seqs:
-            raise RequestTooLargeError(
-                f"n={sampling.n} exceeds max_num_seqs={self.max_num_seqs}", param="n"
-            )
+        """Raise ``RequestTooLargeError`` if such a request could never be served (``admission``)."""
+        check_request(num_prompt_tokens, sampling, max_seq_len=self.max_seq_len, max_num_seqs=self.max_num_seqs)
 
     def add(self, group: SequenceGroup) -> None:
         """Queue a request. Raises ``RequestTooLargeError`` or ``QueueFullError``."""

@@ -8,12 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.engine.sched.block_manager import BlockManager
-from backends.engine.sched.scheduler import (
-    QueueFullError,
-    RequestTooLargeError,
-    Scheduler,
-    SchedulerOutput,
-)
+from backends.engine.sched.admission import QueueFullError, RequestTooLargeError
+from backends.engine.sched.output import SchedulerOutput
+from backends.engine.sched.scheduler import Scheduler
 from backends.engine.sched.sequence import Sequence, SequenceGroup, SequenceStatus
 from gateway.interface import SamplingParams
 
