@@ -1,7 +1,7 @@
 """Tensor parallelism: ``build_tp_engine(options)`` runs one model over ``tensor_parallel`` ranks.
 
 Rank 0 is the serving process's engine: it schedules, broadcasts each step's inputs, runs its own
-slice and samples. Ranks 1..N-1 run the same step on their slices (``tp_worker.serve_steps``).
+slice and samples. Ranks 1..N-1 run the same step on their slices (``worker.serve_steps``).
 They are started either
 
 - by the engine itself (the usual case): ``torch.multiprocessing`` spawn on this machine, a world
@@ -10,8 +10,8 @@ They are started either
   the others notice their ``RANK`` in ``plugin_configure`` and become workers
   (``serve_torchrun_worker``).
 
-How the weights are split is in ``tp_shard.py``, the wire protocol in ``tp_comm.py``, a rank's
-life in ``tp_worker.py``, and how rank 0 starts and watches the others in ``tp_ranks.py``.
+How the weights are split is in ``shard.py``, the wire protocol in ``comm.py``, a rank's
+life in ``worker.py``, and how rank 0 starts and watches the others in ``ranks.py``.
 
 Failure: a worker that exits is noticed before the next step; one that dies mid-step closes its
 sockets (gloo raises at once); one that hangs makes the step's next collective time out. The step
@@ -50,38 +50,46 @@ from gateway.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["TPEngine", "TPWorkerError", "TorchrunEnv", "build_tp_engine", "serve_torchrun_worker"]
+__all__ = ["TPEngine", "TPWorkerError", "TorchrunEnv", "build_tp_engine", "serve_torchrun_worker", "torchrun_env"]
 
 RECOVERY_ATTEMPTS = 3
 
 
-class TorchrunEnv(msgspec.Struct, frozen=True, kw_only=True):
-    """The variables ``torchrun`` sets for each process it starts."""
+class TorchrunEnv(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    rename={
+        "rank": "RANK",
+        "world_size": "WORLD_SIZE",
+        "local_rank": "LOCAL_RANK",
+        "master_addr": "MASTER_ADDR",
+        "master_port": "MASTER_PORT",
+        "use_agent_store": "TORCHELASTIC_USE_AGENT_STORE",
+        "restart_count": "TORCHELASTIC_RESTART_COUNT",
+        "gloo_interface": "GLOO_SOCKET_IFNAME",
+    },
+):
+    """The variables ``torchrun`` sets for each process it starts (each field's variable: ``rename``)."""
 
     rank: int
     world_size: int
     local_rank: int
     master_addr: str
     master_port: int
-    use_agent_store: bool  # torchrun's agent hosts the store: every rank is a client
-    restart_count: int
+    use_agent_store: bool = False  # torchrun's agent hosts the store: every rank is a client
+    restart_count: int = 0
     gloo_interface: str = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> TorchrunEnv | None:
-        """The torchrun world this process belongs to, or None when it was not started by torchrun."""
+        """The torchrun world ``environ`` describes, or None when it was not started by torchrun."""
         if not all(k in environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
             return None
-        return cls(
-            rank=int(environ["RANK"]),
-            world_size=int(environ["WORLD_SIZE"]),
-            local_rank=int(environ.get("LOCAL_RANK", environ["RANK"])),
-            master_addr=environ["MASTER_ADDR"],
-            master_port=int(environ["MASTER_PORT"]),
-            use_agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
-            restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-            gloo_interface=environ.get("GLOO_SOCKET_IFNAME", ""),
-        )
+        try:  # strings to numbers and booleans as torchrun spells them ("True", "29500")
+            return msgspec.convert({"LOCAL_RANK": environ["RANK"], **environ}, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"torchrun's environment variables: {exc}") from exc
 
     def spec(self, options: EngineOptions, model_path: str, collective_timeout_s: float) -> RankSpec:
         loopback = self.master_addr in ("127.0.0.1", "localhost", "::1")
@@ -92,6 +100,17 @@ class TorchrunEnv(msgspec.Struct, frozen=True, kw_only=True):
             store_is_master=self.rank == 0 and not self.use_agent_store, loopback=loopback,
             interface=self.gloo_interface, collective_timeout_s=collective_timeout_s,
         )  # fmt: skip
+
+
+def torchrun_env() -> TorchrunEnv | None:
+    """This process's torchrun world, or None when torchrun did not start it.
+
+    The engine's one read of the process environment outside config loading: torchrun hands each
+    process its rank and its world's address in environment variables (torch's launch protocol,
+    not our configuration). Called at the two torchrun entry points only: rank 0's
+    ``build_tp_engine`` and ranks > 0's ``serve_torchrun_worker``.
+    """
+    return TorchrunEnv.from_environ(os.environ)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,19 +228,15 @@ def _start_world(ranks: Any, group: TPGroup, load_rank0: Callable[[], RankModel]
 
 
 def build_tp_engine(
-    options: EngineOptions,
-    *,
-    environ: Mapping[str, str] | None = None,
-    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
-    progress: bool = False,
+    options: EngineOptions, *, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, progress: bool = False
 ) -> TPEngine:
     """Rank 0 of a ``options.tensor_parallel``-rank engine: spawned workers, or torchrun's when this
-    process was started by torchrun (``environ`` defaults to the process environment)."""
+    process was started by torchrun (``torchrun_env``)."""
     from backends.engine.runner.model_runner import ModelRunner
     from backends.engine.sched.scheduler import Scheduler
     from backends.engine.text.tokenizer import Tokenizer
 
-    env = TorchrunEnv.from_environ(os.environ if environ is None else environ)
+    env = torchrun_env()
     path = resolve_model_path(options, progress=progress)
     if env is not None:
         if env.world_size != options.tensor_parallel:
@@ -260,11 +275,12 @@ def build_tp_engine(
 # torchrun: ranks > 0 of `torchrun ... -m gateway serve`
 
 
-def serve_torchrun_worker(settings: Any, environ: Mapping[str, str] | None = None) -> None:
-    """Return at once unless this process is a torchrun rank > 0; then be that rank of the config's
-    tensor-parallel engine model until rank 0 stops, and exit the process (it must not serve HTTP).
+def serve_torchrun_worker(settings: Any) -> None:
+    """Return at once unless this process is a torchrun rank > 0 (``torchrun_env``); then be that
+    rank of the config's tensor-parallel engine model until rank 0 stops, and exit the process (it
+    must not serve HTTP).
     """
-    env = TorchrunEnv.from_environ(os.environ if environ is None else environ)
+    env = torchrun_env()
     if env is None or env.rank == 0:
         return
     from gateway.config import convert_table

@@ -37,6 +37,7 @@ from backends.engine.tp.shard import (
     weight_bytes,
 )
 from tests.backends.engine.engine_helpers import PagedRunner, make_hf_model, save_hf
+from gateway.errors import ConfigError
 from gateway.interface import SamplingParams
 
 # float32 activations: only the all-reduce's summation order differs from tp=1
@@ -177,6 +178,10 @@ def test_torchrun_env_reads_the_variables_torchrun_sets() -> None:
     assert env is not None and (env.rank, env.world_size, env.master_port) == (1, 2, 29500)
     spec = env.spec(_options(Path("/m")), "/m", 30.0)
     assert spec.store_prefix == "taxiway-tp/attempt-2" and not spec.store_is_master and spec.loopback
+    alone = TorchrunEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert alone is not None and (alone.local_rank, alone.use_agent_store, alone.restart_count) == (3, False, 0)
+    with pytest.raises(ConfigError, match="MASTER_PORT"):
+        TorchrunEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "x"})
 
 
 # --------------------------------------------------------------------------------------------
