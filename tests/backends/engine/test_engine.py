@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from backends.engine.builder import EngineOptions, build_engine
-from backends.engine.catalogue import pull
 from backends.engine.text.chat_template import ChatTemplate
 from gateway.errors import ContextLengthExceededError, RateLimitError
 from gateway.interface import ChatMessage, Delta, SamplingParams, Usage
@@ -35,8 +34,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def engine():  # type: ignore[no-untyped-def]
-    path = pull("smollm2-135m-instruct", progress=False)
+def engine(smollm2_path):  # type: ignore[no-untyped-def]
+    path = smollm2_path
     # float32 activations, the engine's exact mode: in bfloat16 the kernels chosen for a step
     # depend on its batch size, and their rounding can flip a greedy near-tie (2 of 16 here)
     options = EngineOptions(

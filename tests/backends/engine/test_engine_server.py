@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import httpx
 import openai
 import pytest
 
-from backends.engine.catalogue import pull
+from backends.engine.catalogue import default_home, pull
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def engine_server(shared_taxiway_server):  # type: ignore[no-untyped-def]
-    path = pull("smollm2-135m-instruct", progress=False)
+    path = pull("smollm2-135m-instruct", home=default_home(os.environ), progress=False)
     config = f"""
         [[models]]
         name = "smollm2-135m-instruct"

