@@ -13,8 +13,6 @@ measured, and the rest of the request's time is reported as the gateway's overhe
 from __future__ import annotations
 
 import asyncio
-import base64
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -48,7 +46,16 @@ from gateway.errors import (
 )
 from gateway.hooks import LifecycleHooks
 from gateway.interface import GenerationRequest, StreamItem, Usage
-from gateway.render import SSE_DONE, ChatRenderer, CompletionRenderer, encode, error_body, error_headers, sse_error
+from gateway.render import (
+    SSE_DONE,
+    ChatRenderer,
+    CompletionRenderer,
+    embeddings_body,
+    encode,
+    error_body,
+    error_headers,
+    sse_error,
+)
 from gateway.router import Route, Router
 
 log = structlog.get_logger("taxiway.gateway")
@@ -323,13 +330,7 @@ class Gateway:
                 result = await route.backend.embed(request)
             finally:
                 ctx.timings.backend_s = perf_counter() - start
-            as_base64 = req.encoding_format == "base64"
-            data = [
-                wire.Embedding(index=i, embedding=_base64_floats(e) if as_base64 else list(e))
-                for i, e in enumerate(result.embeddings)
-            ]
-            usage = wire.EmbeddingsUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
-            out = encode(wire.EmbeddingsResponse(data=data, model=route.name, usage=usage))
+            out = embeddings_body(result, route.name, as_base64=req.encoding_format == "base64")
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
@@ -385,9 +386,3 @@ class _NotReady(msgspec.Struct):
 class _Readiness(msgspec.Struct):
     status: str
     not_ready: list[_NotReady]
-
-
-def _base64_floats(values: tuple[float, ...]) -> str:
-    # OpenAI's base64 encoding: little-endian float32, as the official client decodes it
-    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
-

@@ -1,17 +1,20 @@
-"""Backend stream items (``Delta``, ``Usage``) → OpenAI response bodies and SSE events.
+"""Backend results → OpenAI response bodies and SSE events; errors → OpenAI's error body.
 
-A renderer is made per request. ``add`` folds an item into a whole response (non-streaming);
-``chunk`` turns one item into SSE bytes (streaming). Either way the client sees the gateway's
-response id and the public model name, never a backend's.
+For generation a renderer is made per request. ``add`` folds a stream item (``Delta``, ``Usage``)
+into a whole response (non-streaming); ``chunk`` turns one item into SSE bytes (streaming). Either
+way the client sees the gateway's response id and the public model name, never a backend's.
 """
 
 from __future__ import annotations
+
+import base64
+import struct
 
 import msgspec
 
 from gateway import wire
 from gateway.errors import TaxiwayError, UpstreamError
-from gateway.interface import Delta, TokenLogprob, Usage
+from gateway.interface import Delta, EmbeddingResult, TokenLogprob, Usage
 
 _encoder = msgspec.json.Encoder()
 encode = _encoder.encode
@@ -200,3 +203,17 @@ class CompletionRenderer(Renderer):
             index=item.index, text=item.text, finish_reason=_finish_reason(item), logprobs=logprobs
         )
         return sse_event(encode(wire.Completion(id=self.id, created=self.created, model=self.model, choices=[out])))
+
+
+def embeddings_body(result: EmbeddingResult, model: str, *, as_base64: bool) -> bytes:
+    data = [
+        wire.Embedding(index=i, embedding=_base64_floats(e) if as_base64 else list(e))
+        for i, e in enumerate(result.embeddings)
+    ]
+    usage = wire.EmbeddingsUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    return encode(wire.EmbeddingsResponse(data=data, model=model, usage=usage))
+
+
+def _base64_floats(values: tuple[float, ...]) -> str:
+    # OpenAI's base64 encoding: little-endian float32, as the official client decodes it
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
