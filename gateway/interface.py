@@ -143,9 +143,25 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     max_top_logprobs: int = 0
 
 
+ModelState = Literal["ready", "not ready", "failed"]
+
+
 class ReadyState(msgspec.Struct, frozen=True, kw_only=True):
+    """Whether a model serves now (``Backend.ready``).
+
+    Not ready, ``detail`` says what it waits for ("loading"). ``failed``: it never will in this
+    process, because its start failed (no torch, no model file, a corrupt file): ``detail`` says
+    why, and the backend answers its requests with a 503 naming that reason.
+    """
+
     ready: bool
     detail: str = ""
+    failed: bool = False
+
+    @property
+    def state(self) -> ModelState:
+        """As ``/ready`` and ``/v1/models/{model}/stats`` report it."""
+        return "ready" if self.ready else "failed" if self.failed else "not ready"
 
 
 class Backend(abc.ABC):
@@ -166,7 +182,11 @@ class Backend(abc.ABC):
     @property
     @abc.abstractmethod
     def capabilities(self) -> Capabilities:
-        """What this instance supports (may depend on the loaded model, e.g. a chat template)."""
+        """What this instance supports (may depend on the loaded model, e.g. a chat template).
+
+        A backend that cannot tell yet, or never will (its model failed to load), raises
+        ``ServiceUnavailableError`` (503) saying why.
+        """
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources. Called once in the app's lifespan before serving."""
@@ -175,6 +195,7 @@ class Backend(abc.ABC):
         """Release resources. Called once at shutdown; must not raise."""
 
     def ready(self) -> ReadyState:
+        """Cheap and non-blocking: ``/ready`` and the stats route call it per request."""
         return ReadyState(ready=True)
 
     @abc.abstractmethod

@@ -139,7 +139,10 @@ class Gateway:
     def _context(self, scope: Scope, endpoint: str) -> tuple[RequestContext, dict[str, str]]:
         started = perf_counter()
         headers = request_headers(scope)
-        return RequestContext(request_id=request_id(headers), endpoint=endpoint, started_at=started), headers
+        ctx = RequestContext(request_id=request_id(headers), endpoint=endpoint, started_at=started)
+        # every line logged for this request names it, the backend's too (gateway.logs)
+        structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+        return ctx, headers
 
     async def _admit(
         self, ctx: RequestContext, endpoint: _Endpoint, scope: Scope, receive: Any, headers: dict[str, str]
@@ -362,10 +365,13 @@ class Gateway:
         name, _, tail = rest.rpartition("/")
         if tail == "stats" and name:
             route = self.router.resolve(name)
-            stats = route.backend.stats()
-            if stats is None:
-                raise NotFoundError(f"The model '{name}' has no stats", param="model")
-            return encode(stats)
+            state = route.backend.ready()
+            stats = None if state.failed else route.backend.stats()
+            if stats is not None:
+                return encode(stats)
+            if not state.ready:  # no stats (yet): what the model waits for, or why it failed
+                return encode(_ModelState(model=route.name, state=state.state, detail=state.detail))
+            raise NotFoundError(f"The model '{name}' has no stats", param="model")
         raise ModelNotFoundError(f"The model '{rest}' does not exist", param="model")
 
     async def health(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -373,16 +379,17 @@ class Gateway:
 
     async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
         states = [(route.name, route.backend.ready()) for route in self.router.routes]
-        not_ready = [_NotReady(model=name, detail=state.detail) for name, state in states if not state.ready]
+        not_ready = [_ModelState(model=name, state=s.state, detail=s.detail) for name, s in states if not s.ready]
         body = encode(_Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
         await send_bytes(send, 503 if not_ready else 200, body, [JSON])
 
 
-class _NotReady(msgspec.Struct):
+class _ModelState(msgspec.Struct):
     model: str
+    state: str  # ReadyState.state: "not ready" or "failed"
     detail: str
 
 
 class _Readiness(msgspec.Struct):
     status: str
-    not_ready: list[_NotReady]
+    not_ready: list[_ModelState]

@@ -5,7 +5,9 @@ gateway keeps accepting and streaming while a step computes. Requests and aborts
 step thread through an inbox that the loop drains between steps (the scheduler is not
 thread-safe); each step's outputs cross back with one ``call_soon_threadsafe`` per step, not per
 token. Closing a request's async iterator (the client went away) queues an abort, so its blocks
-are free before the next step starts.
+are free before the next step starts. Context variables stay behind on the event loop, so a
+request's bound log variables (its ``request_id``, see ``gateway.logs``) cross with it and the step
+thread logs that request's lines with them.
 
 Torch's CPU kernels run on libgomp, which keeps one OpenMP thread team per thread that ever ran
 a parallel region, and stops its workers from spin-waiting once the process holds more such
@@ -22,14 +24,14 @@ import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
 
 from backends.engine.engine import EngineOutput, LLMEngine
 from gateway.errors import ServiceUnavailableError, TaxiwayError
-from gateway.interface import SamplingParams, StreamItem
+from gateway.interface import SamplingParams, StreamItem, Usage
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +60,7 @@ class _Add(msgspec.Struct):
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
+    log_context: dict[str, Any]  # the request's bound log variables
 
 
 class _Abort(msgspec.Struct):
@@ -108,6 +111,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue[EngineOutput | BaseException]] = {}
+        self._log_contexts: dict[str, dict[str, Any]] = {}  # step thread only: requests in the engine
         self._ready = False
         self._num_failures = 0
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
@@ -147,7 +151,7 @@ class AsyncEngine:
             raise ServiceUnavailableError(f"request id {request_id!r} is already running")
         queue: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue
-        self._submit(_Add(request_id, prompt_ids, sampling))
+        self._submit(_Add(request_id, prompt_ids, sampling, structlog.contextvars.get_contextvars()))
         finished = False
         try:
             while True:
@@ -200,6 +204,7 @@ class AsyncEngine:
             self._count_tokens()
             if outputs:
                 self._post(self._dispatch, outputs)
+                self._log_finished(outputs)
             self._stats = self._snapshot()
 
     def _drain_inbox(self) -> None:
@@ -207,17 +212,42 @@ class AsyncEngine:
             command = self._inbox.popleft()
             if isinstance(command, _Abort):
                 self.engine.abort_request(command.request_id)
+                context = self._log_contexts.pop(command.request_id, None)
+                if context is not None:
+                    log.debug("engine.request.aborted", engine_request_id=command.request_id, **context)
                 continue
             try:
                 self.engine.add_request(command.request_id, command.prompt_ids, command.sampling)
             except TaxiwayError as exc:
                 self._post(self._fail, [command.request_id], exc)
+                continue
+            self._log_contexts[command.request_id] = command.log_context
+            log.debug(
+                "engine.request.added",
+                engine_request_id=command.request_id,
+                prompt_tokens=len(command.prompt_ids),
+                **command.log_context,
+            )
+
+    def _log_finished(self, outputs: list[EngineOutput]) -> None:
+        for output in outputs:
+            if output.finished:
+                context = self._log_contexts.pop(output.request_id, {})
+                usage = output.items[-1] if output.items and isinstance(output.items[-1], Usage) else None
+                completion_tokens = usage.completion_tokens if usage else None
+                log.debug(
+                    "engine.request.finished",
+                    engine_request_id=output.request_id,
+                    completion_tokens=completion_tokens,
+                    **context,
+                )
 
     def _step_failed(self, exc: BaseException) -> None:
         self._num_failures += 1
         self._ready = False
-        log.error("engine.step_failed", error=repr(exc))
         failed = self.engine.abort_all()
+        request_ids = [self._log_contexts.pop(engine_id, {}).get("request_id") for engine_id in failed]
+        log.error("engine.step_failed", error=repr(exc), request_ids=request_ids)
         error = ServiceUnavailableError(f"the engine failed while running this request: {exc}")
         self._post(self._fail, failed, error)
         recovered = True

@@ -1,7 +1,10 @@
 """Backend ``engine``: the in-repo PyTorch engine behind the gateway's model interface.
 
-``start`` loads the model (pulling a catalogue model on first use), runs one warm-up request
-through the whole engine, then starts the step thread; only then is the model ready. Prompts are
+``start`` loads the model in the background (pulling a catalogue model on first use), runs one
+warm-up request through the whole engine, then starts the step thread; only then is the model
+ready. A load that fails — no torch, no model file, a corrupt one, any other error — is logged
+(``engine.load_failed``) and leaves the model ``failed`` for the life of the process: ``/ready`` and
+its stats give the reason, and its requests get a 503 naming it. Prompts are
 rendered and tokenized on the event loop (fast, and a prompt that cannot fit is a 400 before
 admission); everything else happens on the step thread (``async_engine``).
 """
@@ -16,7 +19,7 @@ from typing import Any
 import structlog
 
 from backends.engine.builder import EngineOptions
-from gateway.errors import InvalidRequestError, ServiceUnavailableError
+from gateway.errors import ConfigError, InvalidRequestError, ServiceUnavailableError
 from gateway.interface import (
     Backend,
     Capabilities,
@@ -39,50 +42,42 @@ class EngineBackend(Backend):
         self._template: Any = None  # ChatTemplate
         self._async: Any = None  # AsyncEngine
         self._state = "not started"
+        self._failure: str | None = None  # why the model cannot serve in this process
+        self._capabilities: Capabilities | None = None  # known once loaded
         self._loading: asyncio.Task[None] | None = None
         self._ids = itertools.count()  # clients may reuse X-Request-ID; engine ids must be unique
 
     @property
     def capabilities(self) -> Capabilities:
-        from backends.engine.runner.sampling import MAX_TOP_LOGPROBS  # torch: only once a model is served
-
-        # chat stays on without a template: ChatTemplate.render says why it cannot serve (400)
-        return Capabilities(
-            chat=True,
-            completions=True,
-            max_n=self.options.max_num_seqs,
-            max_top_logprobs=MAX_TOP_LOGPROBS,
-        )
+        if self._capabilities is None:
+            raise self._unavailable()
+        return self._capabilities
 
     async def start(self) -> None:
-        """Check the model can be found, then load it in the background: the gateway serves
-        (``/health``, other models) meanwhile, and this model turns ready when loaded and warm."""
-        self._check_model_named()
+        """Load the model in the background: the gateway serves (``/health``, other models)
+        meanwhile, and this model turns ready when loaded and warm, or failed."""
         self._state = "loading"
         self._loading = asyncio.create_task(self._start())
 
     async def _start(self) -> None:
-        from backends.engine.async_engine import AsyncEngine, run_in_own_thread
-
         try:
-            await run_in_own_thread(self._load)  # not a pooled thread: see async_engine
-        except Exception as exc:
-            self._state = f"failed to load: {exc}"
-            log.error("engine.load_failed", model=self.model_name, error=str(exc))
-            return
+            # the first import of torch: without it the model fails like any other load
+            from backends.engine.async_engine import AsyncEngine, run_in_own_thread
+            from backends.engine.runner.sampling import MAX_TOP_LOGPROBS
 
-        self._async = AsyncEngine(self._engine, on_step_failure=self._recover)
-        self._async.start(asyncio.get_running_loop())
+            await run_in_own_thread(self._load)  # not a pooled thread: see async_engine
+            self._async = AsyncEngine(self._engine, on_step_failure=self._recover)
+            self._async.start(asyncio.get_running_loop())
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the model reports it and stays failed
+            self._failure = _reason(exc)
+            # a traceback only where the reason alone may not explain it
+            trace = None if isinstance(exc, (ConfigError, ImportError)) else exc
+            log.error("engine.load_failed", model=self.model_name, error=self._failure, exc_info=trace)
+            return
+        # chat stays on without a template: ChatTemplate.render says why it cannot serve (400)
+        self._capabilities = Capabilities(max_n=self.options.max_num_seqs, max_top_logprobs=MAX_TOP_LOGPROBS)
         self._state = "ready"
         log.info("engine.ready", model=self.model_name)
-
-    def _check_model_named(self) -> None:
-        from pathlib import Path
-
-        from backends.engine.catalogue import lookup
-
-        if not Path(self.options.model).expanduser().exists():
-            lookup(self.options.model)  # ConfigError listing the catalogue names
 
     def _load(self) -> None:
         if self.options.tensor_parallel > 1:
@@ -110,7 +105,11 @@ class EngineBackend(Backend):
         if recover is None:
             return True  # a single-process engine keeps its state; the failed requests are gone
         self._state = f"recovering after: {exc}"
-        recover()
+        try:
+            recover()
+        except Exception as again:
+            self._failure = f"the engine failed ({exc}) and could not restart: {again}"
+            raise  # the step thread logs it; the model stays failed
         self._state = "ready"
         return True
 
@@ -124,6 +123,8 @@ class EngineBackend(Backend):
             close()
 
     def ready(self) -> ReadyState:
+        if self._failure is not None:
+            return ReadyState(ready=False, failed=True, detail=self._failure)
         if self._async is not None and self._async.ready:
             return ReadyState(ready=True)
         return ReadyState(ready=False, detail=self._state)
@@ -133,7 +134,7 @@ class EngineBackend(Backend):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         if self._async is None or not self._async.ready:
-            raise ServiceUnavailableError(f"model '{self.model_name}' is not ready ({self._state})")
+            raise self._unavailable()
         engine = self._engine
         tokenizer = engine.tokenizer
         if request.messages is not None:
@@ -149,3 +150,17 @@ class EngineBackend(Backend):
         engine_id = f"{request.request_id}#{next(self._ids)}"
         async for item in self._async.generate(engine_id, prompt_ids, request.sampling):
             yield item
+
+    def _unavailable(self) -> ServiceUnavailableError:
+        if self._failure is not None:
+            return ServiceUnavailableError(f"model '{self.model_name}' cannot serve: {self._failure}")
+        return ServiceUnavailableError(f"model '{self.model_name}' is not ready ({self._state})")
+
+
+def _reason(exc: Exception) -> str:
+    """Why a load failed, in words for ``/ready`` and a 503's message."""
+    if isinstance(exc, ImportError):
+        return f"the engine's dependencies are missing (pip install 'taxiway[engine]'): {exc}"
+    if isinstance(exc, ConfigError):  # names the model file or option itself
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

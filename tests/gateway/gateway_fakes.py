@@ -40,6 +40,7 @@ class FakeBackend(Backend):
         embeddings: bool = False
         params: list[str] | None = None
         ready: bool = True
+        failed: bool = False  # with ready = false: its start failed
 
     instances: list[FakeBackend] = []
 
@@ -67,7 +68,8 @@ class FakeBackend(Backend):
         self.stopped = True
 
     def ready(self) -> ReadyState:
-        return ReadyState(ready=self.options.ready, detail="" if self.options.ready else "loading weights")
+        detail = "" if self.options.ready else "weights unreadable" if self.options.failed else "loading weights"
+        return ReadyState(ready=self.options.ready, failed=self.options.failed, detail=detail)
 
     def stats(self) -> msgspec.Struct | None:
         return FakeStats(num_running=1, num_waiting=2)

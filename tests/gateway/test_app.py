@@ -211,7 +211,33 @@ async def test_ready_lists_models_not_ready(recorder: HookRecorder) -> None:
     async with AsyncTestClient(app) as client:
         response = await client.get("/ready")
     assert response.status_code == 503
-    assert response.json() == {"status": "not ready", "not_ready": [{"model": "loading", "detail": "loading weights"}]}
+    assert response.json() == {
+        "status": "not ready",
+        "not_ready": [{"model": "loading", "state": "not ready", "detail": "loading weights"}],
+    }
+
+
+async def test_failed_model_reported_in_ready_and_stats() -> None:
+    config = """
+        [[models]]
+        name = "up"
+        backend = "fake"
+        [[models]]
+        name = "broken"
+        backend = "fake"
+        options = { ready = false, failed = true }
+    """
+    from gateway.config import parse_settings
+
+    app = create_app(parse_settings(config, env={}), plugins=fake_plugins())
+    async with AsyncTestClient(app) as client:
+        ready = await client.get("/ready")
+        stats = await client.get("/v1/models/broken/stats")
+        up_stats = await client.get("/v1/models/up/stats")
+    failed = {"model": "broken", "state": "failed", "detail": "weights unreadable"}
+    assert ready.status_code == 503 and ready.json() == {"status": "not ready", "not_ready": [failed]}
+    assert stats.status_code == 200 and stats.json() == failed  # the state, not the backend's stale stats
+    assert up_stats.json() == {"num_running": 1, "num_waiting": 2}
 
 
 async def test_embeddings(client: AsyncTestClient) -> None:
