@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -96,9 +97,9 @@ def test_configuring_again_moves_every_logger_to_the_new_stream(stream: io.Strin
 def test_a_served_request_logs_json_lines_naming_it(taxiway_server) -> None:  # type: ignore[no-untyped-def]
     """A real ``taxiway serve`` on the engine: every line of its log is JSON with a logger name, and
     each line of a request — the gateway's and the engine's, logged on its step thread — has its id."""
-    from backends.engine.catalogue import pull
+    from backends.engine.catalogue import default_home, pull
 
-    path = pull("smollm2-135m-instruct", progress=False)
+    path = pull("smollm2-135m-instruct", home=default_home(os.environ), progress=False)
     server = taxiway_server(f"""
         [log]
         level = "debug"
