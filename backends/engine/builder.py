@@ -5,13 +5,19 @@ Used alike by the ``engine`` backend, ``taxiway generate`` and the benchmarks.
 
 from __future__ import annotations
 
+import os
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 import structlog
 
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from backends.engine.native.ckernels import Kernels
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +49,7 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     tensor_parallel: Positive = 1
     seed: int | None = None
     home: str | None = None  # model cache; default $TAXIWAY_HOME or ~/.cache/taxiway
+    native_kernels: bool = True  # the native CPU kernels (native/); false: torch's ops throughout
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens is not None and self.kv_cache_memory_mb is not None:
@@ -94,9 +101,9 @@ def kv_cache_layout(config, options: EngineOptions, dtype_bytes: int, tp: int = 
 
 
 def resolve_model_path(options: EngineOptions, progress: bool = False) -> Path:
-    from backends.engine.catalogue import resolve_model
+    from backends.engine.catalogue import default_home, resolve_model
 
-    home = Path(options.home).expanduser() if options.home else None
+    home = Path(options.home).expanduser() if options.home else default_home(os.environ)
     return resolve_model(options.model, home, progress=progress)
 
 
@@ -116,26 +123,48 @@ def make_scheduler(options: EngineOptions, layout: KVCacheLayout, eos_token_ids:
     )
 
 
+def load_kernels(options: EngineOptions, environ: Mapping[str, str] | None = None) -> Kernels | None:
+    """The native kernels for an engine with ``options`` (``ckernels.Kernels``), or None for
+    torch's ops: built with ``$CC`` (default ``cc``) into ``<home>/kernels/``, off with
+    ``native_kernels = false`` or ``TAXIWAY_NATIVE_KERNELS=0``. The environment is read here, with
+    the options, and passed to the build as parameters (``environ``: default the process's)."""
+    from backends.engine.catalogue import default_home
+    from backends.engine.native import ckernels
+
+    env = os.environ if environ is None else environ
+    home = Path(options.home).expanduser() if options.home else default_home(env)
+    build = ckernels.KernelBuild(
+        cache_dir=home / "kernels",
+        compiler=tuple(shlex.split(env.get("CC", "cc"))),
+        enabled=options.native_kernels and env.get("TAXIWAY_NATIVE_KERNELS", "1") != "0",
+    )
+    return ckernels.load(build)
+
+
 def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ignore[no-untyped-def]
     """Load the model and tokenizer, size the KV cache, wire scheduler and runner."""
     import torch
 
     from backends.engine.engine import LLMEngine
     from backends.engine.model.loader import load_model
+    from backends.engine.native.fuse import fuse
     from backends.engine.runner.model_runner import ModelRunner
     from backends.engine.text.tokenizer import Tokenizer
 
     path = resolve_model_path(options, progress=progress)
     dtype = torch.bfloat16 if options.dtype == "bfloat16" else torch.float32
+    kernels = load_kernels(options) if torch.device(options.device).type == "cpu" else None
     loaded = load_model(
-        path, quantization=options.quantization, dtype=dtype, device=options.device, threads=options.threads
-    )
+        path, quantization=options.quantization, dtype=dtype, device=options.device, threads=options.threads,
+        kernels=kernels,
+    )  # fmt: skip
+    model = fuse(loaded.model, kernels)  # the native fast path, where it applies
     tokenizer = Tokenizer.load(path)
     config = loaded.config
     layout = kv_cache_layout(config, options, torch.finfo(dtype).bits // 8)
     scheduler = make_scheduler(options, layout, tokenizer.eos_token_ids)
     runner = ModelRunner(
-        loaded.model,
+        model,
         config,
         num_blocks=layout.num_blocks,
         block_size=layout.block_size,

@@ -10,11 +10,13 @@ a position > 0) need nothing special.
 
 Per layer, ``paged_attention`` writes the new K/V into the cache, then attends:
 - decode (one new token): every such sequence at once, natively in place
-  (``kernels/decode_attention.c``) or gathering its cached K/V blocks into a padded ``[S, L]``
-  batch with a length mask for one SDPA call;
+  (``native/csrc/decode_attention.c``) or gathering its cached K/V blocks into a padded
+  ``[S, L]`` batch with a length mask for one SDPA call;
 - prefill (several new tokens): causal, offset by its cached prefix; bfloat16 on CPU runs every
-  prefill of the step in one native call reading K/V in place (``kernels/prefill_attention.c``,
+  prefill of the step in one native call reading K/V in place (``native/csrc/prefill_attention.c``,
   ~3.7x torch's SDPA on SmolLM2's heads), else one SDPA call per sequence.
+The native kernels run only when passed in (``PagedAttention(kernels)``, placed by
+``native.fuse``); without them every step is torch's.
 What depends only on the metadata (block indices, masks) is computed once per step in
 ``AttentionPlan`` and shared by all layers.
 """
@@ -22,15 +24,18 @@ What depends only on the metadata (block indices, masks) is computed once per st
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backends.engine.native import ckernels
-from backends.engine.native import hugepages
 from backends.engine.model.config import ModelConfig
+from backends.engine.native import abi, hugepages
+
+if TYPE_CHECKING:
+    from backends.engine.native.ckernels import Kernels
 
 KVCache = list[tuple[Tensor, Tensor]]
 
@@ -201,35 +206,54 @@ def _gather(cache: Tensor, blocks: Tensor | slice, num_seqs: int, length: int) -
     return out if out.shape[1] == length else out[:, :length]
 
 
-def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float) -> Tensor | None:
-    """Decode attention by the native kernel (``ckernels``), reading K/V in place through the
-    block tables; ``None`` where it does not apply (not bfloat16 on CPU, no kernel built, a shape
-    or block id the kernel refuses), and torch's path runs instead."""
+def _native_reads(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether the native attention kernels can read these: bfloat16 on the CPU, caches contiguous."""
+    return (
+        q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16 and q.device.type == "cpu"
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+    )  # fmt: skip
+
+
+def _unit_head_stride(q: Tensor) -> Tensor:
+    """``q`` ``[T, H, D]`` with heads and dims packed in each row (any row stride), as the kernels read it."""
+    return q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
+
+
+def _native_decode(
+    kernels: Kernels | None, q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float
+) -> Tensor | None:
+    """Decode attention by the native kernel, reading K/V in place through the block tables;
+    ``None`` where it does not apply (no kernels, not bfloat16 on CPU, a shape or block id the
+    kernel refuses), and torch's path runs instead."""
     tables, lens = plan.decode_tables, plan.decode_seq_lens
-    if (
-        q.dtype != torch.bfloat16
-        or q.device.type != "cpu"
-        or tables is None
-        or lens is None
-        or k_cache.dtype != torch.bfloat16
-        or v_cache.dtype != torch.bfloat16
-        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-    ):
+    if kernels is None or tables is None or lens is None or not _native_reads(q, k_cache, v_cache):
         return None
-    kernels = ckernels.load()
-    if kernels is None:
-        return None
+    q = _unit_head_stride(q)
     num_seqs, num_heads, head_dim = q.shape
-    if q.stride(2) != 1 or q.stride(1) != head_dim:
-        q = q.contiguous()
     out = torch.empty(num_seqs, num_heads * head_dim, dtype=q.dtype)
     status = kernels.decode_attention_bf16(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        tables.data_ptr(), tables.stride(0), lens.data_ptr(), k_cache.shape[0],
-        num_seqs, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
-        scale, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        abi.PagedAttentionArgs(
+            q=q.data_ptr(), q_stride=q.stride(0), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+            tables=tables.data_ptr(), table_stride=tables.stride(0), seq_lens=lens.data_ptr(),
+            num_blocks=k_cache.shape[0], num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=k_cache.shape[2],
+            head_dim=head_dim, block_size=k_cache.shape[1], scale=scale, out=out.data_ptr(),
+            out_stride=out.stride(0), num_threads=torch.get_num_threads(),
+        )
     )  # fmt: skip
     return out if status == 0 else None
+
+
+class PagedAttention:
+    """A layer's attention: ``paged_attention`` with the native kernels it was given (``None``:
+    torch's ops alone). ``native.fuse`` swaps this for one holding the loaded kernels."""
+
+    def __init__(self, kernels: Kernels | None = None) -> None:
+        self.kernels = kernels
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float
+    ) -> Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, plan, scale, kernels=self.kernels)
 
 
 def paged_attention(
@@ -242,9 +266,10 @@ def paged_attention(
     scale: float,
     *,
     write_kv: bool = True,
+    kernels: Kernels | None = None,
 ) -> Tensor:
     """Write this step's K/V into the cache (unless the caller has: ``write_kv=False``) and
-    attend; returns ``[T, H * D]``."""
+    attend; returns ``[T, H * D]``. ``kernels``: the native kernels to try first, or None."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
@@ -257,7 +282,7 @@ def paged_attention(
     if plan.decode_blocks is not None:
         qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
         sd = qd.shape[0]
-        decode_out = _native_decode(qd, k_cache, v_cache, plan, scale)
+        decode_out = _native_decode(kernels, qd, k_cache, v_cache, plan, scale)
         if decode_out is None:
             kd = _gather(k_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)  # [Sd, KV, L, D]
             vd = _gather(v_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)
@@ -269,39 +294,33 @@ def paged_attention(
 
     # prefill: causal over each sequence's context, all at once natively, else one SDPA each
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
-    if not _native_prefill(q, k_cache, v_cache, plan, scale, out):
+    if not _native_prefill(kernels, q, k_cache, v_cache, plan, scale, out):
         _sdpa_prefill(q, k, v, k_cache, v_cache, plan, scale, out)
     if decode_out is not None:
         out.index_copy_(0, plan.decode_rows, decode_out)
     return out
 
 
-def _native_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float, out: Tensor) -> bool:
+def _native_prefill(
+    kernels: Kernels | None, q: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float, out: Tensor
+) -> bool:
     """Prefill attention by the native kernel into ``out``, reading every key and value (this
     step's included: the cache is written first) through the block tables; False where it does
     not apply, as ``_native_decode``."""
     tables = plan.prefill_tables
-    if (
-        tables is None
-        or q.dtype != torch.bfloat16
-        or q.device.type != "cpu"
-        or k_cache.dtype != torch.bfloat16
-        or v_cache.dtype != torch.bfloat16
-        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-    ):
+    if kernels is None or not kernels.has_prefill_attention or tables is None or not _native_reads(q, k_cache, v_cache):
         return False
-    kernels = ckernels.load()
-    if kernels is None or not kernels.has_prefill_attention:
-        return False
+    q = _unit_head_stride(q)
     _, num_heads, head_dim = q.shape
-    if q.stride(2) != 1 or q.stride(1) != head_dim:
-        q = q.contiguous()
     status = kernels.prefill_attention_bf16(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        tables.block_tables.data_ptr(), tables.block_tables.stride(0),
-        tables.q_starts.data_ptr(), tables.q_lens.data_ptr(), tables.seq_lens.data_ptr(),
-        k_cache.shape[0], tables.q_lens.shape[0], num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
-        scale, out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        abi.PagedAttentionArgs(
+            q=q.data_ptr(), q_stride=q.stride(0), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+            tables=tables.block_tables.data_ptr(), table_stride=tables.block_tables.stride(0),
+            q_starts=tables.q_starts.data_ptr(), q_lens=tables.q_lens.data_ptr(), seq_lens=tables.seq_lens.data_ptr(),
+            num_blocks=k_cache.shape[0], num_seqs=tables.q_lens.shape[0], num_heads=num_heads,
+            num_kv_heads=k_cache.shape[2], head_dim=head_dim, block_size=k_cache.shape[1], scale=scale,
+            out=out.data_ptr(), out_stride=out.stride(0), num_threads=torch.get_num_threads(),
+        )
     )  # fmt: skip
     return status == 0
 

@@ -5,9 +5,13 @@
 contract and ``attention.py`` for the cache layout.
 
 The model is built on the meta device by ``loader.py``, which then installs the real weights:
-each linear layer is a small module from ``quant.py`` (int4, int8 or dense), with q/k/v fused into
+each linear layer is a small module from ``quant/`` (int4, int8 or dense), with q/k/v fused into
 ``qkv_proj`` and gate/up into ``gate_up_proj`` (one matmul each). Activations run in the dtype
 of the weights' scales: float32 (the exact reference) or bfloat16 (the fast path).
+
+This is the plain forward, torch's ops throughout. The native CPU path is a separate step on the
+built model (``native.fuse.fuse``, beside tensor parallelism's ``shard_model``): it swaps in
+fused decoder layers, a one-call decode stack and attention with the native kernels.
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backends.engine.model.attention import AttentionMetadata, AttentionPlan, KVCache, allocate_kv_cache, paged_attention
+from backends.engine.model.attention import AttentionMetadata, AttentionPlan, KVCache, PagedAttention, allocate_kv_cache
 from backends.engine.model.config import ModelConfig
-from backends.engine.native.fused import FusedLayer, FusedStack
 from backends.engine.model.quant import DenseLinear
 
 __all__ = ["AttentionMetadata", "CausalLM", "allocate_kv_cache", "rope_inv_freq"]
@@ -95,6 +98,7 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.qkv_proj: nn.Module = DenseLinear(config.hidden_size, config.q_size + 2 * config.kv_size)
         self.o_proj: nn.Module = DenseLinear(config.q_size, config.hidden_size)
+        self.attend = PagedAttention()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         num_tokens = x.shape[0]
@@ -105,7 +109,7 @@ class Attention(nn.Module):
         q = qk[:, : self.num_heads]
         k = qk[:, self.num_heads :]
         v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, k_cache, v_cache, plan, self.scale)  # [T, H * D]
+        o = self.attend(q, k, v, k_cache, v_cache, plan, self.scale)  # [T, H * D]
         return self.o_proj(o)
 
 
@@ -128,16 +132,20 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config)
-        self._fused: FusedLayer | bool | None = None  # the native fast path (fused.py), if it applies
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """``h``: the float32 residual stream, updated in place and returned."""
-        if self._fused is None:  # decided once, on the first forward (weights are installed by then)
-            self._fused = FusedLayer.build(self) or False
-        if isinstance(self._fused, FusedLayer) and self._fused.accepts(h, k_cache, v_cache):
-            return self._fused(h, cos, sin, plan, k_cache, v_cache)
         h.add_(self.self_attn(self.attn_norm(h), cos, sin, plan, k_cache, v_cache))
         return h.add_(self.mlp(self.ffn_norm(h)))
+
+
+class DecoderStack(nn.ModuleList):
+    """The decoder layers, run in order over the residual stream, each with its layer's cache."""
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, kv_caches: KVCache) -> Tensor:
+        for layer, (k_cache, v_cache) in zip(self, kv_caches, strict=True):
+            h = layer(h, cos, sin, plan, k_cache, v_cache)
+        return h
 
 
 class CausalLM(nn.Module):
@@ -149,12 +157,11 @@ class CausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         self.embed_tokens: nn.Module = DenseLinear(config.hidden_size, config.vocab_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
+        self.layers = DecoderStack(DecoderLayer(config, dtype) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, torch.float32)  # for exact logits
         self.lm_head: nn.Module = self.embed_tokens
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self._head_takes_dtype: tuple[object, bool] = (None, False)
-        self._stack: FusedStack | bool | None = None  # all layers in one native call (fused.py)
 
     @property
     def device(self) -> torch.device:
@@ -178,13 +185,7 @@ class CausalLM(nn.Module):
         # The residual stream stays float32 whatever the matmul dtype: 60 bfloat16 additions cost
         # ~1 point of top-1 agreement with the float32 reference on SmolLM2, float32 costs nothing.
         h = self.embed_tokens.embed(input_ids).float()  # a fresh tensor: the layers add into it in place
-        if isinstance(self._stack, FusedStack) and self._stack.applies(h, plan, kv_caches):
-            return self.norm(self._stack(h, cos, sin, plan, kv_caches))
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, plan, k_cache, v_cache)
-        if self._stack is None:  # after the first forward: each layer has settled on its path
-            self._stack = FusedStack.build(self.layers) or False
-        return self.norm(h)
+        return self.norm(self.layers(h, cos, sin, plan, kv_caches))
 
     def _float32_rows(self, ids: Tensor) -> Tensor:
         """Rows of the output projection in float32 (exact when the head's ``embed`` takes a dtype;

@@ -13,6 +13,9 @@ full-precision copy of a quantized model ever exists.
   int8 per channel); the embedding and an untied lm_head become int8 per channel. GGUF tensors that
   are already quantized keep their own format.
 - ``"none"``: everything dense in ``dtype`` (GGUF quantized tensors dequantised one at a time).
+
+``kernels`` (the loaded native kernels, or None): quantized weights that the native matmuls can
+run are packed in their layouts. The rest of the native path is ``native.fuse.fuse``'s step.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import ctypes
 import gc
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
@@ -39,6 +42,9 @@ from backends.engine.model.quant import (
     quantize_int8,
     same_kind,
 )
+
+if TYPE_CHECKING:
+    from backends.engine.native.ckernels import Kernels
 
 QUANTIZATIONS = (None, "int4", "int8", "none")
 _CHUNK_ROWS = 4096  # rows of a vocabulary-sized tensor converted at a time: bounds the peak
@@ -64,8 +70,10 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    kernels: Kernels | None = None,
 ) -> LoadedModel:
-    """Load a ``.gguf`` file or an HF model directory. ``threads`` sets torch's intra-op threads."""
+    """Load a ``.gguf`` file or an HF model directory. ``threads`` sets torch's intra-op threads;
+    ``kernels``: the native kernels whose layouts the quantized weights take (None: torch's)."""
     if quantization not in QUANTIZATIONS:
         raise UnsupportedModelError(f"quantization must be one of int4, int8, none (got {quantization!r})")
     if dtype not in (torch.float32, torch.bfloat16):
@@ -84,12 +92,12 @@ def load_model(
         source = GGUFSource(path)
     else:
         raise UnsupportedModelError(f"model path '{path}' does not exist")
-    _return_freed_memory()
+    return_freed_memory()
     try:
-        model = _build(source, quantization=quantization, dtype=dtype, device=device)
+        model = _build(source, _Builder(source, quantization, dtype, device, kernels))
     finally:
         source.close()
-    _return_freed_memory()
+    return_freed_memory()
     return LoadedModel(
         model=model,
         config=source.config,
@@ -103,11 +111,17 @@ def load_model(
 
 
 class _Builder:
-    def __init__(self, source: Any, quantization: str | None, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, source: Any, quantization: str | None, dtype: torch.dtype, device: torch.device, kernels: Kernels | None
+    ) -> None:
         self.source = source
         self.quantization = quantization
         self.dtype = dtype
         self.device = device
+        self.kernels = kernels
+
+    def make_linear(self, data: WeightData, bias: Tensor | None = None) -> nn.Module:
+        return make_linear(data, bias=bias, dtype=self.dtype, device=self.device, kernels=self.kernels)
 
     def prepare(self, data: WeightData, *, vocab: bool = False) -> WeightData:
         """Apply the quantization policy to one tensor (row-chunked for the vocabulary)."""
@@ -128,10 +142,10 @@ class _Builder:
         pieces = []
         for r in range(0, rows, _CHUNK_ROWS):
             pieces.append(self.prepare(self.source.get(name, rows=slice(r, r + _CHUNK_ROWS)), vocab=True))
-            _return_freed_memory()  # glibc does not reuse the chunk's temporaries: +230 MB peak without
+            return_freed_memory()  # glibc does not reuse the chunk's temporaries: +230 MB peak without
         data = cat_rows(pieces) if len(pieces) > 1 else pieces[0]
         del pieces
-        return make_linear(data, dtype=self.dtype, device=self.device)
+        return self.make_linear(data)
 
     def linear(self, names: list[str]) -> nn.Module:
         """One module for the (row-concatenated) weights ``names``; biases attached when present."""
@@ -143,11 +157,9 @@ class _Builder:
             biases = [b.float() if b is not None else torch.zeros(_rows(p)) for b, p in zip(biases, parts)]
         if len(parts) == 1 or same_kind(parts):
             bias = None if biases[0] is None else torch.cat(biases)
-            return make_linear(cat_rows(parts), bias=bias, dtype=self.dtype, device=self.device)
+            return self.make_linear(cat_rows(parts), bias)
         # Mixed formats (e.g. a Q8_0 attn_v among Q4_1 q/k): separate matmuls, outputs concatenated.
-        return ConcatLinear(
-            [make_linear(p, bias=bias, dtype=self.dtype, device=self.device) for p, bias in zip(parts, biases)]
-        )
+        return ConcatLinear([self.make_linear(p, bias) for p, bias in zip(parts, biases)])
 
     def vector(self, name: str) -> Tensor:
         data = self.source.get(name)
@@ -155,11 +167,10 @@ class _Builder:
         return data.to(device=self.device, dtype=torch.float32)
 
 
-def _build(source: Any, *, quantization: str | None, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def _build(source: Any, b: _Builder) -> CausalLM:
     config: ModelConfig = source.config
     with torch.device("meta"):
-        model = CausalLM(config, dtype)
-    b = _Builder(source, quantization, dtype, device)
+        model = CausalLM(config, b.dtype)
     # The vocabulary-sized tensors first, while the heap is empty: their transients are the largest.
     model.embed_tokens = b.vocab("embed")
     model.lm_head = model.embed_tokens if config.tie_word_embeddings else b.vocab("lm_head")
@@ -171,10 +182,10 @@ def _build(source: Any, *, quantization: str | None, dtype: torch.dtype, device:
         layer.self_attn.o_proj = b.linear([f"{p}.o"])
         layer.mlp.gate_up_proj = b.linear([f"{p}.gate", f"{p}.up"])
         layer.mlp.down_proj = b.linear([f"{p}.down"])
-        _return_freed_memory()  # glibc keeps freed temporaries otherwise: peak RSS grows per layer
+        return_freed_memory()  # glibc keeps freed temporaries otherwise: peak RSS grows per layer
     model.norm.set_weight(b.vector("norm"))
     rope_freqs = source.get("rope_freqs") if source.has("rope_freqs") else None
-    model.inv_freq = rope_inv_freq(config, rope_freqs).to(device)
+    model.inv_freq = rope_inv_freq(config, rope_freqs).to(b.device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise UnsupportedModelError(f"weights missing after load: {', '.join(leftover)}")
@@ -185,8 +196,9 @@ def _rows(data: WeightData) -> int:
     return data.shape[0] if isinstance(data, Tensor) else data.q.shape[0]
 
 
-def _return_freed_memory() -> None:
-    """Hand the loader's freed temporaries back to the OS (glibc keeps them otherwise)."""
+def return_freed_memory() -> None:
+    """Hand freed temporaries back to the OS (glibc keeps them otherwise): the loader's, and the
+    unsharded weights tensor parallelism drops."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -194,4 +206,4 @@ def _return_freed_memory() -> None:
         pass
 
 
-__all__ = ["QUANTIZATIONS", "LoadedModel", "load_model"]
+__all__ = ["QUANTIZATIONS", "LoadedModel", "load_model", "return_freed_memory"]

@@ -1,1 +1,2 @@
-"""Native CPU kernels (C sources in ``csrc/``, built on first use) and the step that swaps them in."""
+"""Native CPU kernels: the C sources (``csrc/``, one ABI in ``csrc/abi.h``), their build and
+binding (``ckernels``, ``abi``), and the step that swaps them into a built model (``fuse.fuse``)."""

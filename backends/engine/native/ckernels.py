@@ -1,4 +1,4 @@
-"""Native CPU kernels: C sources in ``kernels/``, built on first use, called through ctypes.
+"""Native CPU kernels: C sources in ``csrc/``, built on first use, called through ctypes.
 
 Torch's CPU ops cover almost everything the engine needs; where one does far more work than the
 engine asks of it, a small C kernel takes over: attention over the paged cache (decode: torch's
@@ -6,13 +6,19 @@ SDPA pays for tiling machinery on a single query row and needs the K/V gathered 
 first; prefill: torch's CPU flash attention runs at ~35 GMAC/s on SmolLM2's heads, the kernel at
 ~130), the int4/int8 matmuls and the fused decoder layer (``fused.py``).
 
-The source is compiled with the system C compiler (``$CC``, default ``cc``) for this machine
-(``-march=native``) into ``$TAXIWAY_HOME/kernels/``, keyed by a hash of the source, the flags,
-the CPU's features and the compiler's version, so a build happens once per machine; a cached
-library that fails to load is rebuilt once. The OpenMP runtime is the one torch already
-loaded (same ``libgomp.so.1``), so the kernel's threads are torch's threads. Without a compiler,
-or when the build fails, ``load()`` returns ``None`` and the engine keeps torch's path; either
-way the choice is logged once. ``TAXIWAY_NATIVE_KERNELS=0`` turns the kernels off.
+``load(KernelBuild(...))`` compiles the sources with the given compiler (the engine passes
+``$CC``, default ``cc``) for this machine (``-march=native``) into the given cache directory (the
+engine passes ``$TAXIWAY_HOME/kernels/``), keyed by a hash of the source, the flags, the CPU's
+features and the compiler's version, so a build happens once per machine; a cached library that
+fails to load is rebuilt once. The OpenMP runtime is the one torch already loaded (same
+``libgomp.so.1``), so the kernel's threads are torch's threads. Without a compiler, or when the
+build fails, ``load`` returns ``None`` and the engine keeps torch's path; either way the choice
+is logged once. ``TAXIWAY_NATIVE_KERNELS=0`` (or the engine option ``native_kernels = false``)
+turns the kernels off: ``enabled=False``. The environment is read by the engine's options
+(``builder.load_kernels``), not here.
+
+Every entry point takes one struct (``csrc/abi.h``, mirrored in ``abi.py``); the mirrors are
+checked against the library's own layout table when it loads (``abi.AbiMismatchError``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import ctypes
 import hashlib
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +35,10 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
+import msgspec
 import structlog
+
+from backends.engine.native import abi
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +51,13 @@ _BUILD_TIMEOUT_S = 120
 _lock = threading.Lock()
 
 
-def _home() -> Path:
-    return Path(os.environ.get("TAXIWAY_HOME", Path.home() / ".cache" / "taxiway"))
+class KernelBuild(msgspec.Struct, frozen=True, kw_only=True):
+    """How to get the kernels: where the built library is cached, which compiler builds it
+    (a command line, e.g. ``("ccache", "gcc")``), or not at all (``enabled=False``)."""
+
+    cache_dir: Path
+    compiler: tuple[str, ...] = ("cc",)
+    enabled: bool = True
 
 
 def _machine_id(compiler: list[str]) -> str:
@@ -79,40 +92,41 @@ def _build(compiler: list[str], target: Path) -> None:
         os.replace(out, target)  # atomic: concurrent builders (test workers, TP ranks) agree
 
 
-_i64, _i32, _ptr, _f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
-#: each entry point's C signature (every one returns an int status)
-_SIGNATURES: dict[str, list[type]] = {
-    "decode_attention_bf16": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr, _i64, _i32],
-    "prefill_attention_bf16": [
-        _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr, _i64, _i32,
-    ],
-    "int4_matmul_bf16": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _i32, _ptr, _ptr, _i64, _i32],
-    "int8_matmul_bf16": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _i32],
-    "rms_norm_bf16": [_ptr, _i64, _i64, _i64, _ptr, _f32, _ptr, _i64, _i32],
-    "rope_kv_bf16": [_ptr, _i64, _i64, _i32, _i32, _i32, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32],
-    "decode_layers_bf16": [
-        _ptr, _i32, _ptr, _i64, _i64, _i32, _i32, _i32, _i64, _f32, _f32,
-        _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i32, _i32, _ptr, _ptr, _ptr, _ptr, _i32,
-    ],
-}  # fmt: skip
+#: each entry point and the struct it takes (every one returns an int status)
+_ENTRY_POINTS: dict[str, type[ctypes.Structure]] = {
+    "decode_attention_bf16": abi.PagedAttentionArgs,
+    "prefill_attention_bf16": abi.PagedAttentionArgs,
+    "int4_matmul_bf16": abi.Int4MatmulArgs,
+    "int8_matmul_bf16": abi.Int8MatmulArgs,
+    "rms_norm_bf16": abi.RmsNormArgs,
+    "rope_kv_bf16": abi.RopeKvArgs,
+    "decode_layers_bf16": abi.DecodeLayersArgs,
+}
 
 
 class Kernels:
-    """The loaded library with typed entry points (``_SIGNATURES``, as attributes)."""
+    """The loaded library: each entry point of ``_ENTRY_POINTS`` as an attribute taking its struct
+    (``kernels.int4_matmul_bf16(abi.Int4MatmulArgs(x=..., ...))``). Built only from a library whose
+    layout table matches ``abi.py`` (``abi.AbiMismatchError`` otherwise)."""
 
-    decode_attention_bf16: Callable[..., int]
-    prefill_attention_bf16: Callable[..., int]
-    int4_matmul_bf16: Callable[..., int]
-    int8_matmul_bf16: Callable[..., int]
-    rms_norm_bf16: Callable[..., int]
-    rope_kv_bf16: Callable[..., int]
-    decode_layers_bf16: Callable[..., int]
+    decode_attention_bf16: Callable[[abi.PagedAttentionArgs], int]
+    prefill_attention_bf16: Callable[[abi.PagedAttentionArgs], int]
+    int4_matmul_bf16: Callable[[abi.Int4MatmulArgs], int]
+    int8_matmul_bf16: Callable[[abi.Int8MatmulArgs], int]
+    rms_norm_bf16: Callable[[abi.RmsNormArgs], int]
+    rope_kv_bf16: Callable[[abi.RopeKvArgs], int]
+    decode_layers_bf16: Callable[[abi.DecodeLayersArgs], int]
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        for name, argtypes in _SIGNATURES.items():
+        fields = lib.taxiway_abi_fields
+        fields.argtypes = []
+        fields.restype = ctypes.POINTER(abi.AbiField)
+        self.layout = abi.read_layout(fields())
+        abi.check_layout(self.layout)
+        for name, struct in _ENTRY_POINTS.items():
             fn = getattr(lib, name)
-            fn.argtypes = argtypes
+            fn.argtypes = [ctypes.POINTER(struct)]
             fn.restype = ctypes.c_int
             setattr(self, name, fn)
         # whether this machine's build has the fast paths (AVX-512 BF16); without them the
@@ -123,19 +137,20 @@ class Kernels:
 
 
 @cache
-def load() -> Kernels | None:
-    """The native kernels for this machine, built if needed; ``None`` when unavailable."""
-    if os.environ.get("TAXIWAY_NATIVE_KERNELS", "1") == "0":
-        log.info("engine.native_kernels", status="off (TAXIWAY_NATIVE_KERNELS=0)")
+def load(build: KernelBuild) -> Kernels | None:
+    """The native kernels for this machine, built if needed; ``None`` when off or unavailable.
+    Once per ``build`` (cached): every caller with the same settings shares one ``Kernels``."""
+    if not build.enabled:
+        log.info("engine.native_kernels", status="off")
         return None
-    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    compiler = list(build.compiler) or ["cc"]
     if shutil.which(compiler[0]) is None:
         log.info("engine.native_kernels", status=f"unavailable: no C compiler ({compiler[0]})")
         return None
     headers = sorted(_SOURCES[0].parent.glob("*.h"))
     parts = [*(s.read_bytes() for s in [*_SOURCES, *headers]), " ".join(_FLAGS).encode(), _machine_id(compiler).encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    target = _home() / "kernels" / f"taxiway_kernels-{digest}.so"
+    target = build.cache_dir / f"taxiway_kernels-{digest}.so"
     kernels = None
     error: Exception | None = None
     with _lock:

@@ -23,8 +23,6 @@ the same rows and columns compute unsharded; only the all-reduce's summation ord
 
 from __future__ import annotations
 
-import ctypes
-import gc
 from typing import Protocol
 
 import msgspec
@@ -32,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
+from backends.engine.model.loader import return_freed_memory
 from backends.engine.model.quant import (
     ConcatLinear,
     DenseLinear,
@@ -249,7 +248,7 @@ def column_slice(module: nn.Module, ranges: list[Range], device: torch.device) -
     return make_linear(
         _take_rows(_data(module), ranges),
         bias=None if bias is None else torch.cat([bias[a:b] for a, b in ranges]),
-        dtype=_compute_dtype(module), device=device,
+        dtype=_compute_dtype(module), device=device, kernels=getattr(module, "kernels", None),
     )  # fmt: skip
 
 
@@ -260,7 +259,7 @@ def row_slice(module: nn.Module, start: int, stop: int, device: torch.device, *,
     return make_linear(
         _take_cols(_data(module), start, stop),
         bias=module.bias if keep_bias else None,
-        dtype=_compute_dtype(module), device=device,
+        dtype=_compute_dtype(module), device=device, kernels=getattr(module, "kernels", None),
     )  # fmt: skip
 
 
@@ -317,7 +316,7 @@ def shard_model(model: nn.Module, comm: Collectives, device: torch.device | str 
         )
     model.norm.to(device)
     model.inv_freq = model.inv_freq.to(device)
-    _return_freed_memory()
+    return_freed_memory()  # the unsharded weights just dropped
     return plan
 
 
@@ -331,12 +330,3 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(storage.data_ptr())
             total += storage.nbytes()
     return total
-
-
-def _return_freed_memory() -> None:
-    """The unsharded weights just dropped go back to the OS (glibc keeps freed arenas otherwise)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from backends.engine.model.attention import KVCache, allocate_kv_cache
-from backends.engine.builder import EngineOptions, KVCacheLayout, kv_cache_layout
+from backends.engine.builder import EngineOptions, KVCacheLayout, kv_cache_layout, load_kernels
 from backends.engine.model.config import ModelConfig
 from backends.engine.tp.comm import (
     CMD_LOGITS,
@@ -90,14 +90,19 @@ def activation_dtype(options: EngineOptions) -> torch.dtype:
 def load_rank(model_path: str | Path, options: EngineOptions, group: TPGroup) -> RankModel:
     """Load the whole model on the CPU, keep this rank's slice (moved to ``group.device``)."""
     from backends.engine.model.loader import load_model
+    from backends.engine.native.fuse import fuse
 
     dtype = activation_dtype(options)
     threads = options.threads
     if threads is None and group.device.type == "cpu":  # the ranks share the machine's cores
         threads = max(1, (os.cpu_count() or 1) // group.world_size)
-    loaded = load_model(model_path, quantization=options.quantization, dtype=dtype, device="cpu", threads=threads)
+    kernels = load_kernels(options) if group.device.type == "cpu" else None
+    loaded = load_model(
+        model_path, quantization=options.quantization, dtype=dtype, device="cpu", threads=threads, kernels=kernels
+    )
     model = loaded.model
     plan = shard_model(model, group, group.device)
+    fuse(model, kernels)  # after sharding, as in a single process after loading
     config = loaded.config
     # Every rank sizes its cache for the widest rank's KV heads: the block ids are shared.
     widest = max(kv[1] - kv[0] for _, kv in plan_heads(config.num_heads, config.num_kv_heads, group.world_size))

@@ -13,6 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from backends.engine.model.attention import AttentionMetadata, allocate_kv_cache
+from backends.engine.model.loader import LoadedModel, load_model
 
 TINY = dict(
     vocab_size=256,
@@ -185,3 +186,22 @@ class PagedRunner:
             out.append(logits[row : row + n])
             row += n
         return out
+
+
+def default_kernels():  # type: ignore[no-untyped-def]
+    """The native kernels as an engine with default options loads them (None where this machine
+    builds none, or ``TAXIWAY_NATIVE_KERNELS=0``)."""
+    from backends.engine.builder import EngineOptions, load_kernels
+
+    return load_kernels(EngineOptions())
+
+
+def load_fused(path: Path, kernels=None, **kwargs) -> LoadedModel:  # type: ignore[no-untyped-def]
+    """``load_model`` then ``native.fuse.fuse``, as ``build_engine`` does: the engine's fast path
+    (``kernels``: default ``default_kernels()``)."""
+    from backends.engine.native.fuse import fuse
+
+    kernels = default_kernels() if kernels is None else kernels
+    loaded = load_model(path, kernels=kernels, **kwargs)
+    fuse(loaded.model, kernels)
+    return loaded

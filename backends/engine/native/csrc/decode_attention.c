@@ -13,6 +13,7 @@
  *   out      [S, H, D], row stride out_stride
  * Query head h attends with KV head h / (H / KV). Work items are (sequence, KV head) pairs.
  */
+#include "abi.h"
 #include "simd.h"
 
 #define MAX_HEAD_DIM 256
@@ -269,7 +270,7 @@ static int attend_fast(
 /* Returns 0, or -1 when a shape is outside what the kernel supports (the caller falls back).
  * Work items: whole sequences when there are enough to keep every thread busy (each key row of
  * the cache is then read once, all heads together); otherwise (sequence, KV head) pairs. */
-int decode_attention_bf16(
+static int decode_attention(
     const uint16_t *q, int64_t q_stride,
     const uint16_t *k_cache, const uint16_t *v_cache,
     const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, int32_t num_blocks,
@@ -302,4 +303,11 @@ int decode_attention_bf16(
                          out + s * out_stride) != 0;
     }
     return failed ? -1 : 0;
+}
+
+int decode_attention_bf16(const PagedAttentionArgs *a) {
+    if (a == NULL) return -1;
+    return decode_attention(a->q, a->q_stride, a->k_cache, a->v_cache, a->tables, a->table_stride, a->seq_lens,
+                            a->num_blocks, a->num_seqs, a->num_heads, a->num_kv_heads, a->head_dim, a->block_size,
+                            a->scale, a->out, a->out_stride, a->num_threads);
 }

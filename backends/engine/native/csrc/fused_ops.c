@@ -1,6 +1,6 @@
 /* The small per-layer operations of the bfloat16 forward, fused so that a decoder layer is a few
  * calls instead of ~30 torch ops (each ~3-7 us of dispatch at one token, more than the work).
- * Each computes what the torch path (model.py) computes, rounding where it rounds.
+ * Each computes what the torch path (model/llama.py) computes, rounding where it rounds.
  *
  * rms_norm_bf16: out = bfloat16(x * rsqrt(mean(x^2) + eps) * w), x float32 (the residual stream).
  * rope_kv_bf16:  rotary embedding of q and k in place in the fused qkv rows,
@@ -8,6 +8,7 @@
  *                product rounded as the torch path rounds it; then k and v written to the paged
  *                cache at each token's slot.
  */
+#include "abi.h"
 #include "simd.h"
 
 #ifdef __AVX512F__
@@ -39,7 +40,7 @@ static void norm_row(const float *x, int64_t d, const float *w, float eps, uint1
     for (; j < d; j++) out[j] = f32_to_bf16(x[j] * rstd * w[j]);
 }
 
-int rms_norm_bf16(
+static int rms_norm(
     const float *x, int64_t x_stride, int64_t m, int64_t d, const float *w, float eps,
     uint16_t *out, int64_t out_stride, int32_t num_threads)
 {
@@ -75,7 +76,7 @@ static void rope_head(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int
  * cos/sin: bfloat16 [t, D] (row stride cs_stride). slots: int64 [t] cache slots, or NULL to
  * skip the cache write; k_cache/v_cache: bfloat16 [num_slots, KV, D].
  * Returns 0, or -1 (nothing written) for a bad shape or a slot outside [0, num_slots). */
-int rope_kv_bf16(
+static int rope_kv(
     uint16_t *qkv, int64_t qkv_stride, int64_t t, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
     const uint16_t *cos, const uint16_t *sin, int64_t cs_stride,
     const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots, int32_t num_threads)
@@ -99,48 +100,38 @@ int rope_kv_bf16(
     return 0;
 }
 
+int rms_norm_bf16(const RmsNormArgs *a) {
+    if (a == NULL) return -1;
+    return rms_norm(a->x, a->x_stride, a->m, a->d, a->w, a->eps, a->out, a->out_stride, a->num_threads);
+}
+
+int rope_kv_bf16(const RopeKvArgs *a) {
+    if (a == NULL) return -1;
+    return rope_kv(a->qkv, a->qkv_stride, a->t, a->num_heads, a->num_kv_heads, a->head_dim, a->cos, a->sin,
+                   a->cs_stride, a->slots, a->k_cache, a->v_cache, a->num_slots, a->num_threads);
+}
+
 /* ---- a whole decode step's layers in one call ------------------------------------------------ */
-
-int int4_matmul_bf16(
-    const uint16_t *x, int64_t x_stride, int64_t m, const uint8_t *w, const uint16_t *sz,
-    int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads,
-    const uint16_t *bias, float *residual, int64_t residual_stride, int32_t act);
-int decode_attention_bf16(
-    const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
-    const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, int32_t num_blocks,
-    int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
-    float scale, uint16_t *out, int64_t out_stride, int32_t num_threads);
-
-/* One native-layout int4 projection: packed weight, (scale, zero) pairs, bias padded to n or
- * NULL, padded output width n, group size gs. */
-typedef struct {
-    const uint8_t *w;
-    const uint16_t *sz, *bias;
-    int64_t n, gs;
-} Projection;
-
-/* One layer's weights (see fused.py's LayerWeights mirror). */
-typedef struct {
-    const float *attn_norm, *ffn_norm;
-    Projection qkv, o, gate_up, down;
-    uint16_t *k_cache, *v_cache;
-} LayerWeights;
 
 /* y (or, with residual, residual +=) = x[t, k] @ p^T, as int4_matmul_bf16 */
 static int project(const Projection *p, const uint16_t *x, int64_t x_stride, int64_t t, int64_t k, uint16_t *y,
                    float *residual, int32_t act, int32_t num_threads) {
-    return int4_matmul_bf16(x, x_stride, t, p->w, p->sz, p->n, k, p->gs, y, p->n, num_threads, p->bias, residual,
-                            p->n, act);
+    const Int4MatmulArgs a = {
+        .x = x, .x_stride = x_stride, .m = t, .w = p->w, .sz = p->sz, .n = p->n, .k = k, .group_size = p->gs,
+        .y = y, .y_stride = p->n, .num_threads = num_threads, .bias = p->bias, .residual = residual,
+        .residual_stride = p->n, .act = act,
+    };
+    return int4_matmul_bf16(&a);
 }
 
 /* The decoder layers of a step whose t rows are all decodes (one new token per sequence), in
- * order, exactly as fused.py's FusedLayer runs them one call at a time: the residual stream h
+ * order, exactly as native/fused.py's FusedLayer runs them one call at a time: the residual stream h
  * (float32 [t, hidden], contiguous) is updated in place. Scratch: x [t, hidden], qkv [t, qkv.n],
  * attn [t, heads * head_dim], gate_up [t, gate_up.n], all bfloat16. o and down are unpadded
  * (n = hidden, the residual's row stride). Returns 0; -1 before touching anything for a shape
  * the attention kernel refuses; or 1 + the index of the layer where a kernel refused, right
  * after that kernel (the step is then lost: earlier layers have updated h and the caches). */
-int decode_layers_bf16(
+static int decode_layers(
     const LayerWeights *layers, int32_t num_layers, float *h, int64_t t, int64_t hidden,
     int32_t heads, int32_t kv_heads, int32_t head_dim, int64_t intermediate, float eps, float scale,
     const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int64_t num_slots,
@@ -153,19 +144,32 @@ int decode_layers_bf16(
         return -1; /* decode_attention_bf16's limits, checked before anything is written */
     for (int32_t l = 0; l < num_layers; l++) {
         const LayerWeights *w = layers + l;
+        const PagedAttentionArgs attend = {
+            .q = qkv, .q_stride = w->qkv.n, .k_cache = w->k_cache, .v_cache = w->v_cache, .tables = tables,
+            .table_stride = table_stride, .seq_lens = seq_lens, .num_blocks = num_blocks, .num_seqs = (int32_t)t,
+            .num_heads = heads, .num_kv_heads = kv_heads, .head_dim = head_dim, .block_size = block_size,
+            .scale = scale, .out = attn, .out_stride = q_width, .num_threads = num_threads,
+        };
 #define STEP(call) \
     if ((call) != 0) return 1 + l
-        STEP(rms_norm_bf16(h, hidden, t, hidden, w->attn_norm, eps, x, hidden, num_threads));
+        STEP(rms_norm(h, hidden, t, hidden, w->attn_norm, eps, x, hidden, num_threads));
         STEP(project(&w->qkv, x, hidden, t, hidden, qkv, NULL, 0, num_threads));
-        STEP(rope_kv_bf16(qkv, w->qkv.n, t, heads, kv_heads, head_dim, cos, sin, head_dim, slots, w->k_cache,
-                          w->v_cache, num_slots, num_threads));
-        STEP(decode_attention_bf16(qkv, w->qkv.n, w->k_cache, w->v_cache, tables, table_stride, seq_lens, num_blocks,
-                                   (int32_t)t, heads, kv_heads, head_dim, block_size, scale, attn, q_width, num_threads));
+        STEP(rope_kv(qkv, w->qkv.n, t, heads, kv_heads, head_dim, cos, sin, head_dim, slots, w->k_cache, w->v_cache,
+                     num_slots, num_threads));
+        STEP(decode_attention_bf16(&attend));
         STEP(project(&w->o, attn, q_width, t, q_width, NULL, h, 0, num_threads));
-        STEP(rms_norm_bf16(h, hidden, t, hidden, w->ffn_norm, eps, x, hidden, num_threads));
+        STEP(rms_norm(h, hidden, t, hidden, w->ffn_norm, eps, x, hidden, num_threads));
         STEP(project(&w->gate_up, x, hidden, t, hidden, gate_up, NULL, 0, num_threads));
         STEP(project(&w->down, gate_up, w->gate_up.n, t, intermediate, NULL, h, 1, num_threads));
 #undef STEP
     }
     return 0;
+}
+
+int decode_layers_bf16(const DecodeLayersArgs *a) {
+    if (a == NULL) return -1;
+    return decode_layers(a->layers, a->num_layers, a->h, a->t, a->hidden, a->heads, a->kv_heads, a->head_dim,
+                         a->intermediate, a->eps, a->scale, a->cos, a->sin, a->slots, a->num_slots, a->tables,
+                         a->table_stride, a->seq_lens, a->num_blocks, a->block_size, a->x, a->qkv, a->attn,
+                         a->gate_up, a->num_threads);
 }

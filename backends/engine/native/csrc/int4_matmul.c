@@ -19,6 +19,7 @@
  *
  * Scales: sz [G, N, 2] bfloat16, (s, z) per group and row, as torch's int4 kernels take them.
  */
+#include "abi.h"
 #include "simd.h"
 #include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
@@ -185,7 +186,7 @@ static float group_sum(const uint16_t *x, int64_t gs) {
  * residual_stride) and y is unused.
  * Returns 0, or -1 (nothing written) for a shape outside the kernel's contract (n a multiple of
  * 32, group_size a multiple of 8 dividing k) or no memory, -2 when the build lacks the fast path. */
-int int4_matmul_bf16(
+static int int4_matmul(
     const uint16_t *x, int64_t x_stride, int64_t m, const uint8_t *w, const uint16_t *sz,
     int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads,
     const uint16_t *bias, float *residual, int64_t residual_stride, int32_t act)
@@ -241,4 +242,10 @@ int int4_matmul_bf16(
     (void)y; (void)y_stride; (void)num_threads; (void)bias; (void)residual; (void)residual_stride; (void)act;
     return -2;
 #endif
+}
+
+int int4_matmul_bf16(const Int4MatmulArgs *a) {
+    if (a == NULL) return -1;
+    return int4_matmul(a->x, a->x_stride, a->m, a->w, a->sz, a->n, a->k, a->group_size, a->y, a->y_stride,
+                       a->num_threads, a->bias, a->residual, a->residual_stride, a->act);
 }

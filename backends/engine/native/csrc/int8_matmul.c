@@ -11,6 +11,7 @@
  * that 32-bit lane i holds row i's pair.
  * Scales: d float32 [G, N].
  */
+#include "abi.h"
 #include "simd.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define INT8_FAST 1
@@ -78,7 +79,7 @@ static void block8(const Problem8 *p, int64_t m, int64_t b) {
  * group_size, n]; y: bfloat16 [m, n] (row stride y_stride). Returns 0, -1 (nothing written) for a
  * shape outside the contract (n a multiple of 16, group_size even and dividing k), -2 when the
  * build lacks the fast path. */
-int int8_matmul_bf16(
+static int int8_matmul(
     const uint16_t *x, int64_t x_stride, int64_t m, const int8_t *w, const float *d,
     int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads)
 {
@@ -95,4 +96,10 @@ int int8_matmul_bf16(
     (void)y; (void)y_stride; (void)num_threads;
     return -2;
 #endif
+}
+
+int int8_matmul_bf16(const Int8MatmulArgs *a) {
+    if (a == NULL) return -1;
+    return int8_matmul(a->x, a->x_stride, a->m, a->w, a->d, a->n, a->k, a->group_size, a->y, a->y_stride,
+                       a->num_threads);
 }

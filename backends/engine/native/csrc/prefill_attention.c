@@ -29,6 +29,7 @@
  * shape the kernel does not support or a bad block id (nothing written) or no memory (rows may
  * be partly written: the caller's fallback writes them all).
  */
+#include "abi.h"
 #include "simd.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -205,7 +206,7 @@ static void attend_item(
 
 int prefill_attention_supported(void) { return PREFILL_FAST; }
 
-int prefill_attention_bf16(
+static int prefill_attention(
     const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
     const int32_t *tables, int64_t table_stride, const int32_t *q_starts, const int32_t *q_lens, const int32_t *seq_lens,
     int32_t num_blocks, int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
@@ -293,4 +294,11 @@ refuse:
     (void)head_dim, (void)block_size, (void)scale, (void)out, (void)out_stride, (void)num_threads;
     return -1;
 #endif
+}
+
+int prefill_attention_bf16(const PagedAttentionArgs *a) {
+    if (a == NULL) return -1;
+    return prefill_attention(a->q, a->q_stride, a->k_cache, a->v_cache, a->tables, a->table_stride, a->q_starts,
+                             a->q_lens, a->seq_lens, a->num_blocks, a->num_seqs, a->num_heads, a->num_kv_heads,
+                             a->head_dim, a->block_size, a->scale, a->out, a->out_stride, a->num_threads);
 }

@@ -102,12 +102,14 @@ MEASURE = textwrap.dedent(
     import json, sys
     import psutil, torch
     from backends.engine.model.loader import load_model
+    from backends.engine.builder import EngineOptions, load_kernels
     def high_water():  # VmHWM is this process's own peak; ru_maxrss can carry the parent's over exec
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     proc = psutil.Process()
+    kernels = load_kernels(EngineOptions())  # built or cached before measuring: the engine's layouts
     before = proc.memory_info().rss
-    loaded = load_model(sys.argv[1], dtype=torch.bfloat16, threads=2)
+    loaded = load_model(sys.argv[1], dtype=torch.bfloat16, threads=2, kernels=kernels)
     after = proc.memory_info().rss
     print(json.dumps({"before": before, "after": after, "peak": high_water()}))
     """

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
-from backends.engine.native import ckernels
 from backends.engine.model import quant
+from backends.engine.model.quant import dense, int4, layouts
 from backends.engine.model.gguf_loader import _decode
 from backends.engine.model.quant import (
     Int4Data,
@@ -23,6 +23,7 @@ from backends.engine.model.quant import (
     quantize_int4,
     quantize_int8,
 )
+from tests.backends.engine.engine_helpers import default_kernels
 
 
 def weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -47,28 +48,29 @@ def test_int4_quantization_error_is_within_half_a_step() -> None:
 
 
 @pytest.fixture(params=["native", "torch_cpu"])
-def int4_layout(request, monkeypatch):  # type: ignore[no-untyped-def]
-    """Both CPU bfloat16 int4 kernels: the native one (where this machine builds it) and torch's."""
+def int4_layout(request):  # type: ignore[no-untyped-def]
+    """Both CPU bfloat16 int4 kernels: the native one (where this machine builds it) and torch's,
+    as ``(layout, the kernels to build the layer with)``."""
     if request.param == "torch_cpu":
-        monkeypatch.setenv("TAXIWAY_NATIVE_KERNELS", "0")
-    ckernels.load.cache_clear()
-    if request.param == "native" and not quant._native_int4_kernel(torch.device("cpu"), torch.bfloat16, 64, 32):
+        return "torch_cpu", None
+    kernels = default_kernels()
+    if kernels is None or not kernels.has_int4_matmul:
         pytest.skip("this machine builds no native int4 kernel (needs a C compiler and AVX-512 BF16)")
-    yield request.param
-    ckernels.load.cache_clear()
+    return "native", kernels
 
 
 @pytest.mark.parametrize("rows", [1, 4, 64, 300])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_int4_packed_kernel_is_exact_weights_summed_in_float32(int4_layout: str, rows: int, seed: int) -> None:
+def test_int4_packed_kernel_is_exact_weights_summed_in_float32(int4_layout, rows: int, seed: int) -> None:  # type: ignore[no-untyped-def]
     """Against the float64 product of the same (bfloat16-scaled) weights: the output is that value
     rounded once to bfloat16 (half an ulp, ``2**-8`` relative), give or take the float32
     accumulation, which is bounded by one float32 rounding of ``sum |w| |x|`` (a naive float32 sum
     may err by up to K of those). Comparing with a float32 ``F.linear`` instead would flake: on
     outputs that cancel to near zero either kernel lands over half an ulp from it on some seeds."""
     data = quantize_int4(weights(256, 576, seed))
-    mod = Int4Linear.from_data(data, dtype=torch.bfloat16)
-    assert mod.layout == int4_layout
+    layout, kernels = int4_layout
+    mod = Int4Linear.from_data(data, dtype=torch.bfloat16, kernels=kernels)
+    assert mod.layout == layout
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(seed + 1)).bfloat16()
     w = mod.dequantize(torch.float32).double()  # the stored weights, exactly
     truth = F.linear(x.double(), w)
@@ -78,7 +80,7 @@ def test_int4_packed_kernel_is_exact_weights_summed_in_float32(int4_layout: str,
 
 
 def test_int4_dense_tile_option_tracks_the_kernel(monkeypatch) -> None:
-    monkeypatch.setattr(quant, "INT4_DENSE_TILE_MIN_ROWS", 16)
+    monkeypatch.setattr(int4, "INT4_DENSE_TILE_MIN_ROWS", 16)
     data = quantize_int4(weights(256, 576))
     mod = Int4Linear.from_data(data, dtype=torch.bfloat16)
     x = torch.randn(40, 576).bfloat16()
@@ -121,7 +123,7 @@ def test_int4_row_chunked_dequantize() -> None:
     torch.testing.assert_close(mod.dequantize(torch.float32, slice(64, 192)), data.dequantize()[64:192], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("rows", [1, quant.INT8_KERNEL_MAX_ROWS, quant.INT8_KERNEL_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, quant.int8.INT8_KERNEL_MAX_ROWS, quant.int8.INT8_KERNEL_MAX_ROWS + 1])
 def test_int8_per_channel_kernel_matches_reference(rows: int) -> None:
     data = quantize_int8(weights(320, 192))
     mod = Int8Linear.from_data(data, dtype=torch.bfloat16)
@@ -151,7 +153,7 @@ def test_int8_per_channel_requantization_error_is_bounded() -> None:
 
 
 def test_large_vocab_dequantise_path_is_chunked(monkeypatch) -> None:
-    monkeypatch.setattr(quant, "DEQUANT_CHUNK_ROWS", 64)
+    monkeypatch.setattr(dense, "DEQUANT_CHUNK_ROWS", 64)
     data = quantize_int8(weights(200, 64))
     mod = Int8Linear.from_data(data, dtype=torch.float32)
     x = torch.randn(2, 64)
@@ -201,7 +203,7 @@ def test_int8_per_group_through_the_int4_kernel_is_exact() -> None:
 def test_int4_packing_in_row_chunks_equals_packing_whole(monkeypatch) -> None:
     data = quantize_int4(weights(320, 128))
     whole = Int4Linear.from_data(data, dtype=torch.float32)
-    monkeypatch.setattr(quant, "_PACK_CHUNK_ROWS", 128)
+    monkeypatch.setattr(layouts, "PACK_CHUNK_ROWS", 128)
     chunked = Int4Linear.from_data(data, dtype=torch.float32)
     assert torch.equal(chunked.weight, whole.weight)
 
@@ -209,7 +211,7 @@ def test_int4_packing_in_row_chunks_equals_packing_whole(monkeypatch) -> None:
 def test_int8_per_group_vocabulary_is_packed_in_row_chunks(monkeypatch) -> None:
     data = quantize_int8(weights(300, 64), group_size=32)  # 300 rows: the last chunk is padded
     whole = quant.make_linear(data, dtype=torch.float32)
-    monkeypatch.setattr(quant, "_PACK_CHUNK_ROWS", 128)
+    monkeypatch.setattr(layouts, "PACK_CHUNK_ROWS", 128)
     chunked = quant.make_linear(data, dtype=torch.float32)
     assert torch.equal(chunked.inner.weight, whole.inner.weight)
     assert torch.equal(chunked.inner.scales_and_zeros, whole.inner.scales_and_zeros)

@@ -1,5 +1,5 @@
-"""The fused native decoder layer and the one-call decode step (``fused.py``) against the torch
-ops they replace, on the same int4 weights in bfloat16: prefill, chunked prefill, decode and
+"""The fused native decoder layer and the one-call decode step (``fused.py``, ``stack.py``, placed
+by ``fuse.fuse``) against the torch ops they replace, on the same int4 weights in bfloat16: prefill, chunked prefill, decode and
 mixed steps through a paged cache; and the fused pieces (RMSNorm, rotary + cache write, SiLU-gated down projection) one by one."""
 
 from __future__ import annotations
@@ -8,13 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.engine.native import fused
-from backends.engine.native.fused import FusedLayer, FusedStack
+from backends.engine.model.llama import DecoderLayer, DecoderStack, RMSNorm
 from backends.engine.model.loader import load_model
-from backends.engine.model.llama import RMSNorm
 from backends.engine.model.quant import Int4Linear, quantize_int4
-from tests.backends.engine.engine_helpers import make_hf_model, save_hf
-from test_model import SEQS, run_steps
+from backends.engine.native import abi
+from backends.engine.native.fuse import fuse
+from backends.engine.native.fused import FusedLayer
+from backends.engine.native.stack import DecodeStep, FusedStack
+from tests.backends.engine.engine_helpers import load_fused, make_hf_model, save_hf
+from tests.backends.engine.model.test_model import SEQS, run_steps
 
 
 @pytest.fixture
@@ -29,24 +31,25 @@ def tiny_path(request, tmp_path_factory):
 
 
 def test_fused_layers_match_the_torch_ops(native, tiny_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    fast = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
+    fast = load_fused(tiny_path, native, quantization="int4", dtype=torch.bfloat16)
     stack_calls = []
-    real_call = FusedStack.__call__
+    real_call = DecodeStep.__call__
 
     def spy(self, *args):  # type: ignore[no-untyped-def]
         stack_calls.append(args[0].shape[0])
         return real_call(self, *args)
 
-    monkeypatch.setattr(FusedStack, "__call__", spy)
+    monkeypatch.setattr(DecodeStep, "__call__", spy)
     ours = run_steps(fast.model, fast.config, dtype=torch.bfloat16)
-    assert all(isinstance(layer._fused, FusedLayer) for layer in fast.model.layers), "the fused path did not run"
+    assert isinstance(fast.model.layers, FusedStack)
+    assert all(isinstance(layer, FusedLayer) for layer in fast.model.layers), "the fused path did not run"
     assert stack_calls == [3, 3], "the two decode-only steps run as one native call each"
 
-    monkeypatch.setattr(FusedStack, "__call__", real_call)
-    monkeypatch.setattr(fused, "ENABLED", False)
-    plain = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
+    monkeypatch.setattr(DecodeStep, "__call__", real_call)
+    plain = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16, kernels=native)  # not fused
     ref = run_steps(plain.model, plain.config, dtype=torch.bfloat16)
-    assert not any(layer._fused for layer in plain.model.layers)
+    assert type(plain.model.layers) is DecoderStack
+    assert all(type(layer) is DecoderLayer for layer in plain.model.layers)
     for seq_id in SEQS:
         assert ours[seq_id][0] == ref[seq_id][0]
         a, b = ours[seq_id][1], ref[seq_id][1]
@@ -59,14 +62,14 @@ def test_fused_layers_match_the_torch_ops(native, tiny_path, monkeypatch) -> Non
 
 
 def test_one_call_decode_steps_equal_the_per_layer_calls(native, tiny_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """``FusedStack`` runs the same kernels in the same order as ``FusedLayer``: bit for bit."""
-    stacked = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
+    """``DecodeStep`` runs the same kernels in the same order as ``FusedLayer``: bit for bit."""
+    stacked = load_fused(tiny_path, native, quantization="int4", dtype=torch.bfloat16)
     a = run_steps(stacked.model, stacked.config, dtype=torch.bfloat16)
-    assert isinstance(stacked.model._stack, FusedStack)
-    monkeypatch.setattr(FusedStack, "build", classmethod(lambda cls, layers: None))
-    layered = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
+    assert isinstance(stacked.model.layers.decode_step, DecodeStep)
+    monkeypatch.setattr(DecodeStep, "build", classmethod(lambda cls, layers: None))
+    layered = load_fused(tiny_path, native, quantization="int4", dtype=torch.bfloat16)
     b = run_steps(layered.model, layered.config, dtype=torch.bfloat16)
-    assert layered.model._stack is False and isinstance(layered.model.layers[0]._fused, FusedLayer)
+    assert layered.model.layers.decode_step is None and isinstance(layered.model.layers[0], FusedLayer)
     for seq_id in SEQS:
         assert torch.equal(a[seq_id][1], b[seq_id][1])
 
@@ -80,13 +83,12 @@ def test_one_call_decode_steps_equal_the_per_layer_calls(native, tiny_path, monk
 )
 def test_odd_shapes_fuse_or_fall_back_correctly(native, tmp_path, monkeypatch, heads: int, kv_heads: int) -> None:  # type: ignore[no-untyped-def]
     path = save_hf(make_hf_model("qwen2", num_attention_heads=heads, num_key_value_heads=kv_heads), tmp_path)
-    fast = load_model(path, quantization="int4", dtype=torch.bfloat16)
+    fast = load_fused(path, native, quantization="int4", dtype=torch.bfloat16)
     assert fast.model.layers[0].self_attn.qkv_proj.padded_out != fast.model.layers[0].self_attn.qkv_proj.out_features
     ours = run_steps(fast.model, fast.config, dtype=torch.bfloat16)
-    assert isinstance(fast.model.layers[0]._fused, FusedLayer)
-    assert fast.model._stack.attention_ok == (heads // kv_heads <= 16)
-    monkeypatch.setattr(fused, "ENABLED", False)
-    plain = load_model(path, quantization="int4", dtype=torch.bfloat16)
+    assert isinstance(fast.model.layers[0], FusedLayer)
+    assert fast.model.layers.decode_step.attention_ok == (heads // kv_heads <= 16)
+    plain = load_model(path, quantization="int4", dtype=torch.bfloat16, kernels=native)  # not fused
     ref = run_steps(plain.model, plain.config, dtype=torch.bfloat16)
     for seq_id in SEQS:
         a, b = ours[seq_id][1], ref[seq_id][1]
@@ -99,7 +101,11 @@ def test_rms_norm_matches_the_layer_norm_form(native) -> None:  # type: ignore[n
     norm.set_weight(torch.randn(96))
     h = torch.randn(5, 96) * 3
     out = torch.empty(5, 96, dtype=torch.bfloat16)
-    assert native.rms_norm_bf16(h.data_ptr(), 96, 5, 96, norm.weight2.data_ptr(), 1e-5, out.data_ptr(), 96, 2) == 0
+    args = abi.RmsNormArgs(
+        x=h.data_ptr(), x_stride=96, m=5, d=96, w=norm.weight2.data_ptr(), eps=1e-5, out=out.data_ptr(), out_stride=96,
+        num_threads=2,
+    )  # fmt: skip
+    assert native.rms_norm_bf16(args) == 0
     exact = (h.double() * torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double())
     # rounded once to bfloat16 from float32 math: half an ulp, plus a little float32 slack
     assert ((out.double() - exact).abs() <= exact.abs() * (2**-8 + 1e-5)).all()
@@ -118,10 +124,17 @@ def test_rotary_and_cache_write(native) -> None:  # type: ignore[no-untyped-def]
     v_cache = torch.zeros(8, kv_heads, dim, dtype=torch.bfloat16)
     slots = torch.tensor([5, 0, 7])
     v = qkv[:, (heads + kv_heads) * dim :].clone()
-    status = native.rope_kv_bf16(
-        qkv.data_ptr(), qkv.stride(0), t, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), dim,
-        slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), 8, 1,
-    )  # fmt: skip
+
+    def rope_kv(slots: torch.Tensor) -> int:
+        return native.rope_kv_bf16(
+            abi.RopeKvArgs(
+                qkv=qkv.data_ptr(), qkv_stride=qkv.stride(0), t=t, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
+                cos=cos.data_ptr(), sin=sin.data_ptr(), cs_stride=dim, slots=slots.data_ptr(), k_cache=k_cache.data_ptr(),
+                v_cache=v_cache.data_ptr(), num_slots=8, num_threads=1,
+            )
+        )  # fmt: skip
+
+    status = rope_kv(slots)
     assert status == 0
     got = qkv[:, : (heads + kv_heads) * dim].view(t, heads + kv_heads, dim)
     ulp = expected.float().abs() * 2**-7 + 1e-30
@@ -131,26 +144,34 @@ def test_rotary_and_cache_write(native) -> None:  # type: ignore[no-untyped-def]
     assert k_cache[[1, 2, 3, 4, 6]].abs().sum() == 0
     bad = torch.tensor([5, 8, 0])  # slot 8 is outside the cache: refused, nothing written
     before = qkv.clone()
-    status = native.rope_kv_bf16(
-        qkv.data_ptr(), qkv.stride(0), t, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), dim,
-        bad.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), 8, 1,
-    )  # fmt: skip
+    status = rope_kv(bad)
     assert status == -1 and torch.equal(qkv, before)
 
 
 def test_silu_gated_down_projection_into_the_residual(native) -> None:  # type: ignore[no-untyped-def]
     inter, hidden, rows = 96, 64, 5
-    down = Int4Linear.from_data(quantize_int4(torch.randn(hidden, inter) * 0.05), dtype=torch.bfloat16)
+    down = Int4Linear.from_data(quantize_int4(torch.randn(hidden, inter) * 0.05), dtype=torch.bfloat16, kernels=native)
     gate_up = (torch.randn(rows, 2 * inter) * 2).bfloat16()
     h = torch.randn(rows, hidden)
     gate, up = gate_up.split(inter, dim=-1)
     expected = h + down(F.silu(gate) * up).float()  # the torch path
     out = h.clone()
     status = native.int4_matmul_bf16(
-        gate_up.data_ptr(), gate_up.stride(0), rows, down.weight.data_ptr(), down.scales_and_zeros.data_ptr(),
-        hidden, inter, 32, None, 0, 2, None, out.data_ptr(), out.stride(0), 1,
+        abi.Int4MatmulArgs(
+            x=gate_up.data_ptr(), x_stride=gate_up.stride(0), m=rows, w=down.weight.data_ptr(),
+            sz=down.scales_and_zeros.data_ptr(), n=hidden, k=inter, group_size=32, y=None, y_stride=0, num_threads=2,
+            bias=None, residual=out.data_ptr(), residual_stride=out.stride(0), act=1,
+        )
     )  # fmt: skip
     assert status == 0
     # silu's float32 exp may differ from torch's in the last bits, flipping a bfloat16 rounding
     assert (out - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
     assert (out - expected).abs().mean().item() <= 1e-3 * expected.abs().mean().item() + 1e-4
+
+
+def test_fuse_without_kernels_leaves_the_plain_model(native, tiny_path) -> None:  # type: ignore[no-untyped-def]
+    loaded = load_model(tiny_path, quantization="int4", dtype=torch.bfloat16)
+    assert fuse(loaded.model, None) is loaded.model
+    assert type(loaded.model.layers) is DecoderStack
+    assert all(type(layer) is DecoderLayer and layer.self_attn.attend.kernels is None for layer in loaded.model.layers)
+    assert all(layer.self_attn.qkv_proj.layout != "native" for layer in loaded.model.layers)

@@ -1,4 +1,4 @@
-"""The native int4 matmul (``backends/engine/kernels/int4_matmul.c``) and its weight layout:
+"""The native int4 matmul (``backends/engine/native/csrc/int4_matmul.c``) and its weight layout:
 packing round trips, the kernel against exact float64 products of the stored weights, batch and
 thread-count invariance, the int8-per-group head on top of it, and refusals."""
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.engine.native import ckernels
 from backends.engine.model import quant
+from backends.engine.model.quant import layouts
+from backends.engine.native import abi
 from backends.engine.model.quant import Int4Linear, Int8GroupLinear, quantize_int4, quantize_int8
 
 
@@ -37,11 +38,11 @@ def within_bfloat16_of_exact(out: torch.Tensor, x: torch.Tensor, mod: torch.nn.M
 @pytest.mark.parametrize("n, k", [(16, 8), (64, 576), (48, 1536)])
 def test_layout_round_trips(n: int, k: int) -> None:
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
-    packed = quant._native_pack(q)
+    packed = layouts.native_pack(q)
     assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8
-    assert torch.equal(quant._native_unpack(packed, n, k), q)
+    assert torch.equal(layouts.native_unpack(packed, n, k), q)
     # row chunks of whole 16-row blocks pack to slices of the whole
-    assert torch.equal(quant._native_pack(q[16:32]), packed[16:32])
+    assert torch.equal(layouts.native_pack(q[16:32]), packed[16:32])
 
 
 def test_layout_is_what_the_kernel_reads(native) -> None:  # type: ignore[no-untyped-def]
@@ -52,7 +53,7 @@ def test_layout_is_what_the_kernel_reads(native) -> None:  # type: ignore[no-unt
         q = torch.full((n, k), 8, dtype=torch.uint8)
         q[row, col] = 9
         data = quant.Int4Data(q=q, scales=torch.ones(n, k // 32), zeros=torch.zeros(n, k // 32), group_size=32)
-        mod = Int4Linear.from_data(data, dtype=torch.bfloat16)
+        mod = Int4Linear.from_data(data, dtype=torch.bfloat16, kernels=native)
         assert mod.layout == "native"
         x = torch.zeros(1, k, dtype=torch.bfloat16)
         x[0, col] = 1.0
@@ -64,7 +65,7 @@ def test_layout_is_what_the_kernel_reads(native) -> None:  # type: ignore[no-unt
 @pytest.mark.parametrize("n, k, group_size", [(64, 576, 32), (200, 64, 32), (96, 256, 64), (32, 384, 128)])
 def test_kernel_matches_exact_products(native, n: int, k: int, group_size: int) -> None:  # type: ignore[no-untyped-def]
     data = quantize_int4(weights(n, k), group_size)
-    mod = Int4Linear.from_data(data, dtype=torch.bfloat16, bias=torch.randn(n) * 0.1)
+    mod = Int4Linear.from_data(data, dtype=torch.bfloat16, kernels=native, bias=torch.randn(n) * 0.1)
     assert mod.layout == "native"
     for rows in [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 40]:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
@@ -77,27 +78,38 @@ def test_bias_and_residual_epilogues(native) -> None:  # type: ignore[no-untyped
     """The epilogues the fused layer uses: the bias (padded to the kernel's width) added and
     rounded as ``y + bias`` in bfloat16, and the bfloat16 result added into a float32 residual."""
     n, k, rows = 200, 64, 3  # padded to 256 rows
-    mod = Int4Linear.from_data(quantize_int4(weights(n, k)), dtype=torch.bfloat16, bias=torch.randn(n))
+    mod = Int4Linear.from_data(quantize_int4(weights(n, k)), dtype=torch.bfloat16, kernels=native, bias=torch.randn(n))
     x = torch.randn(rows, k).bfloat16()
     bias = torch.zeros(mod.padded_out, dtype=torch.bfloat16)
     bias[:n] = mod.bias
     y = torch.empty(rows, mod.padded_out, dtype=torch.bfloat16)
-    args = (x.data_ptr(), k, rows, mod.weight.data_ptr(), mod.scales_and_zeros.data_ptr(), mod.padded_out, k, 32)
-    assert native.int4_matmul_bf16(*args, y.data_ptr(), mod.padded_out, 2, bias.data_ptr(), None, 0, 0) == 0
+
+    def call(y: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None) -> int:
+        return native.int4_matmul_bf16(
+            abi.Int4MatmulArgs(
+                x=x.data_ptr(), x_stride=k, m=rows, w=mod.weight.data_ptr(), sz=mod.scales_and_zeros.data_ptr(),
+                n=mod.padded_out, k=k, group_size=32, y=None if y is None else y.data_ptr(),
+                y_stride=0 if y is None else mod.padded_out, num_threads=2, bias=None if bias is None else bias.data_ptr(),
+                residual=None if residual is None else residual.data_ptr(),
+                residual_stride=0 if residual is None else mod.padded_out, act=0,
+            )
+        )  # fmt: skip
+
+    assert call(y, bias, None) == 0
     assert torch.equal(y[:, :n], mod(x))
     plain = torch.empty_like(y)
-    assert native.int4_matmul_bf16(*args, plain.data_ptr(), mod.padded_out, 2, None, None, 0, 0) == 0
+    assert call(plain, None, None) == 0
     residual = torch.randn(rows, mod.padded_out)
     expected = residual + plain.float()
-    assert native.int4_matmul_bf16(*args, None, 0, 2, None, residual.data_ptr(), mod.padded_out, 0) == 0
+    assert call(None, None, residual) == 0
     assert torch.equal(residual, expected)
-    assert native.int4_matmul_bf16(*args, None, 0, 2, None, None, 0, 0) == -1  # nowhere to write
+    assert call(None, None, None) == -1  # nowhere to write
 
 
 def test_each_row_is_independent_of_the_batch_and_the_threads(native) -> None:  # type: ignore[no-untyped-def]
     """Rows are summed in one fixed order whatever shares the call: batched generation can equal
     generation alone bit for bit."""
-    mod = Int4Linear.from_data(quantize_int4(weights(320, 576)), dtype=torch.bfloat16)
+    mod = Int4Linear.from_data(quantize_int4(weights(320, 576)), dtype=torch.bfloat16, kernels=native)
     x = torch.randn(21, 576, generator=torch.Generator().manual_seed(3)).bfloat16()
     batched = mod(x)
     for i in range(x.shape[0]):
@@ -114,7 +126,7 @@ def test_each_row_is_independent_of_the_batch_and_the_threads(native) -> None:  
 
 
 def test_strided_input_and_empty_batch(native) -> None:  # type: ignore[no-untyped-def]
-    mod = Int4Linear.from_data(quantize_int4(weights(64, 128)), dtype=torch.bfloat16)
+    mod = Int4Linear.from_data(quantize_int4(weights(64, 128)), dtype=torch.bfloat16, kernels=native)
     wide = torch.randn(5, 256).bfloat16()
     x = wide[:, 64:192]  # a row stride of 256
     assert torch.equal(mod(x), mod(x.contiguous()))
@@ -124,7 +136,7 @@ def test_strided_input_and_empty_batch(native) -> None:  # type: ignore[no-untyp
 def test_native_layout_unpacks_gathers_and_chunks_exactly(native) -> None:  # type: ignore[no-untyped-def]
     n, k = 200, 64  # padded to 256 rows
     data = quantize_int4(weights(n, k))
-    mod = Int4Linear.from_data(data, dtype=torch.bfloat16)
+    mod = Int4Linear.from_data(data, dtype=torch.bfloat16, kernels=native)
     assert mod.layout == "native" and mod.padded_out == 256
     back = mod.to_data()
     assert torch.equal(back.q, data.q)
@@ -133,7 +145,7 @@ def test_native_layout_unpacks_gathers_and_chunks_exactly(native) -> None:  # ty
     torch.testing.assert_close(mod.embed(ids, torch.float32), mod.dequantize(torch.float32)[ids], rtol=0, atol=0)
     torch.testing.assert_close(mod.dequantize(torch.float32, slice(64, 192)), mod.dequantize(torch.float32)[64:192], rtol=0, atol=0)
     chunks = (data.rows(slice(r, min(r + 64, n))) for r in range(0, n, 64))
-    chunked = Int4Linear.from_row_chunks(chunks, n, dtype=torch.bfloat16)
+    chunked = Int4Linear.from_row_chunks(chunks, n, dtype=torch.bfloat16, kernels=native)
     assert chunked.layout == "native"
     assert torch.equal(chunked.weight, mod.weight) and torch.equal(chunked.scales_and_zeros, mod.scales_and_zeros)
 
@@ -141,7 +153,7 @@ def test_native_layout_unpacks_gathers_and_chunks_exactly(native) -> None:  # ty
 def test_int8_groups_run_exactly_through_the_native_kernel(native) -> None:  # type: ignore[no-untyped-def]
     """GGUF Q8_0 (the tied SmolLM2 head) is two int4 nibbles per weight on the int4 kernel."""
     data = quantize_int8(weights(128, 192), group_size=32)
-    mod = Int8GroupLinear.from_data(data, dtype=torch.bfloat16)
+    mod = Int8GroupLinear.from_data(data, dtype=torch.bfloat16, kernels=native)
     assert mod.inner.layout == "native"
     x = torch.randn(6, 192, generator=torch.Generator().manual_seed(4)).bfloat16()
     w = mod.dequantize(torch.float32).double()  # q * d, d as stored (bfloat16)
@@ -160,20 +172,23 @@ def test_kernel_refuses_shapes_outside_its_contract(native) -> None:  # type: ig
     w = torch.zeros(48 * 32, dtype=torch.uint8)
     sz = torch.zeros(2, 48, 2, dtype=torch.bfloat16)
     y = torch.zeros(1, 48, dtype=torch.bfloat16)
-    call = native.int4_matmul_bf16
-    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 48, 64, 32, y.data_ptr(), 48, 1, None, None, 0, 0) == -1  # n % 32
-    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 12, y.data_ptr(), 32, 1, None, None, 0, 0) == -1  # group % 8
-    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 48, y.data_ptr(), 32, 1, None, None, 0, 0) == -1  # k % group
-    assert call(x.data_ptr(), 64, 1, w.data_ptr(), sz.data_ptr(), 32, 64, 32, y.data_ptr(), 32, 1, None, None, 0, 0) == 0
+
+    def call(n: int, group_size: int) -> int:
+        return native.int4_matmul_bf16(
+            abi.Int4MatmulArgs(
+                x=x.data_ptr(), x_stride=64, m=1, w=w.data_ptr(), sz=sz.data_ptr(), n=n, k=64, group_size=group_size,
+                y=y.data_ptr(), y_stride=n, num_threads=1,
+            )
+        )  # fmt: skip
+
+    assert call(48, 32) == -1  # n % 32
+    assert call(32, 12) == -1  # group % 8
+    assert call(32, 48) == -1  # k % group
+    assert call(32, 32) == 0
 
 
-def test_switched_off_layers_keep_torchs_kernel(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("TAXIWAY_NATIVE_KERNELS", "0")
-    ckernels.load.cache_clear()
-    try:
-        mod = Int4Linear.from_data(quantize_int4(weights(64, 64)), dtype=torch.bfloat16)
-        assert mod.layout == "torch_cpu"
-        float_mod = Int4Linear.from_data(quantize_int4(weights(64, 64)), dtype=torch.float32)
-        assert float_mod.layout == "torch_cpu"
-    finally:
-        ckernels.load.cache_clear()
+def test_layers_without_the_kernels_keep_torchs_kernel(native) -> None:  # type: ignore[no-untyped-def]
+    mod = Int4Linear.from_data(quantize_int4(weights(64, 64)), dtype=torch.bfloat16)  # kernels not passed
+    assert mod.layout == "torch_cpu" and mod.kernels is None
+    float_mod = Int4Linear.from_data(quantize_int4(weights(64, 64)), dtype=torch.float32, kernels=native)
+    assert float_mod.layout == "torch_cpu"

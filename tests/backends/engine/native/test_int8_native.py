@@ -1,4 +1,4 @@
-"""The native per-group int8 matmul (``kernels/int8_matmul.c``, ``quant.Int8NativeLinear``): GGUF
+"""The native per-group int8 matmul (``native/csrc/int8_matmul.c``, ``quant.Int8NativeLinear``): GGUF
 Q8_0 weights kept exactly, against the float64 product of the stored weights; row gathers (the
 tied embedding), unpacking for tensor parallelism, padding, batch invariance."""
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.engine.native import ckernels
 from backends.engine.model.quant import Int8Data, Int8GroupLinear, Int8NativeLinear, make_linear, quantize_int8
 
 
@@ -25,7 +24,7 @@ def q8(n: int, k: int, seed: int = 0) -> Int8Data:
 @pytest.mark.parametrize("n, k", [(100, 64), (48, 576), (1000, 96)])
 def test_matches_exact_products_at_every_batch_size(native, n: int, k: int) -> None:  # type: ignore[no-untyped-def]
     data = q8(n, k)
-    mod = make_linear(data, dtype=torch.bfloat16)
+    mod = make_linear(data, dtype=torch.bfloat16, kernels=native)
     assert isinstance(mod, Int8NativeLinear) and mod.padded_out == n + (-n) % 16
     w = data.dequantize().double()  # d and q as stored: d stays float32
     for rows in [1, 2, 5, 8, 9, 16, 33]:
@@ -39,7 +38,7 @@ def test_matches_exact_products_at_every_batch_size(native, n: int, k: int) -> N
 
 
 def test_one_row_is_the_batched_row_at_any_thread_count(native) -> None:  # type: ignore[no-untyped-def]
-    mod = make_linear(q8(1000, 96, seed=1), dtype=torch.bfloat16)  # 63 blocks: quads and single blocks
+    mod = make_linear(q8(1000, 96, seed=1), dtype=torch.bfloat16, kernels=native)  # 63 blocks: quads and single blocks
     x = torch.randn(9, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
     batched = mod(x)
     before = torch.get_num_threads()
@@ -53,7 +52,7 @@ def test_one_row_is_the_batched_row_at_any_thread_count(native) -> None:  # type
 
 def test_rows_unpack_and_gather_exactly(native) -> None:  # type: ignore[no-untyped-def]
     data = q8(200, 64, seed=1)  # 200 rows: padded to 208
-    mod = make_linear(data, dtype=torch.bfloat16)
+    mod = make_linear(data, dtype=torch.bfloat16, kernels=native)
     back = mod.to_data()
     assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales) and back.group_size == 32
     ids = torch.tensor([0, 15, 16, 199, 3, 3])
@@ -65,15 +64,10 @@ def test_rows_unpack_and_gather_exactly(native) -> None:  # type: ignore[no-unty
 
 def test_float32_activations_take_the_reference_path(native) -> None:  # type: ignore[no-untyped-def]
     data = q8(64, 64, seed=2)
-    mod = make_linear(data, dtype=torch.bfloat16)
+    mod = make_linear(data, dtype=torch.bfloat16, kernels=native)
     x = torch.randn(3, 64)
     torch.testing.assert_close(mod(x), F.linear(x, data.dequantize()), rtol=1e-6, atol=1e-6)
 
 
-def test_without_the_kernel_per_group_int8_keeps_the_nibble_form(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("TAXIWAY_NATIVE_KERNELS", "0")
-    ckernels.load.cache_clear()
-    try:
-        assert isinstance(make_linear(q8(64, 64), dtype=torch.bfloat16), Int8GroupLinear)
-    finally:
-        ckernels.load.cache_clear()
+def test_without_the_kernel_per_group_int8_keeps_the_nibble_form() -> None:
+    assert isinstance(make_linear(q8(64, 64), dtype=torch.bfloat16), Int8GroupLinear)  # kernels not passed

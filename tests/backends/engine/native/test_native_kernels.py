@@ -1,26 +1,24 @@
-"""The native decode-attention kernel (``backends/engine/kernels``) against torch's SDPA over
-the same paged cache, at SmolLM2's shapes and at odd ones, and the build's fallbacks."""
+"""The native decode-attention kernel (``backends/engine/native/csrc``) against torch's SDPA over
+the same paged cache, at SmolLM2's shapes and at odd ones; the build's fallbacks and settings; the
+ABI check that refuses a struct mirror differing from the library."""
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.engine.model import attention
-from backends.engine.native import ckernels
+from backends.engine.builder import EngineOptions, load_kernels
 from backends.engine.model.attention import AttentionMetadata, AttentionPlan, paged_attention
+from backends.engine.native import abi, ckernels
 
 
 @pytest.fixture
-def kernels() -> ckernels.Kernels:
-    """The loaded kernels (function scope: a test that clears ``load``'s cache gets a new object)."""
-    loaded = ckernels.load()
-    if loaded is None:
-        pytest.skip("no C compiler here: the engine runs torch's attention (tested elsewhere)")
-    return loaded
+def kernels(native_kernels):  # type: ignore[no-untyped-def]
+    return native_kernels
 
 
 @pytest.fixture
@@ -66,13 +64,11 @@ def decode_case(seed: int, heads: int, kv_heads: int, head_dim: int, block_size:
     return q, k_new, v_new, k_cache, v_cache, attn, torch.stack(refs)
 
 
-def run(case, block_size: int, head_dim: int, *, native: bool, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def run(case, block_size: int, head_dim: int, *, kernels) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """``paged_attention`` on ``case`` with ``kernels`` (None: torch's path alone)."""
     q, k_new, v_new, k_cache, v_cache, attn, _ = case
-    with monkeypatch.context() as m:
-        if not native:
-            m.setattr(attention.ckernels, "load", lambda: None)
-        plan = AttentionPlan.build(attn, block_size)
-        return paged_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), plan, head_dim**-0.5).float()
+    plan = AttentionPlan.build(attn, block_size)
+    return paged_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), plan, head_dim**-0.5, kernels=kernels).float()
 
 
 @pytest.mark.parametrize(
@@ -99,9 +95,9 @@ def test_native_decode_matches_exact_attention(kernels, two_threads, monkeypatch
     monkeypatch.setattr(kernels, "decode_attention_bf16", spy)
     case = decode_case(seed, heads, kv_heads, head_dim, block_size, num_seqs, max_len)
     ref = case[-1]
-    native = run(case, block_size, head_dim, native=True, monkeypatch=monkeypatch)
+    native = run(case, block_size, head_dim, kernels=kernels)
     assert len(calls) == 1, "the native kernel did not run"
-    torch_out = run(case, block_size, head_dim, native=False, monkeypatch=monkeypatch)
+    torch_out = run(case, block_size, head_dim, kernels=None)
     # float32 math on bfloat16 inputs, rounded once: within half a bfloat16 step of the exact value
     half_ulp = ref.abs().clamp_min(2**-10) * 2**-8
     assert ((native - ref).abs() <= half_ulp * 1.01).all()
@@ -112,23 +108,50 @@ def test_native_decode_matches_exact_attention(kernels, two_threads, monkeypatch
 def test_unsupported_shape_falls_back_to_torch(kernels, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # a query group of 32 exceeds the kernel's MAX_GROUP: it declines and torch's path answers
     case = decode_case(5, 32, 1, 16, 4, 2, 20)
-    out = run(case, 4, 16, native=True, monkeypatch=monkeypatch)
+    out = run(case, 4, 16, kernels=kernels)
     torch.testing.assert_close(out, case[-1], atol=2e-2, rtol=2e-2)
 
 
-def test_switch_off_and_missing_compiler(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("TAXIWAY_HOME", str(tmp_path))
-    try:
-        ckernels.load.cache_clear()
-        monkeypatch.setenv("TAXIWAY_NATIVE_KERNELS", "0")
-        assert ckernels.load() is None
-        ckernels.load.cache_clear()
-        monkeypatch.delenv("TAXIWAY_NATIVE_KERNELS")
-        monkeypatch.setenv("CC", "no-such-compiler-here")
-        assert ckernels.load() is None
-        assert not (tmp_path / "kernels").exists()
-    finally:
-        ckernels.load.cache_clear()
+def test_switch_off_and_missing_compiler(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert ckernels.load(ckernels.KernelBuild(cache_dir=tmp_path / "kernels", enabled=False)) is None
+    assert ckernels.load(ckernels.KernelBuild(cache_dir=tmp_path / "kernels", compiler=("no-such-compiler-here",))) is None
+    assert not (tmp_path / "kernels").exists()
+
+
+def test_the_engine_options_and_environment_choose_the_build(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What the ckernels docstring promises: ``TAXIWAY_NATIVE_KERNELS=0`` or ``native_kernels =
+    false`` turn the kernels off, ``$CC`` is the compiler, ``$TAXIWAY_HOME/kernels`` the cache."""
+    env = {"TAXIWAY_HOME": str(tmp_path)}
+    assert load_kernels(EngineOptions(), {**env, "TAXIWAY_NATIVE_KERNELS": "0"}) is None
+    assert load_kernels(EngineOptions(native_kernels=False), env) is None
+    assert load_kernels(EngineOptions(), {**env, "CC": "no-such-compiler-here --flag"}) is None
+    assert not (tmp_path / "kernels").exists()
+
+
+def test_a_mismatched_struct_mirror_is_refused_naming_the_field(kernels) -> None:  # type: ignore[no-untyped-def]
+    """The library's layout table against ctypes mirrors that differ from abi.h: two fields
+    swapped, a field of another width, a field missing, another kind at the same size."""
+    layout = kernels.layout
+    abi.check_layout(layout)  # the real mirrors match
+    _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+    fields = list(abi.Int8MatmulArgs._fields_)
+
+    def mirror(new_fields):  # type: ignore[no-untyped-def]
+        return type("Int8MatmulArgs", (ctypes.Structure,), {"_fields_": new_fields})
+
+    swapped = [fields[0], fields[2], fields[1], *fields[3:]]  # m before x_stride: same sizes, other names
+    with pytest.raises(abi.AbiMismatchError, match=r"Int8MatmulArgs\.m: the library has it at offset 16"):
+        abi.check_layout(layout, [mirror(swapped)])
+    narrow = [(n, _i32 if n == "n" else t) for n, t in fields]
+    with pytest.raises(abi.AbiMismatchError, match=r"Int8MatmulArgs\.n:"):
+        abi.check_layout(layout, [mirror(narrow)])
+    with pytest.raises(abi.AbiMismatchError, match=r"Int8MatmulArgs\.num_threads: in the library's"):
+        abi.check_layout(layout, [mirror(fields[:-1])])
+    floats = [(n, _f32 if n == "num_threads" else t) for n, t in fields]
+    with pytest.raises(abi.AbiMismatchError, match=r"Int8MatmulArgs\.num_threads: .*kind 'i'.*kind 'f'"):
+        abi.check_layout(layout, [mirror(floats)])
+    with pytest.raises(abi.AbiMismatchError, match="no struct Unknown"):
+        abi.check_layout(layout, [type("Unknown", (ctypes.Structure,), {"_fields_": [("x", _p)]})])
 
 
 def test_block_id_outside_the_cache_is_refused(kernels) -> None:  # type: ignore[no-untyped-def]
@@ -137,8 +160,12 @@ def test_block_id_outside_the_cache_is_refused(kernels) -> None:  # type: ignore
     tables[1, 0] = k_cache.shape[0]  # one past the last block
     out = torch.full((2, 9 * 64), 7.0).bfloat16()
     status = kernels.decode_attention_bf16(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
-        attn.seq_lens.data_ptr(), k_cache.shape[0], 2, 9, 3, 64, 16, 0.125, out.data_ptr(), out.stride(0), 2,
+        abi.PagedAttentionArgs(
+            q=q.data_ptr(), q_stride=q.stride(0), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+            tables=tables.data_ptr(), table_stride=tables.stride(0), seq_lens=attn.seq_lens.data_ptr(),
+            num_blocks=k_cache.shape[0], num_seqs=2, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
+            scale=0.125, out=out.data_ptr(), out_stride=out.stride(0), num_threads=2,
+        )
     )  # fmt: skip
     assert status == -1
     assert torch.equal(out[1], torch.full((9 * 64,), 7.0).bfloat16())  # the bad sequence wrote nothing
@@ -147,6 +174,6 @@ def test_block_id_outside_the_cache_is_refused(kernels) -> None:  # type: ignore
 def test_nan_propagates_like_sdpa(kernels, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     case = decode_case(9, 9, 3, 64, 16, 1, 64)
     case[0][0, 0, 0] = float("nan")  # query head 0 of the only sequence
-    out = run(case, 16, 64, native=True, monkeypatch=monkeypatch)
+    out = run(case, 16, 64, kernels=kernels)
     assert out[0, :64].isnan().all()  # that head's output
     assert not out[0, 64:].isnan().any()  # the others are untouched

@@ -1,4 +1,4 @@
-"""The native prefill-attention kernel (``kernels/prefill_attention.c``) against exact causal
+"""The native prefill-attention kernel (``native/csrc/prefill_attention.c``) against exact causal
 attention in float64 over the same paged cache: whole prompts, chunks after a cached prefix,
 steps that mix prefills with decodes, odd shapes; its invariance to how a step is made up; and
 the fallback to torch's SDPA where it refuses."""
@@ -17,10 +17,11 @@ pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 @pytest.fixture
-def kernels(native_matmuls):  # type: ignore[no-untyped-def]
+def kernels(native_matmuls, monkeypatch):  # type: ignore[no-untyped-def]
     """The kernels, where this machine's build has prefill attention (AVX-512 BF16, as the
-    native matmuls); elsewhere torch's SDPA runs it (test_attention.py)."""
+    native matmuls), given to every ``Case``; elsewhere torch's SDPA runs it (test_attention.py)."""
     assert native_matmuls.has_prefill_attention
+    monkeypatch.setattr(Case, "kernels", native_matmuls)
     return native_matmuls
 
 
@@ -35,6 +36,8 @@ def two_threads():  # type: ignore[no-untyped-def]
 class Case:
     """A step over shuffled cache blocks: sequence i computes ``q_lens[i]`` new tokens, the last
     of its ``seq_lens[i]`` positions; the cache already holds every position's K/V."""
+
+    kernels = None  # the native kernels ``run`` passes to ``paged_attention`` (the fixture sets them)
 
     def __init__(self, seed: int, q_lens: list[int], seq_lens: list[int], heads: int = 9, kv_heads: int = 3,
                  head_dim: int = 64, block_size: int = 16) -> None:  # fmt: skip
@@ -63,7 +66,8 @@ class Case:
         flat_k = self.k_cache.view(-1, self.kv_heads, self.head_dim)
         flat_v = self.v_cache.view(-1, self.kv_heads, self.head_dim)
         k, v = flat_k[meta.slot_mapping], flat_v[meta.slot_mapping]
-        return paged_attention(self.q, k, v, self.k_cache, self.v_cache, plan, self.head_dim**-0.5, write_kv=False)
+        scale = self.head_dim**-0.5
+        return paged_attention(self.q, k, v, self.k_cache, self.v_cache, plan, scale, write_kv=False, kernels=self.kernels)
 
     def exact(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float64 causal attention, and sum_t p_t |v_t| per output (the scale of the error that
@@ -161,7 +165,7 @@ def test_bad_block_id_is_refused_and_torch_answers(kernels, monkeypatch) -> None
     plan = AttentionPlan.build(meta, 16)
     assert plan.prefill_tables is not None
     plan.prefill_tables.block_tables[1, 0] = case.k_cache.shape[0]  # one past the last block
-    assert not attention._native_prefill(case.q, case.k_cache, case.v_cache, plan, 0.125, out)
+    assert not attention._native_prefill(kernels, case.q, case.k_cache, case.v_cache, plan, 0.125, out)
     assert statuses == [-1]
     assert torch.equal(out, torch.full((60, 9 * 64), 7.0).bfloat16())  # nothing written
 
