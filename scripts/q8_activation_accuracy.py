@@ -13,10 +13,10 @@ import sys
 import torch
 from torch import Tensor
 
-sys.path.insert(0, "tests/engine")
+sys.path.insert(0, "tests/backends/engine/model")
 
-from backends.engine.native import fused
-from backends.engine.model import quant# noqa: E402
+from backends.engine.model import quant  # noqa: E402
+from backends.engine.model.loader import load_model  # noqa: E402
 from backends.engine.catalogue import pull  # noqa: E402
 
 
@@ -31,6 +31,9 @@ def q8(x: Tensor) -> Tensor:
 
 def main() -> None:
     import test_smollm2_accuracy as acc
+    from tests.backends.engine.engine_helpers import default_kernels
+
+    acc.default_kernels = default_kernels
 
     plain = quant.Int4Linear.forward
 
@@ -38,7 +41,8 @@ def main() -> None:
         return plain(self, q8(x) if x.dtype == torch.bfloat16 else x)
 
     quant.Int4Linear.forward = forward  # type: ignore[method-assign]
-    fused.ENABLED = False  # the fused layer calls the kernels directly, not forward
+    # without the fuse step: the fused layer calls the kernels directly, not forward
+    acc.load_fused = lambda path, **kw: load_model(path, kernels=acc.default_kernels(), **kw)
     path = pull("smollm2-135m-instruct", progress=False)
     ref = acc.reference.__wrapped__(path)
     print("bfloat16, int4 matmul inputs as int8:", acc.figures(ref, torch.bfloat16, path))
