@@ -33,8 +33,6 @@ def main() -> None:
     import test_smollm2_accuracy as acc
     from tests.backends.engine.engine_helpers import default_kernels
 
-    acc.default_kernels = default_kernels
-
     plain = quant.Int4Linear.forward
 
     def forward(self: quant.Int4Linear, x: Tensor) -> Tensor:
@@ -42,7 +40,7 @@ def main() -> None:
 
     quant.Int4Linear.forward = forward  # type: ignore[method-assign]
     # without the fuse step: the fused layer calls the kernels directly, not forward
-    acc.load_fused = lambda path, **kw: load_model(path, kernels=acc.default_kernels(), **kw)
+    acc.load_fused = lambda path, **kw: load_model(path, kernels=default_kernels(), **kw)
     path = pull("smollm2-135m-instruct", progress=False)
     ref = acc.reference.__wrapped__(path)
     print("bfloat16, int4 matmul inputs as int8:", acc.figures(ref, torch.bfloat16, path))
