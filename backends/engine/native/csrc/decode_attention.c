@@ -1,6 +1,6 @@
 /* Decode attention straight over the paged KV cache: one new query token per sequence.
  *
- * Built on first use by backends/engine/ckernels.py (cc -O3 -march=native -fopenmp) and called
+ * Built on first use by backends/engine/native/ckernels.py (cc -O3 -march=native -fopenmp) and called
  * through ctypes with raw tensor pointers. Every dot product, the softmax and the weighted sum
  * of values run in float32 on bfloat16 inputs; the output is rounded once to bfloat16, as
  * torch's SDPA does. Keys are read in place through the block table: no gathered copy.

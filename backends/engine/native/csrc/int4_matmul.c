@@ -1,6 +1,6 @@
 /* y = x @ W.T for groupwise int4 W and bfloat16 x, with every weight exact and float32 sums.
  *
- * Built by backends/engine/ckernels.py with the other kernels. W[n, k] = (q - 8) * s + z per
+ * Built by backends/engine/native/ckernels.py with the other kernels. W[n, k] = (q - 8) * s + z per
  * group of `group_size` along k (torch's int4 convention, q in 0..15). The weights are never
  * rounded: a nibble q becomes the bfloat16 q - 8 (a table lookup, exact), and VDPBF16PS
  * multiplies it by bfloat16 x into float32 (every product exact). Per row and group
@@ -11,7 +11,7 @@
  * order whatever the batch (k ascending, one group at a time), so a row's result does not depend
  * on which other rows share the call: batched generation equals generation alone.
  *
- * Weight layout ("native", packed by quant.py): blocks of 16 output rows; within a block, one
+ * Weight layout ("native", packed by model/quant/layouts.py): blocks of 16 output rows; within a block, one
  * 64-byte chunk per 8 consecutive k. In a chunk, 32-bit lane i holds row i: its 16-bit word
  * e (0, 1) carries, in nibble t (0..3, low first), q[row i][k0 + 2t + e]. Shifting the chunk by
  * 4t and masking gives 16 lanes of the pair (q[i][k0 + 2t], q[i][k0 + 2t + 1]), which VDPBF16PS

@@ -1,11 +1,11 @@
 /* y = x @ W.T for per-group int8 W (GGUF Q8_0: w = d * q, q in -127..127) and bfloat16 x.
  *
- * Built by backends/engine/ckernels.py with the other kernels. Like int4_matmul.c, every weight is
+ * Built by backends/engine/native/ckernels.py with the other kernels. Like int4_matmul.c, every weight is
  * exact: q -> float32 -> bfloat16 is exact for |q| <= 256, VDPBF16PS multiplies it with bfloat16
  * x (exact products, float32 sums per group), then d * sum in float32 (d kept in float32), rounded
  * once to bfloat16. Rows are summed in one order whatever the batch.
  *
- * Weight layout ("native", packed by quant.py): blocks of 16 output rows; within a block, 32
+ * Weight layout ("native", packed by model/quant/layouts.py): blocks of 16 output rows; within a block, 32
  * bytes per pair of columns (k, k + 1): row i's q[i][k], q[i][k + 1] at bytes 2i, 2i + 1. The
  * 32 bytes widen to two float32 vectors (rows 0-7, rows 8-15) and VCVTNE2PS2BF16 packs them so
  * that 32-bit lane i holds row i's pair.
