@@ -100,11 +100,27 @@ def kv_cache_layout(config, options: EngineOptions, dtype_bytes: int, tp: int = 
     return KVCacheLayout(num_blocks, options.block_size, per_token, max_len)
 
 
-def resolve_model_path(options: EngineOptions, progress: bool = False) -> Path:
-    from backends.engine.catalogue import default_home, resolve_model
+def process_environ() -> Mapping[str, str]:
+    """The engine's one reading of the process environment (``TAXIWAY_HOME``, ``CC``,
+    ``TAXIWAY_NATIVE_KERNELS``): its part of config loading, done beside the options; everything
+    below (catalogue, kernel build) takes the values as parameters."""
+    return os.environ
 
-    home = Path(options.home).expanduser() if options.home else default_home(os.environ)
-    return resolve_model(options.model, home, progress=progress)
+
+def model_home(options: EngineOptions, environ: Mapping[str, str] | None = None) -> Path:
+    """Where models and built kernels are cached: ``options.home``, else ``$TAXIWAY_HOME``, else
+    ``~/.cache/taxiway``."""
+    from backends.engine.catalogue import default_home
+
+    if options.home:
+        return Path(options.home).expanduser()
+    return default_home(process_environ() if environ is None else environ)
+
+
+def resolve_model_path(options: EngineOptions, progress: bool = False) -> Path:
+    from backends.engine.catalogue import resolve_model
+
+    return resolve_model(options.model, model_home(options), progress=progress)
 
 
 def make_scheduler(options: EngineOptions, layout: KVCacheLayout, eos_token_ids: frozenset[int]):  # type: ignore[no-untyped-def]
@@ -128,13 +144,11 @@ def load_kernels(options: EngineOptions, environ: Mapping[str, str] | None = Non
     torch's ops: built with ``$CC`` (default ``cc``) into ``<home>/kernels/``, off with
     ``native_kernels = false`` or ``TAXIWAY_NATIVE_KERNELS=0``. The environment is read here, with
     the options, and passed to the build as parameters (``environ``: default the process's)."""
-    from backends.engine.catalogue import default_home
     from backends.engine.native import ckernels
 
-    env = os.environ if environ is None else environ
-    home = Path(options.home).expanduser() if options.home else default_home(env)
+    env = process_environ() if environ is None else environ
     build = ckernels.KernelBuild(
-        cache_dir=home / "kernels",
+        cache_dir=model_home(options, env) / "kernels",
         compiler=tuple(shlex.split(env.get("CC", "cc"))),
         enabled=options.native_kernels and env.get("TAXIWAY_NATIVE_KERNELS", "1") != "0",
     )
