@@ -12,6 +12,7 @@ model's options switches back to httpx's default).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -175,6 +176,26 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._slots.release()
 
 
+def _framing(status: int, headers: list[tuple[bytes, bytes]], method: str) -> tuple[int | None, bool, bool]:
+    """How a response body ends: ``(content length or None, chunked, connection kept alive)``."""
+    length: int | None = None
+    chunked = False
+    keep_alive = True
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            length = int(value)
+        elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+        elif lname == b"connection" and value.lower() == b"close":
+            keep_alive = False
+    if status in (204, 304) or 100 <= status < 200 or method == "HEAD":
+        length = 0
+    if length is None and not chunked:
+        keep_alive = False  # delimited by the upstream closing the connection
+    return length, chunked, keep_alive
+
+
 class _ResponseBody(httpx.AsyncByteStream):
     """The response body, framed by Content-Length, chunked encoding or connection close."""
 
@@ -187,27 +208,11 @@ class _ResponseBody(httpx.AsyncByteStream):
         status: int,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
-        self._transport = transport
-        self._origin = origin
+        self._give_back = functools.partial(transport._release, origin, connection)
         self._connection = connection
         self._request = request
-        self._complete = False
-        self._released = False
-        self._keep_alive = True
-        self._length: int | None = None
-        self._chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                self._length = int(value)
-            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
-                self._chunked = True
-            elif lname == b"connection" and value.lower() == b"close":
-                self._keep_alive = False
-        if status in (204, 304) or 100 <= status < 200 or request.method == "HEAD":
-            self._length = 0
-        if self._length is None and not self._chunked:
-            self._keep_alive = False  # delimited by the upstream closing the connection
+        self._complete = self._released = False
+        self._length, self._chunked, self._keep_alive = _framing(status, headers, request.method)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         reader = self._connection.reader
@@ -245,7 +250,7 @@ class _ResponseBody(httpx.AsyncByteStream):
     def _finish(self) -> None:
         if not self._released:
             self._released = True
-            self._transport._release(self._origin, self._connection, self._complete and self._keep_alive)
+            self._give_back(self._complete and self._keep_alive)
 
     async def aclose(self) -> None:
         # Closed before the end (the client went away): the connection cannot be reused, and

@@ -22,11 +22,7 @@
 #include "abi.h"
 #include "simd.h"
 #include <omp.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#define INT4_FAST 1
-#else
-#define INT4_FAST 0
-#endif
+#define INT4_FAST TAXIWAY_AVX512_BF16
 
 /* 1 when this build has the AVX-512 BF16 path; without it int4_matmul_bf16 refuses every call
  * and the engine keeps torch's packed kernel. */

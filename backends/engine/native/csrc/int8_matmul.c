@@ -13,11 +13,7 @@
  */
 #include "abi.h"
 #include "simd.h"
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#define INT8_FAST 1
-#else
-#define INT8_FAST 0
-#endif
+#define INT8_FAST TAXIWAY_AVX512_BF16
 
 int int8_matmul_supported(void) { return INT8_FAST; }
 

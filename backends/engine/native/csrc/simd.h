@@ -10,6 +10,13 @@
 #include <immintrin.h>
 #endif
 
+/* 1 where this build has AVX-512 F, BW and BF16: the int4 and int8 matmuls' fast path */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define TAXIWAY_AVX512_BF16 1
+#else
+#define TAXIWAY_AVX512_BF16 0
+#endif
+
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
     float f;
