@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import hashlib
-import hmac
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +18,8 @@ import msgspec
 
 from gateway.config import Settings, convert_table
 from gateway.context import RequestContext
-from gateway.errors import AuthenticationError, ConfigError
 from gateway.hookspecs import hookimpl
-
-_HASH_PREFIX = "sha256:"
-
+from gateway.keys import check_bearer, hash_key, key_digests
 
 class AuthOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     keys: list[str] = []
@@ -38,30 +33,10 @@ class _State:
 _state = _State()
 
 
-def hash_key(key: str) -> str:
-    """The ``key_hashes`` entry for ``key``."""
-    return _HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
-
-
 @hookimpl
 def plugin_configure(settings: Settings) -> None:
     options = convert_table(settings.plugins.get("auth", {}), AuthOptions, "plugins.auth")
-    digests = [
-        hashlib.sha256(key.encode()).digest()
-        for entry in options.keys
-        for key in (part.strip() for part in entry.split(","))
-        if key
-    ]
-    for i, entry in enumerate(options.key_hashes):
-        hexdigest = entry.removeprefix(_HASH_PREFIX)
-        try:
-            digest = bytes.fromhex(hexdigest)
-        except ValueError:
-            digest = b""
-        if not entry.startswith(_HASH_PREFIX) or len(digest) != 32:
-            raise ConfigError("expected 'sha256:' and 64 hex digits", path=f"plugins.auth.key_hashes[{i}]")
-        digests.append(digest)
-    _state.digests = tuple(digests)
+    _state.digests = key_digests(options.keys, options.key_hashes, "plugins.auth")
 
 
 @hookimpl
@@ -69,19 +44,7 @@ def authenticate(ctx: RequestContext, headers: dict[str, str]) -> None:
     digests = _state.digests
     if not digests:
         return
-    authorization = headers.get("authorization", "")
-    scheme, _, key = authorization.partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
-        raise AuthenticationError(
-            "You didn't provide an API key. Send it in the header 'Authorization: Bearer YOUR_KEY'."
-        )
-    digest = hashlib.sha256(key.encode()).digest()
-    matched = False
-    for known in digests:  # no early exit: the time taken does not tell which key matched
-        matched |= hmac.compare_digest(known, digest)
-    if not matched:
-        raise AuthenticationError("Incorrect API key provided.")
+    digest = check_bearer(digests, headers)
     ctx.principal = "key-" + digest.hex()[:12]
 
 
