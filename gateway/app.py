@@ -7,6 +7,8 @@ handlers on ``gateway.pipeline.Gateway``, which keeps the per-request path lean.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 import structlog
@@ -14,6 +16,7 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.handlers import asgi
 
+from gateway.admin import Admin
 from gateway.asgi import request_headers, request_id
 from gateway.config import Settings
 from gateway.errors import (
@@ -23,25 +26,39 @@ from gateway.errors import (
     PayloadTooLargeError,
     TaxiwayError,
 )
+from gateway.fleet import Fleet, read_config
 from gateway.hooks import LifecycleHooks
 from gateway.pipeline import Gateway
 from gateway.plugins import Plugins, load_plugins
 from gateway.render import error_body, error_headers
+from gateway.reload import ReloadTriggers
 from gateway.router import build_router
 
 log = structlog.get_logger("taxiway.app")
 
 
-def create_app(settings: Settings, *, plugins: Plugins | None = None) -> Litestar:
+def create_app(
+    settings: Settings,
+    *,
+    plugins: Plugins | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    watch_s: float | None = None,
+) -> Litestar:
     """Build the app for ``settings``. Raises ``ConfigError`` before anything is served.
 
     ``plugins`` defaults to everything in the ``taxiway`` entry-point group; tests pass their own
-    (``load_plugins(extra=[...])``) to add fake backends.
+    (``load_plugins(extra=[...])``) to add fake backends. ``config_path`` is the file a reload
+    reads again (SIGHUP, ``POST /admin/reload``, and every ``watch_s`` seconds when it changed).
     """
     plugins = plugins if plugins is not None else load_plugins()
     plugins.pm.hook.plugin_configure(settings=settings)
     router = build_router(settings, plugins)
-    gateway = Gateway(settings, router, LifecycleHooks(plugins.pm))
+    reader = None if config_path is None else functools.partial(read_config, config_path, plugins)
+    fleet = Fleet(router, reader, ready_timeout_s=settings.server.ready_timeout_s)
+    gateway = Gateway(settings, fleet, LifecycleHooks(plugins.pm))
+    admin = Admin(fleet, settings, settings.server.host)
+    fleet.on_settings = admin.configure
+    triggers = ReloadTriggers(fleet, config_path, watch_s)
 
     # The API endpoints, raw ASGI handlers: they leave the scope as it is, so litestar need not copy it.
     route_handlers = [
@@ -56,10 +73,11 @@ def create_app(settings: Settings, *, plugins: Plugins | None = None) -> Litesta
     ]
     # A mount, not a path parameter: model names may contain "/" ("org/model/stats").
     route_handlers.append(asgi("/v1/models", is_mount=True, copy_scope=True)(gateway.models))
+    route_handlers.append(asgi("/admin", is_mount=True, copy_scope=True)(admin.handle))
 
     app = Litestar(
         route_handlers=route_handlers,
-        lifespan=[gateway.lifespan],
+        lifespan=[gateway.lifespan, triggers.lifespan],
         exception_handlers={HTTPException: _render_http_exception, Exception: _render_exception},
         openapi_config=None,
         logging_config=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,8 @@ from gateway.config import load_settings
 from gateway.errors import ConfigError
 from gateway.hookspecs import hookimpl
 from gateway.plugins import Command, Plugins, load_plugins
-from gateway.router import Route, build_router
+from gateway.fleet import read_config
+from gateway.router import Route
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,6 +79,10 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (default 127.0.0.1 or server.host)")
     parser.add_argument("--port", type=int, help="port (default 8000 or server.port)")
     parser.add_argument("--log-format", choices=("auto", "json", "console"), help="default: log.format")
+    parser.add_argument(
+        "--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
+        help="reload the config when the file changes, checked every SECONDS (default 1); needs --config",
+    )  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -86,6 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.logs import configure_logging
 
+    if args.watch is not None and (args.config is None or args.watch <= 0):
+        raise ConfigError("--watch needs --config and a positive interval")
     settings = load_settings(args.config)
     server = settings.server
     server = msgspec.structs.replace(
@@ -95,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     settings = msgspec.structs.replace(settings, server=server)
     configure_logging(settings.log.level, args.log_format or settings.log.format)
-    app = create_app(settings, plugins=args.plugins)
+    app = create_app(settings, plugins=args.plugins, config_path=args.config, watch_s=args.watch)
     # loop/http "auto" pick uvloop and httptools when installed (they are dependencies)
     uvicorn.run(
         app,
@@ -122,9 +130,7 @@ def _routes(config: str | None, plugins: Plugins) -> tuple[Route, ...]:
 
     Builds the backends but starts none (no model is loaded).
     """
-    settings = load_settings(config)
-    plugins.pm.hook.plugin_configure(settings=settings)
-    return build_router(settings, plugins).routes
+    return read_config(config, plugins)[1].routes
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -143,9 +149,47 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_ps(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    parser.add_argument("--admin-key", metavar="KEY", help="one of the server's [admin] keys")
+
+
+def _ps(args: argparse.Namespace) -> int:
+    """List the models a running server holds: state, memory, requests in flight (GET /admin/models)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
+    try:
+        response = httpx.get(f"{args.url.rstrip('/')}/admin/models", headers=headers, timeout=10)
+    except httpx.TransportError as exc:
+        print(f"taxiway: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"taxiway: {response.status_code}: {response.text}", file=sys.stderr)
+        return 1
+    print(format_ps(response.json()["data"], now=time.time()), end="")
+    return 0
+
+
+def format_ps(models: list[dict[str, Any]], *, now: float) -> str:
+    """``GET /admin/models``'s entries as ``ollama ps``-style columns."""
+    rows = [("NAME", "ALIASES", "BACKEND", "STATE", "MEMORY", "IN FLIGHT", "LAST USED")]
+    for m in models:
+        memory = m.get("memory_bytes")
+        last = m.get("last_used")
+        rows.append((
+            m["name"], ",".join(m["aliases"]) or "-", m["backend"], m["state"],
+            "-" if memory is None else f"{memory / 2**20:.0f} MiB", str(m["in_flight"]),
+            "never" if last is None else f"{max(0, now - last):.0f}s ago",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+
+
 class _Builtins:
     @hookimpl
     def register_commands(self, register: Callable[..., None]) -> None:
         register(("serve",), _configure_serve, _serve)
         register(("models",), _configure_models, _models)
         register(("check-config",), _configure_check, _check_config)
+        register(("ps",), _configure_ps, _ps)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from gateway.errors import ConfigError
+from gateway.keys import key_digests
 
 T = TypeVar("T")
 
@@ -40,6 +41,14 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    ready_timeout_s: float = 600.0  # a reload waits this long for its new models to be ready
+
+
+class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[admin]``: keys for the ``/admin`` routes, like ``[plugins.auth]``'s (plain or hashed)."""
+
+    keys: tuple[str, ...] = ()
+    key_hashes: tuple[str, ...] = ()
 
 
 class LogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -58,6 +67,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     models: tuple[ModelEntry, ...]
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
+    admin: AdminSettings = AdminSettings()
     plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
@@ -175,6 +185,9 @@ def _check(settings: Settings) -> None:
         raise ConfigError("must be between 0 and 65535", path="server.port")
     if server.max_body_bytes < 1024:
         raise ConfigError("must be at least 1024", path="server.max_body_bytes")
+    if not server.ready_timeout_s > 0:
+        raise ConfigError("must be greater than 0", path="server.ready_timeout_s")
+    key_digests(settings.admin.keys, settings.admin.key_hashes, "admin")
     if settings.log.level not in _LOG_LEVELS:
         raise ConfigError(f"must be one of {', '.join(_LOG_LEVELS)}", path="log.level")
     if settings.log.format not in _LOG_FORMATS:

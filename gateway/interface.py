@@ -189,10 +189,16 @@ class Backend(abc.ABC):
         """
 
     async def start(self) -> None:  # noqa: B027 - optional hook
-        """Acquire resources. Called once in the app's lifespan before serving."""
+        """Acquire resources. Called in the app's lifespan before serving, when a reload adds
+        the model, and by ``POST /admin/models/{name}/load`` after a ``stop``."""
 
     async def stop(self) -> None:  # noqa: B027 - optional hook
-        """Release resources. Called once at shutdown; must not raise."""
+        """Release resources: at shutdown, when a reload retires the instance, on
+        ``POST /admin/models/{name}/unload``. No request is in flight. Must not raise."""
+
+    def memory_bytes(self) -> int | None:
+        """Memory this instance holds (weights, caches), for ``GET /admin/models``; None if unknown."""
+        return None
 
     def ready(self) -> ReadyState:
         """Cheap and non-blocking: ``/ready`` and the stats route call it per request."""
@@ -215,4 +221,17 @@ class Backend(abc.ABC):
 
     def stats(self) -> msgspec.Struct | None:
         """Backend statistics served as JSON (engine: running, waiting, KV blocks…), or None."""
+        return None
+
+    # -- for the gateway's memory budget and balancing (optional) ---------------------------------
+
+    def memory_required(self) -> int | None:
+        """Bytes the model will hold once started (weights, caches…), declared before ``start``
+        for the memory budget; cheap (no weights read). None: nothing the budget counts (a proxy),
+        or the backend cannot tell. May raise ``ConfigError`` when the model's files are unreadable."""
+        return None
+
+    def cooling_down_until(self) -> float | None:
+        """While a deployment cools down after a failure: the ``time.monotonic()`` instant it
+        will be tried again (a balancer prefers others until then); None when it is not."""
         return None

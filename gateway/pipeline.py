@@ -34,14 +34,13 @@ from gateway.asgi import (
     request_id,
     send_bytes,
 )
+from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.context import RequestContext
 from gateway.errors import (
     ClientDisconnectedError,
     InternalError,
     MethodNotAllowedError,
-    ModelNotFoundError,
-    NotFoundError,
     TaxiwayError,
 )
 from gateway.hooks import LifecycleHooks
@@ -51,11 +50,11 @@ from gateway.render import (
     ChatRenderer,
     CompletionRenderer,
     embeddings_body,
-    encode,
     error_body,
     error_headers,
     sse_error,
 )
+from gateway.fleet import Fleet
 from gateway.router import Route, Router
 
 log = structlog.get_logger("taxiway.gateway")
@@ -103,35 +102,25 @@ def _overhead_header(ctx: RequestContext, now: float) -> tuple[bytes, bytes]:
 class Gateway:
     """Serves the API for one validated ``Settings``: routing, hooks and the backends' lifetimes."""
 
-    def __init__(self, settings: Settings, router: Router, hooks: LifecycleHooks) -> None:
+    def __init__(self, settings: Settings, fleet: Fleet, hooks: LifecycleHooks) -> None:
         self.settings = settings
-        self.router = router
+        self.fleet = fleet
         self.hooks = hooks
         self.max_body_bytes = settings.server.max_body_bytes
-        self.started = int(time.time())
-        self._models_body = encode(
-            wire.ModelList(
-                data=[wire.ModelCard(id=r.name, created=self.started, aliases=r.aliases) for r in router.routes]
-            )
-        )
+        self.catalog = Catalog(int(time.time()))
+
+    @property
+    def router(self) -> Router:
+        return self.fleet.router
 
     @asynccontextmanager
     async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
         """Start every backend before serving, stop them all at shutdown."""
-        started: list[Route] = []
         try:
-            for route in self.router.routes:
-                log.info("backend.starting", model=route.name, backend=route.backend_name)
-                await route.backend.start()
-                started.append(route)
-            log.info("gateway.ready", models=[r.name for r in self.router.routes])
+            await self.fleet.start()
             yield
         finally:
-            for route in reversed(started):
-                try:
-                    await route.backend.stop()
-                except Exception:
-                    log.exception("backend.stop_failed", model=route.name)
+            await self.fleet.stop()
 
     # -----------------------------------------------------------------------------------------
     # context, admission and the two ways a response ends
@@ -149,8 +138,9 @@ class Gateway:
     ) -> tuple[Any, Route, Any]:
         """The wire request, its route and the normalised request; raises what the client did wrong.
 
-        Nothing has reached the backend yet. ``before_request`` is left to the caller, which may
-        first fill in more of ``ctx``.
+        Nothing has reached the backend yet, but the request is counted in on its route: the
+        caller releases it when the response ends. ``before_request`` is left to the caller, which
+        may first fill in more of ``ctx``.
         """
         if scope["method"] != "POST":
             raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST")
@@ -161,6 +151,8 @@ class Gateway:
         ctx.model = route.name
         ctx.backend_name = route.backend_name
         request = endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
+        # no await since resolve: a reload's swap cannot slip in between, so a drain sees this request
+        route.acquire()
         return req, route, request
 
     async def _succeed(self, ctx: RequestContext, body: bytes, usage: Usage | None, send: Any) -> None:
@@ -207,7 +199,19 @@ class Gateway:
         ctx, headers = self._context(scope, endpoint.name)
         try:
             req, route, request = await self._admit(ctx, endpoint, scope, receive, headers)
-            ctx.is_stream = req.stream
+        except Exception as exc:
+            await self._fail(ctx, exc, send)
+            return
+        try:
+            await self._stream(endpoint, ctx, req, route, request, receive, send)
+        finally:
+            route.release()
+
+    async def _stream(
+        self, endpoint: _Endpoint, ctx: RequestContext, req: Any, route: Route, request: Any, receive: Any, send: Any
+    ) -> None:
+        ctx.is_stream = req.stream
+        try:
             await self.hooks.before_request(ctx)
         except Exception as exc:
             await self._fail(ctx, exc, send)
@@ -327,6 +331,10 @@ class Gateway:
         ctx, headers = self._context(scope, _EMBEDDINGS.name)
         try:
             req, route, request = await self._admit(ctx, _EMBEDDINGS, scope, receive, headers)
+        except Exception as exc:
+            await self._fail(ctx, exc, send)
+            return
+        try:
             await self.hooks.before_request(ctx)
             start = perf_counter()
             try:
@@ -337,6 +345,8 @@ class Gateway:
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
+        finally:
+            route.release()
         await self._succeed(ctx, out, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0), send)
 
     # -----------------------------------------------------------------------------------------
@@ -349,47 +359,15 @@ class Gateway:
             if scope["method"] not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET")
             await self.hooks.authenticate(ctx, headers)
-            body = self._models_get(scope["path"])  # below the /v1/models mount
+            body = self.catalog.get(self.router, scope["path"])  # below the /v1/models mount
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
         await send_bytes(send, 200, body, _response_headers(ctx, (JSON,)))
 
-    def _models_get(self, path: str) -> bytes:
-        rest = path.strip("/")
-        if not rest:
-            return self._models_body
-        route = self.router.get(rest)
-        if route is not None:
-            return encode(wire.ModelCard(id=route.name, created=self.started, aliases=route.aliases))
-        name, _, tail = rest.rpartition("/")
-        if tail == "stats" and name:
-            route = self.router.resolve(name)
-            state = route.backend.ready()
-            stats = None if state.failed else route.backend.stats()
-            if stats is not None:
-                return encode(stats)
-            if not state.ready:  # no stats (yet): what the model waits for, or why it failed
-                return encode(_ModelState(model=route.name, state=state.state, detail=state.detail))
-            raise NotFoundError(f"The model '{name}' has no stats", param="model")
-        raise ModelNotFoundError(f"The model '{rest}' does not exist", param="model")
-
     async def health(self, scope: Scope, receive: Any, send: Any) -> None:
         await send_bytes(send, 200, b'{"status":"ok"}', [JSON])
 
     async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
-        states = [(route.name, route.backend.ready()) for route in self.router.routes]
-        not_ready = [_ModelState(model=name, state=s.state, detail=s.detail) for name, s in states if not s.ready]
-        body = encode(_Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
-        await send_bytes(send, 503 if not_ready else 200, body, [JSON])
-
-
-class _ModelState(msgspec.Struct):
-    model: str
-    state: str  # ReadyState.state: "not ready" or "failed"
-    detail: str
-
-
-class _Readiness(msgspec.Struct):
-    status: str
-    not_ready: list[_ModelState]
+        status, body = self.catalog.readiness(self.router)
+        await send_bytes(send, status, body, [JSON])

@@ -207,6 +207,7 @@ class ModelCard(msgspec.Struct):
     created: int
     owned_by: str = "taxiway"
     object: str = "model"
+    root: str = ""  # the configured model a name resolves to (itself, or the entry an alias names)
     aliases: tuple[str, ...] = ()
 
 

@@ -185,9 +185,13 @@ async def test_wrong_method_and_route(client: AsyncTestClient) -> None:
 
 async def test_models_stats_health_ready(client: AsyncTestClient) -> None:
     models = (await client.get("/v1/models")).json()
-    assert [m["id"] for m in models["data"]] == ["fake-model", "narrow"]
+    # every name a client may send, an alias with the model it resolves to as its root
+    assert [(m["id"], m["root"]) for m in models["data"]] == [
+        ("fake-model", "fake-model"), ("default", "fake-model"), ("narrow", "narrow")
+    ]  # fmt: skip
     assert models["data"][0]["aliases"] == ["default"]
     assert (await client.get("/v1/models/narrow")).json()["id"] == "narrow"
+    assert (await client.get("/v1/models/default")).json()["root"] == "fake-model"
     assert (await client.get("/v1/models/fake-model/stats")).json() == {"num_running": 1, "num_waiting": 2}
     response = await client.get("/v1/models/nope/stats")
     assert response.status_code == 404 and "nope" in response.json()["error"]["message"]

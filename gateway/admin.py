@@ -1,0 +1,140 @@
+"""The admin API: which models run, load/unload one, reload the config.
+
+    GET  /admin/models                    every instance: name, aliases, backend, state, memory, in flight
+    POST /admin/models/{name}/load        start an unloaded model
+    POST /admin/models/{name}/unload      refuse its new requests (503), drain, stop
+    POST /admin/reload                    re-read the config file (``Fleet.reload``); 400 naming the key
+
+Protected by ``[admin]`` keys (``Authorization: Bearer``), never by the client keys. With no admin
+key configured the routes answer only when the server binds a loopback address (then only local
+processes reach it anyway); bound anywhere else they are refused with a 403, so that an open
+gateway is never an open admin API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import msgspec
+import structlog
+
+from gateway.asgi import JSON, Scope, read_body, request_headers, request_id, send_bytes
+from gateway.config import Settings
+from gateway.errors import (
+    ConfigError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PermissionDeniedError,
+    TaxiwayError,
+)
+from gateway.fleet import Fleet
+from gateway.keys import check_bearer, key_digests
+from gateway.render import encode, error_body, error_headers
+from gateway.router import Route
+
+log = structlog.get_logger("taxiway.admin")
+
+
+class AdminModel(msgspec.Struct):
+    """One backend instance as ``GET /admin/models`` and ``taxiway ps`` show it."""
+
+    name: str
+    aliases: tuple[str, ...]
+    backend: str
+    state: str  # loaded, loading, unloaded, draining, failed
+    memory_bytes: int | None
+    in_flight: int
+    last_used: float | None  # Unix time of the last request admitted, None if never
+
+
+class AdminModels(msgspec.Struct):
+    data: list[AdminModel]
+    object: str = "list"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def describe(route: Route) -> AdminModel:
+    return AdminModel(
+        name=route.name,
+        aliases=route.aliases,
+        backend=route.backend_name,
+        state=route.state,
+        memory_bytes=route.backend.memory_bytes(),
+        in_flight=route.num_in_flight,
+        last_used=route.last_used,
+    )
+
+
+class Admin:
+    """The ``/admin`` mount. ``bind_host`` is the address the server listens on, fixed at start."""
+
+    def __init__(self, fleet: Fleet, settings: Settings, bind_host: str) -> None:
+        self.fleet = fleet
+        self.is_loopback = is_loopback(bind_host)
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        """Take the admin keys of ``settings`` (at start and after each reload)."""
+        self.digests = key_digests(settings.admin.keys, settings.admin.key_hashes, "admin")
+
+    async def handle(self, scope: Scope, receive: Any, send: Any) -> None:
+        headers = request_headers(scope)
+        try:
+            self._authorize(headers)
+            body = await self._dispatch(scope["method"], scope["path"].strip("/"), receive, headers)
+        except Exception as exc:
+            error = exc if isinstance(exc, TaxiwayError) else _internal(exc)
+            error_head = [JSON, *((k.encode(), v.encode()) for k, v in error_headers(error, request_id(headers)).items())]
+            await send_bytes(send, error.status_code, error_body(error), error_head)
+            return
+        await send_bytes(send, 200, body, [JSON])
+
+    def _authorize(self, headers: dict[str, str]) -> None:
+        if self.digests:
+            check_bearer(self.digests, headers)
+        elif not self.is_loopback:
+            raise PermissionDeniedError(
+                "The admin API is disabled: no [admin] keys are configured and the server is not bound to loopback"
+            )
+
+    async def _dispatch(self, method: str, path: str, receive: Any, headers: dict[str, str]) -> bytes:
+        """``path`` is below the ``/admin`` mount, without its slashes."""
+        if path == "models":
+            _expect(method, "GET")
+            routes = [*self.fleet.router.routes, *self.fleet.draining]
+            return encode(AdminModels(data=[describe(route) for route in routes]))
+        if path == "reload":
+            _expect(method, "POST")
+            await read_body(receive, headers, 1 << 16)
+            try:
+                return encode(await self.fleet.reload())
+            except ConfigError as exc:
+                raise InvalidRequestError(f"invalid config: {exc}", param=exc.path, code="invalid_config") from exc
+        head, _, action = path.rpartition("/")
+        if head.startswith("models/") and action in ("load", "unload"):
+            _expect(method, "POST")
+            name = head.removeprefix("models/")
+            route = await (self.fleet.load(name) if action == "load" else self.fleet.unload(name))
+            return encode(describe(route))
+        raise NotFoundError(f"Unknown admin route: {method} /admin/{path}")
+
+
+def _expect(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise MethodNotAllowedError(f"Method {method} is not allowed; use {allowed}")
+
+
+def _internal(exc: BaseException) -> InternalError:
+    log.error("admin.internal_error", exc_info=exc)
+    return InternalError("Internal server error")

@@ -1,0 +1,69 @@
+"""What ``/v1/models`` and ``/ready`` say about the routing table, as response bodies.
+
+Every name a client may send is listed, an alias as a model of its own whose ``root`` names the
+entry it resolves to, so that a client picking from the list finds ``default``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway import wire
+from gateway.errors import ModelNotFoundError, NotFoundError
+from gateway.render import encode
+from gateway.router import Route, Router
+
+
+class ModelState(msgspec.Struct):
+    model: str
+    state: str  # ReadyState.state: "not ready" or "failed"
+    detail: str
+
+
+class Readiness(msgspec.Struct):
+    status: str
+    not_ready: list[ModelState]
+
+
+class Catalog:
+    """Bodies for one server start time; the list is encoded once per routing table."""
+
+    def __init__(self, started: int) -> None:
+        self.started = started
+        self._list: tuple[Router | None, bytes] = (None, b"")
+
+    def get(self, router: Router, path: str) -> bytes:
+        """GET /v1/models, /v1/models/{model} and /v1/models/{model}/stats (``path`` below the mount)."""
+        rest = path.strip("/")
+        if not rest:
+            cached, body = self._list
+            if cached is not router:
+                body = encode(wire.ModelList(data=[self._card(name, route) for name, route in router.names()]))
+                self._list = (router, body)
+            return body
+        route = router.get(rest)
+        if route is not None:
+            return encode(self._card(rest, route))
+        name, _, tail = rest.rpartition("/")
+        if tail == "stats" and name:
+            route = router.resolve(name)
+            state = route.backend.ready()
+            stats = None if state.failed else route.backend.stats()
+            if stats is not None:
+                return encode(stats)
+            if not state.ready:  # no stats (yet): what the model waits for, or why it failed
+                return encode(ModelState(model=route.name, state=state.state, detail=state.detail))
+            raise NotFoundError(f"The model '{name}' has no stats", param="model")
+        raise ModelNotFoundError(f"The model '{rest}' does not exist", param="model")
+
+    def _card(self, name: str, route: Route) -> wire.ModelCard:
+        aliases = route.aliases if name == route.name else ()
+        return wire.ModelCard(id=name, created=self.started, root=route.name, aliases=aliases)
+
+    @staticmethod
+    def readiness(router: Router) -> tuple[int, bytes]:
+        """/ready: 200 when every routed model is ready, else 503 listing those that are not."""
+        states = [(route.name, route.backend.ready()) for route in router.routes]
+        not_ready = [ModelState(model=name, state=s.state, detail=s.detail) for name, s in states if not s.ready]
+        body = encode(Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
+        return (503 if not_ready else 200), body
