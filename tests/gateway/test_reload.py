@@ -16,7 +16,8 @@ from gateway_fakes import FakeBackend, fake_plugins
 
 from gateway.app import create_app
 from gateway.cli import format_ps
-from gateway.config import load_settings
+from gateway.config import load_settings, parse_settings
+from gateway.errors import ConfigError
 
 A_B = """
 [[models]]
@@ -197,3 +198,17 @@ def test_ps_table() -> None:
         "a      default   engine    loaded     300 MiB   2           5s ago",
         "b      -         openai    draining   -         0           never",
     ]
+
+
+@pytest.mark.parametrize(
+    ("table", "path"),
+    [
+        ('[admin]\nkey_hashes = ["md5:00"]\n', "admin.key_hashes[0]"),
+        ("[admin]\nkeyz = []\n", "admin.keyz"),
+        ("[server]\nready_timeout_s = 0\n", "server.ready_timeout_s"),
+    ],
+)
+def test_new_keys_are_validated(table: str, path: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_settings(A_B + table, env={})
+    assert raised.value.path == path

@@ -16,9 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bench.stub_upstream import StubUpstream
 from bench.synthetic import write_random_llama
+from gateway.cli import main
 
 ServerFactory = Callable[..., "object"]
 
@@ -46,7 +48,9 @@ def _root(url: str, name: str = "default") -> str:
     return str(httpx.get(f"{url}/v1/models/{name}", timeout=5).json().get("root"))
 
 
-def test_bad_reload_keeps_the_old_config(taxiway_server: ServerFactory, stub_upstream: StubUpstream, tmp_path: Path) -> None:
+def test_bad_reload_keeps_the_old_config(
+    taxiway_server: ServerFactory, stub_upstream: StubUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "config.toml"
     path.write_text(_stub_config(stub_upstream, "first"))
     server = taxiway_server(path, extra_args=("--watch", "0.2"))
@@ -69,6 +73,12 @@ def test_bad_reload_keeps_the_old_config(taxiway_server: ServerFactory, stub_ups
     path.write_text(_stub_config(stub_upstream, "second"))
     _wait(lambda: _root(url) == "second", 10, "the watcher's reload")
     assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=10).json()["model"] == "second"
+
+    # `taxiway ps`: the table of GET /admin/models (no [admin] keys: the server binds loopback)
+    assert main(["ps", "--url", url]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "ALIASES", "BACKEND", "STATE", "MEMORY", "IN", "FLIGHT", "LAST", "USED"]
+    assert row.split()[:5] == ["second", "default", "openai", "loaded", "-"] and row.endswith("s ago")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +172,7 @@ def test_swap_under_load(taxiway_server: ServerFactory, tmp_path: Path) -> None:
         time.sleep(2.0)  # steady state on A
         path.write_text(_engine_entry("tiny-b", model_b))
         server.proc.send_signal(signal.SIGHUP)  # type: ignore[attr-defined]
+        signalled = time.monotonic()
         # the switch: the first moment `default` is seen resolving to B
         _wait(lambda: _root(url) == "tiny-b", 40, "the switch to model B")
         switched = time.monotonic()
@@ -183,5 +194,6 @@ def test_swap_under_load(taxiway_server: ServerFactory, tmp_path: Path) -> None:
     assert admin["aliases"] == ["default"] and admin["state"] == "loaded" and admin["in_flight"] == 0
     logs = server.logs()  # type: ignore[attr-defined]
     assert "backend.retired" in logs and "tiny-a" in logs
-    print(f"swap under load: {len(outcomes)} responses, {len(after)} after the switch, 0 failed")
+    print(f"swap under load: {len(outcomes)} responses, {len(after)} after the switch (seen "
+          f"{switched - signalled:.1f}s after SIGHUP), 0 failed")  # fmt: skip
 
