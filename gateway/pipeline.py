@@ -43,6 +43,7 @@ from gateway.errors import (
     MethodNotAllowedError,
     TaxiwayError,
 )
+from gateway.fleet import Fleet
 from gateway.hooks import LifecycleHooks
 from gateway.interface import GenerationRequest, StreamItem, Usage
 from gateway.render import (
@@ -54,7 +55,6 @@ from gateway.render import (
     error_headers,
     sse_error,
 )
-from gateway.fleet import Fleet
 from gateway.router import Route, Router
 
 log = structlog.get_logger("taxiway.gateway")
@@ -100,7 +100,8 @@ def _overhead_header(ctx: RequestContext, now: float) -> tuple[bytes, bytes]:
 
 
 class Gateway:
-    """Serves the API for one validated ``Settings``: routing, hooks and the backends' lifetimes."""
+    """Serves the API: routing through the fleet's current table, hooks, the backends' lifetimes
+    (``gateway.fleet``), each request counted in on its route from admission to its last byte."""
 
     def __init__(self, settings: Settings, fleet: Fleet, hooks: LifecycleHooks) -> None:
         self.settings = settings
@@ -334,20 +335,21 @@ class Gateway:
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
-        try:
-            await self.hooks.before_request(ctx)
-            start = perf_counter()
+        try:  # counted in until the response is sent
             try:
-                result = await route.backend.embed(request)
-            finally:
-                ctx.timings.backend_s = perf_counter() - start
-            out = embeddings_body(result, route.name, as_base64=req.encoding_format == "base64")
-        except Exception as exc:
-            await self._fail(ctx, exc, send)
-            return
+                await self.hooks.before_request(ctx)
+                start = perf_counter()
+                try:
+                    result = await route.backend.embed(request)
+                finally:
+                    ctx.timings.backend_s = perf_counter() - start
+                out = embeddings_body(result, route.name, as_base64=req.encoding_format == "base64")
+            except Exception as exc:
+                await self._fail(ctx, exc, send)
+                return
+            await self._succeed(ctx, out, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0), send)
         finally:
             route.release()
-        await self._succeed(ctx, out, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0), send)
 
     # -----------------------------------------------------------------------------------------
     # models, stats, health

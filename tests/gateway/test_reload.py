@@ -17,7 +17,7 @@ from gateway_fakes import FakeBackend, fake_plugins
 from gateway.app import create_app
 from gateway.cli import format_ps
 from gateway.config import load_settings, parse_settings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, UpstreamError
 
 A_B = """
 [[models]]
@@ -164,6 +164,11 @@ async def test_unload_and_load(tmp_path: Path) -> None:
         assert refused.status_code == 503 and "unloaded" in refused.json()["error"]["message"]
         assert (await client.post("/admin/models/a/load")).json()["state"] == "loaded"
         assert (await client.post("/v1/completions", json=_complete("a"))).status_code == 200
+        _instance("a").fail_with = UpstreamError("upstream down")
+        assert (await client.post("/v1/completions", json=_complete("a", stream=True))).status_code == 502
+        models = await _admin_models(client)  # every response ended, failed ones too: none in flight
+        assert [m["in_flight"] for m in models.values()] == [0, 0] and models["a"]["last_used"] is not None
+        assert models["b"]["last_used"] is None and models["a"]["memory_bytes"] is None
         assert (await client.post("/admin/models/zz/load")).status_code == 404
         assert (await client.get("/admin/models/a/load")).status_code == 405
 
