@@ -109,8 +109,9 @@ class Fleet:
             except ConfigError as exc:
                 log.error("config.reload_invalid", path=exc.path, error=str(exc))
                 raise
-            result = await self._apply(candidate)
+            # key tables apply with the file that validates them, as plugins' do in read_config
             self.on_settings(settings)
+            result = await self._apply(candidate)
             log.info("config.reloaded", **msgspec.structs.asdict(result))
             return result
 
