@@ -81,6 +81,19 @@ def test_bad_reload_keeps_the_old_config(
     assert row.split()[:5] == ["second", "default", "openai", "loaded", "-"] and row.endswith("s ago")
 
 
+def test_unload_and_load_an_upstream_model(taxiway_server: ServerFactory, stub_upstream: StubUpstream) -> None:
+    server = taxiway_server(_stub_config(stub_upstream, "up") + '\n[admin]\nkeys = ["adm"]\n')
+    url, admin = server.url, {"authorization": "Bearer adm"}  # type: ignore[attr-defined]
+    chat = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert httpx.post(f"{url}/admin/models/up/unload", timeout=10).status_code == 401
+    unloaded = httpx.post(f"{url}/admin/models/up/unload", headers=admin, timeout=10)
+    assert unloaded.status_code == 200 and unloaded.json()["state"] == "unloaded"
+    refused = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=10)
+    assert refused.status_code == 503 and "/admin/models/up/load" in refused.json()["error"]["message"]
+    assert httpx.post(f"{url}/admin/models/up/load", headers=admin, timeout=10).json()["state"] == "loaded"
+    assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=10).json()["model"] == "up"
+
+
 # ---------------------------------------------------------------------------------------------
 # swap under load
 
