@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from gateway.asgi import JSON, Scope, read_body, request_headers, request_id, send_bytes
+from gateway.asgi import JSON, Scope, read_body, request_headers, request_id, send_bytes, send_error
 from gateway.config import Settings
 from gateway.errors import (
     ConfigError,
@@ -32,7 +32,7 @@ from gateway.errors import (
 )
 from gateway.fleet import Fleet
 from gateway.keys import check_bearer, key_digests
-from gateway.render import encode, error_body, error_headers
+from gateway.render import encode
 from gateway.router import Route
 
 log = structlog.get_logger("taxiway.admin")
@@ -95,8 +95,7 @@ class Admin:
             body = await self._dispatch(scope["method"], scope["path"].strip("/"), receive, headers)
         except Exception as exc:
             error = exc if isinstance(exc, TaxiwayError) else _internal(exc)
-            error_head = [JSON, *((k.encode(), v.encode()) for k, v in error_headers(error, request_id(headers)).items())]
-            await send_bytes(send, error.status_code, error_body(error), error_head)
+            await send_error(send, error, request_id(headers))
             return
         await send_bytes(send, 200, body, [JSON])
 

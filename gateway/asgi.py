@@ -11,7 +11,8 @@ import re
 import secrets
 from typing import Any
 
-from gateway.errors import PayloadTooLargeError
+from gateway.errors import PayloadTooLargeError, TaxiwayError
+from gateway.render import error_body, error_headers
 
 Scope = dict[str, Any]
 Headers = list[tuple[bytes, bytes]]
@@ -68,6 +69,12 @@ async def send_bytes(send: Any, status: int, body: bytes, headers: Headers) -> N
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Any, error: TaxiwayError, request_id: str) -> None:
+    """``error`` as the whole response: its status, OpenAI's error JSON, its headers."""
+    headers = [JSON, *((k.encode(), v.encode()) for k, v in error_headers(error, request_id).items())]
+    await send_bytes(send, error.status_code, error_body(error), headers)
 
 
 class DisconnectWatcher:

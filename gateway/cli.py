@@ -183,7 +183,8 @@ def format_ps(models: list[dict[str, Any]], *, now: float) -> str:
             "never" if last is None else f"{max(0, now - last):.0f}s ago",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "".join("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
+    lines = ("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return "".join(line + "\n" for line in lines)
 
 
 class _Builtins:

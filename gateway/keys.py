@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from gateway.errors import AuthenticationError, ConfigError
 
@@ -19,7 +20,7 @@ def hash_key(key: str) -> str:
     return HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
 
 
-def key_digests(keys: list[str] | tuple[str, ...], key_hashes: list[str] | tuple[str, ...], path: str) -> tuple[bytes, ...]:
+def key_digests(keys: Sequence[str], key_hashes: Sequence[str], path: str) -> tuple[bytes, ...]:
     """The digests of ``keys`` (an entry may hold several, comma-separated; empty ones are
     skipped) and of ``key_hashes`` (``"sha256:<hex>"``); errors name ``{path}.key_hashes[i]``."""
     digests = [

@@ -33,6 +33,7 @@ from gateway.asgi import (
     request_headers,
     request_id,
     send_bytes,
+    send_error,
 )
 from gateway.catalog import Catalog
 from gateway.config import Settings
@@ -51,8 +52,6 @@ from gateway.render import (
     ChatRenderer,
     CompletionRenderer,
     embeddings_body,
-    error_body,
-    error_headers,
     sse_error,
 )
 from gateway.router import Route, Router
@@ -173,8 +172,7 @@ class Gateway:
         error = exc if isinstance(exc, TaxiwayError) else self._internal(ctx, exc)
         ctx.status_code = error.status_code
         ctx.timings.total_s = perf_counter() - ctx.started_at
-        headers = [JSON, *((k.encode(), v.encode()) for k, v in error_headers(error, ctx.request_id).items())]
-        await send_bytes(send, error.status_code, error_body(error), headers)
+        await send_error(send, error, ctx.request_id)
         await self.hooks.on_error(ctx, error)
 
     async def _disconnected(self, ctx: RequestContext) -> None:

@@ -87,7 +87,9 @@ async def test_reload_applies_the_diff_by_entry(tmp_path: Path) -> None:
         path.write_text(A_C)
         response = await client.post("/admin/reload")
         assert response.status_code == 200, response.text
-        assert response.json() == {"added": ["c"], "removed": ["b"], "changed": [], "unchanged": ["a"], "status": "reloaded"}
+        assert response.json() == {
+            "added": ["c"], "removed": ["b"], "changed": [], "unchanged": ["a"], "status": "reloaded"
+        }  # fmt: skip
 
         models = await _admin_models(client)
         assert models["b"]["state"] == "draining" and models["b"]["in_flight"] == 1 and not b.stopped

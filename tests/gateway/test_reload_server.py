@@ -65,7 +65,8 @@ def test_bad_reload_keeps_the_old_config(
     server.proc.send_signal(signal.SIGHUP)  # type: ignore[attr-defined]
     time.sleep(0.6)  # the watcher's poll, too: both log and keep the old config
     assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=10).json()["model"] == "first"
-    logs = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]  # type: ignore[attr-defined]
+    lines = server.logs().splitlines()  # type: ignore[attr-defined]
+    logs = [json.loads(line) for line in lines if line.startswith("{")]
     invalid = [line for line in logs if line.get("event") == "config.reload_invalid"]
     assert len(invalid) >= 2 and all(line["path"] == "models[0].backend" for line in invalid)
 
