@@ -75,7 +75,10 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in default model)")
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="TOML config (default: the built-in default model), read again on SIGHUP and POST /admin/reload",
+    )  # fmt: skip
     parser.add_argument("--host", help="bind address (default 127.0.0.1 or server.host)")
     parser.add_argument("--port", type=int, help="port (default 8000 or server.port)")
     parser.add_argument("--log-format", choices=("auto", "json", "console"), help="default: log.format")
