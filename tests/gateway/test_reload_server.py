@@ -65,10 +65,14 @@ def test_bad_reload_keeps_the_old_config(
     server.proc.send_signal(signal.SIGHUP)  # type: ignore[attr-defined]
     time.sleep(0.6)  # the watcher's poll, too: both log and keep the old config
     assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=10).json()["model"] == "first"
-    lines = server.logs().splitlines()  # type: ignore[attr-defined]
-    logs = [json.loads(line) for line in lines if line.startswith("{")]
-    invalid = [line for line in logs if line.get("event") == "config.reload_invalid"]
-    assert len(invalid) >= 2 and all(line["path"] == "models[0].backend" for line in invalid)
+
+    def invalid() -> list[dict]:  # type: ignore[type-arg]
+        lines = server.logs().splitlines()  # type: ignore[attr-defined]
+        logs = [json.loads(line) for line in lines if line.startswith("{")]
+        return [line for line in logs if line.get("event") == "config.reload_invalid"]
+
+    _wait(lambda: len(invalid()) >= 2, 10, "the invalid reloads logged")
+    assert all(line["path"] == "models[0].backend" for line in invalid())
 
     # a good file is picked up by the watcher alone
     path.write_text(_stub_config(stub_upstream, "second"))

@@ -83,11 +83,18 @@ def _check_failed(server, model: str, reason_part: str, started: float) -> None:
     assert response.headers["x-request-id"] == request_id
     assert time.monotonic() - started < DEADLINE_S
 
-    lines = [msgspec.json.decode(line) for line in server.logs().splitlines() if line.startswith("{")]
+    # The access line is written after the response is sent: read the log until it is there (the
+    # deadline still bounds it).
+    while True:
+        lines = [msgspec.json.decode(line) for line in server.logs().splitlines() if line.startswith("{")]
+        request_lines = [line for line in lines if line.get("request_id") == request_id]
+        if request_lines or time.monotonic() - started > DEADLINE_S:
+            break
+        time.sleep(0.05)
     (load_failed,) = [line for line in lines if line["event"] == "engine.load_failed" and line["model"] == model]
     assert load_failed["level"] == "error" and reason_part in load_failed["error"]
     assert load_failed["logger"] == "backends.engine.backend"
-    (failed,) = [line for line in lines if line.get("request_id") == request_id]
+    (failed,) = request_lines
     assert failed["event"] == "request.failed" and failed["status"] == 503 and reason_part in failed["error"]
 
 
