@@ -1,6 +1,6 @@
 """Taxiway's benchmarks: a package beside the product, registered like any third-party plugin.
 
-``taxiway bench gateway|serving|engine|batching|tp`` come from here (entry point ``bench`` in the
+``taxiway bench gateway|serving|engine|batching|tp|swap`` come from here (entry point ``bench`` in the
 ``taxiway`` group). The product (``gateway/``, ``backends/``, ``plugins/``) never imports this
 package; the tests and the benchmarks import the product.
 """
@@ -15,10 +15,11 @@ from gateway.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(register: Callable[..., Any]) -> None:
-    from bench import batching, engine, loadgen, overhead, tp
+    from bench import batching, engine, loadgen, overhead, swap, tp
 
     register(("bench", "gateway"), overhead.configure, overhead.run)
     register(("bench", "serving"), loadgen.configure, loadgen.run)
     register(("bench", "engine"), engine.configure, engine.run)
     register(("bench", "batching"), batching.configure, batching.run)
     register(("bench", "tp"), tp.configure, tp.run)
+    register(("bench", "swap"), swap.configure, swap.run)

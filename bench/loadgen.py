@@ -38,13 +38,17 @@ class RequestSpec(msgspec.Struct, frozen=True):
 
 
 class RequestResult(msgspec.Struct):
-    ok: bool
+    ok: bool  # a 200 whose stream carried no error event (``is_done`` says if it was whole)
     error: str = ""
+    started_s: float = 0.0  # time.perf_counter() when the request was sent
     ttft_s: float = 0.0
-    latency_s: float = 0.0
+    latency_s: float = 0.0  # until the stream ended, or until the request failed
     output_tokens: int = 0
     prompt_tokens: int = 0
     itl_s: list[float] = []
+    models: list[str] = []  # the events' ``model``, each name once, in the order seen
+    finish_reason: str = ""
+    is_done: bool = False  # the stream ended with ``data: [DONE]``
 
 
 class LevelReport(msgspec.Struct):
@@ -94,16 +98,17 @@ def prompt_text(spec: RequestSpec, index: int) -> str:
     return f"Request {index}: " + " ".join(words)
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def _one_request(
+async def stream_chat(
     client: httpx.AsyncClient, model: str, spec: RequestSpec, index: int, temperature: float
 ) -> RequestResult:
+    """One streaming chat request, read to its end; failures come back as ``ok=False``, never raised."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt_text(spec, index)}],
@@ -118,23 +123,35 @@ async def _one_request(
     itl: list[float] = []
     chunks = 0
     usage: dict | None = None
+    models: list[str] = []
+    finish_reason = ""
+    is_done = False
+
+    def failed(error: str) -> RequestResult:
+        return RequestResult(ok=False, error=error, started_s=start, latency_s=time.perf_counter() - start,
+                             models=models)  # fmt: skip
+
     try:
         async with client.stream("POST", "/chat/completions", json=body) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
-                return RequestResult(ok=False, error=f"HTTP {response.status_code}: {text[:200]}")
+                return failed(f"HTTP {response.status_code}: {text[:200]}")
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    is_done = True
                     break
                 event = json.loads(data)
                 if "error" in event:
-                    return RequestResult(ok=False, error=str(event["error"])[:200])
+                    return failed(str(event["error"])[:200])
+                if event.get("model") and event["model"] not in models:
+                    models.append(event["model"])
                 if event.get("usage"):
                     usage = event["usage"]
                 for choice in event.get("choices") or ():
+                    finish_reason = choice.get("finish_reason") or finish_reason
                     if (choice.get("delta") or {}).get("content"):
                         now = time.perf_counter()
                         if first == 0.0:
@@ -144,15 +161,19 @@ async def _one_request(
                         last = now
                         chunks += 1
     except httpx.HTTPError as exc:
-        return RequestResult(ok=False, error=f"{type(exc).__name__}: {exc}")
+        return failed(f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
     return RequestResult(
         ok=True,
+        started_s=start,
         ttft_s=(first or end) - start,
         latency_s=end - start,
         output_tokens=int(usage["completion_tokens"]) if usage else chunks,
         prompt_tokens=int(usage["prompt_tokens"]) if usage else 0,
         itl_s=itl,
+        models=models,
+        finish_reason=finish_reason,
+        is_done=is_done,
     )
 
 
@@ -180,7 +201,7 @@ async def run_level(
                 index = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            results.append(await _one_request(client, model, workload[index], index, temperature))
+            results.append(await stream_chat(client, model, workload[index], index, temperature))
             bar.update(1)
 
     async with httpx.AsyncClient(
@@ -203,12 +224,12 @@ async def run_level(
         output_tokens=out_tokens,
         output_tokens_per_s=out_tokens / wall,
         requests_per_s=len(good) / wall,
-        ttft_p50_s=_pct([r.ttft_s for r in good], 0.5),
-        ttft_p95_s=_pct([r.ttft_s for r in good], 0.95),
-        itl_p50_ms=_pct(itl, 0.5) * 1e3,
-        itl_p95_ms=_pct(itl, 0.95) * 1e3,
-        latency_p50_s=_pct([r.latency_s for r in good], 0.5),
-        latency_p95_s=_pct([r.latency_s for r in good], 0.95),
+        ttft_p50_s=percentile([r.ttft_s for r in good], 0.5),
+        ttft_p95_s=percentile([r.ttft_s for r in good], 0.95),
+        itl_p50_ms=percentile(itl, 0.5) * 1e3,
+        itl_p95_ms=percentile(itl, 0.95) * 1e3,
+        latency_p50_s=percentile([r.latency_s for r in good], 0.5),
+        latency_p95_s=percentile([r.latency_s for r in good], 0.95),
         first_error=errors[0].error if errors else "",
     )
 
