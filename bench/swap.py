@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import signal
@@ -33,6 +34,7 @@ import time
 import tomllib
 from argparse import ArgumentParser, Namespace
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -85,6 +87,7 @@ class SwapReport(msgspec.Struct):
     num_mixed: int  # responses whose events name more than one model
     num_a_after_first_b: int  # requests sent after B's first token and answered by A (should be 0)
     signal_to_first_b_s: float | None  # the signal to the first token from B
+    server_events_s: dict[str, float]  # the server's log: each of _EVENTS, first logged after the signal
     steady: WindowReport
     swap: WindowReport
     after: WindowReport | None
@@ -133,10 +136,13 @@ def run(args: Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="taxiway-bench-swap-") as tmp:
         path = Path(tmp) / "config.toml"
         path.write_text(config_a)
-        with _server(path, Path(tmp) / "server.log", args.ready_timeout) as (url, proc):
-            results, signal_s = asyncio.run(_load(args, url, proc, path, config_b))
+        log = Path(tmp) / "server.log"
+        with _server(path, log, args.ready_timeout) as (url, proc):
+            results, signal_s, signal_wall = asyncio.run(_load(args, url, proc, path, config_b))
+        events = server_events(log, signal_wall)
     report = summarise(msgspec.convert(vars(args), SwapParams), results, signal_s, (name_a, name_b),
                        (config_a, config_b))  # fmt: skip
+    report.server_events_s = events
     report.load_average_before, report.load_average_after = load_before, list(os.getloadavg())
     print(format_report(report))
     if args.out:
@@ -232,8 +238,9 @@ def _server(config: Path, log: Path, ready_timeout: float) -> Iterator[tuple[str
 
 async def _load(
     args: Namespace, url: str, proc: subprocess.Popen[bytes], path: Path, config_b: str
-) -> tuple[list[RequestResult], float]:
-    """Every request's result, with ``started_s`` from the load's start, and the signal's time."""
+) -> tuple[list[RequestResult], float, float]:
+    """Every request's result, with ``started_s`` from the load's start; the signal's time from the
+    load's start and by the wall clock."""
     spec = RequestSpec(prompt_words=args.prompt_words, max_tokens=args.max_tokens)
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     results: list[RequestResult] = []
@@ -245,24 +252,44 @@ async def _load(
         while time.perf_counter() < stop_at:
             results.append(await stream_chat(client, "default", spec, next(counter), 0.0))
 
-    async def swap(client: httpx.AsyncClient) -> float:
+    async def swap(client: httpx.AsyncClient) -> tuple[float, float]:
         await asyncio.sleep(max(0.0, start + args.swap_at_s - time.perf_counter()))
         path.write_text(config_b)
-        signalled = time.perf_counter()
+        signalled, wall = time.perf_counter(), time.time()
         if args.via == "sighup":
             proc.send_signal(signal.SIGHUP)
         else:
             response = await client.post(f"{url}/admin/reload", timeout=args.ready_timeout)
             if response.status_code != 200:
                 raise RuntimeError(f"POST /admin/reload: {response.status_code} {response.text}")
-        return signalled - start
+        return signalled - start, wall
 
     async with httpx.AsyncClient(base_url=f"{url}/v1", limits=limits, timeout=args.timeout) as client:
         async with httpx.AsyncClient() as admin:
-            *_, signal_s = await asyncio.gather(*(client_loop(client) for _ in range(args.concurrency)), swap(admin))
+            *_, (signal_s, wall) = await asyncio.gather(*(client_loop(client) for _ in range(args.concurrency)),
+                                                        swap(admin))  # fmt: skip
     for result in results:
         result.started_s -= start
-    return results, signal_s
+    return results, signal_s, wall
+
+
+# what the server logs about a reload (gateway/fleet.py; engine.ready: the engine backend)
+_EVENTS = ("backend.starting", "engine.ready", "config.reloaded", "backend.retired")
+
+
+def server_events(log: Path, signal_wall: float) -> dict[str, float]:
+    """Seconds from the signal to each of ``_EVENTS`` first logged after it (JSON log lines)."""
+    seen: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        name, stamp = event.get("event"), event.get("timestamp")
+        if name in _EVENTS and name not in seen and stamp:
+            after = datetime.fromisoformat(stamp).timestamp() - signal_wall
+            if after >= 0:
+                seen[name] = after
+    return seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +352,7 @@ def summarise(
         num_mixed=sum(len(r.models) > 1 for r in results),
         num_a_after_first_b=sum(first_b is not None and r.started_s > first_b and name_a in r.models for r in results),
         signal_to_first_b_s=None if first_b is None else first_b - signal_s,
+        server_events_s={},
         steady=steady_w,
         swap=swap_w,
         after=_window("after", swap_end, end_s, after) if after else None,
@@ -358,6 +386,9 @@ def format_report(r: SwapReport) -> str:
         f"{r.num_requests} requests, {r.num_failed} failed, {r.num_truncated} truncated, {r.num_mixed} mixed, "
         f"{r.num_a_after_first_b} answered by A after B's first token",
     ]
+    if r.server_events_s:
+        rows.append("server log, after the signal: "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(r.server_events_s.items(), key=lambda kv: kv[1])))
     if r.first_error:
         rows.append(f"first error: {r.first_error}")
     return "\n".join(rows)

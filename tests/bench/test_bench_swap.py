@@ -38,6 +38,9 @@ def test_swap_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert report["num_a_after_first_b"] == 0
     assert (report["model_a"], report["model_b"]) == ("model-a", "model-b")
     assert 0 < report["signal_to_first_b_s"] < 4
+    events = report["server_events_s"]  # from the server's log
+    assert events["backend.starting"] <= events["engine.ready"] <= events["config.reloaded"] <= events["backend.retired"]
+    assert events["config.reloaded"] <= report["signal_to_first_b_s"] + 0.1  # log stamps vs this process's clock
     steady, swap, after = report["steady"], report["swap"], report["after"]
     assert set(steady["answered_by"]) == {"model-a"} and steady["num_requests"] > 0
     assert set(after["answered_by"]) == {"model-b"}
