@@ -127,10 +127,18 @@ class AsyncEngine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the step thread (its step ends first); a request still streaming gets a 503."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._ready = False
+        if self._streams:
+            self._post(self._fail, list(self._streams), ServiceUnavailableError("the model was unloaded"))
+        if self._thread is None or not self._thread.is_alive():
+            # the caller frees the model next: this (often still referenced by the pooled thread
+            # that ran stop) must not keep it alive past that
+            self.engine = None  # type: ignore[assignment]
 
     @property
     def ready(self) -> bool:

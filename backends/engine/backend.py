@@ -46,6 +46,7 @@ class EngineBackend(Backend):
         self._capabilities: Capabilities | None = None  # known once loaded
         self._loading: asyncio.Task[None] | None = None
         self._ids = itertools.count()  # clients may reuse X-Request-ID; engine ids must be unique
+        self._memory: Any = None  # memory.MemoryEstimate, once asked for
 
     @property
     def capabilities(self) -> Capabilities:
@@ -55,9 +56,35 @@ class EngineBackend(Backend):
 
     async def start(self) -> None:
         """Load the model in the background: the gateway serves (``/health``, other models)
-        meanwhile, and this model turns ready when loaded and warm, or failed."""
+        meanwhile, and this model turns ready when loaded and warm, or failed. After ``stop`` it
+        loads again (a failed load is tried afresh)."""
+        if (self._loading is not None and not self._loading.done()) or self._async is not None:
+            return  # loading or loaded already
+        self._failure = None
         self._state = "loading"
         self._loading = asyncio.create_task(self._start())
+
+    def memory_required(self) -> int:
+        """Bytes the model holds once loaded: weights as kept + KV cache + a stated overhead
+        (``memory.estimate_memory``), from the file's header and the options, no weight read
+        (milliseconds). A catalogue model not yet in the model cache is pulled first, as ``start``
+        would. ``ConfigError`` when the file cannot be read or the engine cannot load it."""
+        if self._memory is None:
+            from backends.engine.builder import resolve_model_path
+            from backends.engine.memory import estimate_memory
+
+            self._memory = estimate_memory(resolve_model_path(self.options), self.options)
+        return self._memory.total
+
+    def memory_bytes(self) -> int | None:
+        """What the model holds now, or reserves while it loads: its declared ``memory_required``
+        from the start of a load until ``stop``; 0 when not loaded (never started, stopped, failed)."""
+        if self._async is None and (self._loading is None or self._loading.done()):
+            return 0
+        try:
+            return self.memory_required()
+        except Exception:  # noqa: BLE001 - an unreadable file fails the load, which reports it
+            return None
 
     async def _start(self) -> None:
         try:
@@ -114,13 +141,26 @@ class EngineBackend(Backend):
         return True
 
     async def stop(self) -> None:
+        """Unload: the step thread stops (a request still running ends with a 503), the engine,
+        model and KV cache are dropped and their memory handed back to the OS. ``start`` loads
+        the model again."""
         if self._loading is not None and not self._loading.done():
             await asyncio.wait([self._loading])  # a load thread cannot be interrupted
+        self._loading = None
         if self._async is not None:
             await asyncio.to_thread(self._async.stop)
         close = getattr(self._engine, "close", None)
         if close is not None:
             close()
+        loaded = self._engine is not None
+        self._async = self._engine = self._template = self._capabilities = None
+        if self._failure is None:
+            self._state = "unloaded"
+        if loaded:  # torch is imported: free what the model held (glibc keeps it otherwise)
+            from backends.engine.model.loader import return_freed_memory
+
+            return_freed_memory()
+        log.info("engine.unloaded", model=self.model_name)
 
     def ready(self) -> ReadyState:
         if self._failure is not None:

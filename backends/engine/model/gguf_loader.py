@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
-from backends.engine.model.tensor_names import TensorNames
+from backends.engine.model.tensor_names import GGUF_NAMES
 from backends.engine.model.gguf_reader import GGUFHeader, GGUFTensorInfo, read_gguf
 from backends.engine.model.quant import Int4Data, Int8Data, WeightData
 
@@ -33,30 +33,6 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _BLOCK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
 _CHUNK_ROWS = 4096  # rows decoded at a time: bounds the transient memory of huge tensors
 
-GGUF_NAMES = TensorNames(
-    layer_prefix="blk.",
-    per_layer={
-        "attn_q.weight": "q",
-        "attn_k.weight": "k",
-        "attn_v.weight": "v",
-        "attn_output.weight": "o",
-        "attn_q.bias": "q.bias",
-        "attn_k.bias": "k.bias",
-        "attn_v.bias": "v.bias",
-        "attn_output.bias": "o.bias",
-        "ffn_gate.weight": "gate",
-        "ffn_up.weight": "up",
-        "ffn_down.weight": "down",
-        "attn_norm.weight": "attn_norm",
-        "ffn_norm.weight": "ffn_norm",
-    },
-    whole_model={
-        "token_embd.weight": "embed",
-        "output.weight": "lm_head",
-        "output_norm.weight": "norm",
-        "rope_freqs.weight": "rope_freqs",
-    },
-)
 
 
 _EAGER_ARRAY_MAX = 1024  # longer arrays (the vocabulary, merges) are decoded on first access

@@ -16,31 +16,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
-from backends.engine.model.tensor_names import TensorNames
+from backends.engine.model.tensor_names import HF_NAMES
 
-HF_NAMES = TensorNames(
-    layer_prefix="model.layers.",
-    per_layer={
-        "self_attn.q_proj.weight": "q",
-        "self_attn.k_proj.weight": "k",
-        "self_attn.v_proj.weight": "v",
-        "self_attn.o_proj.weight": "o",
-        "self_attn.q_proj.bias": "q.bias",
-        "self_attn.k_proj.bias": "k.bias",
-        "self_attn.v_proj.bias": "v.bias",
-        "self_attn.o_proj.bias": "o.bias",
-        "mlp.gate_proj.weight": "gate",
-        "mlp.up_proj.weight": "up",
-        "mlp.down_proj.weight": "down",
-        "input_layernorm.weight": "attn_norm",
-        "post_attention_layernorm.weight": "ffn_norm",
-    },
-    whole_model={
-        "model.embed_tokens.weight": "embed",
-        "lm_head.weight": "lm_head",
-        "model.norm.weight": "norm",
-    },
-)
 
 
 class HFSource:

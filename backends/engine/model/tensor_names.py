@@ -1,5 +1,6 @@
 """The engine's canonical tensor names (``embed``, ``lm_head``, ``norm``, ``layers.{i}.q`` … see
-``loader.py``) and how a file format's names map onto them (``gguf_loader``, ``hf_loader``)."""
+``loader.py``) and how each file format's names map onto them: ``GGUF_NAMES``, ``HF_NAMES`` (used
+by the loaders and by ``memory``, which reads only the headers)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,54 @@ class TensorNames(msgspec.Struct, frozen=True, kw_only=True):
             if short is not None:
                 return f"layers.{layer}.{short}"
         return None
+
+
+GGUF_NAMES = TensorNames(
+    layer_prefix="blk.",
+    per_layer={
+        "attn_q.weight": "q",
+        "attn_k.weight": "k",
+        "attn_v.weight": "v",
+        "attn_output.weight": "o",
+        "attn_q.bias": "q.bias",
+        "attn_k.bias": "k.bias",
+        "attn_v.bias": "v.bias",
+        "attn_output.bias": "o.bias",
+        "ffn_gate.weight": "gate",
+        "ffn_up.weight": "up",
+        "ffn_down.weight": "down",
+        "attn_norm.weight": "attn_norm",
+        "ffn_norm.weight": "ffn_norm",
+    },
+    whole_model={
+        "token_embd.weight": "embed",
+        "output.weight": "lm_head",
+        "output_norm.weight": "norm",
+        "rope_freqs.weight": "rope_freqs",
+    },
+)
+
+
+HF_NAMES = TensorNames(
+    layer_prefix="model.layers.",
+    per_layer={
+        "self_attn.q_proj.weight": "q",
+        "self_attn.k_proj.weight": "k",
+        "self_attn.v_proj.weight": "v",
+        "self_attn.o_proj.weight": "o",
+        "self_attn.q_proj.bias": "q.bias",
+        "self_attn.k_proj.bias": "k.bias",
+        "self_attn.v_proj.bias": "v.bias",
+        "self_attn.o_proj.bias": "o.bias",
+        "mlp.gate_proj.weight": "gate",
+        "mlp.up_proj.weight": "up",
+        "mlp.down_proj.weight": "down",
+        "input_layernorm.weight": "attn_norm",
+        "post_attention_layernorm.weight": "ffn_norm",
+    },
+    whole_model={
+        "model.embed_tokens.weight": "embed",
+        "lm_head.weight": "lm_head",
+        "model.norm.weight": "norm",
+    },
+)
