@@ -1,14 +1,17 @@
-"""``OpenAIBackend``: a model served by an OpenAI-compatible upstream over a pooled httpx client."""
+"""``OpenAIBackend``: a model served by an OpenAI-compatible upstream over a pooled httpx client,
+with connect retries and a cooldown after failures (``health``)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Literal
 
 import httpx
 import msgspec
+import structlog
 
-from gateway.errors import ConfigError, ServiceUnavailableError, UnsupportedParameterError
+from gateway.errors import ConfigError, ServiceUnavailableError, TaxiwayError, UnsupportedParameterError
 from gateway.interface import (
     SAMPLING_PARAM_NAMES,
     Backend,
@@ -21,8 +24,11 @@ from gateway.interface import (
 )
 
 from backends.openai import upstream
+from backends.openai.health import Cooldown, UpstreamStats, retry_delays
 from backends.openai.sse import iter_sse_data
 from backends.openai.transport import LeanTransport
+
+log = structlog.get_logger(__name__)
 
 _STANDARD_PARAMS = frozenset(SAMPLING_PARAM_NAMES) - set(upstream.EXTENSION_PARAMS)
 
@@ -44,6 +50,10 @@ class Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     max_top_logprobs: int = 20
     #: "lean": the gateway's own keep-alive transport (backends.openai.transport); "httpcore": httpx's
     transport: Literal["lean", "httpcore"] = "lean"
+    #: connect errors retried (with backoff 0.1, 0.2, 0.4 … s, at most 2 s); never once a request was sent
+    retries: int = 2
+    #: after a failure (connect error, 5xx, timeout) refuse requests this long, then probe; 0: never
+    cooldown_s: float = 30.0
 
 
 class OpenAIBackend(Backend):
@@ -58,6 +68,10 @@ class OpenAIBackend(Backend):
         for key in ("timeout_s", "connect_timeout_s", "max_connections"):
             if getattr(options, key) <= 0:
                 raise ConfigError("must be positive", path=key)
+        for key in ("retries", "cooldown_s"):
+            if getattr(options, key) < 0:
+                raise ConfigError("must not be negative", path=key)
+        self._cooldown = Cooldown(model_name, options.cooldown_s)
         self.upstream_model = options.upstream_model or model_name
         params = _STANDARD_PARAMS | (set(upstream.EXTENSION_PARAMS) if options.sampling_extensions else set())
         self._capabilities = Capabilities(
@@ -110,21 +124,38 @@ class OpenAIBackend(Backend):
     def ready(self) -> ReadyState:
         if self._client is None:
             return ReadyState(ready=False, detail="not started")
+        if self._cooldown.until is not None:
+            return ReadyState(ready=False, detail=f"cooling down after: {self._cooldown.reason}")
         return ReadyState(ready=True)
+
+    def cooling_down_until(self) -> float | None:
+        return self._cooldown.until
+
+    def stats(self) -> UpstreamStats:
+        return self._cooldown.stats()
 
     # -----------------------------------------------------------------------------------------
 
     async def _send(self, url: httpx.URL, body: bytes, request_id: str, *, stream: bool = False) -> httpx.Response:
         """The upstream's answer to a POST of ``body``; an error status raises its mapped error.
+        A connect error is retried (``retries``); a 5xx starts the cooldown, any other answer ends it.
 
-        httpx's own failures pass through: the caller maps them with ``upstream.transport_error``
+        httpx's own failures pass through: the caller maps them with ``_transport_error``
         around everything it reads, a stream's later chunks included.
         """
         if self._client is None:
             raise ServiceUnavailableError(f"the model '{self.model_name}' is not started")
         headers = [*self._request_headers, (b"x-request-id", request_id.encode())]
         request = httpx.Request("POST", url, headers=headers, content=body, extensions={"timeout": self._timeouts})
-        response = await self._client.send(request, stream=stream)
+        probe = self._cooldown.admit()
+        try:
+            response = await self._send_retrying(request, stream)
+        finally:
+            self._cooldown.settle(probe)  # a failure is the caller's verdict (_transport_error)
+        if response.status_code >= 500:
+            self._cooldown.failed(f"status {response.status_code}")
+        else:
+            self._cooldown.succeeded()
         if response.status_code >= 400:
             try:
                 content = await response.aread()
@@ -132,6 +163,30 @@ class OpenAIBackend(Backend):
                 await response.aclose()
             raise upstream.status_error(response.status_code, content, response.headers.get("retry-after"))
         return response
+
+    async def _send_retrying(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        """``send``, retrying a failure to connect: nothing reached the upstream, so nothing is
+        duplicated. Any later failure passes through."""
+        assert self._client is not None
+        delays = retry_delays(self.opts.retries)
+        while True:
+            try:
+                return await self._client.send(request, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                self._cooldown.num_connect_retries += 1
+                log.info("upstream.connect_retry", model=self.model_name, delay_s=delay, error=repr(exc))
+                await asyncio.sleep(delay)
+
+    def _transport_error(self, exc: httpx.HTTPError) -> TaxiwayError:
+        """httpx's failure as our error; the upstream cools down when it could not be reached or
+        did not answer in time."""
+        error = upstream.transport_error(exc)
+        if isinstance(exc, httpx.TransportError):
+            self._cooldown.failed(str(error))
+        return error
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         if request.sampling.ignore_eos and not self.opts.sampling_extensions:
@@ -163,14 +218,14 @@ class OpenAIBackend(Backend):
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
-            raise upstream.transport_error(exc) from exc
+            raise self._transport_error(exc) from exc
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         body = upstream.embeddings_body(request.inputs, self.upstream_model, request.dimensions)
         try:
             response = await self._send(self._embeddings_url, body, request.request_id)
         except httpx.HTTPError as exc:
-            raise upstream.transport_error(exc) from exc
+            raise self._transport_error(exc) from exc
         result = upstream.decode_embeddings(response.content)
         data = sorted(result.data, key=lambda e: e.index)
         prompt_tokens = result.usage.prompt_tokens if result.usage else 0
