@@ -57,10 +57,14 @@ class LogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class ModelEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One deployment. Entries sharing a ``name`` form a group: one public model, balanced."""
+
     name: str
     backend: str
     aliases: tuple[str, ...] = ()
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    fallbacks: tuple[str, ...] = ()  # names or aliases tried, in order, when this group fails
+    cooldown_s: float = 30.0  # after a failure this deployment is tried last, then probed back
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -169,17 +173,12 @@ def _substitute(text: str, env: Mapping[str, str], path: str) -> str:
 def _check(settings: Settings) -> None:
     if not settings.models:
         raise ConfigError("at least one [[models]] entry is required", path="models")
-    seen: dict[str, str] = {}
+    _check_names(settings.models)
     for i, entry in enumerate(settings.models):
-        for key, name in [("name", entry.name)] + [(f"aliases[{j}]", a) for j, a in enumerate(entry.aliases)]:
-            where = f"models[{i}].{key}"
-            if not name or name != name.strip():
-                raise ConfigError("model names must be non-empty without surrounding spaces", path=where)
-            if name in seen:
-                raise ConfigError(f"model name {name!r} is already used by {seen[name]}", path=where)
-            seen[name] = where
         if not entry.backend:
             raise ConfigError("a backend name is required", path=f"models[{i}].backend")
+        if not entry.cooldown_s >= 0:
+            raise ConfigError("must not be negative", path=f"models[{i}].cooldown_s")
     server = settings.server
     if not 0 <= server.port <= 65535:
         raise ConfigError("must be between 0 and 65535", path="server.port")
@@ -192,3 +191,23 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"must be one of {', '.join(_LOG_LEVELS)}", path="log.level")
     if settings.log.format not in _LOG_FORMATS:
         raise ConfigError(f"must be one of {', '.join(_LOG_FORMATS)}", path="log.format")
+
+
+def _check_names(models: tuple[ModelEntry, ...]) -> None:
+    """Entries may share a name (a group of deployments) and repeat the group's aliases; a name
+    or alias may not belong to two groups, nor be both a group's name and an alias. Fallbacks
+    name a known model (cycles are fine: each candidate is tried once per request)."""
+    owners: dict[str, tuple[str, bool, str]] = {}  # name or alias → (group, is_alias, where)
+    for i, entry in enumerate(models):
+        for key, name in [("name", entry.name)] + [(f"aliases[{j}]", a) for j, a in enumerate(entry.aliases)]:
+            where = f"models[{i}].{key}"
+            if not name or name != name.strip():
+                raise ConfigError("model names must be non-empty without surrounding spaces", path=where)
+            claim = (entry.name, key != "name")
+            owner = owners.setdefault(name, (*claim, where))
+            if owner[:2] != claim:
+                raise ConfigError(f"model name {name!r} is already used by {owner[2]}", path=where)
+    for i, entry in enumerate(models):
+        for j, fallback in enumerate(entry.fallbacks):
+            if fallback not in owners:
+                raise ConfigError(f"unknown model {fallback!r}", path=f"models[{i}].fallbacks[{j}]")

@@ -5,7 +5,8 @@ A reload (``Fleet.reload``) never leaves the gateway without an answer for a nam
 1. the new config is read and validated whole (``read_config``: the same checks as
    ``taxiway check-config``); invalid, nothing changes and the ``ConfigError`` names the key;
 2. entries are matched by ``entry_key`` (name, backend, options): an unchanged entry keeps its
-   ``Route`` and backend instance (no reload, its streams untouched), aliases included or not;
+   ``Route`` and backend instance (no reload, its streams untouched, its health kept), whatever
+   its aliases, fallbacks and cooldown;
 3. the new instances (added entries, and the new version of a changed one) start beside the old
    ones and are awaited until ``ready()``; one that fails or times out stops them all and the old
    table keeps serving;
@@ -130,9 +131,8 @@ class Fleet:
         await self._start_all(starting)
 
         # the swap: no await between these lines, so no request sees half of it
-        aliases = [(route, fresh.aliases) for route, fresh in zip(routes, candidate.routes, strict=True)]
-        for route, names in aliases:
-            route.aliases = names
+        for route, fresh in zip(routes, candidate.routes, strict=True):
+            route.take_routing(fresh)  # aliases, fallbacks, cooldown
         self.router = Router(routes)
         retired = [route for key, route in old.items() if key not in new_keys]
         for route in retired:
