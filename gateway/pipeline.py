@@ -1,13 +1,16 @@
 """The request flow of the API endpoints, from bytes in to bytes out.
 
     authenticate → read body → decode → route → normalise + capability check → before_request
-    → backend stream (timed) → render → send → after_request / on_error
+    → backend stream (timed; failing before its first item, the next candidate's) → render → send
+    → after_request / on_error
 
 Each endpoint is an ASGI callable mounted by ``gateway.app``. Errors are raised as ``TaxiwayError``
 and sent in one place (``_fail``, rendered by ``gateway.render``); after a stream has started an
 error ends it with an SSE error event and ``[DONE]``. The time spent awaiting the backend is
 measured, and the rest of the request's time is reported as the gateway's overhead in
-``X-Taxiway-Overhead-Ms``.
+``X-Taxiway-Overhead-Ms``. A request for a group or a model with fallbacks may be answered by
+another deployment or model than the first one tried (``gateway.failover``): the response's
+``model`` and ``X-Taxiway-Model`` name the one that answered.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from gateway.errors import (
     MethodNotAllowedError,
     TaxiwayError,
 )
+from gateway.failover import Attempts
 from gateway.fleet import Fleet
 from gateway.hooks import LifecycleHooks
 from gateway.interface import GenerationRequest, StreamItem, Usage
@@ -81,15 +85,24 @@ class _Endpoint:
         self.renderer = renderer
         self.id_prefix = id_prefix
 
+    def render(self, request_id: str, model: str, include_usage: bool) -> ChatRenderer | CompletionRenderer:
+        """A generation endpoint's renderer for one response, naming ``model``."""
+        assert self.renderer is not None
+        return self.renderer(self.id_prefix + request_id, model, int(time.time()), include_usage=include_usage)
+
 
 _CHAT = _Endpoint("chat.completions", wire.ChatCompletionRequest, normalize.chat_request, ChatRenderer, "chatcmpl-")
 _COMPLETIONS = _Endpoint("completions", wire.CompletionRequest, normalize.completion_request, CompletionRenderer, "cmpl-")
 _EMBEDDINGS = _Endpoint("embeddings", wire.EmbeddingsRequest, normalize.embedding_request)
 
+MODEL_HEADER = b"x-taxiway-model"
+
 
 def _response_headers(ctx: RequestContext, base: Headers | tuple[tuple[bytes, bytes], ...]) -> Headers:
     headers = list(base)
     headers.append((b"x-request-id", ctx.request_id.encode()))
+    if ctx.model is not None:  # who answered: a group's name, or the fallback that took over
+        headers.append((MODEL_HEADER, ctx.model.encode()))
     return headers
 
 
@@ -135,25 +148,26 @@ class Gateway:
 
     async def _admit(
         self, ctx: RequestContext, endpoint: _Endpoint, scope: Scope, receive: Any, headers: dict[str, str]
-    ) -> tuple[Any, Route, Any]:
-        """The wire request, its route and the normalised request; raises what the client did wrong.
+    ) -> tuple[Any, Attempts]:
+        """The wire request and its attempts, counted in on its first candidate (normalised for
+        it); raises what the client did wrong.
 
-        Nothing has reached the backend yet, but the request is counted in on its route: the
-        caller releases it when the response ends. ``before_request`` is left to the caller, which
-        may first fill in more of ``ctx``.
+        Nothing has reached the backend yet: the caller releases the attempts when the response
+        ends. ``before_request`` is left to the caller, which may first fill in more of ``ctx``.
         """
         if scope["method"] != "POST":
             raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST")
         await self.hooks.authenticate(ctx, headers)
         body = await read_body(receive, headers, self.max_body_bytes)
         req = normalize.decode(body, endpoint.decoder)
-        route = self.router.resolve(req.model)
-        ctx.model = route.name
-        ctx.backend_name = route.backend_name
-        request = endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
-        # no await since resolve: a reload's swap cannot slip in between, so a drain sees this request
-        route.acquire()
-        return req, route, request
+
+        def prepare(route: Route) -> Any:
+            return endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
+
+        attempts = Attempts(self.router.chain(req.model), prepare)
+        # no await since the lookup: a reload's swap cannot slip in between, so a drain sees this request
+        _serving(ctx, attempts.admit())
+        return req, attempts
 
     async def _succeed(self, ctx: RequestContext, body: bytes, usage: Usage | None, send: Any) -> None:
         """Send ``body`` as the whole 200 response and tell the ``after_request`` hooks."""
@@ -197,17 +211,17 @@ class Gateway:
     async def _generate(self, endpoint: _Endpoint, scope: Scope, receive: Any, send: Any) -> None:
         ctx, headers = self._context(scope, endpoint.name)
         try:
-            req, route, request = await self._admit(ctx, endpoint, scope, receive, headers)
+            req, attempts = await self._admit(ctx, endpoint, scope, receive, headers)
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
         try:
-            await self._stream(endpoint, ctx, req, route, request, receive, send)
+            await self._stream(endpoint, ctx, req, attempts, receive, send)
         finally:
-            route.release()
+            attempts.release()
 
     async def _stream(
-        self, endpoint: _Endpoint, ctx: RequestContext, req: Any, route: Route, request: Any, receive: Any, send: Any
+        self, endpoint: _Endpoint, ctx: RequestContext, req: Any, attempts: Attempts, receive: Any, send: Any
     ) -> None:
         ctx.is_stream = req.stream
         try:
@@ -217,16 +231,34 @@ class Gateway:
             return
 
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        assert endpoint.renderer is not None
-        renderer = endpoint.renderer(
-            endpoint.id_prefix + ctx.request_id, route.name, int(time.time()), include_usage=include_usage
-        )
-        stream = route.backend.generate(request)
+
+        def renderer(route: Route) -> ChatRenderer | CompletionRenderer:
+            return endpoint.render(ctx.request_id, route.name, include_usage)
+
         task = asyncio.current_task()
         assert task is not None
         watcher = DisconnectWatcher(receive, task)
+        stream: AsyncIterator[StreamItem] | None = None
+        # Until the response starts a failure is an ordinary HTTP error with its status code, and
+        # goes to the next candidate when one may answer: a whole response is collected first, a
+        # stream's first item awaited first, so that a backend failing at once (full queue,
+        # upstream down) is answered elsewhere or is a 429 or 502, not a broken stream.
         try:
-            await self._respond(ctx, req.stream, stream, renderer, watcher, send)
+            try:
+                if req.stream:
+                    stream, item = await attempts.answer(lambda route, request: self._open(ctx, route, request))
+                else:
+                    body, usage = await attempts.answer(lambda route, request: self._collect(ctx, route, request, renderer))
+            except TaxiwayError as error:
+                watcher.stop()
+                await self._fail(ctx, error, send)
+                return
+            if stream is not None:
+                assert attempts.route is not None
+                await self._send_stream(ctx, item, stream, renderer(attempts.route), watcher, send)
+            else:
+                watcher.stop()
+                await self._succeed(ctx, body, usage, send)
         except asyncio.CancelledError:
             if not watcher.disconnected:
                 raise
@@ -234,12 +266,43 @@ class Gateway:
             await self._disconnected(ctx)
         finally:
             watcher.stop()
-            try:
-                aclose = getattr(stream, "aclose", None)  # async generators have it; other iterators may not
-                if aclose is not None:
-                    await aclose()
-            except Exception:
-                log.exception("backend.close_failed", request_id=ctx.request_id, model=ctx.model)
+            if stream is not None:
+                await self._close(ctx, stream)
+
+    async def _open(
+        self, ctx: RequestContext, route: Route, request: Any
+    ) -> tuple[AsyncIterator[StreamItem], StreamItem | None]:
+        """``route``'s stream and its first item: until that item, a failure may go elsewhere."""
+        _serving(ctx, route)
+        stream = route.backend.generate(request)
+        try:
+            return stream, await self._next(ctx, stream)
+        except BaseException:
+            await self._close(ctx, stream)
+            raise
+
+    async def _collect(
+        self, ctx: RequestContext, route: Route, request: Any, renderer: Callable[[Route], Any]
+    ) -> tuple[bytes, Usage | None]:
+        """``route``'s whole response body and usage: nothing is sent before it, so a failure on
+        the way (a choice ended in error included) may go elsewhere."""
+        _serving(ctx, route)
+        whole = renderer(route)
+        stream = route.backend.generate(request)
+        try:
+            while (item := await self._next(ctx, stream)) is not None:
+                whole.add(item)
+            return whole.body(), whole.usage
+        finally:
+            await self._close(ctx, stream)
+
+    async def _close(self, ctx: RequestContext, stream: AsyncIterator[StreamItem]) -> None:
+        try:
+            aclose = getattr(stream, "aclose", None)  # async generators have it; other iterators may not
+            if aclose is not None:
+                await aclose()
+        except Exception:
+            log.exception("backend.close_failed", request_id=ctx.request_id, model=ctx.model)
 
     async def _next(self, ctx: RequestContext, stream: AsyncIterator[StreamItem]) -> StreamItem | None:
         """The backend's next item (``None`` at the end), its wait added to ``timings.backend_s``."""
@@ -260,35 +323,6 @@ class Gateway:
         if ctx.timings.first_token_s is None:
             ctx.timings.first_token_s = now - ctx.started_at
         return item
-
-    async def _respond(
-        self,
-        ctx: RequestContext,
-        is_stream: bool,
-        stream: AsyncIterator[StreamItem],
-        renderer: ChatRenderer | CompletionRenderer,
-        watcher: DisconnectWatcher,
-        send: Any,
-    ) -> None:
-        # Until the response starts a failure is an ordinary HTTP error with its status code: a
-        # whole response is collected first, and a stream's first item is awaited first, so that
-        # a backend failing at once (full queue, upstream down) is a 429 or 502, not a broken stream.
-        try:
-            item = await self._next(ctx, stream)
-            if not is_stream:
-                while item is not None:
-                    renderer.add(item)
-                    item = await self._next(ctx, stream)
-                body = renderer.body()
-        except TaxiwayError as error:
-            watcher.stop()
-            await self._fail(ctx, error, send)
-            return
-        if is_stream:
-            await self._send_stream(ctx, item, stream, renderer, watcher, send)
-        else:
-            watcher.stop()
-            await self._succeed(ctx, body, renderer.usage, send)
 
     async def _send_stream(
         self,
@@ -329,7 +363,7 @@ class Gateway:
     async def embeddings(self, scope: Scope, receive: Any, send: Any) -> None:
         ctx, headers = self._context(scope, _EMBEDDINGS.name)
         try:
-            req, route, request = await self._admit(ctx, _EMBEDDINGS, scope, receive, headers)
+            req, attempts = await self._admit(ctx, _EMBEDDINGS, scope, receive, headers)
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
@@ -338,16 +372,16 @@ class Gateway:
                 await self.hooks.before_request(ctx)
                 start = perf_counter()
                 try:
-                    result = await route.backend.embed(request)
+                    result = await attempts.answer(lambda route, request: _embed(ctx, route, request))
                 finally:
                     ctx.timings.backend_s = perf_counter() - start
-                out = embeddings_body(result, route.name, as_base64=req.encoding_format == "base64")
+                out = embeddings_body(result, ctx.model or "", as_base64=req.encoding_format == "base64")
             except Exception as exc:
                 await self._fail(ctx, exc, send)
                 return
             await self._succeed(ctx, out, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0), send)
         finally:
-            route.release()
+            attempts.release()
 
     # -----------------------------------------------------------------------------------------
     # models, stats, health
@@ -371,3 +405,14 @@ class Gateway:
     async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
         status, body = self.catalog.readiness(self.router)
         await send_bytes(send, status, body, [JSON])
+
+
+def _serving(ctx: RequestContext, route: Route) -> None:
+    """``route`` is the one the request is tried on now (hooks and ``X-Taxiway-Model`` name it)."""
+    ctx.model = route.name
+    ctx.backend_name = route.backend_name
+
+
+async def _embed(ctx: RequestContext, route: Route, request: Any) -> Any:
+    _serving(ctx, route)
+    return await route.backend.embed(request)
