@@ -2,7 +2,8 @@
 
 - *failover*: clients stream in a loop from a group of two stub upstreams; one upstream is stopped
   mid-run: no request that had not started streaming fails (one cut mid-stream may end with an
-  error event: nothing is retried after the first byte);
+  error event: nothing is retried after the first byte); started again on its port, it is probed
+  back and gets requests again;
 - a dead upstream (nothing listening) falls back to an engine model (a tiny random llama), and
   the response's ``model`` and ``X-Taxiway-Model`` name the fallback.
 """
@@ -27,12 +28,14 @@ NUM_CLIENTS = 4
 
 
 def _group_entry(stub: StubUpstream) -> str:
+    # short cooldowns (the gateway's and the backend's own) so that the test sees the probe back
     return f"""
 [[models]]
 name = "chat"
 aliases = ["default"]
 backend = "openai"
-options = {{ base_url = "{stub.base_url}", upstream_model = "smollm2" }}
+cooldown_s = 0.5
+options = {{ base_url = "{stub.base_url}", upstream_model = "smollm2", cooldown_s = 0.5 }}
 """
 
 
@@ -55,19 +58,15 @@ def _stream_once(client: httpx.Client, url: str, body: dict[str, object], path: 
             if response.status_code != 200:
                 outcome.error = f"{response.status_code}: {response.read()!r}"
                 return outcome
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: ") :]
-                if data == "[DONE]":
-                    outcome.done = True
-                    continue
-                event = json.loads(data)
-                if "error" in event:
+            payloads = (line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: "))
+            for data in payloads:
+                event = None if data == "[DONE]" else json.loads(data)
+                outcome.done = outcome.done or event is None
+                if event is not None and "error" in event:
                     outcome.error = str(event["error"])
-                    continue
-                outcome.num_chunks += 1
-                outcome.models.add(event["model"])
+                elif event is not None:
+                    outcome.num_chunks += 1
+                    outcome.models.add(event["model"])
     except httpx.HTTPError as exc:
         outcome.error = repr(exc)
     return outcome
@@ -75,6 +74,7 @@ def _stream_once(client: httpx.Client, url: str, body: dict[str, object], path: 
 
 def test_failover_when_a_deployment_dies(taxiway_server: ServerFactory) -> None:
     stub_a, stub_b = StubUpstream().start_in_thread(), StubUpstream().start_in_thread()
+    revived: StubUpstream | None = None
     try:
         server = taxiway_server(_group_entry(stub_a) + _group_entry(stub_b))
         url = server.url  # type: ignore[attr-defined]
@@ -96,6 +96,8 @@ def test_failover_when_a_deployment_dies(taxiway_server: ServerFactory) -> None:
             num_a, num_b = len(stub_a.requests), len(stub_b.requests)
             stub_b.stop()  # killed mid-run: its streams are cut, its port refuses
             killed = len(outcomes)
+            time.sleep(1.5)  # B probed (and failing) every 0.5 s meanwhile
+            revived = StubUpstream().start_in_thread(port=stub_b.port)
             time.sleep(1.5)
         finally:
             stop.set()
@@ -109,6 +111,7 @@ def test_failover_when_a_deployment_dies(taxiway_server: ServerFactory) -> None:
         assert len(failed) <= NUM_CLIENTS  # at most the streams cut when the upstream stopped
         after = outcomes[killed + NUM_CLIENTS :]
         assert len(after) > 20 and all(o.error is None and o.done for o in after)
+        assert len(revived.requests) > 5  # probed back, then balanced again
         assert all(o.models == {"chat"} and o.header == "chat" for o in outcomes if o.error is None)
 
         models = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
@@ -118,14 +121,16 @@ def test_failover_when_a_deployment_dies(taxiway_server: ServerFactory) -> None:
         events = [json.loads(line).get("event") for line in server.logs().splitlines() if line.startswith("{")]  # type: ignore[attr-defined]
         # cooled down after its first failure: only requests already routed to it then fail over
         # B cooled down after its first failure (the gateway's or the backend's own cooldown): only
-        # requests routed to it before that failed over
-        assert any(e.endswith("cooling_down") for e in events) and events.count("request.failover") <= NUM_CLIENTS
+        # requests routed to it before that failed over, and one probe per cooldown (1.5 s / 0.5 s)
+        # — not the half of all requests (~40) that balancing alone would send it
+        assert any(e.endswith("cooling_down") for e in events) and events.count("request.failover") <= NUM_CLIENTS + 3
         print(f"failover: {before} responses before the kill, {len(outcomes) - killed} after, "
               f"{len(failed)} cut mid-stream, 0 failed before their first byte, "
               f"{events.count('request.failover')} failed over")  # fmt: skip
     finally:
-        stub_a.stop()
-        stub_b.stop()
+        for stub in (stub_a, stub_b, revived):
+            if stub is not None:
+                stub.stop()
 
 
 def test_fallback_from_a_dead_upstream_to_an_engine_model(taxiway_server: ServerFactory, tmp_path: Path) -> None:
@@ -142,13 +147,7 @@ options = {{ base_url = "{dead}" }}
 [[models]]
 name = "tiny"
 backend = "engine"
-[models.options]
-model = "{model}"
-dtype = "float32"
-threads = 1
-native_kernels = false
-kv_cache_tokens = 512
-enable_prefix_caching = false
+options = {{ model = "{model}", dtype = "float32", threads = 1, native_kernels = false, kv_cache_tokens = 512 }}
 """)
     url = server.url  # type: ignore[attr-defined]
 

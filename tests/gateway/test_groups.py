@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from gateway_fakes import FakeBackend, HookRecorder, fake_plugins, settings
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
+from gateway.cli import main
 from gateway.config import parse_settings
 from gateway.errors import ConfigError, InvalidRequestError, RateLimitError, UpstreamError, UpstreamTimeoutError
+from gateway.fleet import Fleet, read_config
 
 CHAT = "/v1/chat/completions"
 
@@ -40,15 +43,15 @@ def _chat(model: str = "g", **extra: object) -> dict[str, object]:
 
 
 @pytest.fixture
-async def recorder() -> HookRecorder:
+def recorder() -> HookRecorder:
     return HookRecorder()
 
 
 @pytest.fixture
 async def client(recorder: HookRecorder) -> AsyncIterator[AsyncTestClient]:
+    """The app on ``CONFIG``: a group ``g`` of two fakes falling back to ``spare``, and back."""
     FakeBackend.instances.clear()
-    app = create_app(settings(CONFIG), plugins=fake_plugins(("recorder", recorder)))
-    async with AsyncTestClient(app) as client:
+    async with AsyncTestClient(create_app(settings(CONFIG), plugins=fake_plugins(("recorder", recorder)))) as client:
         yield client
 
 
@@ -169,3 +172,31 @@ async def test_a_parameter_the_requested_model_lacks_is_its_answer() -> None:
         response = await client.post(CHAT, json=_chat(n=2))
         assert response.status_code == 400 and response.json()["error"]["param"] == "n"
         assert not any(b.requests for b in FakeBackend.instances)  # not sent to the fallback
+
+
+def test_check_config_names_the_fallback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[[models]]\nname = "a"\nbackend = "openai"\noptions = { base_url = "http://x/v1" }\n'
+                    'fallbacks = ["a", "missing"]\n')  # fmt: skip
+    assert main(["check-config", str(path)]) != 0
+    assert "models[0].fallbacks[1]: unknown model 'missing'" in capsys.readouterr().err
+    path.write_text(path.read_text().replace('"missing"', '"a"') * 2)  # a group of two, a self cycle
+    assert main(["check-config", str(path)]) == 0
+
+
+async def test_a_reload_keeps_health_and_takes_new_fallbacks(tmp_path: Path) -> None:
+    FakeBackend.instances.clear()
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG)
+    plugins = fake_plugins()
+    settings_, router = read_config(path, plugins)
+    fleet = Fleet(router, lambda: read_config(path, plugins), ready_timeout_s=5)
+    await fleet.start()
+    g1 = fleet.router.routes[0]
+    g1.health.failed(0.0, 30, "down")
+    path.write_text(CONFIG.replace('fallbacks = ["spare"]', "fallbacks = []").replace("cooldown_s = 60", "cooldown_s = 5"))
+    result = await fleet.reload()
+    assert result.unchanged == ["g", "g", "spare"] and not result.added
+    assert fleet.router.routes[0] is g1 and g1.health.reason == "down"
+    assert [g.name for g in fleet.router.chain("g")] == ["g"] and fleet.router.routes[1].cooldown_s == 5
+    await fleet.stop()
