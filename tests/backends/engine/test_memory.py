@@ -206,3 +206,48 @@ def test_stop_frees_the_model_and_start_reloads_it(smollm2_path) -> None:
     assert m["loaded"] - m["unloaded"] >= 0.8 * served, m
     assert m["first"] and m["second"] == m["first"], m
     assert abs(m["reloaded"] - m["loaded"]) <= 0.2 * served, m  # nothing left behind by the first load
+
+
+async def test_stop_ends_a_running_stream_and_start_serves_again(tmp_path) -> None:
+    """A tiny model in this process: a stream still running when the model is stopped ends with a
+    503 (never hangs); the stopped model is unloaded, holds nothing, and a start serves again."""
+    import asyncio
+
+    from backends.engine.backend import EngineBackend
+    from bench.synthetic import write_random_llama
+    from gateway.errors import ServiceUnavailableError
+    from gateway.interface import Delta, GenerationRequest, SamplingParams
+
+    path = write_random_llama(tmp_path / "m", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=320,
+                              tokenizer=True)  # fmt: skip
+    backend = EngineBackend("m", EngineOptions(model=str(path), kv_cache_tokens=2048))
+
+    async def started() -> None:
+        await backend.start()
+        while not backend.ready().ready:
+            assert not backend.ready().failed, backend.ready().detail
+            await asyncio.sleep(0.02)
+
+    def request(max_tokens: int) -> GenerationRequest:
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return GenerationRequest(request_id="r", model="m", prompt="hello there", sampling=sampling)
+
+    async def greedy() -> str:
+        return "".join([item.text async for item in backend.generate(request(8)) if isinstance(item, Delta)])
+
+    await started()
+    first = await greedy()
+    assert backend.memory_bytes() == backend.memory_required() > 0
+    stream = backend.generate(request(1000))  # of the 1024-token context: still running when stopped
+    await anext(stream)
+    stopping = asyncio.create_task(backend.stop())
+    with pytest.raises(ServiceUnavailableError, match="unloaded"):
+        async for _ in stream:
+            pass
+    await stopping
+    assert backend.ready().detail == "unloaded" and backend.memory_bytes() == 0
+    with pytest.raises(ServiceUnavailableError, match="not ready"):
+        await greedy()
+    await started()
+    assert await greedy() == first
+    await backend.stop()
