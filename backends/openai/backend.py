@@ -52,8 +52,10 @@ class Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     transport: Literal["lean", "httpcore"] = "lean"
     #: connect errors retried (with backoff 0.1, 0.2, 0.4 … s, at most 2 s); never once a request was sent
     retries: int = 2
-    #: after a failure (connect error, 5xx, timeout) refuse requests this long, then probe; 0: never
-    cooldown_s: float = 30.0
+    #: after a failure (connect error, 5xx, timeout) refuse requests at once this long, then probe;
+    #: 0 (default): off — the gateway's per-entry ``cooldown_s`` already tries a failed deployment
+    #: last, and still tries it when it is all there is; this breaker fails those fast instead
+    cooldown_s: float = 0.0
 
 
 class OpenAIBackend(Backend):

@@ -5,7 +5,10 @@ Retries (``retry_delays``): only a failure to *connect* is retried, never one af
 was sent — a POST that reached the upstream may have started generating, and a retry would
 duplicate it.
 
-Cooldown (``Cooldown``), a circuit breaker with three states:
+Cooldown (``Cooldown``), a circuit breaker, off unless ``cooldown_s`` is set: the gateway's own
+per-entry cooldown (``gateway/balance.py``) already tries a failed deployment after every other
+candidate; this one makes the backend refuse at once, for a caller better served by a fast 503 than
+by waiting on a dead upstream's timeouts. Three states:
 
 - *healthy*: requests go to the upstream;
 - *cooling down* for ``cooldown_s`` after a failure (connect error once retries are spent, a 5xx,

@@ -114,6 +114,20 @@ async def test_connect_errors_are_retried_with_backoff_then_cool_down() -> None:
         await backend.stop()
 
 
+async def test_by_default_a_dead_upstream_is_tried_every_time() -> None:
+    """``cooldown_s`` off (the default): the gateway's own cooldown decides; the backend keeps
+    answering 502 and stays ready, counting the failures."""
+    backend = await _started(f"http://127.0.0.1:{_free_port()}/v1", retries=1)
+    try:
+        for _ in range(2):
+            with pytest.raises(UpstreamError, match="cannot reach"):
+                await _answer(backend)
+        assert backend.ready().ready and backend.cooling_down_until() is None
+        assert backend.stats().num_failures == 2 and backend.stats().num_connect_retries == 2
+    finally:
+        await backend.stop()
+
+
 async def test_a_probe_after_the_cooldown_clears_it() -> None:
     port = _free_port()
     backend = await _started(f"http://127.0.0.1:{port}/v1", retries=0, cooldown_s=0.5)

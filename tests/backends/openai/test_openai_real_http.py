@@ -30,12 +30,12 @@ def _main_config(stub: StubUpstream, closed_port: int) -> str:
         name = "assistant"
         aliases = ["default"]
         backend = "openai"
-        options = {{ base_url = "{stub.base_url}", api_key = "${{UPSTREAM_KEY}}", upstream_model = "smollm2", timeout_s = 1.0, embeddings = true, cooldown_s = 0 }}
+        options = {{ base_url = "{stub.base_url}", api_key = "${{UPSTREAM_KEY}}", upstream_model = "smollm2", timeout_s = 1.0, embeddings = true }}
 
         [[models]]
         name = "down"
         backend = "openai"
-        options = {{ base_url = "http://127.0.0.1:{closed_port}/v1", connect_timeout_s = 1.0, cooldown_s = 0 }}
+        options = {{ base_url = "http://127.0.0.1:{closed_port}/v1", connect_timeout_s = 1.0 }}
     """
 
 
