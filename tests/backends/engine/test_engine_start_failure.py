@@ -87,7 +87,10 @@ def _check_failed(server, model: str, reason_part: str, started: float) -> None:
     # deadline still bounds it).
     while True:
         lines = [msgspec.json.decode(line) for line in server.logs().splitlines() if line.startswith("{")]
-        request_lines = [line for line in lines if line.get("request_id") == request_id]
+        request_lines = [
+            line for line in lines if line.get("request_id") == request_id and line["event"].startswith("request.")
+            and line["event"] != "request.candidate_skipped"
+        ]  # the access line (a skipped candidate is logged under the same id)
         if request_lines or time.monotonic() - started > DEADLINE_S:
             break
         time.sleep(0.05)
