@@ -18,6 +18,7 @@ from litestar.handlers import asgi
 
 from gateway.admin import Admin
 from gateway.asgi import request_headers, request_id
+from gateway.budget import Budget
 from gateway.config import Settings
 from gateway.errors import (
     InternalError,
@@ -54,7 +55,7 @@ def create_app(
     plugins.pm.hook.plugin_configure(settings=settings)
     router = build_router(settings, plugins)
     reader = None if config_path is None else functools.partial(read_config, config_path, plugins)
-    fleet = Fleet(router, reader, ready_timeout_s=settings.server.ready_timeout_s)
+    fleet = Fleet(router, reader, ready_timeout_s=settings.server.ready_timeout_s, budget=Budget(settings, router))
     gateway = Gateway(settings, fleet, LifecycleHooks(plugins.pm))
     admin = Admin(fleet, settings, settings.server.host)
     fleet.on_settings = admin.configure

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from gateway.budget import parse_seconds, parse_size
 from gateway.errors import ConfigError
 from gateway.keys import key_digests
 
@@ -42,6 +43,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     port: int = 8000
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     ready_timeout_s: float = 600.0  # a reload waits this long for its new models to be ready
+    memory_budget: int | str | None = None  # "8GiB", "512MiB" or bytes; None: unlimited (gateway.budget)
+    load_timeout_s: float = 120.0  # a request waits this long for its model to load
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -65,6 +68,9 @@ class ModelEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     fallbacks: tuple[str, ...] = ()  # names or aliases tried, in order, when this group fails
     cooldown_s: float = 30.0  # after a failure this deployment is tried last, then probed back
+    load: str = "eager"  # or "on_demand": loaded by its first request (gateway.budget)
+    keep_alive: float | str = -1  # idle seconds (or "5m") before it is unloaded; -1 never
+    pin: bool = False  # never evicted for room
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -179,6 +185,9 @@ def _check(settings: Settings) -> None:
             raise ConfigError("a backend name is required", path=f"models[{i}].backend")
         if not entry.cooldown_s >= 0:
             raise ConfigError("must not be negative", path=f"models[{i}].cooldown_s")
+        if entry.load not in ("eager", "on_demand"):
+            raise ConfigError("must be one of eager, on_demand", path=f"models[{i}].load")
+        parse_seconds(entry.keep_alive, f"models[{i}].keep_alive")
     server = settings.server
     if not 0 <= server.port <= 65535:
         raise ConfigError("must be between 0 and 65535", path="server.port")
@@ -186,6 +195,9 @@ def _check(settings: Settings) -> None:
         raise ConfigError("must be at least 1024", path="server.max_body_bytes")
     if not server.ready_timeout_s > 0:
         raise ConfigError("must be greater than 0", path="server.ready_timeout_s")
+    if not server.load_timeout_s > 0:
+        raise ConfigError("must be greater than 0", path="server.load_timeout_s")
+    parse_size(server.memory_budget, "server.memory_budget")
     key_digests(settings.admin.keys, settings.admin.key_hashes, "admin")
     if settings.log.level not in _LOG_LEVELS:
         raise ConfigError(f"must be one of {', '.join(_LOG_LEVELS)}", path="log.level")

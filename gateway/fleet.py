@@ -31,6 +31,7 @@ from collections.abc import Callable
 import msgspec
 import structlog
 
+from gateway.budget import Budget, check_budget
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, ModelNotFoundError, ServiceUnavailableError
 from gateway.plugins import Plugins
@@ -59,6 +60,7 @@ def read_config(path: str | os.PathLike[str] | None, plugins: Plugins) -> tuple[
     """
     settings = load_settings(path)
     router = build_router(settings, plugins)
+    check_budget(settings, router)
     plugins.pm.hook.plugin_configure(settings=settings)
     return settings, router
 
@@ -70,7 +72,9 @@ class Fleet:
     taken out of the table and not yet stopped.
     """
 
-    def __init__(self, router: Router, reader: ConfigReader | None, *, ready_timeout_s: float) -> None:
+    def __init__(
+        self, router: Router, reader: ConfigReader | None, *, ready_timeout_s: float, budget: Budget | None = None
+    ) -> None:
         self.router = router
         self.draining: set[Route] = set()
         self.ready_timeout_s = ready_timeout_s
@@ -78,16 +82,22 @@ class Fleet:
         self._reader = reader
         self._lock = asyncio.Lock()
         self._drains: set[asyncio.Task[None]] = set()
+        # the memory budget (gateway.budget): what starts, what loads on a request, what is evicted
+        self.budget = budget or Budget(Settings(models=()), Router([]))
+        self.budget.bind(lambda: (*self.router.routes, *self.draining), self._start, _stop, _wait_ready)
 
     async def start(self) -> None:
-        """Start every backend before serving (each loads in its own time: see ``ready``)."""
-        for route in self.router.routes:
+        """Start every eager backend that fits the budget before serving (each loads in its own
+        time: see ``ready``); the others load on their first request."""
+        for route in self.budget.eager_fit(self.router.routes):
             await self._start(route)
+        self.budget.open()
         log.info("gateway.ready", models=[r.name for r in self.router.routes])
 
     async def stop(self) -> None:
         """At shutdown: stop every instance, routed or draining (no drain: the server has
         already finished its requests or given up on them)."""
+        self.budget.close()
         for task in self._drains:
             task.cancel()
         for route in (*reversed(self.router.routes), *self.draining):
@@ -112,6 +122,7 @@ class Fleet:
                 raise
             # key tables apply with the file that validates them, as plugins' do in read_config
             self.on_settings(settings)
+            self.budget.configure(settings, candidate)
             result = await self._apply(candidate)
             log.info("config.reloaded", **msgspec.structs.asdict(result))
             return result
@@ -128,7 +139,7 @@ class Fleet:
                 routes.append(fresh)
             else:
                 routes.append(kept)
-        await self._start_all(starting)
+        await self._start_all(self.budget.eager_fit(starting))
 
         # the swap: no await between these lines, so no request sees half of it
         for route, fresh in zip(routes, candidate.routes, strict=True):
@@ -184,14 +195,14 @@ class Fleet:
         """Start an unloaded model again; a no-op for one that is started."""
         async with self._lock:
             route = self.find(name)
-            if route.phase == "stopped":
-                await self._start(route)
+            await self.budget.load(route)
             return route
 
     async def unload(self, name: str) -> Route:
         """Refuse new requests for ``name`` (503), let its in-flight ones finish, stop it."""
         async with self._lock:
             route = self.find(name)
+            self.budget.hold_down(route)
             if route.phase == "serving":
                 route.phase = "stopped"
                 await route.drain()

@@ -164,6 +164,8 @@ class Gateway:
         def prepare(route: Route) -> Any:
             return endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
 
+        # an unloaded model loads first (evicting idle ones for room) or raises the budget's 503
+        await self.fleet.budget.ensure_loaded(self.router.chain(req.model))
         attempts = Attempts(self.router.chain(req.model), prepare)
         # no await since the lookup: a reload's swap cannot slip in between, so a drain sees this request
         _serving(ctx, attempts.admit())
