@@ -90,6 +90,8 @@ def test_budget(taxiway_server: ServerFactory, tmp_path: Path) -> None:
     assert _ask(url, "b").status_code == 200 and _ask(url, "a").status_code == 200
     assert _ask(url, "c").status_code == 200
     assert _states(url) == {"a": ("loaded", 0), "b": ("unloaded", 0), "c": ("loaded", 0)}
+    memory = {m["name"]: m["memory_bytes"] for m in httpx.get(f"{url}/admin/models", timeout=10).json()["data"]}
+    assert memory == {"a": needs[0], "b": 0, "c": needs[0]}
 
     with _streaming(url, "c"):
         # c, streaming, is now the least recently used: b comes back by evicting a instead
