@@ -21,16 +21,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import msgspec
 import structlog
 
-from gateway import normalize, wire
+from gateway import normalize
 from gateway.asgi import (
     JSON,
-    OVERHEAD_HEADER,
     SSE_HEADERS,
     DisconnectWatcher,
-    Headers,
     Scope,
     read_body,
     request_headers,
@@ -41,6 +38,7 @@ from gateway.asgi import (
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.context import RequestContext
+from gateway.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, overhead_header, response_headers
 from gateway.errors import (
     ClientDisconnectedError,
     InternalError,
@@ -50,7 +48,7 @@ from gateway.errors import (
 from gateway.failover import Attempts
 from gateway.fleet import Fleet
 from gateway.hooks import LifecycleHooks
-from gateway.interface import GenerationRequest, StreamItem, Usage
+from gateway.interface import StreamItem, Usage
 from gateway.render import (
     SSE_DONE,
     ChatRenderer,
@@ -63,52 +61,6 @@ from gateway.router import Route, Router
 log = structlog.get_logger("taxiway.gateway")
 
 perf_counter = time.perf_counter
-
-
-class _Endpoint:
-    """What differs between the POST endpoints: how a body decodes and normalises, and for the
-    generation endpoints how the response renders."""
-
-    __slots__ = ("decoder", "id_prefix", "name", "normalize", "renderer")
-
-    def __init__(
-        self,
-        name: str,
-        request_type: type[Any],
-        normalize_fn: Callable[..., Any],
-        renderer: type[ChatRenderer] | type[CompletionRenderer] | None = None,
-        id_prefix: str = "",
-    ) -> None:
-        self.name = name
-        self.decoder = msgspec.json.Decoder(request_type)
-        self.normalize = normalize_fn
-        self.renderer = renderer
-        self.id_prefix = id_prefix
-
-    def render(self, request_id: str, model: str, include_usage: bool) -> ChatRenderer | CompletionRenderer:
-        """A generation endpoint's renderer for one response, naming ``model``."""
-        assert self.renderer is not None
-        return self.renderer(self.id_prefix + request_id, model, int(time.time()), include_usage=include_usage)
-
-
-_CHAT = _Endpoint("chat.completions", wire.ChatCompletionRequest, normalize.chat_request, ChatRenderer, "chatcmpl-")
-_COMPLETIONS = _Endpoint("completions", wire.CompletionRequest, normalize.completion_request, CompletionRenderer, "cmpl-")
-_EMBEDDINGS = _Endpoint("embeddings", wire.EmbeddingsRequest, normalize.embedding_request)
-
-MODEL_HEADER = b"x-taxiway-model"
-
-
-def _response_headers(ctx: RequestContext, base: Headers | tuple[tuple[bytes, bytes], ...]) -> Headers:
-    headers = list(base)
-    headers.append((b"x-request-id", ctx.request_id.encode()))
-    if ctx.model is not None:  # who answered: a group's name, or the fallback that took over
-        headers.append((MODEL_HEADER, ctx.model.encode()))
-    return headers
-
-
-def _overhead_header(ctx: RequestContext, now: float) -> tuple[bytes, bytes]:
-    overhead_ms = max(0.0, (now - ctx.started_at - ctx.timings.backend_s) * 1000.0)
-    return (OVERHEAD_HEADER, f"{overhead_ms:.3f}".encode())
 
 
 class Gateway:
@@ -147,7 +99,7 @@ class Gateway:
         return ctx, headers
 
     async def _admit(
-        self, ctx: RequestContext, endpoint: _Endpoint, scope: Scope, receive: Any, headers: dict[str, str]
+        self, ctx: RequestContext, endpoint: Endpoint, scope: Scope, receive: Any, headers: dict[str, str]
     ) -> tuple[Any, Attempts]:
         """The wire request and its attempts, counted in on its first candidate (normalised for
         it); raises what the client did wrong.
@@ -175,8 +127,8 @@ class Gateway:
         """Send ``body`` as the whole 200 response and tell the ``after_request`` hooks."""
         now = perf_counter()
         ctx.timings.total_s = now - ctx.started_at
-        headers = _response_headers(ctx, (JSON,))
-        headers.append(_overhead_header(ctx, now))
+        headers = response_headers(ctx, (JSON,))
+        headers.append(overhead_header(ctx, now))
         await send_bytes(send, 200, body, headers)
         await self.hooks.after_request(ctx, usage)
 
@@ -205,12 +157,12 @@ class Gateway:
     # generation
 
     async def chat_completions(self, scope: Scope, receive: Any, send: Any) -> None:
-        await self._generate(_CHAT, scope, receive, send)
+        await self._generate(CHAT, scope, receive, send)
 
     async def completions(self, scope: Scope, receive: Any, send: Any) -> None:
-        await self._generate(_COMPLETIONS, scope, receive, send)
+        await self._generate(COMPLETIONS, scope, receive, send)
 
-    async def _generate(self, endpoint: _Endpoint, scope: Scope, receive: Any, send: Any) -> None:
+    async def _generate(self, endpoint: Endpoint, scope: Scope, receive: Any, send: Any) -> None:
         ctx, headers = self._context(scope, endpoint.name)
         try:
             req, attempts = await self._admit(ctx, endpoint, scope, receive, headers)
@@ -223,7 +175,7 @@ class Gateway:
             attempts.release()
 
     async def _stream(
-        self, endpoint: _Endpoint, ctx: RequestContext, req: Any, attempts: Attempts, receive: Any, send: Any
+        self, endpoint: Endpoint, ctx: RequestContext, req: Any, attempts: Attempts, receive: Any, send: Any
     ) -> None:
         ctx.is_stream = req.stream
         try:
@@ -336,8 +288,8 @@ class Gateway:
         send: Any,
     ) -> None:
         """SSE events from ``item`` on; a failure now ends the stream with an error event."""
-        headers = _response_headers(ctx, SSE_HEADERS)
-        headers.append(_overhead_header(ctx, perf_counter()))
+        headers = response_headers(ctx, SSE_HEADERS)
+        headers.append(overhead_header(ctx, perf_counter()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         failure: TaxiwayError | None = None
         tail = SSE_DONE
@@ -363,9 +315,9 @@ class Gateway:
     # embeddings
 
     async def embeddings(self, scope: Scope, receive: Any, send: Any) -> None:
-        ctx, headers = self._context(scope, _EMBEDDINGS.name)
+        ctx, headers = self._context(scope, EMBEDDINGS.name)
         try:
-            req, attempts = await self._admit(ctx, _EMBEDDINGS, scope, receive, headers)
+            req, attempts = await self._admit(ctx, EMBEDDINGS, scope, receive, headers)
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
@@ -399,7 +351,7 @@ class Gateway:
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
-        await send_bytes(send, 200, body, _response_headers(ctx, (JSON,)))
+        await send_bytes(send, 200, body, response_headers(ctx, (JSON,)))
 
     async def health(self, scope: Scope, receive: Any, send: Any) -> None:
         await send_bytes(send, 200, b'{"status":"ok"}', [JSON])
