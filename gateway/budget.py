@@ -252,6 +252,11 @@ class Budget:
         elif route.phase == "stopped":
             await self._begin_load(route)
 
+    def loads_on_request(self, route: Route) -> bool:
+        """``route`` is unloaded but its next request loads it, or is loading for a request: not
+        "not ready" (``/ready``)."""
+        return route in self._loads or (route.phase == "stopped" and route not in self.held_down)
+
     def hold_down(self, route: Route) -> None:
         self.held_down.add(route)
 

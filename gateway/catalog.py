@@ -6,6 +6,8 @@ entry it resolves to, so that a client picking from the list finds ``default``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 
 from gateway import wire
@@ -61,9 +63,10 @@ class Catalog:
         return wire.ModelCard(id=name, created=self.started, root=route.name, aliases=aliases)
 
     @staticmethod
-    def readiness(router: Router) -> tuple[int, bytes]:
-        """/ready: 200 when every routed model is ready, else 503 listing those that are not."""
-        states = [(route.name, route.backend.ready()) for route in router.routes]
+    def readiness(router: Router, loads_on_request: Callable[[Route], bool] = lambda _r: False) -> tuple[int, bytes]:
+        """/ready: 200 when every routed model is ready or ``loads_on_request`` (the memory
+        budget's: unloaded or loading for a request), else 503 listing those that are not."""
+        states = [(route.name, route.backend.ready()) for route in router.routes if not loads_on_request(route)]
         not_ready = [ModelState(model=name, state=s.state, detail=s.detail) for name, s in states if not s.ready]
         body = encode(Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
         return (503 if not_ready else 200), body

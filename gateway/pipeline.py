@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -163,6 +163,13 @@ class Gateway:
         await self._generate(COMPLETIONS, scope, receive, send)
 
     async def _generate(self, endpoint: Endpoint, scope: Scope, receive: Any, send: Any) -> None:
+        await self._admitted(endpoint, scope, receive, send, self._stream)
+
+    async def _admitted(
+        self, endpoint: Endpoint, scope: Scope, receive: Any, send: Any, handle: Callable[..., Awaitable[None]]
+    ) -> None:
+        """Admit a POST request, then ``handle(endpoint, ctx, req, attempts, receive, send)`` it; the
+        request stays counted in on its candidate until ``handle`` has sent the response."""
         ctx, headers = self._context(scope, endpoint.name)
         try:
             req, attempts = await self._admit(ctx, endpoint, scope, receive, headers)
@@ -170,7 +177,7 @@ class Gateway:
             await self._fail(ctx, exc, send)
             return
         try:
-            await self._stream(endpoint, ctx, req, attempts, receive, send)
+            await handle(endpoint, ctx, req, attempts, receive, send)
         finally:
             attempts.release()
 
@@ -315,27 +322,23 @@ class Gateway:
     # embeddings
 
     async def embeddings(self, scope: Scope, receive: Any, send: Any) -> None:
-        ctx, headers = self._context(scope, EMBEDDINGS.name)
+        await self._admitted(EMBEDDINGS, scope, receive, send, self._embeddings)
+
+    async def _embeddings(
+        self, _endpoint: Endpoint, ctx: RequestContext, req: Any, attempts: Attempts, _receive: Any, send: Any
+    ) -> None:
         try:
-            req, attempts = await self._admit(ctx, EMBEDDINGS, scope, receive, headers)
+            await self.hooks.before_request(ctx)
+            start = perf_counter()
+            try:
+                result = await attempts.answer(lambda route, request: _embed(ctx, route, request))
+            finally:
+                ctx.timings.backend_s = perf_counter() - start
+            out = embeddings_body(result, ctx.model or "", as_base64=req.encoding_format == "base64")
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
-        try:  # counted in until the response is sent
-            try:
-                await self.hooks.before_request(ctx)
-                start = perf_counter()
-                try:
-                    result = await attempts.answer(lambda route, request: _embed(ctx, route, request))
-                finally:
-                    ctx.timings.backend_s = perf_counter() - start
-                out = embeddings_body(result, ctx.model or "", as_base64=req.encoding_format == "base64")
-            except Exception as exc:
-                await self._fail(ctx, exc, send)
-                return
-            await self._succeed(ctx, out, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0), send)
-        finally:
-            attempts.release()
+        await self._succeed(ctx, out, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0), send)
 
     # -----------------------------------------------------------------------------------------
     # models, stats, health
@@ -357,7 +360,7 @@ class Gateway:
         await send_bytes(send, 200, b'{"status":"ok"}', [JSON])
 
     async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
-        status, body = self.catalog.readiness(self.router)
+        status, body = self.catalog.readiness(self.router, self.fleet.budget.loads_on_request)
         await send_bytes(send, status, body, [JSON])
 
 

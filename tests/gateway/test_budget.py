@@ -23,6 +23,7 @@ from gateway.config import load_settings, parse_settings
 from gateway.errors import ConfigError, ServiceUnavailableError
 from gateway.fleet import read_config
 from gateway.hookspecs import hookimpl
+from gateway.interface import ReadyState
 from gateway.plugins import Plugins
 from gateway.router import build_router
 
@@ -50,6 +51,9 @@ class SizedBackend(FakeBackend):
     async def stop(self) -> None:
         self.is_loaded = False
         await super().stop()
+
+    def ready(self) -> ReadyState:
+        return ReadyState(ready=self.is_loaded, detail="" if self.is_loaded else "unloaded")
 
     def memory_required(self) -> int | None:
         return self.options.memory_mib * MIB
@@ -129,6 +133,7 @@ def test_make_room_evicts_idle_unpinned_least_recently_used_first() -> None:
 async def test_lru_eviction_and_in_flight_models_kept(tmp_path: Path) -> None:
     async with _client(_write(tmp_path, THREE)) as client:
         assert await _states(client) == {"a": "loaded", "b": "loaded", "c": "unloaded"}
+        assert (await client.get("/ready")).status_code == 200  # c loads on its request: not "not ready"
         assert (await _ask(client, "b")).status_code == 200
         assert (await _ask(client, "a")).status_code == 200  # b is now the least recently used
         assert (await _ask(client, "c")).status_code == 200
@@ -204,6 +209,7 @@ async def test_admin_unload_stays_unloaded_and_admin_load_evicts(tmp_path: Path)
         assert (await client.post("/admin/models/a/unload")).json()["state"] == "unloaded"
         refused = await _ask(client, "a")
         assert refused.status_code == 503 and "/admin/models/a/load" in refused.json()["error"]["message"]
+        assert (await client.get("/ready")).json()["not_ready"][0]["model"] == "a"  # unloaded on purpose
         assert (await _ask(client, "c")).status_code == 200  # fits in a's room: nothing evicted
         loaded = await client.post("/admin/models/a/load")  # evicts the LRU idle one (b) for room
         assert loaded.json()["state"] == "loaded"
