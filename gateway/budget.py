@@ -226,7 +226,8 @@ class Budget:
     async def ensure_loaded(self, chain: Sequence[Group]) -> None:
         """Before a request is admitted: when no deployment of its model is started, load one
         (sharing a load under way) and wait, at most ``load_timeout_s``. Returns at once when one
-        is started or every deployment was unloaded through the admin API (admission says 503)."""
+        is started, when every deployment was unloaded through the admin API (admission says
+        503), or when there is no room but a fallback is loaded (admission goes to it)."""
         group = chain[0]
         pending = next((self._loads[r] for r in group.routes if r in self._loads), None)
         if pending is None:
@@ -235,7 +236,13 @@ class Budget:
             route = next((r for r in group.routes if r not in self.held_down), None)
             if route is None:
                 return
-            pending = self._begin_load(route)
+            try:
+                pending = self._begin_load(route)
+            except ServiceUnavailableError as exc:
+                if not any(r.phase != "stopped" for fallback in chain[1:] for r in fallback.routes):
+                    raise
+                log.info("budget.no_room", model=route.name, error=exc.message)  # a fallback answers
+                return
         try:
             await asyncio.wait_for(asyncio.shield(pending), self.load_timeout_s)
         except TimeoutError:

@@ -163,6 +163,19 @@ async def test_lru_eviction_and_in_flight_models_kept(tmp_path: Path) -> None:
         assert await _states(client) == {"a": "loaded", "b": "loaded", "c": "unloaded"}
 
 
+async def test_no_room_goes_to_a_loaded_fallback(tmp_path: Path) -> None:
+    text = '[server]\nmemory_budget = "150MiB"\n' + _entry("a", 100) + _entry("b", 100, 'fallbacks = ["a"]')
+    async with _client(_write(tmp_path, text)) as client:
+        assert await _states(client) == {"a": "loaded", "b": "unloaded"}
+        _backend("a").delay_s = 0.2
+        held = asyncio.create_task(_ask(client, "a"))
+        await asyncio.sleep(0.1)
+        answered = await _ask(client, "b")  # no room for b while a streams: a answers for it
+        assert answered.status_code == 200 and answered.json()["model"] == "a"
+        assert (await held).status_code == 200
+        assert (await _ask(client, "b")).json()["model"] == "b"  # a idle now: evicted for b
+
+
 async def test_pinned_models_stay_and_eager_models_start_if_they_fit(tmp_path: Path) -> None:
     budget = "[server]\nmemory_budget = 250_000_000\n"
     text = budget + _entry("a", 100, "pin = true") + _entry("b", 100) + _entry("c", 100)
