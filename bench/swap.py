@@ -88,6 +88,7 @@ class SwapReport(msgspec.Struct):
     num_a_after_first_b: int  # requests sent after B's first token and answered by A (should be 0)
     signal_to_first_b_s: float | None  # the signal to the first token from B
     server_events_s: dict[str, float]  # the server's log: each of _EVENTS, first logged after the signal
+    slowest: list[list[float | str]]  # the 5 slowest requests: [start after the signal, TTFT, E2E, models]
     steady: WindowReport
     swap: WindowReport
     after: WindowReport | None
@@ -353,6 +354,8 @@ def summarise(
         num_a_after_first_b=sum(first_b is not None and r.started_s > first_b and name_a in r.models for r in results),
         signal_to_first_b_s=None if first_b is None else first_b - signal_s,
         server_events_s={},
+        slowest=[[r.started_s - signal_s, r.ttft_s, r.latency_s, "+".join(r.models)]
+                 for r in sorted(results, key=lambda r: -r.latency_s)[:5]],  # fmt: skip
         steady=steady_w,
         swap=swap_w,
         after=_window("after", swap_end, end_s, after) if after else None,

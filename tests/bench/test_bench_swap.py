@@ -41,6 +41,7 @@ def test_swap_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     events = report["server_events_s"]  # from the server's log
     assert events["backend.starting"] <= events["engine.ready"] <= events["config.reloaded"] <= events["backend.retired"]
     assert events["config.reloaded"] <= report["signal_to_first_b_s"] + 0.1  # log stamps vs this process's clock
+    assert len(report["slowest"]) == 5 and report["slowest"][0][2] == max(row[2] for row in report["slowest"])
     steady, swap, after = report["steady"], report["swap"], report["after"]
     assert set(steady["answered_by"]) == {"model-a"} and steady["num_requests"] > 0
     assert set(after["answered_by"]) == {"model-b"}
