@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -67,6 +69,12 @@ class _Abort(msgspec.Struct):
     request_id: str
 
 
+#: A load runs beside models already serving (a reload, an on-demand load): at the lowest CPU
+#: priority it takes what serving leaves. `taxiway bench swap` (C=16, 2 cores, 30 s runs back to
+#: back): p99 latency during the swap 8.4x steady at nice 0, 5.9x at 10, 4.5x at 19.
+LOAD_NICENESS = 19
+
+
 async def run_in_own_thread(fn: Callable[[], T], name: str = "taxiway-engine-load") -> T:
     """``fn()`` on a new thread that ends with it (so its OpenMP team goes too); awaits the result."""
     loop = asyncio.get_running_loop()
@@ -82,6 +90,8 @@ async def run_in_own_thread(fn: Callable[[], T], name: str = "taxiway-engine-loa
 
     def target() -> None:
         try:
+            with contextlib.suppress(OSError):  # inherited by the OpenMP team this thread starts
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
             result = fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
             loop.call_soon_threadsafe(settle, None, exc)

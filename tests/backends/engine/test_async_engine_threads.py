@@ -31,3 +31,18 @@ async def test_exceptions_reach_the_awaiting_task() -> None:
 
     with pytest.raises(ValueError, match="no such model"):
         await run_in_own_thread(fail)
+
+
+async def test_a_load_runs_at_the_lowest_cpu_priority_and_serving_keeps_its_own() -> None:
+    import os
+    import threading
+
+    from backends.engine.async_engine import LOAD_NICENESS, run_in_own_thread
+
+    def own_priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = own_priority()
+    in_load = await run_in_own_thread(own_priority)
+    assert in_load == max(before, LOAD_NICENESS) == 19  # a process may raise its niceness, never lower it
+    assert own_priority() == before  # the event loop's thread (and threads it starts) keep theirs
