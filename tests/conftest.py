@@ -67,6 +67,17 @@ class ServerProcess:
     def logs(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def wait_ready(self, timeout: float) -> None:
+        """Polls ``GET /ready`` until 200 (every model loaded); fails after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        response = None
+        while time.monotonic() < deadline:
+            response = httpx.get(f"{self.url}/ready", timeout=5)
+            if response.status_code == 200:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"not ready after {timeout}s: {response.text if response else ''}")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -31,18 +31,8 @@ def engine_server(shared_taxiway_server):  # type: ignore[no-untyped-def]
         options = {{ model = "{path}", threads = 1, max_num_seqs = 1, max_waiting = 1, kv_cache_tokens = 1024, max_model_len = 512 }}
     """
     server = shared_taxiway_server(config, startup_timeout=120)
-    _wait_ready(server.url, timeout=300)
+    server.wait_ready(timeout=300)
     return server
-
-
-def _wait_ready(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        response = httpx.get(f"{url}/ready", timeout=5)
-        if response.status_code == 200:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"not ready after {timeout}s: {response.text}")
 
 
 def _stats(url: str, model: str) -> dict:

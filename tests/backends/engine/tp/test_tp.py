@@ -410,19 +410,6 @@ def test_smollm2_each_rank_holds_about_half_the_weights(smollm2_engines) -> None
 # served through the gateway (slow)
 
 
-def _wait_ready(url: str, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    response = None
-    while time.monotonic() < deadline:
-        response = httpx.get(f"{url}/ready", timeout=5)
-        if response.status_code == 200:
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"not ready after {timeout}s: {response.text if response else ''}")
-
-
 def _worker_pids(server_pid: int) -> list[int]:
     import psutil
 
@@ -452,7 +439,7 @@ def test_served_to_the_openai_client_and_recovers_from_a_killed_rank(  # type: i
         """,
         startup_timeout=120,
     )
-    _wait_ready(server.url, timeout=240)
+    server.wait_ready(timeout=240)
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     (worker,) = _worker_pids(server.proc.pid)
 
@@ -499,7 +486,7 @@ def test_served_to_the_openai_client_and_recovers_from_a_killed_rank(  # type: i
     # the other model serves while this one recovers; then this one serves again, on a new rank 1
     other = client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
     assert other.choices[0].message.content
-    _wait_ready(server.url, timeout=240)
+    server.wait_ready(timeout=240)
     reply = client.chat.completions.create(
         model="smol-tp", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0
     )
