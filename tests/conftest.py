@@ -76,7 +76,7 @@ class ServerProcess:
             if response.status_code == 200:
                 return
             time.sleep(0.25)
-        raise AssertionError(f"not ready after {timeout}s: {response.text if response else ''}")
+        raise AssertionError(f"not ready after {timeout}s: {response.text if response else ''}\n{self.logs()}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -110,10 +110,7 @@ def test_a_served_request_logs_json_lines_naming_it(taxiway_server) -> None:  # 
         backend = "engine"
         options = {{ model = "{path}", threads = 1, max_num_seqs = 2, kv_cache_tokens = 1024, max_model_len = 512 }}
     """)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{server.url}/ready", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, server.logs()
-        time.sleep(0.2)
+    server.wait_ready(timeout=300)
 
     request_id = f"log-{time.monotonic_ns()}"
     response = httpx.post(f"{server.base_url}/chat/completions", headers={"x-request-id": request_id}, timeout=60,

@@ -171,7 +171,7 @@ def test_swap_under_load(taxiway_server: ServerFactory, tmp_path: Path) -> None:
     path.write_text(_engine_entry("tiny-a", model_a))
     server = taxiway_server(path)
     url = server.url  # type: ignore[attr-defined]
-    _wait(lambda: httpx.get(f"{url}/ready", timeout=5).status_code == 200, 60, "model A to load")
+    server.wait_ready(timeout=60)  # type: ignore[attr-defined]
 
     outcomes: list[_Outcome] = []
     stop = threading.Event()
