@@ -33,7 +33,7 @@ import msgspec
 from backends.engine.builder import EngineOptions, kv_cache_layout
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
 from backends.engine.model.gguf_reader import read_gguf
-from backends.engine.model.tensor_names import GGUF_NAMES, HF_NAMES
+from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS, HF_NAMES
 
 #: tokenizer (a 49k vocabulary's Python objects), scheduler state and the allocator's slack
 BASE_OVERHEAD = 48 * 2**20
@@ -41,8 +41,6 @@ BASE_OVERHEAD = 48 * 2**20
 GROUP = 32  # int4 and Q8_0 group size (model/quant/data.py's DEFAULT_GROUP_SIZE, GGUF's block)
 ROW_BLOCK = 64  # packed int4 rows are padded to this (model/quant/layouts.py's CPU_BLOCK_N)
 
-#: GGUF tensor types the loader decodes (gguf_loader.SUPPORTED_TYPES) and the form each arrives in
-GGUF_KINDS = {"F32": "float", "F16": "float", "BF16": "float", "Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8g"}
 
 _VOCAB = ("embed", "lm_head")
 _FUSED = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # one module each (loader._build)
@@ -158,11 +156,11 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
         name = GGUF_NAMES.canonical(t.name)
         if name is None:
             continue
-        kind = GGUF_KINDS.get(t.qtype.name)
+        kind = GGUF_WEIGHT_KINDS.get(t.qtype.name)
         if kind is None:
             raise UnsupportedModelError(
                 f"GGUF tensor '{t.name}' has type {t.qtype.name}, which the engine cannot load "
-                f"(supported: {', '.join(GGUF_KINDS)})"
+                f"(supported: {', '.join(GGUF_WEIGHT_KINDS)})"
             )
         tensors.append(TensorEntry(name, kind, math.prod(t.shape[1:]), t.shape[0]))  # GGUF: columns first
     metadata = dict(header.metadata)

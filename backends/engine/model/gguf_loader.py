@@ -25,11 +25,11 @@ from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
-from backends.engine.model.tensor_names import GGUF_NAMES
+from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS
 from backends.engine.model.gguf_reader import GGUFHeader, GGUFTensorInfo, read_gguf
 from backends.engine.model.quant import Int4Data, Int8Data, WeightData
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = tuple(GGUF_WEIGHT_KINDS)
 _BLOCK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
 _CHUNK_ROWS = 4096  # rows decoded at a time: bounds the transient memory of huge tensors
 

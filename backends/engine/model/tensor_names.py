@@ -78,3 +78,8 @@ HF_NAMES = TensorNames(
         "model.norm.weight": "norm",
     },
 )
+
+
+#: The GGUF tensor types the loader decodes, and the form each is held in (``float``; ``int4``;
+#: ``int8g``: per-group int8). Here, beside the names, so the memory estimate reads it without torch.
+GGUF_WEIGHT_KINDS = {"F32": "float", "F16": "float", "BF16": "float", "Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8g"}
