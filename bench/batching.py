@@ -134,6 +134,8 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--modes", default="none,static,continuous")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU path: fused kernels, CUDA graphs)")
+    parser.add_argument("--quantization", choices=["int4", "int8", "none"], default=None, help="default: as stored")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the JSON results here")
 
@@ -146,6 +148,7 @@ def run(args: Namespace) -> int:
     configure_logging("warning", stream=sys.stderr)
     options = EngineOptions(
         model=args.model, dtype=args.dtype, threads=args.threads, max_num_seqs=args.concurrency,
+        device=args.device, quantization=args.quantization,
         max_num_batched_tokens=512, kv_cache_tokens=args.concurrency * 1024,
         enable_prefix_caching=False,  # each mode starts cold: no mode reuses another's prompts
     )  # fmt: skip
@@ -205,3 +208,11 @@ def report(results: list[ModeResult], num_requests: int, concurrency: int) -> st
         f"\n{num_requests} requests, {prompt_tokens} prompt tokens, {output_tokens} output tokens, concurrency {concurrency}"
     )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m bench.batching: on a device machine without the package installed
+    from argparse import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    configure(parser)
+    sys.exit(run(parser.parse_args()))

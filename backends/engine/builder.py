@@ -50,6 +50,9 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     seed: int | None = None
     home: str | None = None  # model cache; default $TAXIWAY_HOME or ~/.cache/taxiway
     native_kernels: bool = True  # the native CPU kernels (native/); false: torch's ops throughout
+    cuda_graphs: bool = True  # on CUDA: decode steps replayed from CUDA graphs (cuda/graphs.py)
+    # on CUDA with no KV size set: the share of the GPU's memory the process may hold in all
+    gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens is not None and self.kv_cache_memory_mb is not None:
@@ -85,12 +88,17 @@ class KVCacheLayout(msgspec.Struct, frozen=True):
         return self.num_tokens / self.max_model_len
 
 
-def kv_cache_layout(config, options: EngineOptions, dtype_bytes: int, tp: int = 1) -> KVCacheLayout:  # type: ignore[no-untyped-def]
-    """Size the paged KV cache from a token count or a memory budget (per rank under TP)."""
+def kv_cache_layout(  # type: ignore[no-untyped-def]
+    config, options: EngineOptions, dtype_bytes: int, tp: int = 1, free_bytes: int | None = None
+) -> KVCacheLayout:
+    """Size the paged KV cache from a token count or a memory budget (per rank under TP);
+    ``free_bytes``: what a GPU leaves for it (``gpu_kv_bytes``), used when neither is set."""
     kv_heads = max(1, config.num_kv_heads // tp) if config.num_kv_heads >= tp else 1
     per_token = config.num_layers * 2 * kv_heads * config.head_dim * dtype_bytes
     if options.kv_cache_memory_mb is not None:
         tokens = int(options.kv_cache_memory_mb * 2**20 // per_token)
+    elif options.kv_cache_tokens is None and free_bytes is not None:
+        tokens = free_bytes // per_token
     else:
         tokens = options.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS
     num_blocks = tokens // options.block_size
@@ -98,6 +106,33 @@ def kv_cache_layout(config, options: EngineOptions, dtype_bytes: int, tp: int = 
         raise ConfigError("the KV cache holds less than one block", path="options.kv_cache_tokens")
     max_len = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     return KVCacheLayout(num_blocks, options.block_size, per_token, max_len)
+
+
+def graph_reserve_bytes(config, max_batch: int) -> int:  # type: ignore[no-untyped-def]
+    """What the decode graphs' shared pool holds at most, counted before the KV cache is sized:
+    per row float32 logits four times over (logits, refined copy, top-k, sampling) and the
+    layer activations, plus 256 MiB of cuBLAS workspaces and allocator slack. The captured pool
+    is measured and logged (``engine.cuda_graphs``)."""
+    per_row = 16 * config.vocab_size + 4 * (
+        2 * config.intermediate_size + config.q_size + 2 * config.kv_size + 8 * config.hidden_size
+    )
+    return max_batch * per_row + 256 * 2**20
+
+
+def gpu_kv_bytes(options: EngineOptions, config) -> int:  # type: ignore[no-untyped-def]
+    """Bytes the KV cache may take on ``options.device``: ``gpu_memory_utilization`` of the GPU,
+    less what is in use now (the weights, other processes) and the graphs' reserve."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(options.device))
+    reserve = graph_reserve_bytes(config, options.max_num_seqs) if options.cuda_graphs else 256 * 2**20
+    allowed = int(total * options.gpu_memory_utilization) - (total - free) - reserve
+    if allowed <= 0:
+        raise ConfigError(
+            f"the GPU has no memory left for a KV cache under gpu_memory_utilization={options.gpu_memory_utilization}",
+            path="options.gpu_memory_utilization",
+        )
+    return allowed
 
 
 def process_environ() -> Mapping[str, str]:
@@ -172,10 +207,17 @@ def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ig
         path, quantization=options.quantization, dtype=dtype, device=options.device, threads=options.threads,
         kernels=kernels,
     )  # fmt: skip
-    model = fuse(loaded.model, kernels)  # the native fast path, where it applies
-    tokenizer = Tokenizer.load(path)
     config = loaded.config
-    layout = kv_cache_layout(config, options, torch.finfo(dtype).bits // 8)
+    on_gpu = torch.device(options.device).type == "cuda"
+    free = gpu_kv_bytes(options, config) if on_gpu else None
+    layout = kv_cache_layout(config, options, torch.finfo(dtype).bits // 8, free_bytes=free)
+    if on_gpu:  # the GPU path: fused Triton kernels, decode from CUDA graphs
+        from backends.engine import cuda
+
+        model = cuda.prepare(loaded.model, max_positions=layout.max_model_len)
+    else:
+        model = fuse(loaded.model, kernels)  # the native fast path, where it applies
+    tokenizer = Tokenizer.load(path)
     scheduler = make_scheduler(options, layout, tokenizer.eos_token_ids)
     runner = ModelRunner(
         model,
@@ -185,6 +227,8 @@ def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ig
         dtype=dtype,
         device=options.device,
         seed=options.seed,
+        decode_graphs=options.max_num_seqs if on_gpu and options.cuda_graphs else 0,
+        max_model_len=layout.max_model_len,
     )
     log.info(
         "engine.kv_cache",

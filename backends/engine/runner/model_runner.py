@@ -39,13 +39,29 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         seed: int | None = None,
+        decode_graphs: int = 0,
+        max_model_len: int | None = None,
     ) -> None:
+        """``decode_graphs``: on CUDA, the largest decode batch replayed from CUDA graphs (0: none;
+        ``model`` is then a ``cuda.model.GpuCausalLM``); ``max_model_len`` bounds their block tables."""
         self.model = model
         self.config = config
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = torch.device(device)
-        self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, dtype, self.device)
+        # graphs' padding rows write into one block past those the scheduler hands out
+        extra = 1 if decode_graphs else 0
+        self.kv_caches = allocate_kv_cache(config, num_blocks + extra, block_size, dtype, self.device)
+        self.graphs = None
+        if decode_graphs:
+            from backends.engine.cuda.graphs import DecodeGraphs
+
+            width = -(-(max_model_len or config.max_position_embeddings) // block_size)
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, max_batch=decode_graphs, max_blocks_per_seq=width, pad_block=num_blocks
+            )
+            if self.device.type == "cuda":
+                self.graphs.capture()
         # unseeded rows share one generator; a seeded choice keeps its own for its whole life
         self._generator = torch.Generator(device=self.device)
         if seed is not None:
@@ -77,6 +93,8 @@ class ModelRunner:
             tables.append(sched.block_table)
             if sched.do_sample:
                 sample_rows.append(starts[-1] - 1)
+        if self.graphs is not None and len(sample_rows) == len(seq_lens) == len(input_ids) <= self.graphs.max_batch:
+            return self.graphs.run(input_ids, positions, seq_lens, slots, tables)  # a decode-only step
         width = max(len(t) for t in tables)
         padded = [list(t) + [0] * (width - len(t)) for t in tables]
         dev = self.device

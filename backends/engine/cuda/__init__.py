@@ -1,0 +1,18 @@
+"""The engine on a GPU: fused Triton kernels (``kernels``), the forward built on them
+(``model.GpuCausalLM``) and decode steps replayed from CUDA graphs (``graphs.DecodeGraphs``).
+
+``prepare(model)`` is the explicit step, beside ``native.fuse`` for the CPU, that turns a loaded
+``CausalLM`` on a CUDA device into the GPU forward. Nothing here is imported on the CPU path.
+"""
+
+from __future__ import annotations
+
+from backends.engine.cuda.kernels import HAVE_TRITON, GpuKernels
+
+
+def prepare(model, *, use_triton: bool | None = None, max_positions: int | None = None):  # type: ignore[no-untyped-def]
+    """The GPU forward over ``model``'s weights (``use_triton``: default where Triton is installed)."""
+    from backends.engine.cuda.model import GpuCausalLM
+
+    kernels = GpuKernels(HAVE_TRITON if use_triton is None else use_triton)
+    return GpuCausalLM(model, kernels, max_positions=max_positions)

@@ -1,0 +1,89 @@
+"""``GpuCausalLM``: the Llama forward on a GPU, over the weights of a built ``CausalLM``.
+
+Same contract as ``model.llama.CausalLM`` (``model(ids, positions, attn, kv) -> float32 hidden``,
+``compute_logits``), plus ``decode``: a decode step that takes its metadata as device tensors and
+never synchronizes with the host, so that ``graphs.DecodeGraphs`` can capture it. Per layer it
+runs nine launches: add+norm, qkv, rotary+cache write, attention, o, add+norm, gate|up,
+silu*up, down (``kernels.GpuKernels``); the linear layers are the model's own (torch's int4
+kernel, cuBLAS for bfloat16). The residual stream stays float32, as on the CPU path.
+
+Steps with prompt tokens (``forward``) run eagerly: the same fused norm, rotary and cache write,
+with ``attention.paged_attention`` (torch's SDPA) for the attention itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from backends.engine.cuda.kernels import GpuKernels, attention_splits
+from backends.engine.model.attention import AttentionMetadata, AttentionPlan, KVCache, paged_attention
+from backends.engine.model.llama import CausalLM
+
+
+class GpuCausalLM(nn.Module):
+    def __init__(self, model: CausalLM, kernels: GpuKernels, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.dtype = model.dtype
+        self.kernels = kernels
+        config = model.config
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        positions = torch.arange(max_positions or config.max_position_embeddings, device=model.device).float()
+        freqs = positions.unsqueeze(1) * model.inv_freq.float()  # [P, D/2]
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous(), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return self.model.compute_logits(hidden)
+
+    def _layers(self, h: Tensor, attend, positions: Tensor, slots: Tensor, kv_caches: KVCache,
+                k_out: Tensor | None = None) -> Tensor:  # type: ignore[no-untyped-def]  # fmt: skip
+        """The decoder layers over the float32 residual ``h`` (updated in place); ``attend(layer, q,
+        k_cache, v_cache) -> [T, H * D]``. Returns the final norm's float32 output."""
+        k = self.kernels
+        x = None
+        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            normed = k.add_rms_norm(x, h, layer.attn_norm.weight, self.eps, self.dtype)
+            qkv = attn.qkv_proj(normed)
+            q = k.rope_write_kv(qkv, positions, self.cos_sin, k_cache, v_cache, slots, self.num_heads,
+                                self.num_kv_heads, k_out)  # fmt: skip
+            x = attn.o_proj(attend(qkv, q, k_cache, v_cache))
+            normed = k.add_rms_norm(x, h, layer.ffn_norm.weight, self.eps, self.dtype)
+            x = mlp.down_proj(k.silu_mul(mlp.gate_up_proj(normed)))
+        return k.add_rms_norm(x, h, self.model.norm.weight, self.eps, torch.float32)
+
+    @torch.inference_mode()
+    def decode(self, input_ids: Tensor, positions: Tensor, block_tables: Tensor, seq_lens: Tensor, slots: Tensor,
+               kv_caches: KVCache) -> Tensor:  # fmt: skip
+        """One new token per sequence: ``[S]`` ids, positions, context lengths after this step and
+        cache slots, ``[S, W]`` block tables (any integer dtype). Float32 hidden ``[S, D]``."""
+        splits = attention_splits(input_ids.shape[0], self.num_kv_heads)
+
+        def attend(qkv: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+            return self.kernels.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, self.scale, splits)
+
+        h = self.model.embed_tokens.embed(input_ids).float()
+        return self._layers(h, attend, positions, slots, kv_caches)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, positions: Tensor, attn: AttentionMetadata, kv_caches: KVCache) -> Tensor:
+        """Any step (prefill, decode or both), eagerly; writes this step's K/V."""
+        plan = AttentionPlan.build(attn, kv_caches[0][0].shape[1])
+        tokens = input_ids.shape[0]
+        k_rot = torch.empty(tokens, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=input_ids.device)
+        v_start = (self.num_heads + self.num_kv_heads) * self.head_dim
+
+        def attend(qkv: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+            v = qkv[:, v_start:].view(tokens, self.num_kv_heads, self.head_dim)
+            return paged_attention(q, k_rot, v, k_cache, v_cache, plan, self.scale, write_kv=False)
+
+        h = self.model.embed_tokens.embed(input_ids).float()
+        return self._layers(h, attend, positions, attn.slot_mapping, kv_caches, k_rot)

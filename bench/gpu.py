@@ -1,0 +1,207 @@
+"""``taxiway bench gpu``: the engine on a CUDA device against HF transformers, one JSON line per figure.
+
+    taxiway bench gpu [--batch 1,16,64] [--quantization int4,none] [--hf eager,compiled]
+
+A device machine reaches no package index, so the real GGUF cannot travel there; speed depends on
+shapes, not values, so a random model of SmolLM2-135M's exact shapes stands in (bfloat16
+activations, weights int4 (group 32) or bfloat16 as ``--quantization`` says). Figures:
+
+- ``prefill``: tokens/s of one 512-token prompt (the eager path: fused norm/rotary, SDPA);
+- ``decode``: tokens/s at each batch size, every sequence at a 512-token context, greedy with one
+  host sync per step for the token ids; ``mode`` ``graphs`` (``DecodeGraphs`` replay), ``eager``
+  (the same kernels launched one by one) and ``plain`` (``CausalLM``'s torch ops, the path before
+  the GPU forward, at batch 1);
+- ``hf``: ``LlamaForCausalLM`` on the same weights, ``eager`` (dynamic cache) and ``compiled``
+  (static cache + ``torch.compile(mode="reduce-overhead")``, HF's documented recipe), decode
+  step time from ``generate`` of N + 1 tokens less that of 1 token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from argparse import ArgumentParser, Namespace
+from pathlib import Path
+
+SMOLLM2_SHAPES = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152)
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def write_model(path: Path, tokenizer_from: str | None = None) -> Path:
+    """A random model of SmolLM2-135M's shapes at ``path`` (with the tokenizer files of
+    ``tokenizer_from``, a model directory, when given: for the serving benchmarks)."""
+    import shutil
+
+    from bench.synthetic import write_random_llama
+
+    write_random_llama(path, **SMOLLM2_SHAPES, std=0.02, rope_theta=100000.0, max_positions=8192)
+    if tokenizer_from:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(tokenizer_from) / name, path / name)
+    return path
+
+
+def configure(parser: ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", default="1,16,64")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--quantization", default="int4,none")
+    parser.add_argument("--hf", default="eager,compiled", help="HF transformers modes to measure ('' for none)")
+    parser.add_argument("--hf-budget-s", type=float, default=240.0, help="stop starting HF runs after this long")
+    parser.add_argument("--write-model", default=None, help="only write the random model here and exit")
+    parser.add_argument("--tokenizer-from", default=None, help="with --write-model: copy this model dir's tokenizer")
+
+
+def run(args: Namespace) -> int:
+    import torch
+
+    if args.write_model:
+        write_model(Path(args.write_model), args.tokenizer_from)
+        return 0
+    device = torch.device(args.device)
+    emit(device=torch.cuda.get_device_name(device), torch=torch.__version__)
+    batches = [int(b) for b in args.batch.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_model(Path(tmp) / "model")
+        for quantization in [q for q in args.quantization.split(",") if q]:
+            bench_engine(path, quantization, batches, args, device)
+        started = time.perf_counter()
+        for mode in [m for m in args.hf.split(",") if m]:
+            for b in batches:
+                if time.perf_counter() - started > args.hf_budget_s:
+                    emit(figure="hf", mode=mode, batch=b, skipped="--hf-budget-s spent")
+                    continue
+                try:
+                    bench_hf(path, mode, b, args, device)
+                except Exception as exc:  # a transformers version without the recipe: say so, go on
+                    emit(figure="hf", mode=mode, batch=b, error=f"{type(exc).__name__}: {exc}"[:500])
+    return 0
+
+
+def bench_engine(path: Path, quantization: str, batches: list[int], args: Namespace, device) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from backends.engine import cuda
+    from backends.engine.cuda.graphs import DecodeGraphs
+    from backends.engine.model.attention import AttentionMetadata, allocate_kv_cache
+    from backends.engine.model.loader import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(path, quantization=quantization, dtype=torch.bfloat16, device=device)
+    plain, config = loaded.model, loaded.config
+    prompt, steps, block = args.prompt_tokens, args.decode_steps, 16
+    per_seq = -(-(prompt + steps + 16) // block)
+    num_blocks = per_seq * max(batches)
+    model = cuda.prepare(plain, max_positions=per_seq * block)
+    kv = allocate_kv_cache(config, num_blocks + 1, block, torch.bfloat16, device)
+    emit(figure="load", quantization=quantization, seconds=round(time.perf_counter() - started, 1))
+
+    def tables(b: int) -> list[list[int]]:
+        return [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(b)]
+
+    ids = torch.randint(0, config.vocab_size, (prompt,), device=device)
+    pos = torch.arange(prompt, device=device)
+
+    def prefill(m, table: list[int]) -> None:  # type: ignore[no-untyped-def]
+        meta = AttentionMetadata.from_lists(query_lens=[prompt], seq_lens=[prompt], block_tables=[table],
+                                            block_size=block, device=device)  # fmt: skip
+        m.compute_logits(m(ids, pos, meta, kv)[-1:])
+
+    for name, m in (("fused", model), ("plain", plain)):
+        for _ in range(3):
+            prefill(m, tables(1)[0])
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            prefill(m, tables(1)[0])
+        torch.cuda.synchronize()
+        emit(figure="prefill", quantization=quantization, path=name, tokens=prompt,
+             tokens_per_s=round(prompt * 10 / (time.perf_counter() - t), 1))  # fmt: skip
+
+    graphs = DecodeGraphs(model, kv, max_batch=max(batches), max_blocks_per_seq=per_seq, pad_block=num_blocks)
+    graphs.capture()
+    emit(figure="graphs", quantization=quantization, buckets=graphs.buckets, capture_s=round(graphs.capture_s, 2),
+         mib=round(graphs.memory_bytes / 2**20, 1))  # fmt: skip
+
+    def eager_step(m, tok, positions, lens, slots, tabs):  # type: ignore[no-untyped-def]
+        t = torch.tensor
+        if m is plain:
+            meta = AttentionMetadata.from_lists(query_lens=[1] * len(tok), seq_lens=lens, block_tables=tabs,
+                                                block_size=block, device=device)  # fmt: skip
+            return m.compute_logits(m(t(tok, device=device), t(positions, device=device), meta, kv))
+        hidden = m.decode(t(tok, device=device), t(positions, device=device), t(tabs, device=device),
+                          t(lens, device=device), t(slots, device=device), kv)  # fmt: skip
+        return m.compute_logits(hidden)
+
+    for b in batches:
+        tabs = tables(b)
+        for table in tabs:
+            prefill(model, table)
+        modes = ["graphs", "eager"] + (["plain"] if b == 1 else [])
+        for mode in modes:
+            tok = torch.randint(0, config.vocab_size, (b,)).tolist()
+            warm_up = 4
+            for step in range(steps + warm_up):
+                if step == warm_up:
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                p = prompt + step
+                positions, lens = [p] * b, [p + 1] * b
+                slots = [tb[p // block] * block + p % block for tb in tabs]
+                if mode == "graphs":
+                    logits = graphs.run(tok, positions, lens, slots, tabs)
+                else:
+                    logits = eager_step(model if mode == "eager" else plain, tok, positions, lens, slots, tabs)
+                tok = logits.argmax(-1).tolist()  # the one host sync of the step
+            elapsed = time.perf_counter() - t
+            emit(figure="decode", quantization=quantization, mode=mode, batch=b, context=prompt,
+                 step_ms=round(elapsed / steps * 1e3, 3), tokens_per_s=round(b * steps / elapsed, 1))  # fmt: skip
+    del graphs, model, plain, kv
+    torch.cuda.empty_cache()
+
+
+def bench_hf(path: Path, mode: str, batch: int, args: Namespace, device) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    if mode == "compiled":
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(0, SMOLLM2_SHAPES["vocab"], (batch, args.prompt_tokens), device=device)
+    n = args.decode_steps
+
+    def generate(tokens: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False)  # fmt: skip
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    started = time.perf_counter()
+    generate(n + 1)
+    generate(n + 1)  # compiles (first and second call) are not timed
+    warm_s = time.perf_counter() - started
+    full, one = min(generate(n + 1) for _ in range(2)), min(generate(1) for _ in range(2))
+    step = (full - one) / n
+    emit(figure="hf", mode=mode, batch=batch, context=args.prompt_tokens, step_ms=round(step * 1e3, 3),
+         tokens_per_s=round(batch / step, 1), prefill_tokens_per_s=round(batch * args.prompt_tokens / one, 1),
+         warm_up_s=round(warm_s, 1))  # fmt: skip
+    del model
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":  # python -m bench.gpu: on a device machine without the package installed
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    configure(parser)
+    sys.exit(run(parser.parse_args()))
