@@ -59,6 +59,7 @@ class FusedLayer(DecoderLayer):
         nn.Module.__init__(self)
         self.attn_norm, self.self_attn, self.ffn_norm, self.mlp = layer.attn_norm, layer.self_attn, layer.ffn_norm, layer.mlp
         self.kernels = kernels
+        self.lora = None  # lora.layers.LayerLoRA, set by lora.apply_lora: adapter terms after the matmuls
         attn, mlp = self.self_attn, self.mlp
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.hidden = self.attn_norm.dim
@@ -111,8 +112,11 @@ class FusedLayer(DecoderLayer):
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """``h``: the float32 residual stream ``[T, hidden]``, updated in place and returned."""
         if not self.accepts(h, k_cache, v_cache):
+            if self.lora is not None and self.lora.active:  # the plain forward has no LoRA term
+                raise RuntimeError("a step with LoRA rows reached a fused layer whose input the kernels refuse")
             return super().forward(h, cos, sin, plan, k_cache, v_cache)
         attn, mlp = self.self_attn, self.mlp
+        lora = self.lora if self.lora is not None and self.lora.active else None
         rows = h.shape[0]
         threads = torch.get_num_threads()
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -121,6 +125,8 @@ class FusedLayer(DecoderLayer):
         x = self._norm(self.attn_norm, h, threads)
         qkv = torch.empty(rows, attn.qkv_proj.padded_out, dtype=torch.bfloat16)
         self._matmul(attn.qkv_proj, self.qkv_bias, x, self.hidden, rows, qkv, None, 0)
+        if lora is not None:
+            lora.qkv.add_to(x, qkv[:, : attn.qkv_proj.out_features])
         slots = plan.slot_mapping
         status = self.kernels.rope_kv_bf16(
             abi.RopeKvArgs(
@@ -134,12 +140,18 @@ class FusedLayer(DecoderLayer):
             raise RuntimeError(f"rotary / cache write refused: {rows} rows, slots {slots.tolist()[:8]}...")
         o = self._attend(qkv, plan, k_cache, v_cache, attn.scale)
         self._matmul(attn.o_proj, self.o_bias, o, o.stride(0), rows, None, h, 0)
+        if lora is not None:
+            lora.o.add_to(o, h)
 
         # MLP: norm, gate_up, down of silu(gate) * up into the residual
         x = self._norm(self.ffn_norm, h, threads)
         gate_up = torch.empty(rows, mlp.gate_up_proj.padded_out, dtype=torch.bfloat16)
         self._matmul(mlp.gate_up_proj, self.gate_up_bias, x, self.hidden, rows, gate_up, None, 0)
+        if lora is not None:
+            lora.gate_up.add_to(x, gate_up[:, : mlp.gate_up_proj.out_features])
         self._matmul(mlp.down_proj, self.down_bias, gate_up, gate_up.stride(0), rows, None, h, 1)
+        if lora is not None:
+            lora.add_down(gate_up, h)
         return h
 
     def _attend(self, qkv: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor, scale: float) -> Tensor:

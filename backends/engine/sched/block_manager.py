@@ -45,6 +45,13 @@ def hash_block(prev_hash: bytes | None, token_ids: SequenceABC[int]) -> bytes:
     return h.digest()
 
 
+def lora_seed(seq: Sequence) -> bytes | None:
+    """The hash chain's seed: None for the base model, else the adapter's id, so a prefix computed
+    with one adapter (or none) is never served to a request with another."""
+    lora_id = seq.group.lora_id if seq.group is not None else 0
+    return None if lora_id == 0 else b"lora:%d" % lora_id
+
+
 class BlockManagerStats(msgspec.Struct, frozen=True, kw_only=True):
     num_blocks: int
     block_size: int
@@ -241,7 +248,7 @@ class BlockManager:
         bs = self.block_size
         while len(hashes) <= i:
             j = len(hashes)
-            prev = hashes[j - 1] if j else None
+            prev = hashes[j - 1] if j else lora_seed(seq)
             hashes.append(hash_block(prev, seq.token_ids[j * bs : (j + 1) * bs]))
         return hashes[i]
 

@@ -18,6 +18,8 @@ Requests join and leave the running batch at every step. Each step has a token b
    the waiting queue keeping its output; its next prefill covers prompt and output so far.
 4. If nothing was preempted, waiting sequences are admitted first come first served (stopping at
    the first that does not fit), reusing cached prefix blocks, until budget, slots or blocks run out.
+   A request whose LoRA adapter would make more than ``max_loras`` distinct adapters run at once
+   is passed over, keeping its place, until one of them has no running sequence (as vLLM does).
 
 No deadlock: ``add`` rejects a request that could outgrow the whole cache, waiting sequences hold
 no blocks, and the oldest running sequence is never a victim, so it always gets its blocks and
@@ -55,6 +57,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         max_waiting: int = 1024,
         eos_token_ids: frozenset[int] = frozenset(),
+        max_loras: int | None = None,
     ) -> None:
         if min(max_num_seqs, max_num_batched_tokens, max_model_len, max_waiting) < 1:
             raise ValueError("scheduler limits must be at least 1")
@@ -71,6 +74,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_waiting = max_waiting
         self.eos_token_ids = eos_token_ids
+        self.max_loras = max_loras  # distinct LoRA adapters among running sequences (None: no adapters)
         self.waiting: deque[Sequence] = deque()  # FIFO; preempted sequences re-enter at the front
         self.running: list[Sequence] = []  # oldest first; the last is the next preemption victim
         self._groups: dict[str, SequenceGroup] = {}  # unfinished requests
@@ -258,8 +262,15 @@ class Scheduler:
         # an unforked leader holds slots for the choices it will fork
         num_slots = sum(1 + self._num_pending(s) for s in self.running)
         used = 0
+        # a request whose adapter would exceed max_loras waits (in its place) for one to finish
+        loras = {s.group.lora_id for s in self.running if s.group is not None} - {0}
+        skipped: list[Sequence] = []
         while self.waiting and used < budget:
             seq = self.waiting[0]
+            lora_id = seq.group.lora_id if seq.group is not None else 0
+            if lora_id and lora_id not in loras and len(loras) >= (self.max_loras or 0):
+                skipped.append(self.waiting.popleft())
+                continue
             slots = 1 + self._num_pending(seq)
             if num_slots + slots > self.max_num_seqs:
                 break
@@ -281,6 +292,9 @@ class Scheduler:
             scheduled.append(self._scheduled(seq, n))
             num_slots += slots
             used += n
+            if lora_id:
+                loras.add(lora_id)
+        self.waiting.extendleft(reversed(skipped))
         return used
 
     @staticmethod

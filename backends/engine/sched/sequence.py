@@ -17,6 +17,7 @@ import enum
 import itertools
 import time
 from collections.abc import Sequence as SequenceABC
+from typing import Any
 
 from gateway.interface import FinishReason, SamplingParams
 
@@ -154,12 +155,16 @@ class SequenceGroup:
         sampling: SamplingParams,
         *,
         arrival_time: float | None = None,
+        lora: Any = None,
     ) -> None:
         if sampling.n < 1:
             raise ValueError(f"n must be at least 1, got {sampling.n}")
         self.request_id = request_id
         self.sampling = sampling
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # the LoRA adapter every choice runs with (``lora.adapter.LoRAAdapter``; opaque here but for
+        # its ``lora_id``), None for the base model
+        self.lora = lora
         self.seqs: list[Sequence] = [
             Sequence(
                 prompt_token_ids, sampling, arrival_time=self.arrival_time, index=i, group=self
@@ -167,6 +172,12 @@ class SequenceGroup:
             for i in range(sampling.n)
         ]
         self.is_forked = sampling.n == 1
+
+    @property
+    def lora_id(self) -> int:
+        """The adapter's id, unique per load (0: the base model): what the scheduler counts
+        against ``max_loras`` and the prefix cache keys blocks by."""
+        return 0 if self.lora is None else self.lora.lora_id
 
     @property
     def leader(self) -> Sequence:

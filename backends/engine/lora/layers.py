@@ -1,0 +1,133 @@
+"""``apply_lora(model, slots)``: the batched LoRA terms placed on a built model, in one step.
+
+Called by the model builder after ``native.fuse`` (as ``fuse`` and ``shard_model`` are steps), so
+the plain forward stays plain:
+
+- a plain ``DecoderLayer`` (torch's ops: the float32 reference, or no native kernels) gets its four
+  projections wrapped in ``LoRALinear``: ``base(x) + lora(x)``;
+- a native ``FusedLayer`` gets ``layer.lora = LayerLoRA(...)``, which it calls after each native
+  matmul (qkv and gate_up before their outputs are used, o and down into the residual): the native
+  path applies the adapters too, never skips them;
+- a ``FusedStack`` becomes a ``LoRAStack``: a step with adapter rows runs the fused layers one by
+  one (the one-call native decode step has no LoRA term); a step of base rows alone still takes
+  the one call.
+
+Each projection's term is ``y += ((x @ A.T) * mask) @ Bt`` over every resident adapter
+(``slots.LoRASlots``), three torch ops whatever the mix of adapters in the step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backends.engine.lora.slots import LoRABatch, LoRASlots
+from backends.engine.model.llama import DecoderLayer, DecoderStack
+
+if TYPE_CHECKING:
+    from backends.engine.model.attention import AttentionPlan, KVCache
+    from backends.engine.model.llama import CausalLM
+
+
+class LoRAProjection:
+    """The LoRA term of one fused projection (``kind``) of one layer."""
+
+    __slots__ = ("kind", "layer", "slots")
+
+    def __init__(self, slots: LoRASlots, layer: int, kind: str) -> None:
+        self.slots = slots
+        self.layer = layer
+        self.kind = kind
+
+    def add_to(self, x: Tensor, y: Tensor) -> None:
+        """``y[T, out] += lora(x[T, in])`` for this step's rows (in place; ``y`` may be a view, and
+        float32 where ``x`` is bfloat16: the residual stream)."""
+        mask = self.slots.batch.masks.get(self.kind)
+        if mask is None:
+            return
+        a, bt = self.slots.stacks[self.layer][self.kind]
+        # float32 whatever the activations: bfloat16 rounding of x @ A.T and of the term cost a
+        # point of top-1 agreement with peft; the term is rounded once, where it lands
+        d = torch.mm(x if x.dtype == a.dtype else x.to(a.dtype), a.t()).mul_(mask)  # [T, K]: own columns only
+        if y.dtype == d.dtype:
+            y.addmm_(d, bt)
+        else:
+            y.add_(torch.mm(d, bt))
+
+
+class LayerLoRA:
+    """A decoder layer's four LoRA projections, as a ``FusedLayer`` calls them."""
+
+    def __init__(self, slots: LoRASlots, layer: int, intermediate_size: int) -> None:
+        self.batch = slots.batch
+        self.qkv, self.o, self.gate_up, self.down = (LoRAProjection(slots, layer, k) for k in ("qkv", "o", "gate_up", "down"))
+        self.intermediate_size = intermediate_size
+
+    @property
+    def active(self) -> bool:
+        return self.batch.active
+
+    def add_down(self, gate_up: Tensor, h: Tensor) -> None:
+        """The down projection's term into the residual ``h``; its input ``silu(gate) * up`` (which
+        the native down matmul forms internally) computed here, rounded as the torch path rounds."""
+        if "down" not in self.batch.masks:
+            return
+        i = self.intermediate_size
+        self.down.add_to(F.silu(gate_up[:, :i]) * gate_up[:, i : 2 * i], h)
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + lora(x)``: a plain layer's projection with its LoRA term."""
+
+    def __init__(self, base: nn.Module, lora: LoRAProjection) -> None:
+        super().__init__()
+        self.base = base
+        self.lora = lora
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.lora.slots.batch.active:
+            self.lora.add_to(x, y)
+        return y
+
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
+        return self.base.dequantize(dtype, rows)
+
+
+class LoRAStack(DecoderStack):
+    """A ``FusedStack`` whose one-call decode step runs only for steps without adapter rows."""
+
+    def __init__(self, stack: nn.Module, batch: LoRABatch) -> None:
+        super().__init__(list(stack))
+        self.inner = [stack]  # a list: not a submodule (its layers are already ours)
+        self.batch = batch
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, kv_caches: KVCache) -> Tensor:
+        if self.batch.active:
+            return super().forward(h, cos, sin, plan, kv_caches)
+        return self.inner[0](h, cos, sin, plan, kv_caches)
+
+
+def apply_lora(model: CausalLM, slots: LoRASlots) -> CausalLM:
+    """``model`` with the LoRA terms of ``slots`` on every layer's projections, in place (module doc)."""
+    from backends.engine.native.fused import FusedLayer
+    from backends.engine.native.stack import FusedStack
+
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, FusedLayer):
+            layer.lora = LayerLoRA(slots, i, layer.mlp.intermediate_size)
+        elif isinstance(layer, DecoderLayer):
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = LoRALinear(attn.qkv_proj, LoRAProjection(slots, i, "qkv"))
+            attn.o_proj = LoRALinear(attn.o_proj, LoRAProjection(slots, i, "o"))
+            mlp.gate_up_proj = LoRALinear(mlp.gate_up_proj, LoRAProjection(slots, i, "gate_up"))
+            mlp.down_proj = LoRALinear(mlp.down_proj, LoRAProjection(slots, i, "down"))
+        else:
+            raise TypeError(f"layer {i} ({type(layer).__name__}) cannot take LoRA adapters")
+    if isinstance(model.layers, FusedStack):
+        model.layers = LoRAStack(model.layers, slots.batch)
+    return model

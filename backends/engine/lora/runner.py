@@ -1,0 +1,30 @@
+"""``LoRAModelRunner``: the model runner whose steps carry an adapter per row.
+
+Before each forward it hands ``LoRASlots.prepare`` one adapter (or None, the base model) per token
+of the flattened batch, in the order ``ModelRunner.execute`` lays the tokens out: each scheduled
+sequence's new tokens in turn, with its request's adapter (``SequenceGroup.lora``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from backends.engine.lora.slots import LoRASlots
+from backends.engine.runner.model_runner import ModelRunner
+from backends.engine.sched.output import SchedulerOutput
+
+
+class LoRAModelRunner(ModelRunner):
+    def __init__(self, *args: Any, slots: LoRASlots, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lora_slots = slots
+
+    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
+        rows: list[Any] = []
+        for sched in out.scheduled:
+            group = sched.seq.group
+            rows.extend([None if group is None else group.lora] * sched.num_new_tokens)
+        self.lora_slots.prepare(rows)
+        return super().execute(out)
