@@ -25,6 +25,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -76,6 +77,15 @@ LOAD_NICENESS = 19
 
 
 async def run_in_own_thread(fn: Callable[[], T], name: str = "taxiway-engine-load") -> T:
+#: Engines started in this process (``serving_beside``).
+_STARTED: weakref.WeakSet[AsyncEngine] = weakref.WeakSet()
+
+
+def serving_beside() -> bool:
+    """Whether an engine in this process is serving: a load now runs beside it (``child_load``)."""
+    return any(engine.ready for engine in list(_STARTED))
+
+
     """``fn()`` on a new thread that ends with it (so its OpenMP team goes too); awaits the result."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -136,6 +146,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="taxiway-engine", daemon=True)
         self._thread.start()
 
+        _STARTED.add(self)
     def stop(self) -> None:
         """Stop the step thread (its step ends first); a request still streaming gets a 503."""
         self._stopping = True

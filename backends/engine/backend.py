@@ -31,6 +31,10 @@ from gateway.interface import (
 
 log = structlog.get_logger(__name__)
 
+#: Weights under which an ``auto`` load beside a serving engine stays on a thread: a tiny model
+#: loads in well under a second, less than the ~2 s a child process costs to start.
+CHILD_LOAD_MIN_WEIGHT_BYTES = 32 * 2**20
+
 
 class EngineBackend(Backend):
     Options = EngineOptions
@@ -76,6 +80,10 @@ class EngineBackend(Backend):
             self._memory = estimate_memory(resolve_model_path(self.options), self.options)
         return self._memory.total
 
+    def _memory_estimate(self):  # type: ignore[no-untyped-def]
+        self.memory_required()
+        return self._memory
+
     def memory_bytes(self) -> int | None:
         """What the model holds now, or reserves while it loads: its declared ``memory_required``
         from the start of a load until ``stop``; 0 when not loaded (never started, stopped, failed)."""
@@ -112,13 +120,28 @@ class EngineBackend(Backend):
 
             self._engine = build_tp_engine(self.options)
         else:
+            from backends.engine.async_engine import serving_beside
             from backends.engine.builder import build_engine
 
-            self._engine = build_engine(self.options)
+            self._engine = build_engine(self.options, in_child=self._load_in_child(serving_beside()))
         from backends.engine.text.chat_template import ChatTemplate
 
         self._template = ChatTemplate.from_tokenizer(self._engine.tokenizer)
         self._warm_up()
+
+    def _load_in_child(self, serving_beside: bool) -> bool:
+        """Whether this load runs in a child process (``child_load``): as ``load_process`` says;
+        for ``auto``, when another engine serves in this process and the weights are worth it
+        (a child costs ~2 s of its own, spawning and importing torch, at the lowest priority)."""
+        mode = self.options.load_process
+        if mode != "auto":
+            return mode == "always"
+        if not serving_beside:
+            return False
+        try:
+            return self._memory_estimate().weights >= CHILD_LOAD_MIN_WEIGHT_BYTES
+        except Exception:  # noqa: BLE001 - an unreadable file fails the load itself, which says why
+            return False
 
     def _warm_up(self) -> None:
         """One tiny request through schedule → forward → sample → detokenize."""

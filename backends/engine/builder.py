@@ -50,6 +50,9 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     seed: int | None = None
     home: str | None = None  # model cache; default $TAXIWAY_HOME or ~/.cache/taxiway
     native_kernels: bool = True  # the native CPU kernels (native/); false: torch's ops throughout
+    # where a load runs: "auto" in a child process when another engine serves in this process
+    # (a reload, an on-demand load: backends/engine/child_load.py), else on a thread of it
+    load_process: Literal["auto", "always", "never"] = "auto"
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from CUDA graphs (cuda/graphs.py)
     # on CUDA with no KV size set: the share of the GPU's memory the process may hold in all
     gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
@@ -190,8 +193,9 @@ def load_kernels(options: EngineOptions, environ: Mapping[str, str] | None = Non
     return ckernels.load(build)
 
 
-def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ignore[no-untyped-def]
-    """Load the model and tokenizer, size the KV cache, wire scheduler and runner."""
+def build_engine(options: EngineOptions, *, progress: bool = False, in_child: bool = False):  # type: ignore[no-untyped-def]
+    """Load the model and tokenizer, size the KV cache, wire scheduler and runner. ``in_child``:
+    load the weights and tokenizer in a child process (CPU only; ``child_load``)."""
     import torch
 
     from backends.engine.engine import LLMEngine
@@ -203,10 +207,21 @@ def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ig
     path = resolve_model_path(options, progress=progress)
     dtype = torch.bfloat16 if options.dtype == "bfloat16" else torch.float32
     kernels = load_kernels(options) if torch.device(options.device).type == "cpu" else None
-    loaded = load_model(
-        path, quantization=options.quantization, dtype=dtype, device=options.device, threads=options.threads,
-        kernels=kernels,
-    )  # fmt: skip
+    loaded = tokenizer = None
+    if in_child and torch.device(options.device).type == "cpu":
+        from backends.engine.child_load import ChildStartError, load_in_child
+
+        try:
+            loaded, tokenizer = load_in_child(path, options, kernels)
+        except ChildStartError as exc:  # the load still happens, on this process's thread
+            log.warning("engine.child_load_unavailable", model=str(path.name), reason=str(exc))
+        if options.threads:  # as load_model does in the process that runs the model
+            torch.set_num_threads(options.threads)
+    if loaded is None:
+        loaded = load_model(
+            path, quantization=options.quantization, dtype=dtype, device=options.device, threads=options.threads,
+            kernels=kernels,
+        )  # fmt: skip
     config = loaded.config
     on_gpu = torch.device(options.device).type == "cuda"
     free = gpu_kv_bytes(options, config) if on_gpu else None
@@ -217,7 +232,7 @@ def build_engine(options: EngineOptions, *, progress: bool = False):  # type: ig
         model = cuda.prepare(loaded.model, max_positions=layout.max_model_len)
     else:
         model = fuse(loaded.model, kernels)  # the native fast path, where it applies
-    tokenizer = Tokenizer.load(path)
+    tokenizer = tokenizer or Tokenizer.load(path)
     scheduler = make_scheduler(options, layout, tokenizer.eos_token_ids)
     runner = ModelRunner(
         model,
