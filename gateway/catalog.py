@@ -1,7 +1,8 @@
 """What ``/v1/models`` and ``/ready`` say about the routing table, as response bodies.
 
 Every name a client may send is listed, an alias as a model of its own whose ``root`` names the
-entry it resolves to, so that a client picking from the list finds ``default``.
+entry it resolves to, so that a client picking from the list finds ``default``; a LoRA adapter
+likewise, its ``root`` the base model it runs on.
 """
 
 from __future__ import annotations
@@ -32,16 +33,18 @@ class Catalog:
 
     def __init__(self, started: int) -> None:
         self.started = started
-        self._list: tuple[Router | None, bytes] = (None, b"")
+        self._list: tuple[object, bytes] = (None, b"")
 
     def get(self, router: Router, path: str) -> bytes:
         """GET /v1/models, /v1/models/{model} and /v1/models/{model}/stats (``path`` below the mount)."""
         rest = path.strip("/")
         if not rest:
             cached, body = self._list
-            if cached is not router:
-                body = encode(wire.ModelList(data=[self._card(name, route) for name, route in router.names()]))
-                self._list = (router, body)
+            names = router.names()
+            key = (router, tuple(name for name, _ in names))  # LoRA adapters come and go
+            if cached != key:
+                body = encode(wire.ModelList(data=[self._card(name, route) for name, route in names]))
+                self._list = (key, body)
             return body
         route = router.get(rest)
         if route is not None:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import structlog
 
 from gateway import normalize
@@ -48,7 +49,7 @@ from gateway.errors import (
 from gateway.failover import Attempts
 from gateway.fleet import Fleet
 from gateway.hooks import LifecycleHooks
-from gateway.interface import StreamItem, Usage
+from gateway.interface import GenerationRequest, StreamItem, Usage
 from gateway.render import (
     SSE_DONE,
     ChatRenderer,
@@ -114,7 +115,10 @@ class Gateway:
         req = normalize.decode(body, endpoint.decoder)
 
         def prepare(route: Route) -> Any:
-            return endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
+            request = endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
+            if isinstance(request, GenerationRequest) and req.model in route.backend.adapters():
+                request = msgspec.structs.replace(request, adapter=req.model)  # the name chose a LoRA adapter
+            return request
 
         # an unloaded model loads first (evicting idle ones for room) or raises the budget's 503
         await self.fleet.budget.ensure_loaded(self.router.chain(req.model))
