@@ -24,7 +24,8 @@ T = TypeVar("T")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
-# Served by `taxiway serve` without --config: the default model on the in-repo engine.
+# Served by `taxiway serve` without --config: the default chat model on the in-repo engine, and
+# beside it the default embedding model (`embed`), so a retrieval demo needs no config.
 # API keys come from TAXIWAY_API_KEYS (comma-separated); unset means an open gateway.
 DEFAULT_CONFIG_TOML = """
 [[models]]
@@ -32,6 +33,12 @@ name = "smollm2-135m-instruct"
 aliases = ["default"]
 backend = "engine"
 options = { model = "smollm2-135m-instruct" }
+
+[[models]]
+name = "all-minilm-l6-v2"
+aliases = ["embed"]
+backend = "encoder"
+options = { model = "all-minilm-l6-v2" }
 
 [plugins.auth]
 keys = ["${TAXIWAY_API_KEYS:-}"]
@@ -52,8 +59,6 @@ class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     keys: tuple[str, ...] = ()
     key_hashes: tuple[str, ...] = ()
-    stall_timeout_s: float = 60.0  # /ready is 503 for a model with requests in flight and no token this long; 0 off
-    home: str = ""  # the Taxiway home (usage ledger, virtual keys); default $TAXIWAY_HOME or ~/.cache/taxiway
 
 
 class LogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -88,8 +93,6 @@ _AT_PATH = re.compile(r" - at `\$(.*)`$")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
-    limits: dict[str, Any] = msgspec.field(default_factory=dict)  # [limits]: plugins/limits
-    usage: dict[str, Any] = msgspec.field(default_factory=dict)  # [usage]: plugins/usage
 
 
 def load_settings(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None) -> Settings:
@@ -120,10 +123,6 @@ def convert_table(table: Any, type_: type[T], path: str) -> T:
     """Validate a TOML table into ``type_``, with errors that name the key path below ``path``.
 
     Goes through JSON rather than ``msgspec.convert`` so that ``forbid_unknown_fields`` is honoured
-    if not settings.server.home:
-        environ = os.environ if env is None else env
-        home = environ.get("TAXIWAY_HOME") or str(Path.home() / ".cache" / "taxiway")
-        settings = msgspec.structs.replace(settings, server=msgspec.structs.replace(settings.server, home=home))
     and types are strict (a string is never an int).
     """
     try:
@@ -212,8 +211,6 @@ def _check(settings: Settings) -> None:
     if settings.log.format not in _LOG_FORMATS:
         raise ConfigError(f"must be one of {', '.join(_LOG_FORMATS)}", path="log.format")
 
-    if not server.stall_timeout_s >= 0:
-        raise ConfigError("must not be negative (0: off)", path="server.stall_timeout_s")
 
 def _check_names(models: tuple[ModelEntry, ...]) -> None:
     """Entries may share a name (a group of deployments) and repeat the group's aliases; a name

@@ -77,9 +77,6 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: The client streams the response. A hint only: the stream contract is the same either way,
     #: but a proxy may ask its upstream for one whole response when the client does not stream.
     stream: bool = False
-    #: The LoRA adapter the client chose by naming it as the model (one of ``Backend.adapters()``
-    #: of the backend ``model`` names), None for the base model.
-    adapter: str | None = None
 
 
 class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,11 +120,16 @@ StreamItem = Delta | Usage
 
 
 class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One normalised embeddings request: ``inputs`` (texts), or ``token_ids`` when the client sent
+    token ids (only to backends whose ``Capabilities.embedding_token_ids`` is set; ``inputs`` is
+    then empty). Never empty, no empty input, at most ``Capabilities.max_embedding_inputs``."""
+
     request_id: str
     model: str
     inputs: tuple[str, ...]
     dimensions: int | None = None
     user: str | None = None
+    token_ids: tuple[tuple[int, ...], ...] = ()
 
 
 class EmbeddingResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,6 +143,12 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     chat: bool = True
     completions: bool = True
     embeddings: bool = False
+    #: embeddings: inputs per request; the model's vector size (None: unknown, e.g. a proxy); whether
+    #: it was trained for shorter vectors (``dimensions`` below it: truncated, renormalised); token-id inputs
+    max_embedding_inputs: int = 2048
+    embedding_dimensions: int | None = None
+    embedding_matryoshka: bool = False
+    embedding_token_ids: bool = False
     sampling_params: frozenset[str] = frozenset(SAMPLING_PARAM_NAMES)
     max_n: int = 1
     max_top_logprobs: int = 0
@@ -233,29 +241,6 @@ class Backend(abc.ABC):
         for the memory budget; cheap (no weights read). None: nothing the budget counts (a proxy),
         or the backend cannot tell. May raise ``ConfigError`` when the model's files are unreadable."""
         return None
-
-    # -- LoRA adapters: models of their own on this backend's base model (optional) ---------------
-
-    #: Whether ``load_adapter`` / ``unload_adapter`` work on this instance.
-    accepts_adapters: ClassVar[bool] = False
-
-    def adapters(self) -> tuple[str, ...]:
-        """The adapters served now, each a model name of its own (``/v1/models``: ``root`` is this
-        model); a request naming one comes here with ``GenerationRequest.adapter`` set. Cheap."""
-        return ()
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        """Serve the adapter at ``path`` as model ``name`` (``POST /v1/load_lora_adapter``); raise
-        ``InvalidRequestError`` naming what is wrong with it."""
-        from gateway.errors import InvalidRequestError
-
-        raise InvalidRequestError(f"model '{self.model_name}' does not serve LoRA adapters", param="lora_name")
-
-    async def unload_adapter(self, name: str) -> None:
-        """Stop serving adapter ``name``: new requests for it get a 404; requests in flight finish."""
-        from gateway.errors import NotFoundError
-
-        raise NotFoundError(f"model '{self.model_name}' serves no adapter '{name}'", param="lora_name")
 
     def cooling_down_until(self) -> float | None:
         """While a deployment cools down after a failure: the ``time.monotonic()`` instant it

@@ -259,19 +259,69 @@ def _check_capabilities(sampling: SamplingParams, caps: Capabilities, *, top_log
 def embedding_request(
     req: wire.EmbeddingsRequest, *, request_id: str, model: str, caps: Capabilities
 ) -> EmbeddingRequest:
+    """OpenAI's four ``input`` forms: a string, a list of strings, a list of token ids, a list of
+    lists of token ids. Empty inputs, more than the model's ``max_embedding_inputs`` and a
+    ``dimensions`` the model cannot give are 400s naming the parameter (and the input's index)."""
     if not caps.embeddings:
         raise UnsupportedParameterError(f"The model '{model}' does not support embeddings", param="model")
-    raw = req.input
-    if isinstance(raw, str):
-        inputs: tuple[str, ...] = (raw,)
-    elif raw and all(isinstance(x, str) for x in raw):
-        inputs = tuple(raw)  # type: ignore[arg-type]
-    elif not raw:
-        raise InvalidRequestError("'input' must not be empty", param="input")
-    else:
-        raise UnsupportedParameterError("token-id inputs are not supported; send text", param="input")
+    texts, token_ids = _embedding_inputs(req.input)
+    num_inputs = len(texts) + len(token_ids)
+    if num_inputs > caps.max_embedding_inputs:
+        raise InvalidRequestError(
+            f"'input' has {num_inputs} items; this model takes at most {caps.max_embedding_inputs} per request",
+            param="input",
+        )
+    if token_ids and not caps.embedding_token_ids:
+        raise UnsupportedParameterError(f"The model '{model}' does not take token-id inputs; send text", param="input")
     if req.encoding_format not in (None, "float", "base64"):
         raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    if req.dimensions is not None and req.dimensions < 1:
+    if req.dimensions is not None:
+        _check_dimensions(req.dimensions, caps)
+    return EmbeddingRequest(
+        request_id=request_id, model=model, inputs=texts, token_ids=token_ids, dimensions=req.dimensions, user=req.user
+    )
+
+
+def _embedding_inputs(raw: str | list[Any]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not raw:
+        raise InvalidRequestError("'input' must not be empty", param="input")
+    if all(isinstance(x, str) for x in raw):
+        for i, text in enumerate(raw):
+            if not text:
+                raise InvalidRequestError(f"'input[{i}]' is an empty string", param="input")
+        return tuple(raw), ()
+    if all(_is_token_id(x) for x in raw):
+        return (), (tuple(raw),)
+    if all(isinstance(x, list) for x in raw):
+        for i, ids in enumerate(raw):
+            if not ids:
+                raise InvalidRequestError(f"'input[{i}]' is an empty list of token ids", param="input")
+            if not all(_is_token_id(t) for t in ids):
+                raise InvalidRequestError(f"'input[{i}]' must be a list of token ids (integers >= 0)", param="input")
+        return (), tuple(tuple(ids) for ids in raw)
+    raise InvalidRequestError(
+        "'input' must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        param="input",
+    )
+
+
+def _is_token_id(x: object) -> bool:
+    return type(x) is int and x >= 0  # JSON true/false decode as bool, a subclass of int
+
+
+def _check_dimensions(dimensions: int, caps: Capabilities) -> None:
+    native = caps.embedding_dimensions
+    if dimensions < 1:
         raise InvalidRequestError("'dimensions' must be at least 1", param="dimensions")
-    return EmbeddingRequest(request_id=request_id, model=model, inputs=inputs, dimensions=req.dimensions, user=req.user)
+    if native is None or dimensions == native:
+        return  # a proxy's upstream decides; the model's own size is always fine
+    if not caps.embedding_matryoshka:
+        raise UnsupportedParameterError(
+            f"'dimensions' is not supported by this model: its embeddings have {native} dimensions "
+            "and it was not trained for shorter ones",
+            param="dimensions",
+        )
+    if dimensions > native:
+        raise InvalidRequestError(f"'dimensions' must be at most {native} for this model", param="dimensions")

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import msgspec
 import structlog
 
 from gateway import normalize
@@ -49,7 +48,7 @@ from gateway.errors import (
 from gateway.failover import Attempts
 from gateway.fleet import Fleet
 from gateway.hooks import LifecycleHooks
-from gateway.interface import GenerationRequest, StreamItem, Usage
+from gateway.interface import StreamItem, Usage
 from gateway.render import (
     SSE_DONE,
     ChatRenderer,
@@ -113,13 +112,9 @@ class Gateway:
         await self.hooks.authenticate(ctx, headers)
         body = await read_body(receive, headers, self.max_body_bytes)
         req = normalize.decode(body, endpoint.decoder)
-        ctx.request = req
 
         def prepare(route: Route) -> Any:
-            request = endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
-            if isinstance(request, GenerationRequest) and req.model in route.backend.adapters():
-                request = msgspec.structs.replace(request, adapter=req.model)  # the name chose a LoRA adapter
-            return request
+            return endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
 
         # an unloaded model loads first (evicting idle ones for room) or raises the budget's 503
         await self.fleet.budget.ensure_loaded(self.router.chain(req.model))
@@ -145,9 +140,6 @@ class Gateway:
         error = exc if isinstance(exc, TaxiwayError) else self._internal(ctx, exc)
         ctx.status_code = error.status_code
         ctx.timings.total_s = perf_counter() - ctx.started_at
-        if ctx.response_headers:  # set by hooks (the limits' x-ratelimit-*); the error's own win
-            for name, value in ctx.response_headers:
-                error.headers.setdefault(name.decode(), value.decode())
         await send_error(send, error, ctx.request_id)
         await self.hooks.on_error(ctx, error)
 
@@ -289,8 +281,6 @@ class Gateway:
             raise self._internal(ctx, exc) from exc
         now = perf_counter()
         ctx.timings.backend_s += now - start
-        if ctx.route is not None:
-            ctx.route.last_progress = now  # /ready's stall check (gateway.catalog)
         if ctx.timings.first_token_s is None:
             ctx.timings.first_token_s = now - ctx.started_at
         return item
@@ -370,9 +360,7 @@ class Gateway:
         await send_bytes(send, 200, b'{"status":"ok"}', [JSON])
 
     async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
-        status, body = self.catalog.readiness(
-            self.router, self.fleet.budget.loads_on_request, stall_timeout_s=self.settings.server.stall_timeout_s
-        )
+        status, body = self.catalog.readiness(self.router, self.fleet.budget.loads_on_request)
         await send_bytes(send, status, body, [JSON])
 
 
@@ -380,7 +368,6 @@ def _serving(ctx: RequestContext, route: Route) -> None:
     """``route`` is the one the request is tried on now (hooks and ``X-Taxiway-Model`` name it)."""
     ctx.model = route.name
     ctx.backend_name = route.backend_name
-    ctx.route = route
 
 
 async def _embed(ctx: RequestContext, route: Route, request: Any) -> Any:

@@ -42,8 +42,8 @@ class Route:
     called from the event loop, so a plain int is enough).
     """
 
-    __slots__ = ("aliases", "backend", "backend_name", "cooldown_s", "fallbacks", "health", "key", "last_progress",
-                 "last_used", "name", "num_in_flight", "phase")  # fmt: skip
+    __slots__ = ("aliases", "backend", "backend_name", "cooldown_s", "fallbacks", "health", "key", "last_used",
+                 "name", "num_in_flight", "phase")  # fmt: skip
 
     def __init__(
         self,
@@ -67,13 +67,6 @@ class Route:
         self.phase: Phase = "starting"  # until the fleet has started it; "stopped" only once stopped
         self.num_in_flight = 0
         self.last_used: float | None = None
-        #: perf_counter() of the last stream item any of its requests got, or of the admission
-        #: that ended an idle spell: a request in flight and this long ago means it stalls
-        self.last_progress = time.perf_counter()
-
-    def stalled_for(self, now: float) -> float:
-        """Seconds since this instance last made progress while requests are in flight; 0 when idle."""
-        return max(0.0, now - self.last_progress) if self.num_in_flight > 0 else 0.0
 
     def take_routing(self, fresh: Route) -> None:
         """Adopt a reloaded entry's routing keys (aliases, fallbacks, cooldown): they change
@@ -89,8 +82,6 @@ class Route:
                 f"The model '{self.name}' is unloaded; load it with POST /admin/models/{self.name}/load",
                 param="model",
             )
-        if self.num_in_flight == 0:
-            self.last_progress = time.perf_counter()  # idle time is no stall
         self.num_in_flight += 1
         self.last_used = time.time()
 
@@ -151,29 +142,13 @@ class Router:
         return self.chain(model)[0].routes[0]
 
     def get(self, model: str) -> Route | None:
-        group = self._by_name.get(model) or self._adapter_group(model)
+        group = self._by_name.get(model)
         return None if group is None else group.routes[0]
 
     def names(self) -> list[tuple[str, Route]]:
         """Every name a client may send, once each, with its first deployment, in config order
-        (name, then aliases), then the LoRA adapters the backends serve now."""
-        names = [(name, group.routes[0]) for name, group in self._by_name.items()]
-        seen = set(self._by_name)
-        for route in self.routes:
-            for adapter in route.backend.adapters():
-                if adapter not in seen:
-                    seen.add(adapter)
-                    names.append((adapter, route))
-        return names
-
-    def _adapter_group(self, model: str) -> Group | None:
-        """The group of the first deployment serving a LoRA adapter named ``model`` (adapters come
-        and go at run time: looked up on every request, never cached)."""
-        for route in self.routes:
-            if model in route.backend.adapters():
-                return self._by_name[route.name]
-        return None
-
+        (name, then aliases)."""
+        return [(name, group.routes[0]) for name, group in self._by_name.items()]
 
     def chain(self, model: str) -> tuple[Group, ...]:
         """The groups a request for ``model`` may go to: its own, then its fallbacks in order,
@@ -183,10 +158,7 @@ class Router:
             return chain
         group = self._by_name.get(model)
         if group is None:
-            adapter_group = self._adapter_group(model)
-            if adapter_group is None:
-                raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
-            return (adapter_group,)  # an adapter has no fallbacks of its own
+            raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
         groups = [group]
         for current in groups:  # grows while walked: breadth first
             for name in current.fallbacks:
@@ -209,14 +181,7 @@ def build_router(settings: Settings, plugins: Plugins) -> Router:
         key = entry_key(entry)
         occurrences[key] = occurrences.get(key, -1) + 1
         routes.append(_build_route(i, entry, plugins, entry_key(entry, occurrences[key])))
-    taken = {name for entry in settings.models for name in (entry.name, *entry.aliases)}
-    for i, route in enumerate(routes):
-        for adapter in route.backend.adapters():
-            if adapter in taken:
-                raise ConfigError(f"the LoRA adapter name '{adapter}' is taken", path=f"models[{i}].options.lora.adapters.{adapter}")
-            taken.add(adapter)
     return Router(routes)
-
 
 
 def _build_route(i: int, entry: ModelEntry, plugins: Plugins, key: bytes) -> Route:

@@ -11,8 +11,10 @@ from gateway.hookspecs import hookimpl
 @hookimpl
 def register_backends(register: Callable[..., Any]) -> None:
     from backends.engine.backend import EngineBackend
+    from backends.engine.encoder.backend import EncoderBackend
 
     register("engine", EngineBackend)
+    register("encoder", EncoderBackend)
 
 
 @hookimpl

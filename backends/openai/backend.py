@@ -80,6 +80,7 @@ class OpenAIBackend(Backend):
             chat=options.chat,
             completions=options.completions,
             embeddings=options.embeddings,
+            embedding_token_ids=options.embeddings,  # passed on as they came
             sampling_params=frozenset(params),
             max_n=options.max_n,
             max_top_logprobs=options.max_top_logprobs,
@@ -223,7 +224,8 @@ class OpenAIBackend(Backend):
             raise self._transport_error(exc) from exc
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        body = upstream.embeddings_body(request.inputs, self.upstream_model, request.dimensions)
+        inputs = request.token_ids or request.inputs
+        body = upstream.embeddings_body(inputs, self.upstream_model, request.dimensions)
         try:
             response = await self._send(self._embeddings_url, body, request.request_id)
         except httpx.HTTPError as exc:

@@ -216,7 +216,10 @@ def request_body(request: GenerationRequest, upstream_model: str, *, stream: boo
     return _encoder.encode(body)
 
 
-def embeddings_body(inputs: tuple[str, ...], upstream_model: str, dimensions: int | None) -> bytes:
+def embeddings_body(
+    inputs: tuple[str, ...] | tuple[tuple[int, ...], ...], upstream_model: str, dimensions: int | None
+) -> bytes:
+    """Texts, or lists of token ids, as the upstream's ``input``."""
     body: dict[str, Any] = {"model": upstream_model, "input": list(inputs), "encoding_format": "float"}
     if dimensions is not None:
         body["dimensions"] = dimensions

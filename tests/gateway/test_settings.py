@@ -99,9 +99,11 @@ def test_unknown_backend_names_the_key_and_lists_registered() -> None:
 
 def test_default_config_serves_the_default_model_on_the_engine() -> None:
     settings = load_settings(None, env={})
-    (model,) = settings.models
+    model, encoder = settings.models
     assert (model.name, model.aliases, model.backend) == ("smollm2-135m-instruct", ("default",), "engine")
     assert model.options == {"model": "smollm2-135m-instruct"}
+    assert (encoder.name, encoder.aliases, encoder.backend) == ("all-minilm-l6-v2", ("embed",), "encoder")
+    assert encoder.options == {"model": "all-minilm-l6-v2"}
     assert settings.plugins["auth"]["keys"] == [""]
     assert load_settings(None, env={"TAXIWAY_API_KEYS": "a,b"}).plugins["auth"]["keys"] == ["a,b"]
     assert "engine" in DEFAULT_CONFIG_TOML

@@ -1,0 +1,208 @@
+"""Backend ``encoder``: embedding models (BERT-family encoders) on the in-repo engine.
+
+``start`` loads the model in the background (pulling a catalogue model on first use, unpacking a
+``model.zip``), embeds one warm-up input, then starts the step thread (``engine.py``); only then is
+the model ready. A failed load leaves the model ``failed`` with its reason, like the ``engine``
+backend's. ``embed`` tokenizes off the event loop, checks each input's length (a 400 naming the
+input, or cut to the model's length with ``truncate = true``) and awaits the batched forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import structlog
+
+from gateway.errors import ConfigError, ContextLengthExceededError, InvalidRequestError, ServiceUnavailableError
+from gateway.interface import Backend, Capabilities, EmbeddingRequest, EmbeddingResult, ReadyState
+
+log = structlog.get_logger(__name__)
+
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+#: inputs tokenized on the event loop itself; more go to a worker thread (a few µs each, but a
+#: 2,048-input request would hold the loop for tens of milliseconds)
+_INLINE_TOKENIZE = 4
+
+
+class EncoderOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``options`` table of a model served by the ``encoder`` backend."""
+
+    model: str = "all-minilm-l6-v2"  # catalogue name, model directory or .zip of one
+    quantization: Literal["none", "int8"] = "none"  # int8: linear weights int8 (quant.py), float32 math
+    truncate: bool = False  # cut inputs over the model's length instead of a 400
+    max_inputs: Positive = 2048  # inputs per request (OpenAI's limit)
+    max_batch_tokens: Positive = 4096  # padded token slots per step
+    max_batch_size: Positive = 256  # inputs per step
+    matryoshka: bool = False  # trained for shorter vectors: `dimensions` truncates and renormalises
+    home: str | None = None  # model cache; default $TAXIWAY_HOME or ~/.cache/taxiway
+
+
+class EncoderStats(msgspec.Struct, frozen=True, kw_only=True):
+    waiting: int
+    steps: int
+    inputs: int
+    quantization: str
+    max_length: int
+    dimensions: int
+
+
+class EncoderBackend(Backend):
+    Options = EncoderOptions
+
+    def __init__(self, model_name: str, options: EncoderOptions) -> None:  # type: ignore[override]
+        super().__init__(model_name, options)
+        self.options: EncoderOptions = options
+        self._model: Any = None  # runtime.EncoderModel
+        self._engine: Any = None  # engine.EncoderEngine
+        self._state = "not started"
+        self._failure: str | None = None
+        self._capabilities: Capabilities | None = None
+        self._loading: asyncio.Task[None] | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            raise self._unavailable()
+        return self._capabilities
+
+    # -- lifetime
+
+    async def start(self) -> None:
+        if (self._loading is not None and not self._loading.done()) or self._engine is not None:
+            return
+        self._failure = None
+        self._state = "loading"
+        self._loading = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
+        try:
+            from backends.engine.async_engine import run_in_own_thread
+            from backends.engine.encoder.engine import EncoderEngine
+
+            model = await run_in_own_thread(self._load, name="taxiway-encoder-load")
+            engine = EncoderEngine(
+                model, max_batch_tokens=self.options.max_batch_tokens, max_batch_size=self.options.max_batch_size
+            )
+            engine.start()
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the model reports it and stays failed
+            self._failure = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("encoder.load_failed", model=self.model_name, error=self._failure,
+                      exc_info=None if isinstance(exc, (ConfigError, ImportError)) else exc)  # fmt: skip
+            return
+        self._model, self._engine = model, engine
+        self._capabilities = Capabilities(
+            chat=False,
+            completions=False,
+            embeddings=True,
+            sampling_params=frozenset(),
+            max_embedding_inputs=self.options.max_inputs,
+            embedding_dimensions=model.dimensions,
+            embedding_matryoshka=self.options.matryoshka,
+            embedding_token_ids=True,
+        )
+        self._state = "ready"
+        log.info("encoder.ready", model=self.model_name, quantization=model.quantization, max_length=model.max_length)
+
+    def _load(self) -> Any:
+        from backends.engine.encoder.loader import load_encoder
+
+        model = load_encoder(self.model_path(progress=False), quantization=self.options.quantization)
+        model.embed([model.tokenize(["Hello"])[0]])  # warm-up: the first forward allocates
+        return model
+
+    def model_path(self, progress: bool = False) -> Path:
+        """The model's directory or ``.zip``: a path as given, else the catalogue's (pulled on first use)."""
+        from backends.engine.builder import model_home
+        from backends.engine.catalogue import pull
+
+        path = Path(self.options.model).expanduser()
+        if path.exists():
+            return path
+        return pull(self.options.model, home=model_home(self.options), progress=progress)  # type: ignore[arg-type]
+
+    async def stop(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            await asyncio.wait([self._loading])
+        self._loading = None
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.stop)
+        self._engine = self._model = self._capabilities = None
+        if self._failure is None:
+            self._state = "unloaded"
+
+    def ready(self) -> ReadyState:
+        if self._failure is not None:
+            return ReadyState(ready=False, failed=True, detail=self._failure)
+        if self._engine is not None:
+            return ReadyState(ready=True)
+        return ReadyState(ready=False, detail=self._state)
+
+    def memory_bytes(self) -> int | None:
+        return 0 if self._model is None else int(self._model.nbytes)
+
+    def stats(self) -> EncoderStats | None:
+        if self._engine is None:
+            return None
+        m = self._model
+        return EncoderStats(
+            waiting=self._engine.num_waiting, steps=self._engine.num_steps, inputs=self._engine.num_inputs,
+            quantization=m.quantization, max_length=m.max_length, dimensions=m.dimensions,
+        )  # fmt: skip
+
+    # -- requests
+
+    def generate(self, request: Any) -> Any:
+        raise InvalidRequestError(f"model '{self.model_name}' is an embedding model", param="model")
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        engine, model = self._engine, self._model
+        if engine is None:
+            raise self._unavailable()
+        if request.token_ids:
+            inputs = [model.wrap(_checked_ids(i, ids, model.config.vocab_size)) for i, ids in enumerate(request.token_ids)]
+        elif len(request.inputs) <= _INLINE_TOKENIZE:
+            inputs = model.tokenize(request.inputs)
+        else:
+            inputs = await asyncio.to_thread(model.tokenize, request.inputs)
+        inputs = [self._fit(i, ids, model) for i, ids in enumerate(inputs)]
+        vectors = await engine.embed(inputs)  # [N, dimensions]
+        if request.dimensions is not None and request.dimensions < vectors.shape[1]:
+            vectors = _shorten(vectors, request.dimensions)
+        return EmbeddingResult(
+            embeddings=tuple(map(tuple, vectors.tolist())), prompt_tokens=sum(len(ids) for ids in inputs)
+        )
+
+    def _fit(self, index: int, ids: list[int], model: Any) -> list[int]:
+        if len(ids) <= model.max_length:
+            return ids
+        if self.options.truncate:
+            return model.truncate(ids)
+        raise ContextLengthExceededError(
+            f"input[{index}] has {len(ids)} tokens, over this model's maximum of {model.max_length} "
+            f"(special tokens included); shorten it, or serve the model with truncate = true",
+            param="input",
+        )
+
+    def _unavailable(self) -> ServiceUnavailableError:
+        if self._failure is not None:
+            return ServiceUnavailableError(f"model '{self.model_name}' cannot serve: {self._failure}")
+        return ServiceUnavailableError(f"model '{self.model_name}' is not ready ({self._state})")
+
+
+def _checked_ids(index: int, ids: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
+    if max(ids) >= vocab_size:
+        raise InvalidRequestError(
+            f"input[{index}] has token id {max(ids)}, outside this model's vocabulary of {vocab_size}", param="input"
+        )
+    return ids
+
+
+def _shorten(vectors: Any, dimensions: int) -> Any:
+    """Matryoshka: the first ``dimensions`` components, renormalised."""
+    import torch.nn.functional as F
+
+    return F.normalize(vectors[:, :dimensions], p=2.0, dim=1)
