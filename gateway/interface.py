@@ -16,13 +16,37 @@ from typing import ClassVar, Literal
 
 import msgspec
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A function call the assistant made: ``arguments`` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: str
     content: str = ""
     name: str | None = None
+    #: an assistant message's calls; a ``tool`` message's answer names the call it answers
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """Constrained decoding: the output must be JSON valid against ``json_schema`` (the schema's
+    JSON text). With ``wrap``, the output is such values each written ``wrap[0] + value + wrap[1]``
+    (tool calls), one of them, or one or more joined by a newline when ``multiple``. ``param``
+    names the request field the schema came from, for the 400 a schema the backend cannot
+    enforce gets."""
+
+    json_schema: str
+    param: str = "response_format"
+    wrap: tuple[str, str] | None = None
+    multiple: bool = False
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,6 +67,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_logprobs: int = 0  # alternatives per position; needs logprobs
     n: int = 1
     ignore_eos: bool = False
+    #: constrained decoding (``response_format``, forced tool calls); None: free text
+    structured: StructuredOutput | None = None
 
 
 # Parameter names (as clients spell them) mapped to a predicate "was it asked for".
@@ -65,6 +91,32 @@ SAMPLING_PARAM_NAMES: tuple[str, ...] = (
 )
 
 
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
+    """``response_format``: ``json_object``, or ``json_schema`` with its ``name``, ``schema`` and ``strict``."""
+
+    type: Literal["json_object", "json_schema"]
+    name: str | None = None
+    schema: dict[str, object] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class Tool(msgspec.Struct, frozen=True, kw_only=True):
+    """A function the model may call; ``parameters`` is its arguments' JSON schema."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, object] | None = None
+    strict: bool | None = None
+
+
+class ToolChoice(msgspec.Struct, frozen=True, kw_only=True):
+    """``tool_choice``: ``none``, ``auto``, ``required``, or ``function`` naming ``name``."""
+
+    mode: Literal["none", "auto", "required", "function"]
+    name: str | None = None
+
+
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     """One normalised request. Exactly one of ``messages`` (chat) or ``prompt`` (completion) is set."""
 
@@ -77,6 +129,12 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: The client streams the response. A hint only: the stream contract is the same either way,
     #: but a proxy may ask its upstream for one whole response when the client does not stream.
     stream: bool = False
+    #: structured output and tools as the client asked (a proxy passes them on; the engine
+    #: enforces ``sampling.structured``, built from them by the gateway)
+    response_format: ResponseFormat | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,6 +160,16 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
         return self.prompt_tokens + self.completion_tokens
 
 
+class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of the ``index``-th tool call of a choice: its first piece has ``id`` and
+    ``name``; the ``arguments`` of its pieces, joined, are the call's JSON arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Delta(msgspec.Struct, frozen=True, kw_only=True):
     """An increment of one choice. ``finish_reason`` set means that choice is complete.
 
@@ -113,6 +181,7 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True):
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
     finish_reason: FinishReason | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 # A backend's stream: deltas for each choice in any interleaving, then exactly one ``Usage`` last.
@@ -120,16 +189,11 @@ StreamItem = Delta | Usage
 
 
 class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """One normalised embeddings request: ``inputs`` (texts), or ``token_ids`` when the client sent
-    token ids (only to backends whose ``Capabilities.embedding_token_ids`` is set; ``inputs`` is
-    then empty). Never empty, no empty input, at most ``Capabilities.max_embedding_inputs``."""
-
     request_id: str
     model: str
     inputs: tuple[str, ...]
     dimensions: int | None = None
     user: str | None = None
-    token_ids: tuple[tuple[int, ...], ...] = ()
 
 
 class EmbeddingResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,13 +207,10 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     chat: bool = True
     completions: bool = True
     embeddings: bool = False
-    #: embeddings: inputs per request; the model's vector size (None: unknown, e.g. a proxy); whether
-    #: it was trained for shorter vectors (``dimensions`` below it: truncated, renormalised); token-id inputs
-    max_embedding_inputs: int = 2048
-    embedding_dimensions: int | None = None
-    embedding_matryoshka: bool = False
-    embedding_token_ids: bool = False
     sampling_params: frozenset[str] = frozenset(SAMPLING_PARAM_NAMES)
+    #: ``response_format`` json_object / json_schema; ``tools`` (function calling)
+    structured_output: bool = False
+    tools: bool = False
     max_n: int = 1
     max_top_logprobs: int = 0
 

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from gateway import tools as tool_fields
 from gateway import wire
 from gateway.config import split_validation_error
 from gateway.errors import InvalidRequestError, UnsupportedParameterError
@@ -21,11 +22,12 @@ from gateway.interface import (
     EmbeddingRequest,
     GenerationRequest,
     SamplingParams,
+    ToolCall,
 )
 
 T = TypeVar("T")
 
-_ROLES = frozenset(("system", "user", "assistant", "developer"))
+_ROLES = frozenset(("system", "user", "assistant", "developer", "tool"))
 _DEFAULTS = SamplingParams()
 _MAX_N = 128
 _MAX_TOP_LOGPROBS = 20
@@ -72,9 +74,23 @@ def chat_request(req: wire.ChatCompletionRequest, *, request_id: str, model: str
         top_logprobs_param="top_logprobs",
     )
     _check_capabilities(sampling, caps, top_logprobs_param="top_logprobs")
+    fmt = tool_fields.response_format(req.response_format, caps)
+    declared = tool_fields.tools(req.tools, caps)
+    choice = tool_fields.tool_choice(req.tool_choice, declared)
+    parallel = True if req.parallel_tool_calls is None else req.parallel_tool_calls
+    structured = tool_fields.tool_constraint(declared, choice, parallel=parallel)
+    if structured is not None and fmt is not None:
+        raise InvalidRequestError(
+            "'response_format' cannot be combined with a 'tool_choice' that forces a call", param="response_format"
+        )
+    if fmt is not None:
+        structured = tool_fields.format_constraint(fmt)
+    if structured is not None:
+        sampling = msgspec.structs.replace(sampling, structured=structured)
     return GenerationRequest(
-        request_id=request_id, model=model, messages=messages, sampling=sampling, user=req.user, stream=req.stream
-    )
+        request_id=request_id, model=model, messages=messages, sampling=sampling, user=req.user, stream=req.stream,
+        response_format=fmt, tools=declared, tool_choice=choice, parallel_tool_calls=parallel,
+    )  # fmt: skip
 
 
 def completion_request(
@@ -101,24 +117,20 @@ def completion_request(
         top_logprobs_param="logprobs",
     )
     _check_capabilities(sampling, caps, top_logprobs_param="logprobs")
+    fmt = tool_fields.response_format(req.response_format, caps)
+    if fmt is not None:
+        sampling = msgspec.structs.replace(sampling, structured=tool_fields.format_constraint(fmt))
     return GenerationRequest(
-        request_id=request_id, model=model, prompt=prompt, sampling=sampling, user=req.user, stream=req.stream
-    )
+        request_id=request_id, model=model, prompt=prompt, sampling=sampling, user=req.user, stream=req.stream,
+        response_format=fmt,
+    )  # fmt: skip
 
 
 def _reject_chat_extras(req: wire.ChatCompletionRequest) -> None:
-    if req.tools:
-        raise UnsupportedParameterError("'tools' (function calling) is not supported", param="tools")
     if req.functions:
         raise UnsupportedParameterError("'functions' (function calling) is not supported", param="functions")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise UnsupportedParameterError("'tool_choice' is not supported", param="tool_choice")
     if req.function_call not in (None, "none", "auto"):
         raise UnsupportedParameterError("'function_call' is not supported", param="function_call")
-    fmt = req.response_format
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise UnsupportedParameterError(f"'response_format' of type {kind!r} is not supported", param="response_format")
     if req.audio is not None:
         raise UnsupportedParameterError("'audio' output is not supported", param="audio")
     if req.modalities is not None and req.modalities != ["text"]:
@@ -131,17 +143,27 @@ def _reject_chat_extras(req: wire.ChatCompletionRequest) -> None:
 
 def _message(m: wire.Message, i: int) -> ChatMessage:
     if m.role not in _ROLES:
-        if m.role in ("tool", "function"):
+        if m.role == "function":
             raise UnsupportedParameterError(
-                f"messages with role '{m.role}' are not supported (no function calling)", param=f"messages[{i}].role"
+                "messages with role 'function' are not supported; use 'tool'", param=f"messages[{i}].role"
             )
         raise InvalidRequestError(
-            f"Invalid role '{m.role}'; expected one of 'system', 'user', 'assistant', 'developer'",
+            f"Invalid role '{m.role}'; expected one of 'system', 'user', 'assistant', 'developer', 'tool'",
             param=f"messages[{i}].role",
         )
-    if m.tool_calls or m.function_call:
-        field = "tool_calls" if m.tool_calls else "function_call"
-        raise UnsupportedParameterError(f"'{field}' in messages is not supported", param=f"messages[{i}].{field}")
+    if m.function_call:
+        raise UnsupportedParameterError(
+            "'function_call' in messages is not supported; use 'tool_calls'", param=f"messages[{i}].function_call"
+        )
+    calls: tuple[ToolCall, ...] = ()
+    if m.tool_calls is not None:
+        if m.role != "assistant":
+            raise InvalidRequestError("only assistant messages have 'tool_calls'", param=f"messages[{i}].tool_calls")
+        calls = tool_fields.message_tool_calls(m.tool_calls, f"messages[{i}]")
+    if m.role == "tool" and not isinstance(m.tool_call_id, str):
+        raise InvalidRequestError(
+            "a message with role 'tool' needs the 'tool_call_id' it answers", param=f"messages[{i}].tool_call_id"
+        )
     if m.audio is not None:
         raise UnsupportedParameterError("audio in messages is not supported", param=f"messages[{i}].audio")
     content = m.content
@@ -159,7 +181,8 @@ def _message(m: wire.Message, i: int) -> ChatMessage:
                 )
             texts.append(part.text)
         content = "".join(texts)
-    return ChatMessage(role=m.role, content=content, name=m.name)
+    tool_call_id = m.tool_call_id if m.role == "tool" else None
+    return ChatMessage(role=m.role, content=content, name=m.name, tool_calls=calls, tool_call_id=tool_call_id)
 
 
 def _prompt(prompt: str | list[Any]) -> str:

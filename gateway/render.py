@@ -20,7 +20,7 @@ _encoder = msgspec.json.Encoder()
 encode = _encoder.encode
 
 SSE_DONE = b"data: [DONE]\n\n"
-_FINISH_REASONS = ("stop", "length")
+_FINISH_REASONS = ("stop", "length", "tool_calls")
 
 
 def sse_event(payload: bytes) -> bytes:
@@ -66,7 +66,7 @@ def _finish_reason(delta: Delta) -> str | None:
 
 
 class _Choice:
-    __slots__ = ("finish_reason", "logprobs", "started", "text_offset", "texts")
+    __slots__ = ("finish_reason", "logprobs", "started", "text_offset", "texts", "tool_calls")
 
     def __init__(self) -> None:
         self.texts: list[str] = []
@@ -74,6 +74,7 @@ class _Choice:
         self.finish_reason: str | None = None
         self.started = False  # streaming: the role has been sent
         self.text_offset = 0  # streaming completions: characters sent so far
+        self.tool_calls: dict[int, list[str]] = {}  # call index -> [id, name, arguments...]
 
 
 class Renderer:
@@ -102,6 +103,13 @@ class Renderer:
         choice = self._choice(item.index)
         if item.text:
             choice.texts.append(item.text)
+        for call in item.tool_calls:
+            parts = choice.tool_calls.setdefault(call.index, ["", ""])
+            if call.id is not None:
+                parts[0] = call.id
+            if call.name is not None:
+                parts[1] = call.name
+            parts.append(call.arguments)
         if item.logprobs is not None:
             if choice.logprobs is None:
                 choice.logprobs = []
@@ -114,12 +122,40 @@ class Renderer:
         return sorted(self._choices.items())
 
 
+def _message(choice: _Choice) -> wire.AssistantMessage:
+    content: str | None = "".join(choice.texts)
+    if not choice.tool_calls:
+        return wire.AssistantMessage(content=content)
+    calls = [
+        wire.WireToolCall(id=parts[0], function=wire.FunctionCall(name=parts[1], arguments="".join(parts[2:])))
+        for _, parts in sorted(choice.tool_calls.items())
+    ]
+    # OpenAI: content is null beside tool calls unless the model also wrote text
+    return wire.AssistantMessage(content=content if content and content.strip() else None, tool_calls=calls)
+
+
+def _chunk_tool_calls(delta: Delta) -> list[wire.ChunkToolCall] | None:
+    if not delta.tool_calls:
+        return None
+    return [
+        wire.ChunkToolCall(
+            index=call.index,
+            id=msgspec.UNSET if call.id is None else call.id,
+            type=msgspec.UNSET if call.id is None else "function",
+            function=wire.ChunkFunction(
+                arguments=call.arguments, name=msgspec.UNSET if call.name is None else call.name
+            ),
+        )
+        for call in delta.tool_calls
+    ]
+
+
 class ChatRenderer(Renderer):
     def body(self) -> bytes:
         choices = [
             wire.ChatChoice(
                 index=index,
-                message=wire.AssistantMessage(content="".join(c.texts)),
+                message=_message(c),
                 finish_reason=c.finish_reason,
                 logprobs=None if c.logprobs is None else wire.ChatLogprobs(content=tuple(c.logprobs)),
             )
@@ -143,7 +179,9 @@ class ChatRenderer(Renderer):
         if not choice.started:
             choice.started = True
             role = "assistant"
-        delta = wire.ChunkDelta(role=role, content=item.text if item.text or role else None)
+        calls = _chunk_tool_calls(item)
+        content = item.text if item.text or (role and calls is None) else None
+        delta = wire.ChunkDelta(role=role, content=content, tool_calls=calls)
         logprobs = None if item.logprobs is None else wire.ChatLogprobs(content=item.logprobs)
         out = wire.ChatChunkChoice(
             index=item.index, delta=delta, finish_reason=_finish_reason(item), logprobs=logprobs

@@ -1,7 +1,7 @@
 """OpenAI's HTTP wire format as msgspec Structs: request bodies in, response bodies out.
 
 Request structs declare every field the gateway acts on. Fields that would change the meaning of
-a request but that no backend supports (tools, structured output, audio…) are declared too, so
+a request but that no backend supports (audio, predictions…) are declared too, so
 ``gateway.normalize`` can reject them by name; anything else unknown is ignored, as OpenAI-compatible
 servers commonly do (``parallel_tool_calls``, ``store``, ``metadata``, ``service_tier``…).
 """
@@ -63,16 +63,18 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    # rejected unless absent or trivial
+    # structured output and tools (gateway.tools decodes them)
     tools: Any = None
     tool_choice: Any = None
+    response_format: Any = None
+    # rejected unless absent or trivial
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -82,6 +84,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
+    response_format: Any = None
 
 
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
@@ -111,9 +114,35 @@ class ChatLogprobs(msgspec.Struct):
     content: tuple[TokenLogprob, ...]
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class WireToolCall(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class AssistantMessage(msgspec.Struct):
-    content: str
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[WireToolCall] | msgspec.UnsetType = msgspec.UNSET  # only when it made calls
+
+
+class ChunkFunction(msgspec.Struct):
+    arguments: str
+    name: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChunkToolCall(msgspec.Struct):
+    """A piece of a streamed call: the first has ``id``, ``type`` and ``function.name``."""
+
+    index: int
+    function: ChunkFunction
+    id: str | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct):
@@ -136,6 +165,7 @@ class ChatCompletion(msgspec.Struct):
 class ChunkDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):

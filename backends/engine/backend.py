@@ -12,6 +12,7 @@ admission); everything else happens on the step thread (``async_engine``).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import structlog
 
 from backends.engine.builder import EngineOptions
+from gateway import tools
 from gateway.errors import ConfigError, InvalidRequestError, ServiceUnavailableError
 from gateway.interface import (
     Backend,
@@ -110,7 +112,11 @@ class EngineBackend(Backend):
             log.error("engine.load_failed", model=self.model_name, error=self._failure, exc_info=trace)
             return
         # chat stays on without a template: ChatTemplate.render says why it cannot serve (400)
-        self._capabilities = Capabilities(max_n=self.options.max_num_seqs, max_top_logprobs=MAX_TOP_LOGPROBS)
+        structured = importlib.util.find_spec("llguidance") is not None  # the engine extra's grammar library
+        self._capabilities = Capabilities(
+            max_n=self.options.max_num_seqs, max_top_logprobs=MAX_TOP_LOGPROBS,
+            structured_output=structured, tools=structured,
+        )  # fmt: skip
         self._state = "ready"
         log.info("engine.ready", model=self.model_name)
 
@@ -201,7 +207,7 @@ class EngineBackend(Backend):
         engine = self._engine
         tokenizer = engine.tokenizer
         if request.messages is not None:
-            prompt = self._template.render(request.messages)
+            prompt = self._render_chat(request)
             prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
             param = "messages"
         else:
@@ -209,10 +215,36 @@ class EngineBackend(Backend):
             param = "prompt"
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param=param)
+        if request.sampling.structured is not None:
+            self._check_tool_schemas(request)
         engine.check_request(len(prompt_ids), request.sampling, param=param)
         engine_id = f"{request.request_id}#{next(self._ids)}"
-        async for item in self._async.generate(engine_id, prompt_ids, request.sampling):
+        stream = self._async.generate(engine_id, prompt_ids, request.sampling)
+        if request.messages is not None and tools.calls_tools(request.tools, request.tool_choice):
+            stream = tools.parse_tool_calls(stream, request.tools)
+        async for item in stream:
             yield item
+
+    def _render_chat(self, request: GenerationRequest) -> str:
+        """The prompt: tools through the template where it renders them, else in a system message
+        (``gateway.tools.fallback_messages``); ``tool_choice: none`` shows the model no tools."""
+        declared = request.tools if tools.calls_tools(request.tools, request.tool_choice) else ()
+        source = self._template.source or ""
+        if "tools" in source or "tool_calls" in source:
+            context = {"tools": tools.openai_tools(declared)} if declared else None
+            return self._template.render(request.messages, extra_context=context)
+        if declared or any(m.role == "tool" or m.tool_calls for m in request.messages):
+            return self._template.render(tools.fallback_messages(request.messages, declared))
+        return self._template.render(request.messages)
+
+    def _check_tool_schemas(self, request: GenerationRequest) -> None:
+        """Each forced tool's ``parameters`` on its own, so a 400 names ``tools[i]``."""
+        choice = request.tool_choice
+        if choice is None or choice.mode not in ("required", "function"):
+            return
+        for i, tool in enumerate(request.tools):
+            if tool.parameters is not None and (choice.mode == "required" or tool.name == choice.name):
+                self._engine.grammars.json_schema(tool.parameters, param=f"tools[{i}].function.parameters")
 
     def _unavailable(self) -> ServiceUnavailableError:
         if self._failure is not None:

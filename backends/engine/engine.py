@@ -20,6 +20,8 @@ from backends.engine.runner.sampling import validate_sampling_params
 from backends.engine.sched.admission import QueueFullError, RequestTooLargeError
 from backends.engine.sched.scheduler import Scheduler
 from backends.engine.sched.sequence import Sequence, SequenceGroup
+from backends.engine.structured.grammar import GrammarCompiler
+from backends.engine.structured.matchers import SequenceMatchers
 from backends.engine.text.tokenizer import Tokenizer
 from gateway.errors import ContextLengthExceededError, InvalidRequestError, RateLimitError
 from gateway.interface import (
@@ -78,6 +80,9 @@ class LLMEngine:
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
+        # constrained decoding (SamplingParams.structured): grammars over this tokenizer
+        self.grammars = GrammarCompiler(tokenizer, runner.vocab_size)
+        runner.matchers = SequenceMatchers(self.grammars)
         self._requests: dict[str, _Request] = {}
         self.num_generated_tokens = 0
         self.num_steps = 0
@@ -88,6 +93,8 @@ class LLMEngine:
     def check_request(self, num_prompt_tokens: int, sampling: SamplingParams, *, param: str) -> None:
         """Raise a 400 if the request can never be served (context, ``n``); safe from any thread."""
         validate_sampling_params(sampling, self.runner.vocab_size)
+        if sampling.structured is not None:
+            self.grammars.check(sampling.structured)  # a 400 naming what cannot be enforced
         try:
             self.scheduler.check_request(num_prompt_tokens, sampling)
         except RequestTooLargeError as exc:

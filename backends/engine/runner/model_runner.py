@@ -17,6 +17,7 @@ from backends.engine.model.config import ModelConfig
 from backends.engine.runner.sampling import MAX_TOP_LOGPROBS, SamplingBatch, SeqSamplingState, make_generator, sample
 from backends.engine.sched.output import SchedulerOutput
 from backends.engine.sched.sequence import Sequence
+from backends.engine.structured.matchers import Masks, SequenceMatchers
 
 
 class SampledToken(msgspec.Struct, frozen=True):
@@ -69,6 +70,8 @@ class ModelRunner:
         else:
             self._generator.seed()
         self._seq_generators: dict[int, torch.Generator] = {}
+        #: constrained decoding's per-sequence matchers; set by the engine (it has the tokenizer)
+        self.matchers: SequenceMatchers | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -120,12 +123,21 @@ class ModelRunner:
         """``{seq_id: SampledToken}`` for every ``do_sample`` row of the step."""
         for seq_id in out.finished_seq_ids:
             self._seq_generators.pop(seq_id, None)
+        seqs = [s.seq for s in out.scheduled if s.do_sample]
+        masks = None
+        if self.matchers is not None:
+            self.matchers.forget(out.finished_seq_ids)
+            masks = self.matchers.start(seqs)  # constrained rows' masks, computed while the forward runs
         logits = self.execute(out)
         if logits is None:
             return {}
-        return self.sample(logits, [s.seq for s in out.scheduled if s.do_sample])
+        return self.sample(logits, seqs, masks)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, SampledToken]:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: Masks | None = None) -> dict[int, SampledToken]:
+        """Sample one token per row; constrained rows (``SamplingParams.structured``) within their
+        grammar (``masks`` from ``matchers.start(seqs)``, computed here when not given)."""
+        if masks is None and self.matchers is not None:
+            masks = self.matchers.start(seqs)
         states = [
             SeqSamplingState(
                 params=seq.sampling,
@@ -136,7 +148,13 @@ class ModelRunner:
             for seq in seqs
         ]
         batch = SamplingBatch.build(states, self.vocab_size, self.device)
+        if masks is not None:
+            batch.token_bitmask = masks.wait()
         result = sample(logits, batch, self._generator)
+        if masks is not None:
+            assert self.matchers is not None
+            rows = masks.rows
+            self.matchers.advance([seqs[r] for r in rows], [result.token_ids[r] for r in rows])
         logprobs, tops = result.logprobs, result.top_logprobs
         return {
             seq.seq_id: SampledToken(

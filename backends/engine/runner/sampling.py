@@ -8,7 +8,8 @@ Each row of ``logits[S, V]`` belongs to a sequence with its own ``SamplingParams
 2. penalties, on the raw logits: repetition (HF/vLLM: over prompt + generated tokens, a positive
    logit is divided by the penalty, a negative one multiplied), then frequency and presence
    (OpenAI: over generated tokens, ``l -= count * frequency + (count > 0) * presence``).
-3. ``logit_bias`` added (OpenAI: added to the logits before sampling).
+3. ``logit_bias`` added (OpenAI: added to the logits before sampling); then, on constrained rows
+   (``SamplingParams.structured``), every token their grammar forbids set to -inf.
 4. greedy rows (``temperature == 0``) take the argmax here.
 5. the others: divide by temperature, then min-p (on the tempered distribution), top-k, top-p
    (vLLM's order), then draw by inverting the row's CDF at one uniform number.
@@ -122,6 +123,8 @@ class SamplingBatch:
     bias_value: torch.Tensor | None = None
     num_top_logprobs: list[int] = field(default_factory=list)
     wants_logprobs: bool = False
+    #: constrained rows and their grammar's ``int32[R, ceil(V/32)]`` bitmask (``structured.matchers``)
+    token_bitmask: tuple[list[int], torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -202,8 +205,10 @@ def sample(
     # 1. logprobs of the raw distribution
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.wants_logprobs else None
 
-    # 2-3. penalties and bias
+    # 2-3. penalties and bias, then the grammar's mask
     logits = apply_penalties(logits, batch)
+    if batch.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, *batch.token_bitmask)
 
     # 4. greedy
     if batch.all_greedy:
@@ -351,6 +356,16 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.bias_index is not None:
         logits.index_put_(batch.bias_index, batch.bias_value, accumulate=True)
     return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits [S, V]`` with the tokens ``bitmask`` forbids on ``rows`` set to -inf (a new tensor;
+    bit ``t % 32`` of word ``t // 32`` set: token ``t`` allowed). Other rows are left alone."""
+    vocab_size = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)[:, :vocab_size].bool()
+    index = torch.tensor(rows, device=logits.device)
+    return logits.index_put((index,), logits[index].masked_fill(~allowed.to(logits.device), -math.inf))
 
 
 def _output(tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, batch: SamplingBatch) -> SampleOutput:

@@ -26,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gateway.errors import ConfigError, InvalidRequestError
 from gateway.interface import ChatMessage
+from gateway.tools import template_message
 
 if TYPE_CHECKING:
     from backends.engine.text.tokenizer import Tokenizer
@@ -118,8 +119,5 @@ class ChatTemplate:
             ) from exc
 
 
-def _message_dict(message: ChatMessage) -> dict[str, str]:
-    out = {"role": message.role, "content": message.content}
-    if message.name is not None:
-        out["name"] = message.name
-    return out
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    return template_message(message)  # with tool_calls / tool_call_id for templates that read them
