@@ -48,6 +48,10 @@ class Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     completions: bool = True
     max_n: int = 128
     max_top_logprobs: int = 20
+    #: the upstream enforces ``response_format`` json_object / json_schema; it does function
+    #: calling (``tools``, ``tool_choice``). Off: those requests are 400s naming the field.
+    structured_output: bool = False
+    tools: bool = False
     #: "lean": the gateway's own keep-alive transport (backends.openai.transport); "httpcore": httpx's
     transport: Literal["lean", "httpcore"] = "lean"
     #: connect errors retried (with backoff 0.1, 0.2, 0.4 … s, at most 2 s); never once a request was sent
@@ -84,6 +88,8 @@ class OpenAIBackend(Backend):
             sampling_params=frozenset(params),
             max_n=options.max_n,
             max_top_logprobs=options.max_top_logprobs,
+            structured_output=options.structured_output,
+            tools=options.tools,
         )
         self._headers = {"content-type": "application/json", **options.headers}
         if options.api_key:

@@ -19,7 +19,16 @@ from gateway.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from gateway.interface import Delta, FinishReason, GenerationRequest, TokenLogprob, TopLogprob, Usage
+from gateway.interface import (
+    ChatMessage,
+    Delta,
+    FinishReason,
+    GenerationRequest,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
 
 EXTENSION_PARAMS = ("top_k", "min_p", "repetition_penalty")
 
@@ -27,8 +36,20 @@ EXTENSION_PARAMS = ("top_k", "min_p", "repetition_penalty")
 # responses
 
 
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    index: int | None = None  # chunks number the calls; whole messages list them in order
+    id: str | None = None
+    function: _Function | None = None
+
+
 class _Message(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Logprobs(msgspec.Struct):
@@ -123,9 +144,9 @@ def usage(raw: _Usage | None) -> Usage:
 def _finish_reason(reason: str | None) -> FinishReason | None:
     if reason is None:
         return None
-    if reason == "length":
-        return "length"
-    return "stop"  # stop, content_filter, tool_calls, eos…: the choice ended normally
+    if reason in ("length", "tool_calls"):
+        return reason
+    return "stop"  # stop, content_filter, eos…: the choice ended normally
 
 
 def _logprobs(raw: _Logprobs | None) -> tuple[TokenLogprob, ...] | None:
@@ -158,7 +179,37 @@ def deltas(response: Response) -> Iterator[Delta]:
             text=text or "",
             logprobs=_logprobs(choice.logprobs),
             finish_reason=_finish_reason(choice.finish_reason),
+            tool_calls=_tool_calls(message),
         )
+
+
+def _tool_calls(message: _Message | None) -> tuple[ToolCallDelta, ...]:
+    if message is None or not message.tool_calls:
+        return ()
+    return tuple(
+        ToolCallDelta(
+            index=i if call.index is None else call.index,
+            id=call.id,
+            name=call.function.name if call.function else None,
+            arguments=(call.function.arguments or "") if call.function else "",
+        )
+        for i, call in enumerate(message.tool_calls)
+    )
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+        out["content"] = m.content or None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +221,18 @@ def request_body(request: GenerationRequest, upstream_model: str, *, stream: boo
     s = request.sampling
     body: dict[str, Any] = {"model": upstream_model}
     if request.messages is not None:
-        body["messages"] = [
-            {"role": m.role, "content": m.content} if m.name is None else {"role": m.role, "content": m.content, "name": m.name}
-            for m in request.messages
-        ]
+        body["messages"] = [_message(m) for m in request.messages]
+        if request.tools:
+            body["tools"] = [
+                {"type": "function", "function": {k: v for k, v in msgspec.structs.asdict(t).items() if v is not None}}
+                for t in request.tools
+            ]
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+        choice = request.tool_choice
+        if choice is not None:
+            body["tool_choice"] = (
+                {"type": "function", "function": {"name": choice.name}} if choice.mode == "function" else choice.mode
+            )
         if s.logprobs:
             body["logprobs"] = True
             if s.top_logprobs:
@@ -185,6 +244,13 @@ def request_body(request: GenerationRequest, upstream_model: str, *, stream: boo
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    fmt = request.response_format
+    if fmt is not None:
+        if fmt.type == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        else:
+            spec = {k: v for k, v in msgspec.structs.asdict(fmt).items() if k != "type" and v is not None}
+            body["response_format"] = {"type": "json_schema", "json_schema": spec}
     if s.max_tokens is not None:
         body["max_tokens"] = s.max_tokens
     if s.n != 1:
