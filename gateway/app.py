@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
@@ -17,7 +19,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import asgi
 
 from gateway.admin import Admin
-from gateway.asgi import request_headers, request_id
+from gateway.asgi import Scope, request_headers, request_id, send_bytes, send_error
 from gateway.budget import Budget
 from gateway.config import Settings
 from gateway.errors import (
@@ -28,7 +30,8 @@ from gateway.errors import (
     TaxiwayError,
 )
 from gateway.fleet import Fleet, read_config
-from gateway.hooks import LifecycleHooks
+from gateway.hooks import LifecycleHooks, call_hook
+from gateway.hookspecs import RouteResponse
 from gateway.pipeline import Gateway
 from gateway.plugins import Plugins, load_plugins
 from gateway.render import error_body, error_headers
@@ -78,7 +81,8 @@ def create_app(
 
     app = Litestar(
         route_handlers=route_handlers,
-        lifespan=[gateway.lifespan, triggers.lifespan],
+        # the plugins' first in, last out: their shutdown (the usage ledger's flush) after every request ended
+        lifespan=[functools.partial(_plugin_lifespan, plugins), gateway.lifespan, triggers.lifespan],
         exception_handlers={HTTPException: _render_http_exception, Exception: _render_exception},
         openapi_config=None,
         logging_config=None,
@@ -91,6 +95,43 @@ def create_app(
 def _render(request: Request[Any, Any, Any], error: TaxiwayError) -> Response[bytes]:
     headers = error_headers(error, request_id(request_headers(request.scope)))  # type: ignore[arg-type]
     return Response(
+def _plugin_routes(plugins: Plugins, fleet: Fleet, admin_api: Admin) -> list[Any]:
+    """The plugins' HTTP routes (``register_routes``); admin ones go below the admin mount."""
+    handlers: list[Any] = []
+
+    def register(path: str, handler: Callable[..., Awaitable[RouteResponse]], admin: bool = False) -> None:
+        if admin:
+            admin_api.plugin_routes[path.strip("/")] = handler
+            return
+
+        async def serve(scope: Scope, receive: Any, send: Any) -> None:
+            try:
+                if scope["method"] not in ("GET", "HEAD", "POST"):
+                    raise MethodNotAllowedError(f"Method {scope['method']} is not allowed for {scope['path']}")
+                response = await handler(scope, receive)
+            except Exception as exc:
+                error = exc if isinstance(exc, TaxiwayError) else InternalError("Internal server error")
+                if not isinstance(exc, TaxiwayError):
+                    log.error("plugin_route.failed", path=scope["path"], exc_info=exc)
+                await send_error(send, error, request_id(request_headers(scope)))
+                return
+            await send_bytes(send, 200, response.body, [(b"content-type", response.content_type.encode())])
+
+        handlers.append(asgi(path, copy_scope=False)(serve))
+
+    plugins.pm.hook.register_routes(register=register, router=lambda: fleet.router)
+    return handlers
+
+
+@asynccontextmanager
+async def _plugin_lifespan(plugins: Plugins, _app: object = None) -> AsyncIterator[None]:
+    await call_hook(plugins.pm, "plugin_startup")
+    try:
+        yield
+    finally:
+        await call_hook(plugins.pm, "plugin_shutdown", raises=False)
+
+
         content=error_body(error), status_code=error.status_code, media_type="application/json", headers=headers
     )
 

@@ -7,6 +7,7 @@ entry it resolves to, so that a client picking from the list finds ``default``.
 from __future__ import annotations
 
 from collections.abc import Callable
+import time
 
 import msgspec
 
@@ -63,10 +64,20 @@ class Catalog:
         return wire.ModelCard(id=name, created=self.started, root=route.name, aliases=aliases)
 
     @staticmethod
-    def readiness(router: Router, loads_on_request: Callable[[Route], bool] = lambda _r: False) -> tuple[int, bytes]:
+    def readiness(
+        router: Router, loads_on_request: Callable[[Route], bool] = lambda _r: False, *, stall_timeout_s: float = 0.0
+    ) -> tuple[int, bytes]:
         """/ready: 200 when every routed model is ready or ``loads_on_request`` (the memory
-        budget's: unloaded or loading for a request), else 503 listing those that are not."""
+        budget's: unloaded or loading for a request), else 503 listing those that are not. A model
+        with requests in flight but no stream item for ``stall_timeout_s`` (> 0) is ``stalled``."""
         states = [(route.name, route.backend.ready()) for route in router.routes if not loads_on_request(route)]
         not_ready = [ModelState(model=name, state=s.state, detail=s.detail) for name, s in states if not s.ready]
         body = encode(Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
         return (503 if not_ready else 200), body
+        if stall_timeout_s > 0:
+            now = time.perf_counter()
+            for route in router.routes:
+                stalled_s = route.stalled_for(now)
+                if stalled_s > stall_timeout_s:
+                    detail = f"{route.num_in_flight} requests in flight, no token for {stalled_s:.0f}s"
+                    not_ready.append(ModelState(model=route.name, state="stalled", detail=detail))

@@ -52,6 +52,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ready_timeout_s: float = 600.0  # a reload waits this long for its new models to be ready
     memory_budget: int | str | None = None  # "8GiB", "512MiB" or bytes; None: unlimited (gateway.budget)
     load_timeout_s: float = 120.0  # a request waits this long for its model to load
+    stall_timeout_s: float = 60.0  # /ready is 503 for a model with requests in flight and no token this long; 0 off
+    home: str = ""  # the Taxiway home (usage ledger, virtual keys); default $TAXIWAY_HOME or ~/.cache/taxiway
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -86,6 +88,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log: LogSettings = LogSettings()
     admin: AdminSettings = AdminSettings()
     plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    limits: dict[str, Any] = msgspec.field(default_factory=dict)  # [limits]: plugins/limits
+    usage: dict[str, Any] = msgspec.field(default_factory=dict)  # [usage]: plugins/usage
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
@@ -116,6 +120,10 @@ def parse_settings(text: str, *, env: Mapping[str, str] | None = None) -> Settin
         raise ConfigError("at least one [[models]] entry is required", path="models")
     settings = convert_table(raw, Settings, "")
     _check(settings)
+    if not settings.server.home:
+        environ = os.environ if env is None else env
+        home = environ.get("TAXIWAY_HOME") or str(Path.home() / ".cache" / "taxiway")
+        settings = msgspec.structs.replace(settings, server=msgspec.structs.replace(settings.server, home=home))
     return settings
 
 
@@ -204,6 +212,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError("must be greater than 0", path="server.ready_timeout_s")
     if not server.load_timeout_s > 0:
         raise ConfigError("must be greater than 0", path="server.load_timeout_s")
+    if not server.stall_timeout_s >= 0:
+        raise ConfigError("must not be negative (0: off)", path="server.stall_timeout_s")
     parse_size(server.memory_budget, "server.memory_budget")
     key_digests(settings.admin.keys, settings.admin.key_hashes, "admin")
     if settings.log.level not in _LOG_LEVELS:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
+
+from gateway.keys import KeyInfo
 
 
 class Timings(msgspec.Struct, kw_only=True):
@@ -34,6 +38,11 @@ class RequestContext(msgspec.Struct, kw_only=True):
     model: str | None = None
     backend_name: str | None = None
     principal: str | None = None
+    key: KeyInfo | None = None  # a virtual key's identity and limits (set by ``authenticate``)
+    #: sent on the response, whatever its status (e.g. the ``x-ratelimit-*`` headers)
+    response_headers: list[tuple[bytes, bytes]] | None = None
+    route: Any = None  # the gateway.router.Route tried now (its progress clock, for /ready)
+    request: Any = None  # the decoded wire request (gateway.wire), once the body is read
     is_stream: bool = False
     status_code: int = 200
     timings: Timings = msgspec.field(default_factory=Timings)

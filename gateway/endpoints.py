@@ -53,6 +53,8 @@ def response_headers(ctx: RequestContext, base: Headers | tuple[tuple[bytes, byt
     headers.append((b"x-request-id", ctx.request_id.encode()))
     if ctx.model is not None:  # who answered: a group's name, or the fallback that took over
         headers.append((MODEL_HEADER, ctx.model.encode()))
+    if ctx.response_headers:  # set by hooks (the limits' x-ratelimit-*)
+        headers.extend(ctx.response_headers)
     return headers
 
 

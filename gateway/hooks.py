@@ -79,3 +79,18 @@ class LifecycleHooks:
                     await result
             except Exception:
                 log.exception("hook.failed", plugin=plugin_name, request_id=ctx.request_id)
+
+
+async def call_hook(pm: pluggy.PluginManager, name: str, *, raises: bool = True, **kwargs: Any) -> None:
+    """Call every implementation of hook ``name`` in pluggy's order, awaiting async ones (for the
+    once-per-process hooks: ``plugin_startup``, ``plugin_shutdown``). ``raises=False``: a failure
+    is logged and the next implementation still runs."""
+    for function, argnames, is_async, plugin_name in _impls(pm, name):
+        try:
+            result = function(**{arg: kwargs[arg] for arg in argnames})
+            if is_async or inspect.isawaitable(result):
+                await result
+        except Exception:
+            if raises:
+                raise
+            log.exception("hook.failed", plugin=plugin_name, hook=name)

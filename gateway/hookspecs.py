@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import pluggy
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
     from gateway.errors import TaxiwayError
     from gateway.interface import Backend, Usage
+    from gateway.router import Router
 
 PROJECT = "taxiway"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -79,3 +81,32 @@ async def on_error(ctx: RequestContext, error: TaxiwayError) -> None:
     ended with). A client that disconnected before the end arrives here as
     ``ClientDisconnectedError`` (status 499). Exceptions are logged, never sent to the client.
     """
+
+
+class RouteResponse(msgspec.Struct, frozen=True):
+    """What a plugin's HTTP route answers (``register_routes``): a 200 with ``body``."""
+
+    body: bytes
+    content_type: str = "application/json"
+
+
+@hookspec
+def register_routes(register: Callable[..., None], router: Callable[[], Router]) -> None:
+    """Called once when the app is built. ``register(path, handler, admin=False)`` serves
+    ``GET``/``POST path`` with ``async handler(scope, receive) -> RouteResponse``; ``admin=True``
+    puts it below ``/admin`` (``path`` then relative to it, e.g. ``"usage"``) behind the admin keys.
+    A handler raises ``TaxiwayError`` to answer an error. ``router()`` is the current routing
+    table (``gateway.router.Router``), e.g. for per-model gauges at scrape time.
+    """
+
+
+@hookspec
+async def plugin_startup() -> None:
+    """Called once in the app's lifespan before serving (after ``plugin_configure``): start
+    background work (writers, refreshers). Raising aborts the start. May be async."""
+
+
+@hookspec
+async def plugin_shutdown() -> None:
+    """Called once at shutdown (SIGTERM included), after the backends have stopped and every
+    request has ended: flush what is buffered. Exceptions are logged. May be async."""

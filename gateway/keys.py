@@ -10,9 +10,26 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
+import msgspec
+
 from gateway.errors import AuthenticationError, ConfigError
 
 HASH_PREFIX = "sha256:"
+
+
+class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A virtual key as the request hooks see it: who it is and what it may do (never the key).
+
+    ``models`` empty: every model. A ``None`` limit: none.
+    """
+
+    id: str
+    name: str
+    models: tuple[str, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    budget_tokens_per_day: int | None = None
 
 
 def hash_key(key: str) -> str:
@@ -41,9 +58,8 @@ def key_digests(keys: Sequence[str], key_hashes: Sequence[str], path: str) -> tu
     return tuple(digests)
 
 
-def check_bearer(digests: tuple[bytes, ...], headers: dict[str, str]) -> bytes:
-    """The digest of the ``Authorization: Bearer`` key when it is one of ``digests``;
-    ``AuthenticationError`` (401) otherwise."""
+def bearer_digest(headers: dict[str, str]) -> bytes:
+    """The digest of the ``Authorization: Bearer`` key; ``AuthenticationError`` (401) without one."""
     authorization = headers.get("authorization", "")
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
@@ -51,10 +67,20 @@ def check_bearer(digests: tuple[bytes, ...], headers: dict[str, str]) -> bytes:
         raise AuthenticationError(
             "You didn't provide an API key. Send it in the header 'Authorization: Bearer YOUR_KEY'."
         )
-    digest = hashlib.sha256(key.encode()).digest()
+    return hashlib.sha256(key.encode()).digest()
+
+
+def is_known(digests: tuple[bytes, ...], digest: bytes) -> bool:
     matched = False
     for known in digests:  # no early exit: the time taken does not tell which key matched
         matched |= hmac.compare_digest(known, digest)
-    if not matched:
+    return matched
+
+
+def check_bearer(digests: tuple[bytes, ...], headers: dict[str, str]) -> bytes:
+    """The digest of the ``Authorization: Bearer`` key when it is one of ``digests``;
+    ``AuthenticationError`` (401) otherwise."""
+    digest = bearer_digest(headers)
+    if not is_known(digests, digest):
         raise AuthenticationError("Incorrect API key provided.")
     return digest

@@ -113,6 +113,7 @@ class Gateway:
         body = await read_body(receive, headers, self.max_body_bytes)
         req = normalize.decode(body, endpoint.decoder)
 
+        ctx.request = req
         def prepare(route: Route) -> Any:
             return endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
 
@@ -144,6 +145,9 @@ class Gateway:
         await self.hooks.on_error(ctx, error)
 
     async def _disconnected(self, ctx: RequestContext) -> None:
+        if ctx.response_headers:  # set by hooks (the limits' x-ratelimit-*); the error's own win
+            for name, value in ctx.response_headers:
+                error.headers.setdefault(name.decode(), value.decode())
         ctx.status_code = ClientDisconnectedError.status_code
         ctx.timings.total_s = perf_counter() - ctx.started_at
         await self.hooks.on_error(ctx, ClientDisconnectedError("the client disconnected"))
@@ -285,6 +289,8 @@ class Gateway:
             ctx.timings.first_token_s = now - ctx.started_at
         return item
 
+        if ctx.route is not None:
+            ctx.route.last_progress = now  # /ready's stall check (gateway.catalog)
     async def _send_stream(
         self,
         ctx: RequestContext,
@@ -360,7 +366,9 @@ class Gateway:
         await send_bytes(send, 200, b'{"status":"ok"}', [JSON])
 
     async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
-        status, body = self.catalog.readiness(self.router, self.fleet.budget.loads_on_request)
+        status, body = self.catalog.readiness(
+            self.router, self.fleet.budget.loads_on_request, stall_timeout_s=self.settings.server.stall_timeout_s
+        )
         await send_bytes(send, status, body, [JSON])
 
 
@@ -372,4 +380,5 @@ def _serving(ctx: RequestContext, route: Route) -> None:
 
 async def _embed(ctx: RequestContext, route: Route, request: Any) -> Any:
     _serving(ctx, route)
+    ctx.route = route
     return await route.backend.embed(request)

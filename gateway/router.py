@@ -42,8 +42,8 @@ class Route:
     called from the event loop, so a plain int is enough).
     """
 
-    __slots__ = ("aliases", "backend", "backend_name", "cooldown_s", "fallbacks", "health", "key", "last_used",
-                 "name", "num_in_flight", "phase")  # fmt: skip
+    __slots__ = ("aliases", "backend", "backend_name", "cooldown_s", "fallbacks", "health", "key", "last_progress",
+                 "last_used", "name", "num_in_flight", "phase")  # fmt: skip
 
     def __init__(
         self,
@@ -67,6 +67,13 @@ class Route:
         self.phase: Phase = "starting"  # until the fleet has started it; "stopped" only once stopped
         self.num_in_flight = 0
         self.last_used: float | None = None
+        #: perf_counter() of the last stream item any of its requests got, or of the admission
+        #: that ended an idle spell: a request in flight and this long ago means it stalls
+        self.last_progress = time.perf_counter()
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since this instance last made progress while requests are in flight; 0 when idle."""
+        return max(0.0, now - self.last_progress) if self.num_in_flight > 0 else 0.0
 
     def take_routing(self, fresh: Route) -> None:
         """Adopt a reloaded entry's routing keys (aliases, fallbacks, cooldown): they change
@@ -82,6 +89,8 @@ class Route:
                 f"The model '{self.name}' is unloaded; load it with POST /admin/models/{self.name}/load",
                 param="model",
             )
+        if self.num_in_flight == 0:
+            self.last_progress = time.perf_counter()  # idle time is no stall
         self.num_in_flight += 1
         self.last_used = time.time()
 
