@@ -78,6 +78,7 @@ def create_app(
     # A mount, not a path parameter: model names may contain "/" ("org/model/stats").
     route_handlers.append(asgi("/v1/models", is_mount=True, copy_scope=True)(gateway.models))
     route_handlers.append(asgi("/admin", is_mount=True, copy_scope=True)(admin.handle))
+    route_handlers.extend(_plugin_routes(plugins, fleet, admin))
 
     app = Litestar(
         route_handlers=route_handlers,
@@ -92,9 +93,6 @@ def create_app(
     return app
 
 
-def _render(request: Request[Any, Any, Any], error: TaxiwayError) -> Response[bytes]:
-    headers = error_headers(error, request_id(request_headers(request.scope)))  # type: ignore[arg-type]
-    return Response(
 def _plugin_routes(plugins: Plugins, fleet: Fleet, admin_api: Admin) -> list[Any]:
     """The plugins' HTTP routes (``register_routes``); admin ones go below the admin mount."""
     handlers: list[Any] = []
@@ -132,6 +130,9 @@ async def _plugin_lifespan(plugins: Plugins, _app: object = None) -> AsyncIterat
         await call_hook(plugins.pm, "plugin_shutdown", raises=False)
 
 
+def _render(request: Request[Any, Any, Any], error: TaxiwayError) -> Response[bytes]:
+    headers = error_headers(error, request_id(request_headers(request.scope)))  # type: ignore[arg-type]
+    return Response(
         content=error_body(error), status_code=error.status_code, media_type="application/json", headers=headers
     )
 
