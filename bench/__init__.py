@@ -15,7 +15,7 @@ from gateway.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(register: Callable[..., Any]) -> None:
-    from bench import batching, embeddings, engine, gpu, loadgen, lora, overhead, swap, tp
+    from bench import batching, embeddings, engine, gpu, loadgen, lora, overhead, structured, swap, tp
 
     register(("bench", "gateway"), overhead.configure, overhead.run)
     register(("bench", "serving"), loadgen.configure, loadgen.run)
@@ -25,4 +25,5 @@ def register_commands(register: Callable[..., Any]) -> None:
     register(("bench", "swap"), swap.configure, swap.run)
     register(("bench", "embeddings"), embeddings.configure, embeddings.run)
     register(("bench", "gpu"), gpu.configure, gpu.run)
+    register(("bench", "structured"), structured.configure, structured.run)
     register(("bench", "lora"), lora.configure, lora.run)
