@@ -59,8 +59,10 @@ _state = _State()
 def plugin_configure(settings: Settings) -> None:
     options = convert_table(settings.plugins.get("auth", {}), AuthOptions, "plugins.auth")
     _state.digests = key_digests(options.keys, options.key_hashes, "plugins.auth")
-    _state.db = Database(database_url(settings)) if options.virtual_keys else None
-    _state.table = virtual_keys.KeyTable({})
+    url = database_url(settings) if options.virtual_keys else None
+    if url is None or _state.db is None or _state.db.url != url:  # a reload keeps a running refresher's table
+        _state.db = Database(url) if url is not None else None
+        _state.table = virtual_keys.KeyTable({})
     _state.refresh_s = options.refresh_s
     _state.allowed = {}
 

@@ -63,6 +63,7 @@ class LimitsOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 class _State:
     store: Any = MemoryStore()
+    storage = "memory"
     fail_open = True
     default_max_tokens = 256
     model_scopes: dict[str, Scope] = {}
@@ -79,7 +80,9 @@ def plugin_configure(settings: Settings) -> None:
     options = convert_table(settings.limits, LimitsOptions, "limits")
     if options.on_storage_error not in ("open", "closed"):
         raise ConfigError("must be open or closed", path="limits.on_storage_error")
-    if options.storage == "memory":
+    if options.storage == _state.storage:
+        pass  # a reload with the same storage keeps its state (and the requests it holds)
+    elif options.storage == "memory":
         _state.store = MemoryStore()
     elif options.storage.startswith(("redis://", "rediss://", "unix://")):
         from plugins.limits.redis_store import RedisStore
@@ -87,6 +90,7 @@ def plugin_configure(settings: Settings) -> None:
         _state.store = RedisStore(options.storage)
     else:
         raise ConfigError("expected 'memory' or a 'redis://…' URL", path="limits.storage")
+    _state.storage = options.storage
     names = {name for entry in settings.models for name in (entry.name, *entry.aliases)}
     canonical = {alias: entry.name for entry in settings.models for alias in (entry.name, *entry.aliases)}
     scopes: dict[str, Scope] = {}
@@ -102,7 +106,6 @@ def plugin_configure(settings: Settings) -> None:
     _state.fail_open = options.on_storage_error == "open"
     _state.default_max_tokens = options.default_max_tokens
     _state.key_scopes = {}
-    _state.held = {}
 
 
 @hookimpl

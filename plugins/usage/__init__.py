@@ -47,7 +47,10 @@ _state = _State()
 @hookimpl
 def plugin_configure(settings: Settings) -> None:
     options = convert_table(settings.usage, UsageOptions, "usage")
-    _state.url = database_url(settings)
+    url = database_url(settings)
+    if _state.ledger is not None and _state.ledger.is_running:
+        return  # a reload (SIGHUP): the running ledger stays; [usage] changes take a restart
+    _state.url = url
     _state.ledger = None
     if options.enabled:
         spool = Path(options.spool_dir) if options.spool_dir else Path(settings.server.home) / "usage-spool"

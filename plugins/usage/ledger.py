@@ -59,6 +59,10 @@ class Ledger:
         if len(self._rows) >= self.batch_size and self._wake is not None:
             self._wake.set()
 
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None
+
     async def start(self) -> None:
         self._wake = asyncio.Event()
         await self._run(self._replay_only)  # rows a previous run left in the spool
