@@ -4,6 +4,8 @@
     POST /admin/models/{name}/load        start an unloaded model
     POST /admin/models/{name}/unload      refuse its new requests (503), drain, stop
     POST /admin/reload                    re-read the config file (``Fleet.reload``); 400 naming the key
+    POST /v1/load_lora_adapter            serve a LoRA adapter as a model (vLLM's shape: lora_name, lora_path)
+    POST /v1/unload_lora_adapter          stop serving one (lora_name); its requests in flight finish
 
 Protected by ``[admin]`` keys (``Authorization: Bearer``), never by the client keys. With no admin
 key configured the routes answer only when the server binds a loopback address (then only local
@@ -55,6 +57,22 @@ class AdminModels(msgspec.Struct):
     object: str = "list"
 
 
+class LoRAAdapterRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's fields;
+    ``model`` names the base model where several serve adapters)."""
+
+    lora_name: str
+    lora_path: str = ""
+    model: str | None = None
+
+
+class LoRAAdapterStatus(msgspec.Struct):
+    lora_name: str
+    root: str  # the base model
+    status: str  # "loaded" | "unloaded"
+    object: str = "lora_adapter"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -90,7 +108,14 @@ class Admin:
         """Take the admin keys of ``settings`` (at start and after each reload)."""
         self.digests = key_digests(settings.admin.keys, settings.admin.key_hashes, "admin")
 
+    async def lora_adapter(self, scope: Scope, receive: Any, send: Any) -> None:
+        """``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, behind the admin keys."""
+        await self._handle(scope, receive, send, self._lora_adapter)
+
     async def handle(self, scope: Scope, receive: Any, send: Any) -> None:
+        await self._handle(scope, receive, send, self._dispatch)
+
+    async def _handle(self, scope: Scope, receive: Any, send: Any, dispatch: Any) -> None:
         headers = request_headers(scope)
         try:
             self._authorize(headers)
@@ -99,7 +124,7 @@ class Admin:
                 response = await plugin_route(scope, receive)
                 await send_bytes(send, 200, response.body, [(b"content-type", response.content_type.encode())])
                 return
-            body = await self._dispatch(scope["method"], scope["path"].strip("/"), receive, headers)
+            body = await dispatch(scope["method"], scope["path"].strip("/"), receive, headers)
         except Exception as exc:
             error = exc if isinstance(exc, TaxiwayError) else _internal(exc)
             await send_error(send, error, request_id(headers))
@@ -134,6 +159,44 @@ class Admin:
             route = await (self.fleet.load(name) if action == "load" else self.fleet.unload(name))
             return encode(describe(route))
         raise NotFoundError(f"Unknown admin route: {method} /admin/{path}")
+
+
+    async def _lora_adapter(self, method: str, path: str, receive: Any, headers: dict[str, str]) -> bytes:
+        _expect(method, "POST")
+        try:
+            req = msgspec.json.decode(await read_body(receive, headers, 1 << 16), type=LoRAAdapterRequest)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequestError(f"invalid body: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise InvalidRequestError(f"the body is not JSON: {exc}") from exc
+        router = self.fleet.router
+        if path.endswith("unload_lora_adapter"):
+            route = router.get(req.lora_name)
+            if route is None or req.lora_name not in route.backend.adapters():
+                raise NotFoundError(f"No LoRA adapter named '{req.lora_name}' is loaded", param="lora_name")
+            await route.backend.unload_adapter(req.lora_name)
+            log.info("lora.unloaded", lora_name=req.lora_name, model=route.name)
+            return encode(LoRAAdapterStatus(lora_name=req.lora_name, root=route.name, status="unloaded"))
+        if not req.lora_name or not req.lora_path:
+            raise InvalidRequestError("lora_name and lora_path are required", param="lora_name" if not req.lora_name else "lora_path")
+        if router.get(req.lora_name) is not None:
+            raise InvalidRequestError(f"The model name '{req.lora_name}' is taken", param="lora_name")
+        route = _adapter_base(router.routes, req.model)
+        await route.backend.load_adapter(req.lora_name, req.lora_path)
+        log.info("lora.loaded", lora_name=req.lora_name, lora_path=req.lora_path, model=route.name)
+        return encode(LoRAAdapterStatus(lora_name=req.lora_name, root=route.name, status="loaded"))
+
+
+def _adapter_base(routes: tuple[Route, ...], model: str | None) -> Route:
+    """The model a new adapter runs on: ``model`` if given, else the only one serving adapters."""
+    candidates = [r for r in routes if r.backend.accepts_adapters and (model is None or model in (r.name, *r.aliases))]
+    if len(candidates) == 1:
+        return candidates[0]
+    if model is not None:
+        raise InvalidRequestError(f"The model '{model}' does not serve LoRA adapters", param="model")
+    if not candidates:
+        raise InvalidRequestError("No model serves LoRA adapters (an engine model with options.lora does)")
+    raise InvalidRequestError("Several models serve LoRA adapters: name the base in 'model'", param="model")
 
 
 def _expect(method: str, allowed: str) -> None:

@@ -78,6 +78,8 @@ def create_app(
     # A mount, not a path parameter: model names may contain "/" ("org/model/stats").
     route_handlers.append(asgi("/v1/models", is_mount=True, copy_scope=True)(gateway.models))
     route_handlers.append(asgi("/admin", is_mount=True, copy_scope=True)(admin.handle))
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):  # vLLM's paths, the admin's keys
+        route_handlers.append(asgi(path, copy_scope=True)(admin.lora_adapter))
     route_handlers.extend(_plugin_routes(plugins, fleet, admin))
 
     app = Litestar(

@@ -1,13 +1,14 @@
 """What ``/v1/models`` and ``/ready`` say about the routing table, as response bodies.
 
 Every name a client may send is listed, an alias as a model of its own whose ``root`` names the
-entry it resolves to, so that a client picking from the list finds ``default``.
+entry it resolves to, so that a client picking from the list finds ``default``; a LoRA adapter
+likewise, its ``root`` the base model it runs on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -33,16 +34,18 @@ class Catalog:
 
     def __init__(self, started: int) -> None:
         self.started = started
-        self._list: tuple[Router | None, bytes] = (None, b"")
+        self._list: tuple[object, bytes] = (None, b"")
 
     def get(self, router: Router, path: str) -> bytes:
         """GET /v1/models, /v1/models/{model} and /v1/models/{model}/stats (``path`` below the mount)."""
         rest = path.strip("/")
         if not rest:
             cached, body = self._list
-            if cached is not router:
-                body = encode(wire.ModelList(data=[self._card(name, route) for name, route in router.names()]))
-                self._list = (router, body)
+            names = router.names()
+            key = (router, tuple(name for name, _ in names))  # LoRA adapters come and go
+            if cached != key:
+                body = encode(wire.ModelList(data=[self._card(name, route) for name, route in names]))
+                self._list = (key, body)
             return body
         route = router.get(rest)
         if route is not None:
@@ -72,8 +75,6 @@ class Catalog:
         with requests in flight but no stream item for ``stall_timeout_s`` (> 0) is ``stalled``."""
         states = [(route.name, route.backend.ready()) for route in router.routes if not loads_on_request(route)]
         not_ready = [ModelState(model=name, state=s.state, detail=s.detail) for name, s in states if not s.ready]
-        body = encode(Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
-        return (503 if not_ready else 200), body
         if stall_timeout_s > 0:
             now = time.perf_counter()
             for route in router.routes:
@@ -81,3 +82,5 @@ class Catalog:
                 if stalled_s > stall_timeout_s:
                     detail = f"{route.num_in_flight} requests in flight, no token for {stalled_s:.0f}s"
                     not_ready.append(ModelState(model=route.name, state="stalled", detail=detail))
+        body = encode(Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
+        return (503 if not_ready else 200), body

@@ -129,6 +129,9 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: The client streams the response. A hint only: the stream contract is the same either way,
     #: but a proxy may ask its upstream for one whole response when the client does not stream.
     stream: bool = False
+    #: The LoRA adapter the client chose by naming it as the model (one of ``Backend.adapters()``
+    #: of the backend ``model`` names), None for the base model.
+    adapter: str | None = None
     #: structured output and tools as the client asked (a proxy passes them on; the engine
     #: enforces ``sampling.structured``, built from them by the gateway)
     response_format: ResponseFormat | None = None
@@ -302,6 +305,29 @@ class Backend(abc.ABC):
         for the memory budget; cheap (no weights read). None: nothing the budget counts (a proxy),
         or the backend cannot tell. May raise ``ConfigError`` when the model's files are unreadable."""
         return None
+
+    # -- LoRA adapters: models of their own on this backend's base model (optional) ---------------
+
+    #: Whether ``load_adapter`` / ``unload_adapter`` work on this instance.
+    accepts_adapters: ClassVar[bool] = False
+
+    def adapters(self) -> tuple[str, ...]:
+        """The adapters served now, each a model name of its own (``/v1/models``: ``root`` is this
+        model); a request naming one comes here with ``GenerationRequest.adapter`` set. Cheap."""
+        return ()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter at ``path`` as model ``name`` (``POST /v1/load_lora_adapter``); raise
+        ``InvalidRequestError`` naming what is wrong with it."""
+        from gateway.errors import InvalidRequestError
+
+        raise InvalidRequestError(f"model '{self.model_name}' does not serve LoRA adapters", param="lora_name")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``: new requests for it get a 404; requests in flight finish."""
+        from gateway.errors import NotFoundError
+
+        raise NotFoundError(f"model '{self.model_name}' serves no adapter '{name}'", param="lora_name")
 
     def cooling_down_until(self) -> float | None:
         """While a deployment cools down after a failure: the ``time.monotonic()`` instant it

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import structlog
 
 from gateway import normalize
@@ -48,7 +49,7 @@ from gateway.errors import (
 from gateway.failover import Attempts
 from gateway.fleet import Fleet
 from gateway.hooks import LifecycleHooks
-from gateway.interface import StreamItem, Usage
+from gateway.interface import GenerationRequest, StreamItem, Usage
 from gateway.render import (
     SSE_DONE,
     ChatRenderer,
@@ -112,10 +113,13 @@ class Gateway:
         await self.hooks.authenticate(ctx, headers)
         body = await read_body(receive, headers, self.max_body_bytes)
         req = normalize.decode(body, endpoint.decoder)
-
         ctx.request = req
+
         def prepare(route: Route) -> Any:
-            return endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
+            request = endpoint.normalize(req, request_id=ctx.request_id, model=route.name, caps=route.backend.capabilities)
+            if isinstance(request, GenerationRequest) and req.model in route.backend.adapters():
+                request = msgspec.structs.replace(request, adapter=req.model)  # the name chose a LoRA adapter
+            return request
 
         # an unloaded model loads first (evicting idle ones for room) or raises the budget's 503
         await self.fleet.budget.ensure_loaded(self.router.chain(req.model))
@@ -141,13 +145,13 @@ class Gateway:
         error = exc if isinstance(exc, TaxiwayError) else self._internal(ctx, exc)
         ctx.status_code = error.status_code
         ctx.timings.total_s = perf_counter() - ctx.started_at
+        if ctx.response_headers:  # set by hooks (the limits' x-ratelimit-*); the error's own win
+            for name, value in ctx.response_headers:
+                error.headers.setdefault(name.decode(), value.decode())
         await send_error(send, error, ctx.request_id)
         await self.hooks.on_error(ctx, error)
 
     async def _disconnected(self, ctx: RequestContext) -> None:
-        if ctx.response_headers:  # set by hooks (the limits' x-ratelimit-*); the error's own win
-            for name, value in ctx.response_headers:
-                error.headers.setdefault(name.decode(), value.decode())
         ctx.status_code = ClientDisconnectedError.status_code
         ctx.timings.total_s = perf_counter() - ctx.started_at
         await self.hooks.on_error(ctx, ClientDisconnectedError("the client disconnected"))
@@ -285,12 +289,12 @@ class Gateway:
             raise self._internal(ctx, exc) from exc
         now = perf_counter()
         ctx.timings.backend_s += now - start
+        if ctx.route is not None:
+            ctx.route.last_progress = now  # /ready's stall check (gateway.catalog)
         if ctx.timings.first_token_s is None:
             ctx.timings.first_token_s = now - ctx.started_at
         return item
 
-        if ctx.route is not None:
-            ctx.route.last_progress = now  # /ready's stall check (gateway.catalog)
     async def _send_stream(
         self,
         ctx: RequestContext,
@@ -376,9 +380,9 @@ def _serving(ctx: RequestContext, route: Route) -> None:
     """``route`` is the one the request is tried on now (hooks and ``X-Taxiway-Model`` name it)."""
     ctx.model = route.name
     ctx.backend_name = route.backend_name
+    ctx.route = route
 
 
 async def _embed(ctx: RequestContext, route: Route, request: Any) -> Any:
     _serving(ctx, route)
-    ctx.route = route
     return await route.backend.embed(request)

@@ -151,13 +151,28 @@ class Router:
         return self.chain(model)[0].routes[0]
 
     def get(self, model: str) -> Route | None:
-        group = self._by_name.get(model)
+        group = self._by_name.get(model) or self._adapter_group(model)
         return None if group is None else group.routes[0]
 
     def names(self) -> list[tuple[str, Route]]:
         """Every name a client may send, once each, with its first deployment, in config order
-        (name, then aliases)."""
-        return [(name, group.routes[0]) for name, group in self._by_name.items()]
+        (name, then aliases), then the LoRA adapters the backends serve now."""
+        names = [(name, group.routes[0]) for name, group in self._by_name.items()]
+        seen = set(self._by_name)
+        for route in self.routes:
+            for adapter in route.backend.adapters():
+                if adapter not in seen:
+                    seen.add(adapter)
+                    names.append((adapter, route))
+        return names
+
+    def _adapter_group(self, model: str) -> Group | None:
+        """The group of the first deployment serving a LoRA adapter named ``model`` (adapters come
+        and go at run time: looked up on every request, never cached)."""
+        for route in self.routes:
+            if model in route.backend.adapters():
+                return self._by_name[route.name]
+        return None
 
     def chain(self, model: str) -> tuple[Group, ...]:
         """The groups a request for ``model`` may go to: its own, then its fallbacks in order,
@@ -167,7 +182,10 @@ class Router:
             return chain
         group = self._by_name.get(model)
         if group is None:
-            raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
+            adapter_group = self._adapter_group(model)
+            if adapter_group is None:
+                raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
+            return (adapter_group,)  # an adapter has no fallbacks of its own
         groups = [group]
         for current in groups:  # grows while walked: breadth first
             for name in current.fallbacks:
@@ -190,6 +208,12 @@ def build_router(settings: Settings, plugins: Plugins) -> Router:
         key = entry_key(entry)
         occurrences[key] = occurrences.get(key, -1) + 1
         routes.append(_build_route(i, entry, plugins, entry_key(entry, occurrences[key])))
+    taken = {name for entry in settings.models for name in (entry.name, *entry.aliases)}
+    for i, route in enumerate(routes):
+        for adapter in route.backend.adapters():
+            if adapter in taken:
+                raise ConfigError(f"the LoRA adapter name '{adapter}' is taken", path=f"models[{i}].options.lora.adapters.{adapter}")
+            taken.add(adapter)
     return Router(routes)
 
 

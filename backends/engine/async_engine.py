@@ -64,6 +64,7 @@ class _Add(msgspec.Struct):
     prompt_ids: list[int]
     sampling: SamplingParams
     log_context: dict[str, Any]  # the request's bound log variables
+    lora: Any = None  # the request's LoRAAdapter, None for the base model
 
 
 class _Abort(msgspec.Struct):
@@ -76,7 +77,6 @@ class _Abort(msgspec.Struct):
 LOAD_NICENESS = 19
 
 
-async def run_in_own_thread(fn: Callable[[], T], name: str = "taxiway-engine-load") -> T:
 #: Engines started in this process (``serving_beside``).
 _STARTED: weakref.WeakSet[AsyncEngine] = weakref.WeakSet()
 
@@ -86,6 +86,7 @@ def serving_beside() -> bool:
     return any(engine.ready for engine in list(_STARTED))
 
 
+async def run_in_own_thread(fn: Callable[[], T], name: str = "taxiway-engine-load") -> T:
     """``fn()`` on a new thread that ends with it (so its OpenMP team goes too); awaits the result."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -145,8 +146,8 @@ class AsyncEngine:
         self._ready = True
         self._thread = threading.Thread(target=self._run, name="taxiway-engine", daemon=True)
         self._thread.start()
-
         _STARTED.add(self)
+
     def stop(self) -> None:
         """Stop the step thread (its step ends first); a request still streaming gets a 503."""
         self._stopping = True
@@ -171,7 +172,7 @@ class AsyncEngine:
     # -- requests (event-loop side) -------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, *, lora: Any = None
     ) -> AsyncIterator[StreamItem]:
         """Deltas for the request as steps produce them, then its ``Usage``."""
         if not self.ready:
@@ -180,7 +181,7 @@ class AsyncEngine:
             raise ServiceUnavailableError(f"request id {request_id!r} is already running")
         queue: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue
-        self._submit(_Add(request_id, prompt_ids, sampling, structlog.contextvars.get_contextvars()))
+        self._submit(_Add(request_id, prompt_ids, sampling, structlog.contextvars.get_contextvars(), lora))
         finished = False
         try:
             while True:
@@ -246,7 +247,7 @@ class AsyncEngine:
                     log.debug("engine.request.aborted", engine_request_id=command.request_id, **context)
                 continue
             try:
-                self.engine.add_request(command.request_id, command.prompt_ids, command.sampling)
+                self.engine.add_request(command.request_id, command.prompt_ids, command.sampling, lora=command.lora)
             except TaxiwayError as exc:
                 self._post(self._fail, [command.request_id], exc)
                 continue

@@ -21,7 +21,7 @@ import structlog
 
 from backends.engine.builder import EngineOptions
 from gateway import tools
-from gateway.errors import ConfigError, InvalidRequestError, ServiceUnavailableError
+from gateway.errors import ConfigError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from gateway.interface import (
     Backend,
     Capabilities,
@@ -53,6 +53,13 @@ class EngineBackend(Backend):
         self._loading: asyncio.Task[None] | None = None
         self._ids = itertools.count()  # clients may reuse X-Request-ID; engine ids must be unique
         self._memory: Any = None  # memory.MemoryEstimate, once asked for
+        # LoRA adapters (options.lora): each a model name of its own; the registry once loaded
+        lora = options.lora
+        if lora is not None and options.tensor_parallel > 1:
+            raise ConfigError("LoRA adapters with tensor_parallel > 1 are not supported yet", path="lora")
+        self.accepts_adapters = lora is not None
+        self._adapter_names: tuple[str, ...] = tuple(lora.adapters) if lora is not None else ()
+        self._lora: Any = None  # lora.registry.LoRARegistry
 
     @property
     def capabilities(self) -> Capabilities:
@@ -133,7 +140,22 @@ class EngineBackend(Backend):
         from backends.engine.text.chat_template import ChatTemplate
 
         self._template = ChatTemplate.from_tokenizer(self._engine.tokenizer)
+        if self.options.lora is not None:
+            self._load_adapters(self.options.lora)
         self._warm_up()
+
+    def _load_adapters(self, options: Any) -> None:
+        """The configured adapters, read and checked now: a bad one fails the model, naming it."""
+        from backends.engine.lora.adapter import AdapterError
+        from backends.engine.lora.registry import LoRARegistry
+
+        self._lora = LoRARegistry(self._engine.runner.config, options)
+        for name, path in options.adapters.items():
+            try:
+                self._lora.keep(self._lora.read(name, path))
+            except AdapterError as exc:
+                raise ConfigError(str(exc), path=f"options.lora.adapters.{name}") from exc
+        self._adapter_names = self._lora.names()
 
     def _load_in_child(self, serving_beside: bool) -> bool:
         """Whether this load runs in a child process (``child_load``): as ``load_process`` says;
@@ -218,8 +240,13 @@ class EngineBackend(Backend):
         if request.sampling.structured is not None:
             self._check_tool_schemas(request)
         engine.check_request(len(prompt_ids), request.sampling, param=param)
+        lora = None
+        if request.adapter is not None:
+            lora = None if self._lora is None else await self._lora.acquire(request.adapter)
+            if lora is None:  # unloaded since the gateway routed it here
+                raise ModelNotFoundError(f"The model '{request.adapter}' does not exist", param="model")
         engine_id = f"{request.request_id}#{next(self._ids)}"
-        stream = self._async.generate(engine_id, prompt_ids, request.sampling)
+        stream = self._async.generate(engine_id, prompt_ids, request.sampling, lora=lora)
         if request.messages is not None and tools.calls_tools(request.tools, request.tool_choice):
             stream = tools.parse_tool_calls(stream, request.tools)
         async for item in stream:
@@ -245,6 +272,31 @@ class EngineBackend(Backend):
         for i, tool in enumerate(request.tools):
             if tool.parameters is not None and (choice.mode == "required" or tool.name == choice.name):
                 self._engine.grammars.json_schema(tool.parameters, param=f"tools[{i}].function.parameters")
+
+    # -- LoRA adapters ----------------------------------------------------------------------------
+
+    def adapters(self) -> tuple[str, ...]:
+        return self._adapter_names
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Read and check the adapter off the event loop; 400 naming the file and tensor when bad."""
+        if not self.accepts_adapters:
+            await super().load_adapter(name, path)
+        if self._lora is None or self._async is None:
+            raise self._unavailable()
+        from backends.engine.lora.adapter import AdapterError
+
+        try:
+            await self._lora.add(name, path)
+        except AdapterError as exc:
+            raise InvalidRequestError(str(exc), param="lora_path") from exc
+        self._adapter_names = self._lora.names()
+
+    async def unload_adapter(self, name: str) -> None:
+        """New requests for ``name`` get a 404; those in flight hold their adapter and finish."""
+        if self._lora is None or not self._lora.remove(name):
+            await super().unload_adapter(name)
+        self._adapter_names = self._lora.names()
 
     def _unavailable(self) -> ServiceUnavailableError:
         if self._failure is not None:

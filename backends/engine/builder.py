@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import msgspec
 import structlog
 
+from backends.engine.lora.options import LoRAOptions
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     seed: int | None = None
     home: str | None = None  # model cache; default $TAXIWAY_HOME or ~/.cache/taxiway
     native_kernels: bool = True  # the native CPU kernels (native/); false: torch's ops throughout
+    lora: LoRAOptions | None = None  # LoRA adapters served on this model (lora/options.py)
     # where a load runs: "auto" in a child process when another engine serves in this process
     # (a reload, an on-demand load: backends/engine/child_load.py), else on a thread of it
     load_process: Literal["auto", "always", "never"] = "auto"
@@ -173,6 +175,7 @@ def make_scheduler(options: EngineOptions, layout: KVCacheLayout, eos_token_ids:
         max_model_len=layout.max_model_len,
         enable_chunked_prefill=options.enable_chunked_prefill,
         max_waiting=options.max_waiting,
+        max_loras=options.lora.max_loras if options.lora is not None else None,
         eos_token_ids=eos_token_ids,
     )
 
@@ -234,7 +237,12 @@ def build_engine(options: EngineOptions, *, progress: bool = False, in_child: bo
         model = fuse(loaded.model, kernels)  # the native fast path, where it applies
     tokenizer = tokenizer or Tokenizer.load(path)
     scheduler = make_scheduler(options, layout, tokenizer.eos_token_ids)
-    runner = ModelRunner(
+    runner_class = ModelRunner
+    if options.lora is not None:  # the adapters' terms on the projections; each step's rows know theirs
+        from backends.engine.lora.runner import lora_runner
+
+        runner_class = lora_runner(model, config, options.lora)
+    runner = runner_class(
         model,
         config,
         num_blocks=layout.num_blocks,

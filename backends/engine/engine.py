@@ -10,6 +10,7 @@ from one thread.
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceABC
+from typing import Any
 
 import msgspec
 import structlog
@@ -102,9 +103,10 @@ class LLMEngine:
             cls = ContextLengthExceededError if where in ("messages", "prompt", "max_tokens") else InvalidRequestError
             raise cls(str(exc), param=where) from exc
 
-    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
-        """Queue a request. Raises ``RateLimitError`` when the waiting queue is full."""
-        group = SequenceGroup(request_id, prompt_ids, sampling)
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, *, lora: Any = None) -> None:
+        """Queue a request (``lora``: its ``LoRAAdapter``, None for the base model). Raises
+        ``RateLimitError`` when the waiting queue is full."""
+        group = SequenceGroup(request_id, prompt_ids, sampling, lora=lora)
         try:
             self.scheduler.add(group)
         except QueueFullError as exc:

@@ -91,7 +91,7 @@ def _read_config(path: Path) -> dict:
         raise AdapterError(f"{file}: unreadable: {exc}") from exc
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{file}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False)):
         if cfg.get(key, ok) != ok:
             raise AdapterError(f"{file}: {key} = {cfg[key]!r} is not supported")
     if cfg.get("bias", "none") != "none":

@@ -28,3 +28,15 @@ class LoRAModelRunner(ModelRunner):
             rows.extend([None if group is None else group.lora] * sched.num_new_tokens)
         self.lora_slots.prepare(rows)
         return super().execute(out)
+
+
+def lora_runner(model: Any, config: Any, options: Any) -> Any:
+    """The runner class for an engine serving adapters: ``apply_lora`` on ``model`` with fresh
+    slots (``options``: ``LoRAOptions``), then ``LoRAModelRunner`` bound to them."""
+    import functools
+
+    from backends.engine.lora.layers import apply_lora
+
+    slots = LoRASlots(config.num_layers, max_loras=options.max_loras, dtype=torch.float32, device=model.device)
+    apply_lora(model, slots)
+    return functools.partial(LoRAModelRunner, slots=slots)

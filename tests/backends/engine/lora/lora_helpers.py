@@ -90,3 +90,32 @@ class LoRARunner(PagedRunner):
         self.adapters.update({i: adapter for i, (_, _, adapter) in seqs.items()})
         logits = self.step([(i, p + c) for i, (p, c, _) in seqs.items()])
         return {i: rows[len(p) - 1 : -1] for (i, (p, _, _)), rows in zip(seqs.items(), logits, strict=True)}
+
+
+def write_adapter_files(
+    path: Path, shapes: dict[str, tuple[int, int]], num_layers: int, *, targets: Sequence[str], r: int = 8,
+    alpha: float = 16, seed: int = 0, std: float = 0.02, extra: dict[str, torch.Tensor] | None = None,
+    config: dict | None = None,
+) -> Path:  # fmt: skip
+    """A random-weight adapter in PEFT's files (``adapter_config.json``, ``adapter_model.safetensors``,
+    PEFT's tensor names), written directly: no HF model to load. ``shapes``: ``module -> (in, out)``
+    (``adapter.module_shapes``); ``extra`` tensors and ``config`` keys go in as given."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(num_layers):
+        for module in targets:
+            in_f, out_f = shapes[module]
+            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{i}.{block}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * std
+    tensors.update(extra or {})
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none", **(config or {})}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
