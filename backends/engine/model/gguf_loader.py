@@ -1,8 +1,8 @@
 """Weights from a GGUF file: its header read by ``gguf_reader``, its tensors memory-mapped.
 
 ``GGUFSource.get(name)`` decodes one tensor at a time into the engine's exchange forms
-(``quant.Int4Data`` for Q4_0/Q4_1, ``quant.Int8Data`` for Q8_0, a float tensor for
-F32/F16/BF16) and drops the file pages it read from this process's mapping, so loading never
+(``quant.Int4Data`` for Q4_0/Q4_1/Q4_K, ``quant.Int8Data`` for Q5_0/Q8_0/Q3_K/Q6_K, a float
+tensor for F32/F16/BF16; ``gguf_blocks.py`` decodes the blocks) and drops the file pages it read from this process's mapping, so loading never
 holds the whole file and the decoded model at once. Names are the engine's canonical ones
 (``embed``, ``lm_head``, ``norm``, ``layers.{i}.q`` … see ``loader.py``).
 
@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
@@ -27,10 +28,10 @@ from torch import Tensor
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
 from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS
 from backends.engine.model.gguf_reader import GGUFHeader, GGUFTensorInfo, read_gguf
-from backends.engine.model.quant import Int4Data, Int8Data, WeightData
+from backends.engine.model import gguf_blocks
+from backends.engine.model.quant import WeightData
 
 SUPPORTED_TYPES = tuple(GGUF_WEIGHT_KINDS)
-_BLOCK = 32  # elements per Q4_0 / Q4_1 / Q8_0 block
 _CHUNK_ROWS = 4096  # rows decoded at a time: bounds the transient memory of huge tensors
 
 
@@ -157,33 +158,22 @@ def _decode(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int) 
     if name in ("F32", "F16", "BF16"):
         dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
         return torch.from_numpy(np.array(raw)).view(dtype).view(rows, cols)
-    if cols % _BLOCK:
-        raise UnsupportedModelError(f"{name} tensor with {cols} columns is not whole blocks of {_BLOCK}")
-    groups = cols // _BLOCK
-    if name == "Q8_0":
-        q = torch.empty(rows, cols, dtype=torch.int8)
-        scales = torch.empty(rows, groups, dtype=torch.float32)
-    else:
-        q = torch.empty(rows, cols, dtype=torch.uint8)
-        scales = torch.empty(rows, groups, dtype=torch.float32)
-        zeros = torch.empty(rows, groups, dtype=torch.float32)
-    for r0 in range(0, rows, _CHUNK_ROWS):
-        r1 = min(r0 + _CHUNK_ROWS, rows)
-        blocks = torch.from_numpy(np.array(raw[r0:r1])).view(r1 - r0, groups, -1)
-        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
-        scales[r0:r1] = d
-        if name == "Q8_0":
-            q[r0:r1] = blocks[..., 2:34].contiguous().view(torch.int8).reshape(r1 - r0, cols)
-            continue
-        if name == "Q4_0":  # w = d * (q - 8)
-            qs = blocks[..., 2:18]
-            zeros[r0:r1] = 0.0
-        else:  # Q4_1: w = d * q + m = (q - 8) * d + (m + 8 d)
-            m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
-            zeros[r0:r1] = m + 8.0 * d
-            qs = blocks[..., 4:20]
-        # Within a block, byte j holds element j (low nibble) and element j + 16 (high nibble).
-        q[r0:r1] = torch.cat([qs & 15, qs >> 4], dim=-1).view(r1 - r0, cols)
-    if name == "Q8_0":
-        return Int8Data(q=q, scales=scales, group_size=_BLOCK)
-    return Int4Data(q=q, scales=scales, zeros=zeros, group_size=_BLOCK)
+    _, per_block = gguf_blocks.BLOCKS[name]
+    if cols % per_block:
+        raise UnsupportedModelError(f"{name} tensor with {cols} columns is not whole blocks of {per_block}")
+    # a chunk of rows at a time, into tensors of the whole: the decoder's temporaries stay a chunk's size
+    out: WeightData | None = None
+    for r in range(0, rows, _CHUNK_ROWS):
+        part = gguf_blocks.decode(name, torch.from_numpy(np.array(raw[r : r + _CHUNK_ROWS])))
+        if out is None:
+            if rows <= _CHUNK_ROWS:
+                return part
+            out = msgspec.structs.replace(
+                part, **{f: torch.empty(rows, *getattr(part, f).shape[1:], dtype=getattr(part, f).dtype)
+                         for f in ("q", "scales", "zeros") if hasattr(part, f)}  # fmt: skip
+            )
+        for f in ("q", "scales", "zeros"):
+            if hasattr(part, f):
+                getattr(out, f)[r : r + _CHUNK_ROWS] = getattr(part, f)
+    assert out is not None
+    return out

@@ -92,8 +92,8 @@ def test_unreadable_and_unsupported_files_are_config_errors(tmp_path, tiny) -> N
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(ConfigError, match="cannot read GGUF"):
         estimate_memory(bad, EngineOptions(model=str(bad)))
-    q5 = write_gguf(make_hf_model("llama", tie_word_embeddings=True), tmp_path / "q5.gguf", QT.Q5_0, embed_type=QT.Q8_0)
-    with pytest.raises(ConfigError, match="has type Q5_0"):
+    q5 = write_gguf(make_hf_model("llama", tie_word_embeddings=True), tmp_path / "q5.gguf", QT.Q5_1, embed_type=QT.Q8_0)
+    with pytest.raises(ConfigError, match="has type Q5_1"):
         estimate_memory(q5, EngineOptions(model=str(q5)))
 
 

@@ -73,8 +73,8 @@ def test_quantization_choices_pick_modules(tmp_path) -> None:
 
 def test_unsupported_tensor_type_names_tensor_and_type(tmp_path) -> None:
     hf = make_hf_model("llama", tie_word_embeddings=True)
-    path = write_gguf(hf, tmp_path / "q5.gguf", QT.Q5_0, embed_type=QT.Q8_0)
-    with pytest.raises(UnsupportedModelError, match=r"'blk\.0\.attn_q\.weight' has type Q5_0"):
+    path = write_gguf(hf, tmp_path / "q5.gguf", QT.Q5_1, embed_type=QT.Q8_0)
+    with pytest.raises(UnsupportedModelError, match=r"'blk\.0\.attn_q\.weight' has type Q5_1"):
         load_model(path)
 
 

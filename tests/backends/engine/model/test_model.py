@@ -74,7 +74,7 @@ def test_hf_safetensors_float32_matches_transformers(tiny) -> None:
     assert max_error(run_steps(loaded.model, loaded.config), hf) <= ATOL
 
 
-@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0])
 def test_gguf_float32_matches_transformers_on_decoded_weights(tiny, qtype, tmp_path) -> None:
     arch, hf, _ = tiny
     path = write_gguf(hf, tmp_path / "m.gguf", qtype)
@@ -93,6 +93,25 @@ def test_gguf_mixed_types_q4_1_with_q8_0_embedding(tmp_path) -> None:
     assert loaded.config.tie_word_embeddings
     reference = roundtrip_model(hf, QT.Q4_1, embed_type=QT.Q8_0)
     assert max_error(run_steps(loaded.model, loaded.config), reference) <= ATOL
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K])
+def test_k_quants_match_transformers_on_decoded_weights(qtype, tmp_path) -> None:
+    """K-quant GGUFs (super-blocks of 256: a model 256 wide), float32 and the bfloat16 fast path,
+    against HF on the weights the file decodes to; the embedding Q8_0 as in llama.cpp's mixes."""
+    hf = make_hf_model("llama", seed=5, hidden_size=256, intermediate_size=512, tie_word_embeddings=True)
+    path = write_gguf(hf, tmp_path / "m.gguf", qtype, embed_type=QT.Q8_0)
+    reference = roundtrip_model(hf, qtype, embed_type=QT.Q8_0)
+    loaded = load_model(path, dtype=torch.float32)
+    assert loaded.tensor_types["layers.0.down"] == qtype.name
+    assert max_error(run_steps(loaded.model, loaded.config), reference) <= ATOL
+    # the fast path (packed kernels, the native step where this machine builds it), within the
+    # bfloat16 tolerance of test_bfloat16_fast_path_tracks_float32
+    fast = load_fused(path, dtype=torch.bfloat16)
+    exact = run_steps(loaded.model, loaded.config)
+    for seq_id, (_, logits) in run_steps(fast.model, fast.config, dtype=torch.bfloat16).items():
+        ref = exact[seq_id][1]
+        assert (logits.float() - ref).abs().max().item() <= 0.03 * ref.abs().max().item()
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path) -> None:

@@ -1,0 +1,68 @@
+"""A small quantizer for the K-quant formats the ``gguf`` package can only decode (Q4_K, Q6_K),
+for test fixtures: its blocks are checked against ``gguf.quants.dequantize`` by the tests that use
+them (the values it means are what the package decodes), not against llama.cpp's choice of codes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SUPER = 256
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)
+
+
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` float32 (cols a multiple of 256) -> uint8 blocks ``[rows, cols / 256 * 210]``."""
+    rows = w.shape[0]
+    x = w.reshape(-1, 16, 16).astype(np.float32)  # [blocks, sub-block, 16]
+    s = np.abs(x).max(-1) / 31  # [B, 16]
+    d = _f16(s.max(-1) / 127)  # [B]
+    df = d.astype(np.float32)
+    sc = np.where(df[:, None] > 0, np.round(s / np.where(df[:, None] > 0, df[:, None], 1)), 0).clip(-128, 127)
+    scale = df[:, None] * sc
+    q = np.where(scale[..., None] != 0, np.round(x / np.where(scale[..., None] != 0, scale[..., None], 1)), 0)
+    q = (q.clip(-32, 31) + 32).astype(np.uint8).reshape(-1, 2, 128)  # [B, half, 128]
+    ql = (q[..., :64] & 15) | ((q[..., 64:] & 15) << 4)  # [B, 2, 64]
+    hi = (q >> 4) & 3  # [B, 2, 128]: r = s * 32 + i -> bits 2s of byte i
+    qh = sum(hi[..., k * 32 : (k + 1) * 32] << (2 * k) for k in range(4)).astype(np.uint8)  # [B, 2, 32]
+    blocks = np.concatenate(
+        [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8), d.reshape(-1, 1).view(np.uint8)],
+        axis=-1,
+    )
+    return blocks.reshape(rows, -1)
+
+
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` float32 (cols a multiple of 256) -> uint8 blocks ``[rows, cols / 256 * 144]``."""
+    rows = w.shape[0]
+    x = w.reshape(-1, 8, 32).astype(np.float32)
+    lo = np.minimum(x.min(-1), 0)
+    hi = x.max(-1)
+    s = (hi - lo) / 15
+    m = -lo
+    d, dmin = _f16(s.max(-1) / 63), _f16(m.max(-1) / 63)
+    df, dmf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.where(df > 0, np.round(s / np.where(df > 0, df, 1)), 0).clip(0, 63).astype(np.uint8)
+    mq = np.where(dmf > 0, np.round(m / np.where(dmf > 0, dmf, 1)), 0).clip(0, 63).astype(np.uint8)
+    scale, offset = df * sc, dmf * mq
+    q = np.where(scale[..., None] > 0, np.round((x + offset[..., None]) / np.where(scale[..., None] > 0, scale[..., None], 1)), 0)
+    q = q.clip(0, 15).astype(np.uint8).reshape(-1, 4, 2, 32)
+    qs = q[:, :, 0] | (q[:, :, 1] << 4)  # chunk c: sub-blocks 2c (low nibbles), 2c + 1 (high)
+    packed = np.concatenate(
+        [
+            (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6),
+            (mq[:, :4] & 63) | ((mq[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 15) | ((mq[:, 4:] & 15) << 4),
+        ],
+        axis=-1,
+    ).astype(np.uint8)
+    blocks = np.concatenate(
+        [d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), packed, qs.reshape(-1, 128)], axis=-1
+    )
+    return blocks.reshape(rows, -1)
+
+
+QUANTIZERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
