@@ -24,6 +24,10 @@ def register_commands(register: Callable[..., Any]) -> None:
     register(("pull",), cli.configure_pull, cli.run_pull)
     register(("generate",), cli.configure_generate, cli.run_generate)
 
+    from backends.engine import plan
+
+    register(("plan",), plan.configure, plan.run)
+
 
 @hookimpl
 def plugin_configure(settings: Any) -> None:

@@ -59,7 +59,7 @@ class MemoryEstimate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TensorEntry(msgspec.Struct, frozen=True):
-    """A tensor as the file holds it: canonical name, kind (``float``/``int4``/``int8g``), shape as
+    """A tensor as the file holds it: canonical name, kind (``float``/``int4``/``int8g``/``int8g16``), shape as
     ``(rows, cols)`` (``(n, 1)`` for a vector)."""
 
     name: str
@@ -87,6 +87,11 @@ def estimate_memory(path: Path, options: EngineOptions) -> MemoryEstimate:
         # SmolLM2 Q4_1: +230 MB resident after a step, its vocabulary being 113 MB in float32)
         step += 2 * 4 * max(t.rows * t.cols for t in tensors)
     return MemoryEstimate(weights=weights, kv_cache=layout.num_tokens * layout.bytes_per_token, overhead=BASE_OVERHEAD + step)
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The model's config from its header (``.gguf`` file or HF directory), no weight read."""
+    return (_read_gguf(path) if path.is_file() else _read_hf(path))[0]
 
 
 def weight_bytes(tensors: Iterable[TensorEntry], config: ModelConfig, quantization: str | None, dtype_bytes: int) -> int:
@@ -136,7 +141,7 @@ def _linear_bytes(parts: list[TensorEntry], quantization: str | None, dtype_byte
     if form == "int8":  # per channel
         return n * k + n * dtype_bytes
     padded = n + (-n) % ROW_BLOCK
-    groups = k // GROUP
+    groups = k // (16 if form == "int8g16" else GROUP)
     if form == "int4":  # packed nibbles + [G, N, 2] scales and zeros
         return padded * k // 2 + groups * padded * 2 * dtype_bytes
     # int8g: the native kernel's bytes + float32 scales, or two nibbles + scales and zeros

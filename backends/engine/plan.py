@@ -1,0 +1,181 @@
+"""``taxiway plan``: will this model, at this quantization, context and concurrency, fit — and how
+fast will it decode? Answered before anything is downloaded beyond the model's header.
+
+Memory per device is ``memory.estimate_memory`` (the estimate the fleet's memory budget uses)
+for the options the flags describe, split over tensor-parallel ranks, plus the process's runtime
+(Python, torch, the gateway and the native kernels' library, measured once here: ``RUNTIME_BYTES``)
+and LoRA slots. Decode speed is the memory-bandwidth model: a decode step reads every weight once
+and each sequence's KV cache, so ``tokens/s = sequences / (bytes read per step / bandwidth)``,
+with the bandwidth measured on this machine (a read of 512 MiB on the engine's threads) or, for a
+GPU, stated (``GPU_BANDWIDTH``) or given (``--bandwidth-gbs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import msgspec
+
+#: What a serving process holds before its first model: the interpreter, torch, the gateway,
+#: uvicorn and the native kernels' library. Measured on this machine (2026-12-04): RSS after
+#: importing those and loading the kernels, 242 MiB (torch alone: 219 MiB).
+RUNTIME_BYTES = 242 * 2**20
+#: Read bandwidth stated for GPUs (vendor datasheets) when none is given.
+GPU_BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12, "l4": 3.0e11}
+QUANT_FLAGS = {"int4": "int4", "int8": "int8", "bf16": "none", "stored": None}
+
+
+class DevicePlan(msgspec.Struct, frozen=True):
+    weights: int
+    kv_cache: int
+    activations: int
+    runtime: int
+    lora: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.runtime + self.lora
+
+
+class Plan(msgspec.Struct, frozen=True):
+    model: str
+    quantization: str
+    device: str
+    tensor_parallel: int
+    context: int
+    concurrency: int
+    per_device: DevicePlan
+    total_bytes: int
+    fits: bool | None  # None: no --memory-gb given
+    memory_bytes: int | None
+    bandwidth_bytes_per_s: float
+    bandwidth_source: str
+    bytes_per_step: int
+    decode_tokens_per_s: float  # all sequences together, each at the full context
+    decode_tokens_per_s_per_seq: float
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name, .gguf file or HF directory")
+    parser.add_argument("--quant", choices=sorted(QUANT_FLAGS), default="stored", help="weights as stored, or requantized")
+    parser.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the serving default cache)")
+    parser.add_argument("--concurrency", type=int, default=16, help="sequences decoding at once (max_num_seqs)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one device each)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--gpu", default="h200", help=f"GPU kind for the stated bandwidth ({', '.join(GPU_BANDWIDTH)})")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth per device, GB/s")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads the bandwidth is measured on")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA adapters resident on the device")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--memory-gb", type=float, default=None, help="memory per device: say whether it fits")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Size a deployment: memory per device and estimated decode speed."""
+    from backends.engine.builder import EngineOptions, resolve_model_path
+
+    kv_tokens = None if args.context is None else args.context * args.concurrency
+    options = EngineOptions(
+        model=args.model, quantization=QUANT_FLAGS[args.quant], max_num_seqs=args.concurrency,
+        max_model_len=args.context, kv_cache_tokens=kv_tokens, tensor_parallel=args.tp, device=args.device,
+        threads=args.threads,
+    )  # fmt: skip
+    plan = make_plan(options, resolve_model_path(options), args)
+    print(json.dumps(msgspec.to_builtins(plan) | {"total_gb": round(plan.total_bytes / 1e9, 3)}) if args.json else render(plan))
+    return 0 if plan.fits is not False else 1
+
+
+def make_plan(options: Any, path: Any, args: argparse.Namespace) -> Plan:
+    from backends.engine.memory import estimate_memory
+
+    est = estimate_memory(path, options)
+    config = est_config(path)
+    tp = options.tensor_parallel
+    # without --context: the cache the serving defaults allocate, shared by the sequences
+    context = options.max_model_len or min(config.max_position_embeddings, est.kv_cache // _kv_per_token(config) // options.max_num_seqs)
+    lora = args.lora * lora_bytes(config, args.lora_rank) // tp
+    dev = DevicePlan(
+        weights=est.weights // tp, kv_cache=est.kv_cache // tp, activations=est.overhead, runtime=RUNTIME_BYTES, lora=lora
+    )
+    bandwidth, source = bandwidth_for(args)
+    per_step = est.weights // tp + options.max_num_seqs * context * _kv_per_token(config) // tp
+    step_s = per_step / bandwidth
+    memory = None if args.memory_gb is None else int(args.memory_gb * 1e9)
+    return Plan(
+        model=str(path.name), quantization=args.quant, device=options.device, tensor_parallel=tp, context=context,
+        concurrency=options.max_num_seqs, per_device=dev, total_bytes=dev.total * tp,
+        fits=None if memory is None else dev.total <= memory, memory_bytes=memory, bandwidth_bytes_per_s=bandwidth,
+        bandwidth_source=source, bytes_per_step=per_step, decode_tokens_per_s=options.max_num_seqs / step_s,
+        decode_tokens_per_s_per_seq=1 / step_s,
+    )  # fmt: skip
+
+
+def est_config(path: Any):  # type: ignore[no-untyped-def]
+    from backends.engine.memory import read_config
+
+    return read_config(path)
+
+
+def _kv_per_token(config: Any) -> int:
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2  # bfloat16 cache
+
+
+def lora_bytes(config: Any, rank: int) -> int:
+    """One adapter on every projection (q, k, v, o, gate, up, down), A and B in bfloat16."""
+    d, i = config.hidden_size, config.intermediate_size
+    pairs = [(d, config.q_size), (d, config.kv_size), (d, config.kv_size), (config.q_size, d), (d, i), (d, i), (i, d)]
+    return config.num_layers * sum(rank * (a + b) for a, b in pairs) * 2
+
+
+def bandwidth_for(args: argparse.Namespace) -> tuple[float, str]:
+    if args.bandwidth_gbs:
+        return args.bandwidth_gbs * 1e9, "given"
+    if args.device == "cuda":
+        return GPU_BANDWIDTH[args.gpu.lower()], f"stated ({args.gpu})"
+    return measure_read_bandwidth(args.threads), "measured here"
+
+
+def measure_read_bandwidth(threads: int | None = None, mib: int = 512) -> float:
+    """Bytes/s this machine reads on ``threads`` torch threads: the best of five sums of ``mib``."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def render(plan: Plan) -> str:
+    d = plan.per_device
+    mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    lines = [
+        f"{plan.model}: {plan.quantization}, {plan.concurrency} sequences x {plan.context} tokens, "
+        f"{plan.device}{f' x {plan.tensor_parallel}' if plan.tensor_parallel > 1 else ''}",
+        "",
+        "| per device | memory |",
+        "|---|---|",
+        f"| weights | {mb(d.weights)} |",
+        f"| KV cache | {mb(d.kv_cache)} |",
+        f"| activations | {mb(d.activations)} |",
+        f"| runtime (interpreter, torch, gateway) | {mb(d.runtime)} |",
+        f"| LoRA adapters | {mb(d.lora)} |",
+        f"| **total** | **{mb(d.total)}** |",
+        "",
+    ]
+    if plan.fits is not None:
+        lines.append(f"fits in {plan.memory_bytes / 1e9:g} GB: {'yes' if plan.fits else 'NO'}")
+    lines.append(
+        f"decode (bandwidth {plan.bandwidth_bytes_per_s / 1e9:.1f} GB/s, {plan.bandwidth_source}; "
+        f"{plan.bytes_per_step / 2**20:,.0f} MiB read per step): ~{plan.decode_tokens_per_s:,.0f} tokens/s in all, "
+        f"~{plan.decode_tokens_per_s_per_seq:,.1f} per sequence"
+    )
+    return "\n".join(lines)
