@@ -192,11 +192,16 @@ StreamItem = Delta | Usage
 
 
 class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One normalised embeddings request: ``inputs`` (texts), or ``token_ids`` when the client sent
+    token ids (only to backends whose ``Capabilities.embedding_token_ids`` is set; ``inputs`` is
+    then empty). Never empty, no empty input, at most ``Capabilities.max_embedding_inputs``."""
+
     request_id: str
     model: str
     inputs: tuple[str, ...]
     dimensions: int | None = None
     user: str | None = None
+    token_ids: tuple[tuple[int, ...], ...] = ()
 
 
 class EmbeddingResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,6 +215,12 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     chat: bool = True
     completions: bool = True
     embeddings: bool = False
+    #: embeddings: inputs per request; the model's vector size (None: unknown, e.g. a proxy); whether
+    #: it was trained for shorter vectors (``dimensions`` below it: truncated, renormalised); token-id inputs
+    max_embedding_inputs: int = 2048
+    embedding_dimensions: int | None = None
+    embedding_matryoshka: bool = False
+    embedding_token_ids: bool = False
     sampling_params: frozenset[str] = frozenset(SAMPLING_PARAM_NAMES)
     #: ``response_format`` json_object / json_schema; ``tools`` (function calling)
     structured_output: bool = False
