@@ -110,14 +110,16 @@ def run_static(engine, jobs: list[Job], batch: int, tally: StepTally) -> float: 
     return time.perf_counter() - start
 
 
-def run_continuous(engine, jobs: list[Job], concurrency: int, tally: StepTally) -> float:  # type: ignore[no-untyped-def]
+def run_continuous(engine, jobs: list[Job], concurrency: int, tally: StepTally, adapters: list | None = None) -> float:  # type: ignore[no-untyped-def]
+    """Closed loop at ``concurrency``; request i on ``adapters[i % len]`` when adapters are given."""
     start = time.perf_counter()
     pending = list(enumerate(jobs))
     in_flight = 0
     while pending or in_flight:
         while pending and in_flight < concurrency:
             i, job = pending.pop(0)
-            engine.add_request(f"cont-{i}", job.prompt_ids, _params(job.max_tokens))
+            lora = adapters[i % len(adapters)] if adapters else None
+            engine.add_request(f"cont-{len(adapters or ())}-{i}", job.prompt_ids, _params(job.max_tokens), lora=lora)
             in_flight += 1
         for output in tally.step(engine):
             if output.finished:

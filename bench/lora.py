@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
 import msgspec
 
-from bench.batching import StepTally, _params, make_jobs
+from bench.batching import StepTally, _params, make_jobs, run_continuous
 
 
 class LoRAResult(msgspec.Struct):
@@ -57,23 +56,6 @@ def write_random_adapter(path: Path, config, targets: list[str], rank: int, seed
     config_json = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets, "bias": "none"}
     (path / "adapter_config.json").write_text(json.dumps(config_json))
     return path
-
-
-def run_mix(engine, jobs, adapters: list, concurrency: int, tally: StepTally) -> float:  # type: ignore[no-untyped-def]
-    """Continuous batching at ``concurrency``; request i on ``adapters[i % len]`` (none: the base)."""
-    start = time.perf_counter()
-    pending = list(enumerate(jobs))
-    in_flight = 0
-    while pending or in_flight:
-        while pending and in_flight < concurrency:
-            i, job = pending.pop(0)
-            lora = adapters[i % len(adapters)] if adapters else None
-            engine.add_request(f"lora-{len(adapters)}-{i}", job.prompt_ids, _params(job.max_tokens), lora=lora)
-            in_flight += 1
-        for output in tally.step(engine):
-            if output.finished:
-                in_flight -= 1
-    return time.perf_counter() - start
 
 
 def configure(parser: ArgumentParser) -> None:
@@ -126,7 +108,7 @@ def run(args: Namespace) -> int:
     for n in [0, *counts]:
         tally = StepTally()
         swaps = slots.num_swaps
-        wall = run_mix(engine, jobs, adapters[:n], args.concurrency, tally)
+        wall = run_continuous(engine, jobs, args.concurrency, tally, adapters[:n])
         base = results[0].output_tokens_per_s if results else useful / wall
         results.append(LoRAResult(n, wall, useful, useful / wall, useful / wall / base, slots.num_swaps - swaps, tally))
         print(f"{n:>3} adapters: {wall:6.1f} s  {useful / wall:7.1f} output tok/s  {useful / wall / base:.2f}x base",
