@@ -34,6 +34,7 @@ from gateway.hooks import LifecycleHooks, call_hook
 from gateway.hookspecs import RouteResponse
 from gateway.pipeline import Gateway
 from gateway.plugins import Plugins, load_plugins
+from gateway.playground import Playground
 from gateway.render import error_body, error_headers
 from gateway.reload import ReloadTriggers
 from gateway.router import build_router
@@ -81,6 +82,9 @@ def create_app(
     for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):  # vLLM's paths, the admin's keys
         route_handlers.append(asgi(path, copy_scope=True)(admin.lora_adapter))
     route_handlers.extend(_plugin_routes(plugins, fleet, admin))
+    playground = Playground()  # the page at "/", its files below /playground
+    route_handlers.append(asgi("/", copy_scope=False)(playground.page))
+    route_handlers.append(asgi("/playground", is_mount=True, copy_scope=True)(playground.asset))
 
     app = Litestar(
         route_handlers=route_handlers,

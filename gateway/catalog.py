@@ -13,7 +13,7 @@ from collections.abc import Callable
 import msgspec
 
 from gateway import wire
-from gateway.errors import ModelNotFoundError, NotFoundError
+from gateway.errors import ModelNotFoundError, NotFoundError, TaxiwayError
 from gateway.render import encode
 from gateway.router import Route, Router
 
@@ -42,7 +42,8 @@ class Catalog:
         if not rest:
             cached, body = self._list
             names = router.names()
-            key = (router, tuple(name for name, _ in names))  # LoRA adapters come and go
+            # LoRA adapters come and go; a loading model's endpoints become known
+            key = (router, tuple((name, _endpoints(route)) for name, route in names))
             if cached != key:
                 body = encode(wire.ModelList(data=[self._card(name, route) for name, route in names]))
                 self._list = (key, body)
@@ -64,7 +65,8 @@ class Catalog:
 
     def _card(self, name: str, route: Route) -> wire.ModelCard:
         aliases = route.aliases if name == route.name else ()
-        return wire.ModelCard(id=name, created=self.started, root=route.name, aliases=aliases)
+        return wire.ModelCard(id=name, created=self.started, root=route.name, aliases=aliases,
+                              endpoints=_endpoints(route))  # fmt: skip
 
     @staticmethod
     def readiness(
@@ -84,3 +86,14 @@ class Catalog:
                     not_ready.append(ModelState(model=route.name, state="stalled", detail=detail))
         body = encode(Readiness(status="not ready" if not_ready else "ready", not_ready=not_ready))
         return (503 if not_ready else 200), body
+
+
+def _endpoints(route: Route) -> tuple[str, ...]:
+    """The API paths ``route``'s backend serves; empty while its capabilities are unknown (an
+    engine model still loading, or failed, raises for them)."""
+    try:
+        caps = route.backend.capabilities
+    except TaxiwayError:
+        return ()
+    paths = (("/v1/chat/completions", caps.chat), ("/v1/completions", caps.completions), ("/v1/embeddings", caps.embeddings))
+    return tuple(path for path, served in paths if served)

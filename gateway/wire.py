@@ -239,6 +239,8 @@ class ModelCard(msgspec.Struct):
     object: str = "model"
     root: str = ""  # the configured model a name resolves to (itself, or the entry an alias names)
     aliases: tuple[str, ...] = ()
+    # the API paths it serves once loaded ("/v1/chat/completions", "/v1/embeddings"); empty while unknown
+    endpoints: tuple[str, ...] = ()
 
 
 class ModelList(msgspec.Struct):
