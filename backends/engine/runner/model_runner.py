@@ -14,7 +14,14 @@ import torch
 
 from backends.engine.model.attention import AttentionMetadata, allocate_kv_cache
 from backends.engine.model.config import ModelConfig
-from backends.engine.runner.sampling import MAX_TOP_LOGPROBS, SamplingBatch, SeqSamplingState, make_generator, sample
+from backends.engine.runner.sampling import (
+    MAX_TOP_LOGPROBS,
+    SamplingBatch,
+    SeqSamplingState,
+    is_greedy,
+    make_generator,
+    sample,
+)
 from backends.engine.sched.output import SchedulerOutput
 from backends.engine.sched.sequence import Sequence
 from backends.engine.structured.matchers import Masks, SequenceMatchers
@@ -167,7 +174,7 @@ class ModelRunner:
 
     def _seq_generator(self, seq: Sequence) -> torch.Generator | None:
         params = seq.sampling
-        if params.seed is None or params.temperature == 0:
+        if params.seed is None or is_greedy(params):
             return None
         generator = self._seq_generators.get(seq.seq_id)
         if generator is None:

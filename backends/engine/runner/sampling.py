@@ -10,7 +10,7 @@ Each row of ``logits[S, V]`` belongs to a sequence with its own ``SamplingParams
    (OpenAI: over generated tokens, ``l -= count * frequency + (count > 0) * presence``).
 3. ``logit_bias`` added (OpenAI: added to the logits before sampling); then, on constrained rows
    (``SamplingParams.structured``), every token their grammar forbids set to -inf.
-4. greedy rows (``temperature == 0``) take the argmax here.
+4. greedy rows (``temperature`` below ``MIN_TEMPERATURE``, 0 included) take the argmax here.
 5. the others: divide by temperature, then min-p (on the tempered distribution), top-k, top-p
    (vLLM's order), then draw by inverting the row's CDF at one uniform number.
 
@@ -66,6 +66,21 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return generator
 
 
+#: Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``). The sampler divides float32
+#: logits by the temperature: 1e-39 is a denormal and 1e-45 rounds to 0, and anything that small
+#: overflows the logits to inf and the probabilities to NaN. At 1e-5 a logit of 1e3 becomes 1e8.
+MIN_TEMPERATURE = 1e-5
+#: ``repetition_penalty`` divides or multiplies float32 logits: 1e-300 is 0 in float32 (a division
+#: by zero) and 1e300 is inf (0 * inf = NaN). Within this range a logit of 1e3 stays finite even
+#: after the smallest temperature, and nothing useful lies outside it.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether a row takes the argmax: ``temperature`` 0, or too small to divide by in float32."""
+    return params.temperature < MIN_TEMPERATURE
+
+
 def validate_sampling_params(params: SamplingParams, vocab_size: int) -> None:
     """Reject parameters the sampler cannot honour (``InvalidRequestError`` naming the param)."""
 
@@ -84,8 +99,13 @@ def validate_sampling_params(params: SamplingParams, vocab_size: int) -> None:
         value = getattr(params, name)
         if not -2 <= value <= 2:
             raise bad(name, f"{name} must be in [-2, 2], got {value}")
-    if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
-        raise bad("repetition_penalty", f"repetition_penalty must be > 0, got {params.repetition_penalty}")
+    low, high = REPETITION_PENALTY_RANGE
+    if not low <= params.repetition_penalty <= high:  # NaN fails too
+        raise bad(
+            "repetition_penalty",
+            f"repetition_penalty must be in [{low:g}, {high:g}] (it scales float32 logits), "
+            f"got {params.repetition_penalty:g}",
+        )
     for token_id, bias in params.logit_bias.items():
         if not 0 <= token_id < vocab_size:
             raise bad("logit_bias", f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})")
@@ -131,12 +151,12 @@ class SamplingBatch:
         cls, states: Sequence[SeqSamplingState], vocab_size: int, device: torch.device | str = "cpu"
     ) -> SamplingBatch:
         params = [s.params for s in states]
-        is_greedy = [p.temperature == 0 for p in params]
+        greedy = [is_greedy(p) for p in params]
         batch = cls(
             num_seqs=len(states),
             vocab_size=vocab_size,
-            all_greedy=all(is_greedy),
-            is_greedy=is_greedy,
+            all_greedy=all(greedy),
+            is_greedy=greedy,
             generators=[s.generator for s in states],
             num_top_logprobs=[p.top_logprobs if p.logprobs else 0 for p in params],
             wants_logprobs=any(p.logprobs for p in params),
@@ -146,11 +166,11 @@ class SamplingBatch:
             return torch.tensor(values, dtype=dtype, device=device)
 
         if not batch.all_greedy:
-            batch.sampled_rows = [row for row, greedy in enumerate(is_greedy) if not greedy]
+            batch.sampled_rows = [row for row, is_row_greedy in enumerate(greedy) if not is_row_greedy]
             batch.top_k_list = [min(p.top_k, vocab_size) for p in params]
             batch.top_p_list = [p.top_p for p in params]
             batch.min_p_list = [p.min_p for p in params]
-            batch.temperature = column([p.temperature if p.temperature > 0 else 1.0 for p in params])
+            batch.temperature = column([1.0 if is_greedy(p) else p.temperature for p in params])
             batch.top_k = column(batch.top_k_list, torch.int64)
             batch.top_p = column(batch.top_p_list)
             batch.min_p = column(batch.min_p_list)

@@ -56,6 +56,15 @@ def test_top_k_1_and_tiny_top_p_are_greedy(seed: int) -> None:
     assert _run(logits, [SamplingParams(min_p=1.0)] * 6, seed=seed) == greedy
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-30, 1e-6])
+def test_temperatures_too_small_for_float32_are_greedy(temperature: float) -> None:
+    # as float32 1e-45 is a denormal (or 0) and logits / 1e-30 overflow: NaN probabilities
+    logits = _logits(6) * 10
+    params = [SamplingParams(temperature=temperature), SamplingParams(temperature=temperature, seed=3)] * 3
+    assert sampling.is_greedy(params[0])
+    assert _run(logits, params) == logits.argmax(-1).tolist()
+
+
 def test_mixed_greedy_and_sampled_rows() -> None:
     logits = _logits(4)
     params = [SamplingParams(temperature=0), SamplingParams(), SamplingParams(temperature=0), SamplingParams(top_k=1)]
@@ -290,6 +299,10 @@ def test_input_logits_are_not_modified() -> None:
         (SamplingParams(presence_penalty=2.5), "presence_penalty"),
         (SamplingParams(frequency_penalty=-3), "frequency_penalty"),
         (SamplingParams(repetition_penalty=0), "repetition_penalty"),
+        (SamplingParams(repetition_penalty=1e-300), "repetition_penalty"),  # 0 as float32
+        (SamplingParams(repetition_penalty=1e-3), "repetition_penalty"),
+        (SamplingParams(repetition_penalty=1e300), "repetition_penalty"),  # inf as float32
+        (SamplingParams(repetition_penalty=math.nan), "repetition_penalty"),
         (SamplingParams(logit_bias={V: 1.0}), "logit_bias"),
         (SamplingParams(logit_bias={0: 101.0}), "logit_bias"),
         (SamplingParams(logprobs=True, top_logprobs=21), "top_logprobs"),
@@ -299,6 +312,16 @@ def test_validation_names_the_parameter(params: SamplingParams, param: str) -> N
     with pytest.raises(InvalidRequestError) as info:
         validate_sampling_params(params, V)
     assert info.value.param == param
+
+
+@pytest.mark.parametrize("penalty", sampling.REPETITION_PENALTY_RANGE)
+def test_extreme_repetition_penalties_keep_the_logits_finite(penalty: float) -> None:
+    params = SamplingParams(repetition_penalty=penalty, temperature=sampling.MIN_TEMPERATURE * 2)
+    validate_sampling_params(params, V)
+    logits = _logits(1) * 100
+    batch = SamplingBatch.build([SeqSamplingState(params=params, prompt_ids=list(range(V)))], V)
+    assert torch.isfinite(apply_penalties(logits, batch) / batch.temperature.unsqueeze(1)).all()
+    assert 0 <= _run(logits, [params], prompt_ids=list(range(V)))[0] < V
 
 
 def test_valid_parameters_pass() -> None:
