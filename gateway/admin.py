@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from gateway import normalize
 from gateway.asgi import JSON, Scope, read_body, request_headers, request_id, send_bytes, send_error
 from gateway.config import Settings
 from gateway.errors import (
@@ -64,6 +65,9 @@ class LoRAAdapterRequest(msgspec.Struct, frozen=True, kw_only=True):
     lora_name: str
     lora_path: str = ""
     model: str | None = None
+
+
+_LORA_ADAPTER_REQUEST = msgspec.json.Decoder(LoRAAdapterRequest)
 
 
 class LoRAAdapterStatus(msgspec.Struct):
@@ -163,12 +167,7 @@ class Admin:
 
     async def _lora_adapter(self, method: str, path: str, receive: Any, headers: dict[str, str]) -> bytes:
         _expect(method, "POST")
-        try:
-            req = msgspec.json.decode(await read_body(receive, headers, 1 << 16), type=LoRAAdapterRequest)
-        except msgspec.ValidationError as exc:
-            raise InvalidRequestError(f"invalid body: {exc}") from exc
-        except msgspec.DecodeError as exc:
-            raise InvalidRequestError(f"the body is not JSON: {exc}") from exc
+        req = normalize.decode(await read_body(receive, headers, 1 << 16), _LORA_ADAPTER_REQUEST)
         router = self.fleet.router
         if path.endswith("unload_lora_adapter"):
             route = router.get(req.lora_name)

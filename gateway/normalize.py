@@ -24,6 +24,7 @@ from gateway.interface import (
     SamplingParams,
     ToolCall,
 )
+from gateway.nesting import TooDeep, check_depth
 
 T = TypeVar("T")
 
@@ -34,20 +35,34 @@ _MAX_TOP_LOGPROBS = 20
 
 
 def decode(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
-    """Decode a JSON body into a wire Struct; malformed JSON or a wrong type is a 400."""
+    """Decode a JSON body into a wire Struct. Every way a body can be wrong is a 400 naming the
+    field (a wrong type or value at any depth, a number out of range, nesting past
+    ``MAX_JSON_DEPTH``) or the byte (malformed JSON, invalid UTF-8)."""
     if not body:
         raise InvalidRequestError("The request body is empty; expected a JSON object")
     try:
+        check_depth(body)
         return decoder.decode(body)
+    except TooDeep as exc:
+        raise InvalidRequestError(str(exc), param=exc.field or None, code="json_too_deep") from None
     except msgspec.ValidationError as exc:
         message, param = split_validation_error(str(exc))
         if message == "required key is missing":
             message = f"Missing required parameter: '{param}'"
         elif param:
-            message = f"Invalid type for '{param}': {message}"
+            kind = "type" if message.startswith("Expected `") and "`," in message else "value"
+            message = f"Invalid {kind} for '{param}': {message}"
         raise InvalidRequestError(message, param=param or None) from None
     except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+        message = str(exc)
+        if message.startswith("Invalid UTF-8"):
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                message = f"invalid UTF-8 at byte {bad.start}"
+        raise InvalidRequestError(f"The request body is not valid JSON: {message}") from None
+    except RecursionError:  # past the depth check: the server's own stack was already deep
+        raise InvalidRequestError("The request body nests too deeply to decode", code="json_too_deep") from None
 
 
 # ---------------------------------------------------------------------------------------------
