@@ -11,7 +11,7 @@ import re
 import secrets
 from typing import Any
 
-from gateway.errors import PayloadTooLargeError, TaxiwayError
+from gateway.errors import ClientDisconnectedError, PayloadTooLargeError, TaxiwayError
 from gateway.render import error_body, error_headers
 
 Scope = dict[str, Any]
@@ -43,11 +43,15 @@ def request_id(headers: dict[str, str]) -> str:
 
 
 async def read_body(receive: Any, headers: dict[str, str], limit: int) -> bytes:
-    """The whole request body; ``PayloadTooLargeError`` (413) past ``limit`` bytes."""
+    """The whole request body; ``PayloadTooLargeError`` (413) past ``limit`` bytes,
+    ``ClientDisconnectedError`` when the connection ends before the body does (the client left,
+    or the edge answered a body that stopped short: ``gateway.edge``)."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"The request body is larger than {limit} bytes")
     message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnectedError("the client disconnected before sending the whole body")
     body = message.get("body", b"")
     if not message.get("more_body", False):
         return body
@@ -56,7 +60,7 @@ async def read_body(receive: Any, headers: dict[str, str], limit: int) -> bytes:
     while message.get("more_body", False):
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise ClientDisconnectedError("the client disconnected before sending the whole body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -78,25 +82,47 @@ async def send_error(send: Any, error: TaxiwayError, request_id: str) -> None:
 
 
 class DisconnectWatcher:
-    """Cancels ``target`` when the client disconnects; ``disconnected`` tells that it did.
+    """Cancels ``target`` when the client disconnects, or when the server cuts the request
+    (``cut``: the drain's end, ``max_request_time_s``); ``disconnected`` and ``cut_error`` tell
+    which. At most one of them is ever set.
 
     Started once the request body has been read. Must be stopped before the last response
     message is sent: servers answer ``receive()`` with a disconnect once the response is complete.
     """
 
-    __slots__ = ("_task", "disconnected")
+    __slots__ = ("_deadline", "_is_stopped", "_target", "_task", "cut_error", "disconnected")
 
     def __init__(self, receive: Any, target: asyncio.Task[Any]) -> None:
         self.disconnected = False
-        self._task = asyncio.get_running_loop().create_task(self._watch(receive, target))
+        self.cut_error: TaxiwayError | None = None
+        self._is_stopped = False
+        self._target = target
+        self._deadline: asyncio.TimerHandle | None = None
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive))
 
-    async def _watch(self, receive: Any, target: asyncio.Task[Any]) -> None:
+    async def _watch(self, receive: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self.disconnected = True
-                target.cancel()
+                if self.cut_error is None and not self._is_stopped:
+                    self.disconnected = True
+                    self._target.cancel()
                 return
 
+    def cut(self, error: TaxiwayError) -> None:
+        """End the request with ``error``: a whole error response if none has started, else the
+        stream's error event. Does nothing once stopped or after a disconnect."""
+        if self._is_stopped or self.disconnected or self.cut_error is not None:
+            return
+        self.cut_error = error
+        self._target.cancel()
+
+    def cut_at(self, when: float, error: TaxiwayError) -> None:
+        """``cut(error)`` at the event loop's time ``when``, unless stopped first."""
+        self._deadline = asyncio.get_running_loop().call_at(when, self.cut, error)
+
     def stop(self) -> None:
+        self._is_stopped = True
         self._task.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()

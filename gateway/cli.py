@@ -90,10 +90,9 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     """Serve the OpenAI-compatible API."""
-    import uvicorn
-
     from gateway.app import create_app
     from gateway.logs import configure_logging
+    from gateway.server import serve
 
     if args.watch is not None and (args.config is None or args.watch <= 0):
         raise ConfigError("--watch needs --config and a positive interval")
@@ -107,16 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = msgspec.structs.replace(settings, server=server)
     configure_logging(settings.log.level, args.log_format or settings.log.format)
     app = create_app(settings, plugins=args.plugins, config_path=args.config, watch_s=args.watch)
-    # loop/http "auto" pick uvloop and httptools when installed (they are dependencies)
-    uvicorn.run(
-        app,
-        host=server.host,
-        port=server.port,
-        log_config=None,
-        access_log=False,  # the access_log plugin writes one line per request
-        server_header=False,
-        timeout_graceful_shutdown=5,
-    )
+    serve(app, server)  # uvicorn (uvloop, httptools) behind the edge's limits; drains on SIGTERM
     return 0
 
 

@@ -54,6 +54,16 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     load_timeout_s: float = 120.0  # a request waits this long for its model to load
     stall_timeout_s: float = 60.0  # /ready is 503 for a model with requests in flight and no token this long; 0 off
     home: str = ""  # the Taxiway home (usage ledger, virtual keys); default $TAXIWAY_HOME or ~/.cache/taxiway
+    # the edge (gateway.edge): what a reverse proxy would otherwise enforce
+    max_header_bytes: int = 32768  # request line and headers together; more gets 431
+    max_headers: int = 100  # header fields; more gets 431
+    max_url_bytes: int = 8192  # the request target; longer gets 414
+    header_timeout_s: float = 10.0  # from a request's first byte to the end of its headers; then 408
+    body_timeout_s: float = 60.0  # from the end of the headers to the end of the body; then 408
+    idle_timeout_s: float = 5.0  # a connection with no request in progress is closed after this
+    max_request_time_s: float = 600.0  # admission to last byte; then 504, or an error event ending a stream; 0 off
+    max_connections: int = 1024  # open connections; a request on one more gets 503
+    drain_timeout_s: float = 30.0  # after SIGTERM, running requests may finish this long (gateway.server)
 
 
 class AdminSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -214,6 +224,15 @@ def _check(settings: Settings) -> None:
         raise ConfigError("must be greater than 0", path="server.load_timeout_s")
     if not server.stall_timeout_s >= 0:
         raise ConfigError("must not be negative (0: off)", path="server.stall_timeout_s")
+    for key in ("max_header_bytes", "max_headers", "max_url_bytes", "max_connections"):
+        if getattr(server, key) < 1:
+            raise ConfigError("must be at least 1", path=f"server.{key}")
+    for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+        if not getattr(server, key) > 0:
+            raise ConfigError("must be greater than 0", path=f"server.{key}")
+    for key in ("max_request_time_s", "drain_timeout_s"):
+        if not getattr(server, key) >= 0:
+            raise ConfigError("must not be negative" + (" (0: off)" if key == "max_request_time_s" else ""), path=f"server.{key}")
     parse_size(server.memory_budget, "server.memory_budget")
     key_digests(settings.admin.keys, settings.admin.key_hashes, "admin")
     if settings.log.level not in _LOG_LEVELS:

@@ -83,6 +83,21 @@ class PayloadTooLargeError(TaxiwayError, status=413, error_type="invalid_request
     """413: request body over the configured limit."""
 
 
+class RequestTimeoutError(TaxiwayError, status=408, error_type="invalid_request_error", code="request_timeout"):
+    """408: the request's headers or body did not arrive in time (``server.header_timeout_s``,
+    ``server.body_timeout_s``)."""
+
+
+class URLTooLongError(TaxiwayError, status=414, error_type="invalid_request_error", code="url_too_long"):
+    """414: the request target is longer than ``server.max_url_bytes``."""
+
+
+class HeadersTooLargeError(
+    TaxiwayError, status=431, error_type="invalid_request_error", code="request_header_fields_too_large"
+):
+    """431: the request line and headers are over ``server.max_header_bytes`` or ``server.max_headers``."""
+
+
 class RateLimitError(TaxiwayError, status=429, error_type="rate_limit_error", code="rate_limit_exceeded"):
     """429: too many requests or a full queue; ``retry_after`` seconds become Retry-After."""
 
@@ -106,6 +121,10 @@ class ServiceUnavailableError(TaxiwayError, status=503, code="service_unavailabl
 
 class UpstreamTimeoutError(TaxiwayError, status=504, error_type="timeout_error", code="upstream_timeout"):
     """504: the upstream did not answer in time."""
+
+
+class RequestTimeLimitError(TaxiwayError, status=504, error_type="timeout_error", code="request_time_exceeded"):
+    """504, or the error event ending a stream: the request ran past ``server.max_request_time_s``."""
 
 
 class UpstreamStatusError(TaxiwayError):

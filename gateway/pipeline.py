@@ -44,6 +44,8 @@ from gateway.errors import (
     ClientDisconnectedError,
     InternalError,
     MethodNotAllowedError,
+    RequestTimeLimitError,
+    ServiceUnavailableError,
     TaxiwayError,
 )
 from gateway.failover import Attempts
@@ -73,7 +75,11 @@ class Gateway:
         self.fleet = fleet
         self.hooks = hooks
         self.max_body_bytes = settings.server.max_body_bytes
+        self.max_request_time_s = settings.server.max_request_time_s
         self.catalog = Catalog(int(time.time()))
+        self.is_draining = False  # set by ``drain``: /ready is 503, new requests are refused
+        self.num_running = 0  # API requests between admission and their last byte
+        self._watchers: set[DisconnectWatcher] = set()  # the generation requests ``drain`` may cut
 
     @property
     def router(self) -> Router:
@@ -87,6 +93,37 @@ class Gateway:
             yield
         finally:
             await self.fleet.stop()
+
+    # -----------------------------------------------------------------------------------------
+    # draining (gateway.server calls it on SIGTERM)
+
+    async def drain(self, timeout_s: float, *, grace_s: float = 5.0) -> None:
+        """Refuse new requests (503, Retry-After) and report not-ready from now on; let the
+        running ones finish for ``timeout_s``, then cut the generations left (a stream ends with
+        an error event, a whole response is a 503) and wait ``grace_s`` more for them to end.
+
+        Every request still ends through the hooks (``after_request`` or ``on_error``), so its
+        usage is recorded before the plugins shut down.
+        """
+        self.is_draining = True
+        log.info("server.draining", num_running=self.num_running, drain_timeout_s=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.num_running and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.num_running:
+            log.warning("server.drain_timeout", num_running=self.num_running, num_cut=len(self._watchers))
+            for watcher in list(self._watchers):
+                watcher.cut(
+                    ServiceUnavailableError(
+                        f"The server is shutting down: the response was cut after the {timeout_s:g} s drain",
+                        code="server_shutting_down",
+                    )  # fmt: skip
+                )
+            deadline = loop.time() + grace_s
+            while self.num_running and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        log.info("server.drained", num_running=self.num_running)
 
     # -----------------------------------------------------------------------------------------
     # context, admission and the two ways a response ends
@@ -127,6 +164,15 @@ class Gateway:
         # no await since the lookup: a reload's swap cannot slip in between, so a drain sees this request
         _serving(ctx, attempts.admit())
         return req, attempts
+
+    @staticmethod
+    def _refusal() -> ServiceUnavailableError:
+        """A request arriving during the drain; ``Connection: close`` sends the client's next one
+        elsewhere (or to a refused connection once the server has exited)."""
+        return ServiceUnavailableError(
+            "The server is shutting down; retry on another instance or after its restart",
+            code="server_shutting_down", headers={"Retry-After": "5", "Connection": "close"},
+        )  # fmt: skip
 
     async def _succeed(self, ctx: RequestContext, body: bytes, usage: Usage | None, send: Any) -> None:
         """Send ``body`` as the whole 200 response and tell the ``after_request`` hooks."""
@@ -179,15 +225,22 @@ class Gateway:
         """Admit a POST request, then ``handle(endpoint, ctx, req, attempts, receive, send)`` it; the
         request stays counted in on its candidate until ``handle`` has sent the response."""
         ctx, headers = self._context(scope, endpoint.name)
-        try:
-            req, attempts = await self._admit(ctx, endpoint, scope, receive, headers)
-        except Exception as exc:
-            await self._fail(ctx, exc, send)
+        if self.is_draining:  # refused before it counts: refusals must not hold the drain open
+            await self._fail(ctx, self._refusal(), send)
             return
+        self.num_running += 1
         try:
-            await handle(endpoint, ctx, req, attempts, receive, send)
+            try:
+                req, attempts = await self._admit(ctx, endpoint, scope, receive, headers)
+            except Exception as exc:
+                await self._fail(ctx, exc, send)
+                return
+            try:
+                await handle(endpoint, ctx, req, attempts, receive, send)
+            finally:
+                attempts.release()
         finally:
-            attempts.release()
+            self.num_running -= 1
 
     async def _stream(
         self, endpoint: Endpoint, ctx: RequestContext, req: Any, attempts: Attempts, receive: Any, send: Any
@@ -207,6 +260,11 @@ class Gateway:
         task = asyncio.current_task()
         assert task is not None
         watcher = DisconnectWatcher(receive, task)
+        self._watchers.add(watcher)
+        if self.max_request_time_s:
+            loop = asyncio.get_running_loop()
+            timeout = RequestTimeLimitError(f"The request ran longer than max_request_time_s ({self.max_request_time_s:g} s)")
+            watcher.cut_at(loop.time() + self.max_request_time_s - (perf_counter() - ctx.started_at), timeout)
         stream: AsyncIterator[StreamItem] | None = None
         # Until the response starts a failure is an ordinary HTTP error with its status code, and
         # goes to the next candidate when one may answer: a whole response is collected first, a
@@ -229,12 +287,19 @@ class Gateway:
                 watcher.stop()
                 await self._succeed(ctx, body, usage, send)
         except asyncio.CancelledError:
-            if not watcher.disconnected:
+            # a stream that started ends a cut in ``_send_stream``; here it is cut before its response
+            if watcher.disconnected:
+                task.uncancel()
+                await self._disconnected(ctx)
+            elif watcher.cut_error is not None:
+                task.uncancel()
+                watcher.stop()
+                await self._fail(ctx, watcher.cut_error, send)
+            else:
                 raise
-            task.uncancel()
-            await self._disconnected(ctx)
         finally:
             watcher.stop()
+            self._watchers.discard(watcher)
             if stream is not None:
                 await self._close(ctx, stream)
 
@@ -318,8 +383,14 @@ class Gateway:
                 item = await self._next(ctx, stream)
         except TaxiwayError as error:
             failure = error
-            ctx.status_code = error.status_code
-            tail = sse_error(error)
+        except asyncio.CancelledError:
+            if watcher.cut_error is None:  # the client left, or the server is going down hard
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            failure = watcher.cut_error
+        if failure is not None:
+            ctx.status_code = failure.status_code
+            tail = sse_error(failure)
         watcher.stop()
         ctx.timings.total_s = perf_counter() - ctx.started_at
         await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -341,7 +412,11 @@ class Gateway:
             await self.hooks.before_request(ctx)
             start = perf_counter()
             try:
-                result = await attempts.answer(lambda route, request: _embed(ctx, route, request))
+                async with asyncio.timeout(self.max_request_time_s or None):
+                    result = await attempts.answer(lambda route, request: _embed(ctx, route, request))
+            except TimeoutError as exc:
+                message = f"The request ran longer than max_request_time_s ({self.max_request_time_s:g} s)"
+                raise RequestTimeLimitError(message) from exc
             finally:
                 ctx.timings.backend_s = perf_counter() - start
             out = embeddings_body(result, ctx.model or "", as_base64=req.encoding_format == "base64")
@@ -359,6 +434,8 @@ class Gateway:
         try:
             if scope["method"] not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET")
+            if self.is_draining:
+                raise self._refusal()
             await self.hooks.authenticate(ctx, headers)
             body = self.catalog.get(self.router, scope["path"])  # below the /v1/models mount
         except Exception as exc:
@@ -370,6 +447,9 @@ class Gateway:
         await send_bytes(send, 200, b'{"status":"ok"}', [JSON])
 
     async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
+        if self.is_draining:
+            await send_bytes(send, 503, b'{"status":"draining"}', [JSON])
+            return
         status, body = self.catalog.readiness(
             self.router, self.fleet.budget.loads_on_request, stall_timeout_s=self.settings.server.stall_timeout_s
         )
