@@ -10,7 +10,10 @@ CONFIG ?=
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test bench-gateway
+# The playground's browser test drives Debian's chromium with its chromedriver (root, or sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: venv browser serve test bench-gateway
 
 venv: $(STAMP)
 
@@ -21,10 +24,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -e '.[engine,bench,test]'
 	touch $(STAMP)
 
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
 serve: venv
 	$(BIN)/taxiway serve $(if $(CONFIG),--config $(CONFIG)) $(SERVE_ARGS)
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench-gateway: venv

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.config import load_settings
+from gateway.config import ModelEntry, Settings, convert_table, load_settings
 from gateway.errors import ConfigError
 from gateway.hookspecs import hookimpl
 from gateway.plugins import Command, Plugins, load_plugins
@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     """An argparse tree from command paths; ``ValueError`` when two commands claim one path."""
     parser = argparse.ArgumentParser(prog="taxiway", description="Taxiway: an OpenAI-compatible LLM gateway")
+    parser.add_argument("--version", action="version", version=f"taxiway {_version()}")
     groups: dict[tuple[str, ...], Any] = {(): parser.add_subparsers(title="commands", metavar="COMMAND")}
     leaves: dict[tuple[str, ...], str] = {}
     for command in sorted(commands, key=lambda c: c.path):
@@ -70,15 +71,38 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taxiway")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 # ---------------------------------------------------------------------------------------------
 # built-in commands
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Serve the OpenAI-compatible API (and the playground page at /). With MODEL, serve that one model "
+        "with no config; with --config, the models the file lists; with neither, the default chat model and "
+        "the default embedding model. A catalogue model is downloaded on first use, with progress shown."
+    )
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL",
+        help="a catalogue name (see `taxiway pull --list`), a .gguf file or a Hugging Face model directory",
+    )  # fmt: skip
     parser.add_argument(
         "--config", metavar="FILE",
         help="TOML config (default: the built-in default model), read again on SIGHUP and POST /admin/reload",
     )  # fmt: skip
+    parser.add_argument(
+        "--api-key", action="append", metavar="KEY",
+        help="require this API key (Authorization: Bearer KEY); repeat for several. Adds to the config's keys",
+    )  # fmt: skip
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: log.level (info)")
     parser.add_argument("--host", help="bind address (default 127.0.0.1 or server.host)")
     parser.add_argument("--port", type=int, help="port (default 8000 or server.port)")
     parser.add_argument("--log-format", choices=("auto", "json", "console"), help="default: log.format")
@@ -96,7 +120,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.watch is not None and (args.config is None or args.watch <= 0):
         raise ConfigError("--watch needs --config and a positive interval")
+    if args.model is not None and args.config is not None:
+        raise ConfigError("give a MODEL or --config, not both")
     settings = load_settings(args.config)
+    if args.model is not None:
+        settings = _settings_for_model(settings, args.model, args.plugins)
+    if args.api_key:
+        auth = settings.plugins.get("auth", {})
+        keys = [*auth.get("keys", []), *args.api_key]
+        settings = msgspec.structs.replace(settings, plugins={**settings.plugins, "auth": {**auth, "keys": keys}})
+    if args.log_level is not None:
+        settings = msgspec.structs.replace(settings, log=msgspec.structs.replace(settings.log, level=args.log_level))
     server = settings.server
     server = msgspec.structs.replace(
         server,
@@ -108,6 +142,18 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings, plugins=args.plugins, config_path=args.config, watch_s=args.watch)
     serve(app, server)  # uvicorn (uvloop, httptools) behind the edge's limits; drains on SIGTERM
     return 0
+
+
+def _settings_for_model(defaults: Settings, model: str, plugins: Plugins) -> Settings:
+    """The default settings serving ``model`` alone, its entry from the plugins' ``model_entry``
+    (the engine's: a catalogue name, a .gguf file, a model directory), which may download it."""
+    entry = plugins.pm.hook.model_entry(model=model, home=defaults.server.home, progress=True)
+    if entry is None:
+        raise ConfigError(
+            f"no backend serves {model!r}: name a catalogue model (taxiway pull --list), a .gguf file or a model "
+            "directory, or write a config (--config)"
+        )
+    return msgspec.structs.replace(defaults, models=(convert_table(entry, ModelEntry, "models[0]"),))
 
 
 def _configure_models(parser: argparse.ArgumentParser) -> None:

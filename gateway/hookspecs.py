@@ -43,6 +43,18 @@ def register_commands(
     """
 
 
+@hookspec(firstresult=True)
+def model_entry(model: str, home: str, progress: bool) -> dict[str, Any] | None:
+    """Called once by ``taxiway serve MODEL`` (no config), before the server starts.
+
+    ``model`` is what the user typed: a catalogue name, a file or a directory. Return the
+    ``[[models]]`` table that serves it (``name``, ``backend``, ``options``), or None when this
+    plugin does not know it; the first table returned wins. May download the model into ``home``
+    (the Taxiway home), with progress on stderr when ``progress``. Raising
+    ``gateway.errors.ConfigError`` stops the command with that message.
+    """
+
+
 @hookspec
 def plugin_configure(settings: Any) -> None:
     """Called once at start-up with the validated ``gateway.config.Settings``.

@@ -90,7 +90,7 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def serve_process(
-    config: str | Path,
+    config: str | Path | None,
     tmp_dir: Path,
     *,
     env: Mapping[str, str] | None = None,
@@ -100,21 +100,24 @@ def serve_process(
     """Run ``python -m gateway serve --config CONFIG`` on a free port until the block ends.
 
     ``config`` is a path or TOML text, written to ``tmp_dir`` (a pytest ``tmp_path``) with the
-    server's log. ``env`` is added to the environment (e.g. secrets for
-    ``${ENV}`` interpolation, ``PYTHONPATH`` for out-of-tree plugins). Waits for ``GET /health``;
-    fails with the server's output if it exits or does not come up in ``startup_timeout`` seconds.
+    server's log; None for none (``extra_args`` may name a MODEL then). ``env`` is added to the
+    environment (e.g. secrets for ``${ENV}`` interpolation, ``PYTHONPATH`` for out-of-tree
+    plugins). Waits for ``GET /health``; fails with the server's output if it exits or does not come up in ``startup_timeout`` seconds.
     """
     with contextlib.ExitStack() as stack:
-        if isinstance(config, Path) or "\n" not in config:
-            config_path = Path(config)
+        if config is None:
+            config_args: tuple[str, ...] = ()
+        elif isinstance(config, Path) or "\n" not in config:
+            config_args = ("--config", str(config))
         else:
             config_path = tmp_dir / f"config-{time.monotonic_ns()}.toml"
             config_path.write_text(textwrap.dedent(config), encoding="utf-8")
+            config_args = ("--config", str(config_path))
         port = free_port()
         log_path = tmp_dir / f"server-{port}.log"
         full_env = {**os.environ, **(env or {})}
         full_env.setdefault("PYTHONUNBUFFERED", "1")
-        command = [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port),
+        command = [sys.executable, "-m", "gateway", "serve", *config_args, "--port", str(port),
                    "--log-format", "json", *extra_args]  # fmt: skip
         log_file = stack.enter_context(open(log_path, "wb"))
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT,

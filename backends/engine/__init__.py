@@ -30,6 +30,15 @@ def register_commands(register: Callable[..., Any]) -> None:
 
 
 @hookimpl
+def model_entry(model: str, home: str, progress: bool) -> dict[str, Any] | None:
+    from pathlib import Path
+
+    from backends.engine import cli
+
+    return cli.model_entry(model, Path(home), progress=progress)
+
+
+@hookimpl
 def plugin_configure(settings: Any) -> None:
     # Under `torchrun ... -m gateway serve`, ranks > 0 become tensor-parallel workers here, before
     # anything binds the port, and exit when rank 0 stops. torch is imported only for such configs.

@@ -37,6 +37,7 @@ class CatalogueEntry(msgspec.Struct, frozen=True, kw_only=True):
     member: str  # path of the model file inside the wheel
     sha256: str
     description: str = ""
+    backend: str = "engine"  # the backend that serves it ("encoder": an embedding model)
 
     @property
     def requirement(self) -> str:
@@ -66,6 +67,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
             description="sentence-transformers all-MiniLM-L6-v2 (BERT, 384 dimensions, ~83 MB zip); "
             "the default embedding model (backend = \"encoder\")",
+            backend="encoder",
         ),
     )
 }

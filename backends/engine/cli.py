@@ -124,3 +124,41 @@ def run_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def model_entry(model: str, home: Path, *, progress: bool) -> dict[str, object] | None:
+    """``taxiway serve MODEL``'s ``[[models]]`` table for a catalogue name, a ``.gguf`` file or a
+    model directory (``config.json``: an encoder's ``model_type`` is served by ``encoder``); None
+    for anything else. Downloads a catalogue model now, and builds the native kernels, so that
+    their progress shows on the terminal rather than in the server's log."""
+    import json
+    import time
+
+    from backends.engine.catalogue import CATALOGUE, resolve_model
+    from backends.engine.encoder.loader import MODEL_TYPES as ENCODER_MODEL_TYPES
+
+    path = Path(model).expanduser()
+    if model not in CATALOGUE and not path.exists():
+        return None
+    resolved = resolve_model(model, home, progress=progress)
+    if model in CATALOGUE:
+        name, backend, source = model, CATALOGUE[model].backend, model
+    else:
+        config = resolved / "config.json" if resolved.is_dir() else None
+        model_type = json.loads(config.read_text()).get("model_type") if config is not None else None
+        name = resolved.stem.lower() if resolved.is_file() else resolved.name
+        backend = "encoder" if model_type in ENCODER_MODEL_TYPES else "engine"
+        source = str(resolved.resolve())
+    if backend == "engine":
+        from backends.engine.builder import EngineOptions, load_kernels
+
+        kernels_dir = home / "kernels"
+        first = progress and not any(kernels_dir.glob("taxiway_kernels-*.so"))
+        if first:
+            print("taxiway: building the native kernels for this machine (once)…", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        load_kernels(EngineOptions(model=source, home=str(home)))
+        if first:
+            print(f"taxiway: native kernels ready ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    aliases = ["default"] if backend == "engine" else ["embed"]
+    return {"name": name, "aliases": aliases, "backend": backend, "options": {"model": source}}

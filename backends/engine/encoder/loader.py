@@ -30,6 +30,7 @@ from backends.engine.encoder.runtime import EncoderModel
 from gateway.errors import ConfigError
 
 _MODEL_TYPES = {"bert": 0, "roberta": None, "xlm-roberta": None, "camembert": None}  # position offset (None: pad+1)
+MODEL_TYPES = tuple(_MODEL_TYPES)  # the config.json model_types this loader reads
 QUANTIZATIONS = ("none", "int8")
 
 
