@@ -55,6 +55,9 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # where a load runs: "auto" in a child process when another engine serves in this process
     # (a reload, an on-demand load: backends/engine/child_load.py), else on a thread of it
     load_process: Literal["auto", "always", "never"] = "auto"
+    # the CPU priority of a child-process load (child_load.py): 0 shares the CPU evenly with serving,
+    # 19 takes only what serving leaves (and under full load almost nothing: see docs/benchmarks.md)
+    load_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from CUDA graphs (cuda/graphs.py)
     # on CUDA with no KV size set: the share of the GPU's memory the process may hold in all
     gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9

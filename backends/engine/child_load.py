@@ -4,8 +4,8 @@ A load (read the file, decode and requantize every tensor, pack the native layou
 of CPU work, much of it in Python. On a thread of the serving process it shares the GIL with the
 event loop and the step thread: at the lowest CPU priority the load thread is descheduled while
 holding the GIL, and every request waits (``taxiway bench swap``, 2 cores: p99 latency during a
-swap 4.5x steady with the load on a nice-19 thread). In a child process at nice 19 it competes
-for CPU alone, where the scheduler gives it what serving leaves.
+swap 4.5x steady with the load on a nice-19 thread). In a child process (at ``load_niceness``,
+10 by default) it competes for CPU alone, at a priority the scheduler weighs against serving's.
 
 The child (spawned: no fork of a threaded process) loads the model and tokenizer, drops its
 handles on the native kernels (a loaded library cannot travel) and sends the rest through a pipe:
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +32,6 @@ if TYPE_CHECKING:
     from backends.engine.native.ckernels import Kernels
     from backends.engine.text.tokenizer import Tokenizer
 
-#: The child's CPU priority: the lowest, as ``async_engine.LOAD_NICENESS`` for load threads.
-CHILD_NICENESS = 19
 #: Seconds the parent waits for the child to exit once the tensors are received.
 EXIT_WAIT_S = 30.0
 
@@ -47,9 +47,28 @@ class ChildStartError(ChildLoadError):
     ``if __name__ == "__main__"`` guard, which a spawned child imports) or was killed."""
 
 
+@contextlib.contextmanager
+def _thread_niceness(niceness: int) -> Iterator[None]:
+    """This thread at ``niceness`` for the block. A load thread runs at nice 19
+    (``async_engine.LOAD_NICENESS``), and a child it spawns would start there: under full load its
+    interpreter start and ``import torch`` alone took minutes (``taxiway bench swap``, 16 streams on
+    2 cores: B never ready in 80 s). Lowering a niceness needs CAP_SYS_NICE; without it the child
+    starts at this thread's."""
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, niceness)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+
+
 def _child(path: str, options_json: bytes, conn: Any) -> None:  # the spawned process
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, CHILD_NICENESS)
     try:
         import torch
         import torch.multiprocessing  # noqa: F401 - registers the tensor reductions (shared memory)
@@ -79,7 +98,7 @@ def _child(path: str, options_json: bytes, conn: Any) -> None:  # the spawned pr
 
 
 def load_in_child(path: Path, options: EngineOptions, kernels: Kernels | None) -> tuple[LoadedModel, Tokenizer]:
-    """``load_model`` and ``Tokenizer.load`` of ``path`` in a spawned child at nice 19; the
+    """``load_model`` and ``Tokenizer.load`` of ``path`` in a spawned child at ``options.load_niceness``; the
     modules that held the child's native kernels get ``kernels`` (the parent's)."""
     import multiprocessing
 
@@ -89,7 +108,8 @@ def load_in_child(path: Path, options: EngineOptions, kernels: Kernels | None) -
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(str(path), msgspec.json.encode(options), child), daemon=True,
                        name="taxiway-engine-load")  # fmt: skip
-    proc.start()
+    with _thread_niceness(options.load_niceness):  # a spawned process starts at its spawner's
+        proc.start()
     child.close()
     try:
         try:

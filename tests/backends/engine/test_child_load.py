@@ -49,3 +49,54 @@ def test_child_load_failure_is_the_childs_error(tmp_path: Path) -> None:
         build_engine(EngineOptions(model=str(bad)), in_child=True)
     assert str(child.value) == str(here.value)
     assert any("in the load process" in note for note in getattr(child.value, "__notes__", []))
+
+
+def test_child_runs_at_load_niceness_not_at_its_spawning_threads(tmp_path: Path) -> None:
+    """A load beside serving is spawned from a load thread at nice 19 (``LOAD_NICENESS``); the child
+    runs at ``load_niceness`` from its first instruction, or under full load it starves (importing
+    torch alone at nice 19 took minutes while 16 streams were served on 2 cores)."""
+    import os
+    import threading
+    import time
+
+    import psutil
+    from backends.engine.async_engine import LOAD_NICENESS
+
+    path = write_random_llama(tmp_path / "m", hidden=64, intermediate=128, layers=1, heads=2, kv_heads=1,
+                              vocab=256, seed=3, tokenizer=True)  # fmt: skip
+    options = EngineOptions(model=str(path), kv_cache_tokens=64, max_num_seqs=1, load_niceness=7)
+    seen: set[int] = set()
+
+    def load() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
+        build_engine(options, in_child=True)
+
+    lowered: list[bool] = []
+
+    def probe() -> None:  # lowering a niceness needs CAP_SYS_NICE
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, LOAD_NICENESS)
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 7)
+            lowered.append(True)
+        except OSError:
+            pass
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    prober.join()
+    if not lowered:
+        pytest.skip("no CAP_SYS_NICE here: a child starts at its spawner's niceness")
+    loader = threading.Thread(target=load)
+    loader.start()
+    me = psutil.Process()
+    while loader.is_alive():
+        for child in me.children():
+            try:
+                if "--multiprocessing-fork" in child.cmdline():  # the load, not the resource tracker
+                    seen.add(child.nice())
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.005)
+    loader.join()
+    assert seen == {7}
