@@ -5,8 +5,8 @@ warm-up request through the whole engine, then starts the step thread; only then
 ready. A load that fails — no torch, no model file, a corrupt one, any other error — is logged
 (``engine.load_failed``) and leaves the model ``failed`` for the life of the process: ``/ready`` and
 its stats give the reason, and its requests get a 503 naming it. Prompts are
-rendered and tokenized on the event loop (fast, and a prompt that cannot fit is a 400 before
-admission); everything else happens on the step thread (``async_engine``).
+rendered and tokenized on a pooled thread, never on the event loop (a prompt that cannot fit is a
+400 before admission); everything else happens on the step thread (``async_engine``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import structlog
 
 from backends.engine.builder import EngineOptions
 from gateway import tools
-from gateway.errors import ConfigError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from gateway.errors import ConfigError, ContextLengthExceededError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from gateway.interface import (
     Backend,
     Capabilities,
@@ -227,14 +227,10 @@ class EngineBackend(Backend):
         if self._async is None or not self._async.ready:
             raise self._unavailable()
         engine = self._engine
-        tokenizer = engine.tokenizer
-        if request.messages is not None:
-            prompt = self._render_chat(request)
-            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-            param = "messages"
-        else:
-            prompt_ids = tokenizer.encode(request.prompt or "", add_special_tokens=True)
-            param = "prompt"
+        param = "messages" if request.messages is not None else "prompt"
+        # off the event loop: a 4 MB prompt renders and tokenizes for seconds (the step thread
+        # alone runs torch; this thread runs none, so no OpenMP team is left behind)
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, request, param)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param=param)
         if request.sampling.structured is not None:
@@ -251,6 +247,22 @@ class EngineBackend(Backend):
             stream = tools.parse_tool_calls(stream, request.tools)
         async for item in stream:
             yield item
+
+    def _prompt_ids(self, request: GenerationRequest, param: str) -> list[int]:
+        """The prompt's token ids; a prompt longer than the engine can ever hold is a 400 before
+        its ids are listed (``Tokenizer.encode_at_most``)."""
+        from backends.engine.text.tokenizer import TooManyTokens
+
+        tokenizer = self._engine.tokenizer
+        max_seq_len = self._engine.scheduler.max_seq_len
+        try:
+            if request.messages is not None:
+                return tokenizer.encode_at_most(self._render_chat(request), max_seq_len, add_special_tokens=False)
+            return tokenizer.encode_at_most(request.prompt or "", max_seq_len, add_special_tokens=True)
+        except TooManyTokens as exc:
+            raise ContextLengthExceededError(
+                f"the {param} ({exc}) exceeds the {max_seq_len}-token limit", param=param
+            ) from None
 
     def _render_chat(self, request: GenerationRequest) -> str:
         """The prompt: tools through the template where it renders them, else in a system message

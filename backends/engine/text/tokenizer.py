@@ -18,6 +18,12 @@ from backends.engine.model.config import UnsupportedModelError
 from backends.engine.model.gguf_reader import read_gguf_metadata
 from backends.engine.text.gguf_vocab import gguf_vocabulary, post_processor, unicode_to_byte
 
+# The Rust tokenizer's rayon pool (one spinning worker per core) starved the event loop: five
+# 100 kB prompts encoded on pooled threads held /health for 157 ms with it, 20 ms without, and
+# took 3.3 s instead of 0.3 s on 2 cores. Each prompt is encoded on a thread of its own anyway.
+# (Read by the library at each call; an explicit setting wins.)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 # Token texts that end a turn or a document. Like llama.cpp, a special token with one of these
 # texts stops generation even when the file names another token as EOS: SmolLM2 must stop on
 # <|endoftext|> as well as on <|im_end|>, Llama 3 Instruct on <|eot_id|> and <|eom_id|>.
@@ -36,6 +42,16 @@ END_OF_GENERATION_TEXTS = frozenset(
         "<｜end▁of▁sentence｜>",
     }
 )
+
+
+class TooManyTokens(Exception):
+    """``encode_at_most``: the text has ``num_tokens`` tokens (``at_least``: at least that many),
+    more than the limit."""
+
+    def __init__(self, num_tokens: int, *, at_least: bool) -> None:
+        super().__init__(f"{'at least ' if at_least else ''}{num_tokens} tokens")
+        self.num_tokens = num_tokens
+        self.at_least = at_least
 
 
 class Tokenizer:
@@ -77,6 +93,7 @@ class Tokenizer:
         spec = _decoder_spec(backend)
         self.strips_leading_space = '"Strip"' in spec or ('"Metaspace"' in spec and '"never"' not in spec)
         self._token_bytes: list[bytes] | None = None
+        self._max_token_chars: int | None = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -154,6 +171,40 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_at_most(self, text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
+        """``encode(text)``, or ``TooManyTokens`` when it would be longer than ``max_tokens``.
+
+        Made to run on a thread beside the event loop on prompts of megabytes. The Rust
+        tokenizer's ``encode`` holds the GIL throughout (0.35 s for 300 k characters: every other
+        thread stops); ``encode_batch`` releases it while it encodes. The ``Encoding`` it returns
+        is still freed, and its ids listed, with the GIL held (~0.2 s for 4 M tokens), so a text
+        that cannot fit (``min_tokens``) is refused before it is encoded, and a long one's ids are
+        not listed past the count.
+        """
+        bound = self.min_tokens(text)
+        if bound > max_tokens:
+            raise TooManyTokens(bound, at_least=True)
+        (encoding,) = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
+        if len(encoding) > max_tokens:
+            raise TooManyTokens(len(encoding), at_least=False)
+        return encoding.ids
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))``: no token covers more characters than the
+        longest token's bytes. 0 (no bound) where a normalizer may shorten the text or an unknown
+        token may swallow a run of characters (WordPiece; BPE fusing unknowns without byte
+        fallback)."""
+        limit = self._max_token_chars
+        if limit is None:
+            model = self.backend.model
+            boundable = (
+                self.backend.normalizer is None
+                and isinstance(model, tokenizers.models.BPE)
+                and (model.byte_fallback or not model.fuse_unk)
+            )
+            limit = self._max_token_chars = max(map(len, self.token_bytes_table), default=0) if boundable else 0
+        return -(-len(text) // limit) if limit > 0 else 0
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -19,10 +19,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import tokenizers
 
 from backends.engine.model.gguf_reader import read_gguf_metadata
 from backends.engine.text.gguf_vocab import byte_to_unicode
-from backends.engine.text.tokenizer import Tokenizer
+from backends.engine.text.tokenizer import TooManyTokens, Tokenizer
 from gateway.errors import ConfigError
 
 NUM_STRINGS = 1200
@@ -397,3 +398,38 @@ def test_hf_directory_without_tokenizer_json(tmp_path: Path) -> None:
 def test_unknown_tokenizer_model_is_rejected() -> None:
     with pytest.raises(ConfigError, match="unsupported GGUF tokenizer model 'bert'"):
         Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+
+
+# -- long prompts: a bound before encoding, ids only within the limit ---------------------------
+
+
+def _bounded_tokenizers(smollm: Tokenizer, spm_file: Path) -> list[Tokenizer]:
+    return [smollm, Tokenizer.from_gguf(spm_file)]
+
+
+def test_min_tokens_is_a_lower_bound(smollm: Tokenizer, spm_file: Path) -> None:
+    long = "".join(STRINGS) + " " * 5000 + "\n\n" * 3000
+    for tok in _bounded_tokenizers(smollm, spm_file):
+        assert tok.min_tokens("x" * 1000) > 0  # GGUF vocabularies are bounded
+        for text in [*STRINGS, long, "<|im_start|>" * 50]:
+            assert tok.min_tokens(text) <= len(tok.encode(text, add_special_tokens=False)), text[:80]
+
+
+def test_encode_at_most(smollm: Tokenizer) -> None:
+    text = " ".join(STRINGS[:200])
+    ids = smollm.encode(text)
+    assert smollm.encode_at_most(text, len(ids)) == ids
+    with pytest.raises(TooManyTokens) as counted:
+        smollm.encode_at_most(text, len(ids) - 1)
+    assert counted.value.num_tokens == len(ids) and not counted.value.at_least
+    huge = "All work and no play makes Jack a dull boy. " * 90_000  # 4 MB
+    with pytest.raises(TooManyTokens) as bounded:
+        smollm.encode_at_most(huge, 8192)  # refused before encoding
+    assert bounded.value.at_least and 8192 < bounded.value.num_tokens <= len(huge)
+
+
+def test_a_normalizer_leaves_no_bound(tmp_path: Path, smollm: Tokenizer) -> None:
+    backend = tokenizers.Tokenizer.from_str(smollm.backend.to_str())
+    backend.normalizer = tokenizers.normalizers.Strip()  # "   x   " is one token: no bound holds
+    tok = Tokenizer(backend, bos_token_id=None, eos_token_id=None)
+    assert tok.min_tokens(" " * 10_000 + "x") == 0
