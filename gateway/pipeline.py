@@ -174,6 +174,9 @@ class Gateway:
             code="server_shutting_down", headers={"Retry-After": "5", "Connection": "close"},
         )  # fmt: skip
 
+    def _over_time(self) -> RequestTimeLimitError:
+        return RequestTimeLimitError(f"The request ran longer than max_request_time_s ({self.max_request_time_s:g} s)")
+
     async def _succeed(self, ctx: RequestContext, body: bytes, usage: Usage | None, send: Any) -> None:
         """Send ``body`` as the whole 200 response and tell the ``after_request`` hooks."""
         now = perf_counter()
@@ -262,9 +265,8 @@ class Gateway:
         watcher = DisconnectWatcher(receive, task)
         self._watchers.add(watcher)
         if self.max_request_time_s:
-            loop = asyncio.get_running_loop()
-            timeout = RequestTimeLimitError(f"The request ran longer than max_request_time_s ({self.max_request_time_s:g} s)")
-            watcher.cut_at(loop.time() + self.max_request_time_s - (perf_counter() - ctx.started_at), timeout)
+            remaining_s = self.max_request_time_s - (perf_counter() - ctx.started_at)
+            watcher.cut_at(asyncio.get_running_loop().time() + remaining_s, self._over_time())
         stream: AsyncIterator[StreamItem] | None = None
         # Until the response starts a failure is an ordinary HTTP error with its status code, and
         # goes to the next candidate when one may answer: a whole response is collected first, a
@@ -415,8 +417,7 @@ class Gateway:
                 async with asyncio.timeout(self.max_request_time_s or None):
                     result = await attempts.answer(lambda route, request: _embed(ctx, route, request))
             except TimeoutError as exc:
-                message = f"The request ran longer than max_request_time_s ({self.max_request_time_s:g} s)"
-                raise RequestTimeLimitError(message) from exc
+                raise self._over_time() from exc
             finally:
                 ctx.timings.backend_s = perf_counter() - start
             out = embeddings_body(result, ctx.model or "", as_base64=req.encoding_format == "base64")

