@@ -60,6 +60,10 @@ def test_env_default_and_dollar_escape() -> None:
         ('[[models]]\nname = "a"\nbackend = "x"\n[[models]]\nname = "b"\naliases = ["a"]\nbackend = "x"\n',
          "models[1].aliases[0]"),
         ('[log]\nlevel = "loud"\n[[models]]\nname = "a"\nbackend = "x"\n', "log.level"),
+        ('[server]\nheader_timeout_s = 0\n[[models]]\nname = "a"\nbackend = "x"\n', "server.header_timeout_s"),
+        ('[server]\nmax_headers = 0\n[[models]]\nname = "a"\nbackend = "x"\n', "server.max_headers"),
+        ('[server]\ndrain_timeout_s = -1\n[[models]]\nname = "a"\nbackend = "x"\n', "server.drain_timeout_s"),
+        ('[server]\nmax_request_time_s = -1\n[[models]]\nname = "a"\nbackend = "x"\n', "server.max_request_time_s"),
         ("", "models"),
     ],
 )
