@@ -45,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+#: the help line of a command group (otherwise "NAME commands")
+GROUP_HELP = {("bench",): "measure the gateway, the engine, batching, any OpenAI server… (taxiway bench --help)"}
+
+
 def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     """An argparse tree from command paths; ``ValueError`` when two commands claim one path."""
     parser = argparse.ArgumentParser(prog="taxiway", description="Taxiway: an OpenAI-compatible LLM gateway")
@@ -61,7 +65,8 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
             if prefix in leaves:
                 raise ValueError(f"command {' '.join(prefix)!r} cannot also be a group ({command.plugin!r})")
             if prefix not in groups:
-                group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                group_help = GROUP_HELP.get(prefix, f"{' '.join(prefix)} commands (taxiway {' '.join(prefix)} --help)")
+                group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=group_help)
                 groups[prefix] = group_parser.add_subparsers(title="commands", metavar="COMMAND")
         doc = (command.run.__doc__ or "").strip().splitlines()
         sub = groups[command.path[:-1]].add_parser(command.path[-1], help=doc[0] if doc else None)
@@ -113,7 +118,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Serve the OpenAI-compatible API."""
+    """Serve a model, or a config's models: the OpenAI-compatible API and the playground at /."""
     from gateway.app import create_app
     from gateway.logs import configure_logging
     from gateway.server import serve
@@ -233,3 +238,7 @@ class _Builtins:
         register(("models",), _configure_models, _models)
         register(("check-config",), _configure_check, _check_config)
         register(("ps",), _configure_ps, _ps)
+
+        from gateway import chat
+
+        register(("chat",), chat.configure, chat.run)

@@ -23,6 +23,8 @@ def register_commands(register: Callable[..., Any]) -> None:
 
     register(("pull",), cli.configure_pull, cli.run_pull)
     register(("generate",), cli.configure_generate, cli.run_generate)
+    register(("show",), cli.configure_show, cli.run_show)
+    register(("rm",), cli.configure_rm, cli.run_rm)
 
     from backends.engine import plan
 

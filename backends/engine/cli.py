@@ -29,7 +29,9 @@ def configure_pull(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    """Pull ``args.name``; print the cached file's path on stdout. Returns the exit code."""
+    """Download a catalogue model into the model cache (or list the catalogue).
+
+    Prints the cached file's path on stdout; returns the exit code."""
     from backends.engine.catalogue import CATALOGUE, PullError, cached_path, default_home, pull
 
     # The command's configuration: its arguments, else the environment (``default_home``).
@@ -67,7 +69,7 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Load the model, stream the completion to stdout; timings to stderr."""
+    """Generate text from a prompt on the engine alone, no server (timings on stderr)."""
     import time
 
     import msgspec
@@ -162,3 +164,101 @@ def model_entry(model: str, home: Path, *, progress: bool) -> dict[str, object] 
             print(f"taxiway: native kernels ready ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     aliases = ["default"] if backend == "engine" else ["embed"]
     return {"name": name, "aliases": aliases, "backend": backend, "options": {"model": source}}
+
+
+def configure_show(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``taxiway show MODEL``."""
+    parser.description = (
+        "Describe a model from its file's header, without loading it: architecture, parameters, "
+        "how the weights are stored, context length, layers, vocabulary."
+    )
+    parser.add_argument("model", metavar="MODEL", help="a pulled catalogue name, a .gguf file or a model directory")
+    parser.add_argument("--home", type=Path, default=None, help="Taxiway home (default: $TAXIWAY_HOME or ~/.cache/taxiway)")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """Describe a model: architecture, parameters, storage, context length (no loading)."""
+    import collections
+    import json
+
+    from backends.engine.catalogue import CATALOGUE, cached_path, default_home
+    from backends.engine.memory import read_header
+
+    home = args.home if args.home is not None else default_home(os.environ)
+    entry = CATALOGUE.get(args.model)
+    path = cached_path(entry, home) if entry is not None else Path(args.model).expanduser()
+    if not path.exists():
+        hint = f"pull it first: taxiway pull {args.model}" if entry is not None else "no such file or directory"
+        print(f"taxiway show: {args.model!r} is not here ({hint})", file=sys.stderr)
+        return 1
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    info: dict[str, object] = {"model": args.model, "path": str(path), "bytes": size,
+                               "backend": entry.backend if entry is not None else "engine"}  # fmt: skip
+    if entry is not None:
+        info["description"] = entry.description
+    if info["backend"] == "engine":
+        try:
+            config, tensors = read_header(path)
+        except (ConfigError, ValueError, OSError) as exc:
+            print(f"taxiway show: {exc}", file=sys.stderr)
+            return 1
+        kinds = collections.Counter(t.kind for t in tensors)
+        info |= {
+            "architecture": config.architecture, "parameters": sum(t.rows * t.cols for t in tensors),
+            "tensors": dict(kinds.most_common()), "context_length": config.max_position_embeddings,
+            "layers": config.num_layers, "hidden_size": config.hidden_size, "heads": config.num_heads,
+            "kv_heads": config.num_kv_heads, "head_dim": config.head_dim, "vocab_size": config.vocab_size,
+        }  # fmt: skip
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    rows = [("path", f"{path} ({size / 2**20:,.0f} MiB)"), ("backend", str(info["backend"]))]
+    if "architecture" in info:
+        rows += [
+            ("architecture", str(info["architecture"])),
+            ("parameters", f"{int(info['parameters']) / 1e6:,.1f}M"),  # type: ignore[call-overload]
+            ("tensors", ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())),
+            ("context length", f"{config.max_position_embeddings:,}"),
+            ("layers", f"{config.num_layers} (hidden {config.hidden_size}, {config.num_heads} heads, "
+                       f"{config.num_kv_heads} KV heads of {config.head_dim})"),
+            ("vocabulary", f"{config.vocab_size:,}"),
+        ]  # fmt: skip
+    if entry is not None and entry.description:
+        rows.append(("description", entry.description))
+    print(args.model)
+    for key, value in rows:
+        print(f"  {key:<15}{value}")
+    return 0
+
+
+def configure_rm(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``taxiway rm NAME``."""
+    parser.description = "Delete pulled catalogue models from the model cache (they are pulled again on next use)."
+    parser.add_argument("names", nargs="+", metavar="NAME", help="catalogue model names (see `taxiway pull --list`)")
+    parser.add_argument("--home", type=Path, default=None, help="Taxiway home (default: $TAXIWAY_HOME or ~/.cache/taxiway)")
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    """Delete pulled catalogue models from the model cache."""
+    import shutil
+
+    from backends.engine.catalogue import cached_path, default_home, lookup
+
+    home = args.home if args.home is not None else default_home(os.environ)
+    code = 0
+    for name in args.names:
+        try:
+            folder = cached_path(lookup(name), home).parent  # models/NAME: the file and anything extracted from it
+        except ConfigError as exc:
+            print(f"taxiway rm: {exc}", file=sys.stderr)
+            code = 1
+            continue
+        if not folder.is_dir():
+            print(f"taxiway rm: {name} is not pulled", file=sys.stderr)
+            code = 1
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder)
+        print(f"deleted {name} ({size / 2**20:,.0f} MiB)")
+    return code

@@ -91,7 +91,12 @@ def estimate_memory(path: Path, options: EngineOptions) -> MemoryEstimate:
 
 def read_config(path: Path) -> ModelConfig:
     """The model's config from its header (``.gguf`` file or HF directory), no weight read."""
-    return (_read_gguf(path) if path.is_file() else _read_hf(path))[0]
+    return read_header(path)[0]
+
+
+def read_header(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
+    """The model's config and its tensors as stored, from the header alone (``taxiway show``)."""
+    return _read_gguf(path) if path.is_file() else _read_hf(path)
 
 
 def weight_bytes(tensors: Iterable[TensorEntry], config: ModelConfig, quantization: str | None, dtype_bytes: int) -> int:

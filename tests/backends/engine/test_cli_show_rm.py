@@ -1,0 +1,48 @@
+"""``taxiway show`` reads a model's header (the real default model); ``taxiway rm`` deletes a
+pulled model from a home's cache, and says so when there is none."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from backends.engine.catalogue import CATALOGUE, cached_path
+from backends.engine.memory import read_header
+from gateway.cli import main
+
+MODEL = "smollm2-135m-instruct"
+
+
+def test_show_describes_the_default_model(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", str(smollm2_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    config, tensors = read_header(smollm2_path)
+    assert info["parameters"] == sum(t.rows * t.cols for t in tensors) and 130e6 < info["parameters"] < 140e6
+    assert (info["architecture"], info["context_length"], info["layers"], info["vocab_size"]) == ("llama", 8192, 30, 49152)
+    assert info["tensors"]["int4"] > 200 and info["bytes"] == smollm2_path.stat().st_size
+
+    assert main(["show", str(smollm2_path)]) == 0
+    table = capsys.readouterr().out
+    assert "parameters     134.5M" in table and "context length 8,192" in table
+
+
+def test_rm_deletes_a_pulled_model(smollm2_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = cached_path(CATALOGUE[MODEL], tmp_path)
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(smollm2_path, target)
+    assert main(["show", MODEL, "--home", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(target)
+
+    assert main(["rm", MODEL, "--home", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"deleted {MODEL} (94 MiB)\n"
+    assert not target.parent.exists() and smollm2_path.is_file()
+
+    assert main(["rm", MODEL, "--home", str(tmp_path)]) == 1
+    assert f"{MODEL} is not pulled" in capsys.readouterr().err
+    assert main(["show", MODEL, "--home", str(tmp_path)]) == 1
+    assert f"taxiway pull {MODEL}" in capsys.readouterr().err
+    assert main(["rm", "no-such-model", "--home", str(tmp_path)]) == 1
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
