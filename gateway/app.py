@@ -32,6 +32,7 @@ from gateway.errors import (
 from gateway.fleet import Fleet, read_config
 from gateway.hooks import LifecycleHooks, call_hook
 from gateway.hookspecs import RouteResponse
+from gateway.openapi import openapi_route
 from gateway.pipeline import Gateway
 from gateway.plugins import Plugins, load_plugins
 from gateway.playground import Playground
@@ -96,6 +97,8 @@ def create_app(
         debug=False,
     )
     app.state.gateway = gateway
+    # every route above, described from the Structs it decodes and answers with
+    app.register(asgi("/openapi.json", copy_scope=False)(openapi_route(route_handlers, list(admin.plugin_routes))))
     return app
 
 

@@ -25,11 +25,14 @@ def write_tiny_chat_model(path: Path, *, max_positions: int = 65536) -> Path:
     return path
 
 
-def tiny_engine_config(model: Path, *, name: str = "tiny", kv_cache_tokens: int = 65536, extra: str = "") -> str:
+def tiny_engine_config(
+    model: Path, *, name: str = "tiny", aliases: tuple[str, ...] = (), kv_cache_tokens: int = 65536, extra: str = ""
+) -> str:
     """One engine model entry (threads 1, float32, no native kernels: starts in about a second)."""
     return f"""
 [[models]]
 name = "{name}"
+aliases = {list(aliases)!r}
 backend = "engine"
 [models.options]
 model = "{model}"
@@ -40,3 +43,11 @@ max_num_seqs = 4
 kv_cache_tokens = {kv_cache_tokens}
 {extra}
 """
+
+
+def every_route_config(model: Path) -> str:
+    """The server the OpenAPI and fuzz tests share (one per session): ``tiny`` (alias ``default``,
+    the documents' examples' model) and ``spare`` to unload and load again, small caches."""
+    return tiny_engine_config(model, aliases=("default",), kv_cache_tokens=1024) + tiny_engine_config(
+        model, name="spare", kv_cache_tokens=1024
+    )
