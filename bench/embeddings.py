@@ -48,6 +48,7 @@ class Side(msgspec.Struct):
 class Report(msgspec.Struct):
     model: str
     quantization: str
+    dtype: str
     sentences: int
     tokens: int
     min_tokens: int
@@ -64,6 +65,8 @@ class Report(msgspec.Struct):
 def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--model", default="all-minilm-l6-v2", help="catalogue name, model directory or .zip")
     parser.add_argument("--quantization", choices=("none", "int8"), default="none", help="the engine's weights")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="the engine's matmuls (auto: bfloat16 where the CPU has it, as served)")  # fmt: skip
     parser.add_argument("--sentences", type=int, default=2000)
     parser.add_argument("--min-tokens", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -94,7 +97,7 @@ def run(args: Namespace) -> int:
         home = Path(args.home).expanduser() if args.home else default_home(os.environ)
         path = pull(args.model, home=home, progress=True)
     model_dir = unpack(path)
-    model = load_encoder(model_dir, quantization=args.quantization)
+    model = load_encoder(model_dir, quantization=args.quantization, dtype=args.dtype)
     texts = make_texts(model, args.sentences, args.min_tokens, args.max_tokens, args.seed)
     token_counts = [len(ids) for ids in model.tokenize(texts)]
     num_tokens = sum(token_counts)
@@ -104,6 +107,7 @@ def run(args: Namespace) -> int:
 
     st_side, reference = _sentence_transformers(model_dir, texts, args.batch_size, num_tokens)
     engine_side = _engine(model, texts, num_tokens, args.max_batch_tokens)
+    dtype = model.dtype
     del model  # the server loads its own
     http_side, vectors = _http(path, args, texts, num_tokens)
     worst = float(torch.nn.functional.cosine_similarity(torch.tensor(vectors), torch.tensor(reference)).min())
@@ -112,7 +116,7 @@ def run(args: Namespace) -> int:
     for side in sides:
         side.ratio = side.sentences_per_s / st_side.sentences_per_s
     report = Report(
-        model=str(args.model), quantization=args.quantization, sentences=len(texts), tokens=num_tokens,
+        model=str(args.model), quantization=args.quantization, dtype=dtype, sentences=len(texts), tokens=num_tokens,
         min_tokens=args.min_tokens, max_tokens=args.max_tokens, concurrency=args.concurrency,
         batch_size=args.batch_size, threads=threads, sides=sides, worst_cosine_http=worst,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
@@ -201,7 +205,7 @@ def _http(path: Path, args: Namespace, texts: list[str], num_tokens: int) -> tup
     budget = f", max_batch_tokens = {args.max_batch_tokens}" if args.max_batch_tokens else ""
     config = (
         f'[[models]]\nname = "embed"\nbackend = "encoder"\n'
-        f'options = {{ model = "{path}", quantization = "{args.quantization}"{budget} }}\n'
+        f'options = {{ model = "{path}", quantization = "{args.quantization}", dtype = "{args.dtype}"{budget} }}\n'
     )
     vectors: list[list[float]] = [[] for _ in texts]
 
@@ -232,7 +236,7 @@ def _http(path: Path, args: Namespace, texts: list[str], num_tokens: int) -> tup
 
 def _print(report: Report) -> None:
     print(f"{report.sentences} sentences ({report.min_tokens}-{report.max_tokens} tokens, {report.tokens} in all), "
-          f"{report.threads} threads, OMP_WAIT_POLICY {report.omp_wait_policy}, weights {report.quantization}; "
+          f"{report.threads} threads, OMP_WAIT_POLICY {report.omp_wait_policy}, weights {report.quantization}, math {report.dtype}; "
           f"{report.date}")  # fmt: skip
     print(f"{'side':<24}{'wall s':>9}{'sent/s':>10}{'tok/s':>10}{'ratio':>8}")
     for s in report.sides:

@@ -32,7 +32,9 @@ class EncoderOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """The ``options`` table of a model served by the ``encoder`` backend."""
 
     model: str = "all-minilm-l6-v2"  # catalogue name, model directory or .zip of one
-    quantization: Literal["none", "int8"] = "none"  # int8: linear weights int8 (quant.py), float32 math
+    quantization: Literal["none", "int8"] = "none"  # int8: linear weights int8 (quant.py)
+    # the layers' matmuls and attention (model.py); auto: bfloat16 where the CPU has it natively
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     truncate: bool = False  # cut inputs over the model's length instead of a 400
     max_inputs: Positive = 2048  # inputs per request (OpenAI's limit)
     max_batch_tokens: Positive = 4096  # padded token slots per step
@@ -105,12 +107,15 @@ class EncoderBackend(Backend):
             embedding_token_ids=True,
         )
         self._state = "ready"
-        log.info("encoder.ready", model=self.model_name, quantization=model.quantization, max_length=model.max_length)
+        log.info("encoder.ready", model=self.model_name, quantization=model.quantization, dtype=model.dtype,
+                 max_length=model.max_length)  # fmt: skip
 
     def _load(self) -> Any:
         from backends.engine.encoder.loader import load_encoder
 
-        model = load_encoder(self.model_path(progress=False), quantization=self.options.quantization)
+        model = load_encoder(
+            self.model_path(progress=False), quantization=self.options.quantization, dtype=self.options.dtype
+        )
         model.embed([model.tokenize(["Hello"])[0]])  # warm-up: the first forward allocates
         return model
 

@@ -6,6 +6,11 @@ padding id, ``EncoderConfig.position_offset``). Post-norm layers::
     h = LN(h + Wo · attention(Wqkv · h))
     h = LN(h + W2 · gelu(W1 · h))
 
+Weights and matmuls are float32 (the reference) or bfloat16 (``dtype = "bfloat16"``: the
+linear layers, attention and activation, while the residual stream and the layer norms stay
+float32 — on this project's AVX-512 BF16 CPU a layer's matmuls ran 2.5-3.5x faster, and vectors
+kept cosine ≥ 0.99997 to float32's).
+
 The step's batch is padded ``[B, L]`` (the scheduler groups inputs of similar length, so little is
 padding), but the linear layers — nearly all of the work — run on the real tokens only: ``keep``
 picks them out once after the embedding, and attention alone scatters them back to ``[B, L]``
@@ -71,16 +76,23 @@ class EncoderLayer(nn.Module):
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor, batch: Batch) -> Tensor:
-        """``x[T, H]``: the batch's real tokens, input by input."""
+        """``x[T, H]``: the batch's real tokens, input by input, float32 (the residual stream); the
+        matmuls, attention and activation run in ``compute_dtype``."""
+        dtype = self.compute_dtype
         # attention: only it sees the padded [B, L] layout
-        qkv = batch.pad(self.qkv(x))  # [B, L, 3H]
+        qkv = batch.pad(self.qkv(x.to(dtype)))  # [B, L, 3H]
         b, seq_len, _ = qkv.shape
         q, k, v = qkv.view(b, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.key_mask)  # [B, nh, L, hd]
         a = batch.unpad(a.transpose(1, 2).reshape(b, seq_len, -1))  # [T, H]
-        x = self.attn_norm(x + self.attn_out(a))
+        x = self.attn_norm(x + self.attn_out(a).float())
         # feed-forward, on the real tokens only
-        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x))))
+        return self.ffn_norm(x + self.ffn_out(self.act(self.ffn_in(x.to(dtype)))).float())
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        weight = getattr(self.qkv, "weight", None)  # an Int8Linear computes in its input's dtype
+        return weight.dtype if weight is not None else getattr(self.qkv, "compute_dtype", torch.float32)
 
 
 class Batch:

@@ -1,4 +1,4 @@
-"""int8 weights for the encoder's linear layers: a memory saving, with float32 arithmetic.
+"""int8 weights for the encoder's linear layers: a memory saving, with float32 (or bfloat16) arithmetic.
 
 ``Int8Linear`` keeps each weight int8 in groups of ``group_size`` inputs per output row
 (symmetric, scale = absmax / 127) and dequantises it to float32 for each call — the weight is a
@@ -34,8 +34,11 @@ def quantize_groups(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
 class Int8Linear(nn.Module):
     """``y = x @ dequantize(W).T + b`` with ``W`` int8 in groups of ``group_size`` inputs."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    def __init__(
+        self, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, compute_dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
+        self.compute_dtype = compute_dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if self.in_features % group_size:
             group_size = self.in_features  # one group per row
@@ -50,16 +53,19 @@ class Int8Linear(nn.Module):
         return groups.view(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize(), self.bias)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x, self.dequantize().to(self.compute_dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 groups of {self.group_size}"
 
 
-def quantize_linears(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+def quantize_linears(
+    module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, compute_dtype: torch.dtype = torch.float32
+) -> None:
     """Replace every ``nn.Linear`` below ``module`` with its ``Int8Linear``, in place."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child, group_size))
+            setattr(module, name, Int8Linear(child, group_size, compute_dtype))
         else:
-            quantize_linears(child, group_size)
+            quantize_linears(child, group_size, compute_dtype)

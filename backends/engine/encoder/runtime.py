@@ -15,7 +15,14 @@ from backends.engine.encoder.pooling import PoolingConfig, pool
 
 class EncoderModel:
     def __init__(
-        self, encoder: Encoder, tokenizer: Tokenizer, pooling: PoolingConfig, *, max_length: int, quantization: str
+        self,
+        encoder: Encoder,
+        tokenizer: Tokenizer,
+        pooling: PoolingConfig,
+        *,
+        max_length: int,
+        quantization: str,
+        dtype: str = "float32",
     ) -> None:
         self.encoder = encoder
         self.config = encoder.config
@@ -23,6 +30,7 @@ class EncoderModel:
         self.pooling = pooling
         self.max_length = max_length  # tokens per input, special tokens included
         self.quantization = quantization
+        self.dtype = dtype
         self.dimensions = encoder.config.hidden_size
         self.prefix, self.suffix = _special_tokens(tokenizer)
         self.nbytes = num_parameters_bytes(encoder)

@@ -1,5 +1,5 @@
 """The encoder against sentence-transformers on the same all-MiniLM-L6-v2 files: per-sentence
-cosine ≥ 0.99999 in float32 and ≥ 0.999 with int8 weights on 64 sentences of mixed lengths and
+cosine ≥ 0.99999 in float32 and ≥ 0.999 with int8 weights or bfloat16 math on 64 sentences of mixed lengths and
 languages, the same top document for each query, and the other pooling modes."""
 
 from __future__ import annotations
@@ -46,6 +46,19 @@ def test_int8_weights_match_within_tolerance(minilm_path, reference: np.ndarray)
     assert int8.nbytes < 0.7 * load_encoder(minilm_path).nbytes
     cos = _cosines(_ours(int8, SENTENCES), reference)
     assert cos.min() >= 0.999, f"worst sentence {int(cos.argmin())}: cosine {cos.min():.6f}"
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_bfloat16_math_matches_within_tolerance(minilm_path, reference: np.ndarray, quantization: str) -> None:  # type: ignore[no-untyped-def]
+    """``dtype = "bfloat16"``: matmuls and attention in bfloat16, residual stream and norms in
+    float32 — the int8 bar, and the vectors still float32 and unit length."""
+    model = load_encoder(minilm_path, quantization=quantization, dtype="bfloat16")
+    assert {layer.compute_dtype for layer in model.encoder.layers} == {torch.bfloat16}
+    ours = _ours(model, SENTENCES)
+    assert ours.dtype == np.float32
+    cos = _cosines(ours, reference)
+    assert cos.min() >= 0.999, f"worst sentence {int(cos.argmin())}: cosine {cos.min():.6f}"
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
 def test_retrieval_ranks_the_same_top_document(minilm, st_model) -> None:  # type: ignore[no-untyped-def]
