@@ -21,6 +21,8 @@ from argparse import ArgumentParser, Namespace
 
 import msgspec
 
+from bench.report import add_json_flag, human, write_json
+
 
 class Job(msgspec.Struct, frozen=True):
     prompt_ids: list[int]
@@ -139,7 +141,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU path: fused kernels, CUDA graphs)")
     parser.add_argument("--quantization", choices=["int4", "int8", "none"], default=None, help="default: as stored")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the JSON results here")
+    add_json_flag(parser, dest="out")
 
 
 def run(args: Namespace) -> int:
@@ -175,10 +177,8 @@ def run(args: Namespace) -> int:
             return 2
         results.append(ModeResult(mode, wall, useful, useful / wall, prompt_tokens, tally))
         print(f"{mode:>10}: {wall:7.1f} s  {useful / wall:7.1f} output tok/s", file=sys.stderr)
-    print(report(results, len(jobs), args.concurrency))
-    if args.out:
-        with open(args.out, "wb") as f:
-            f.write(msgspec.json.format(msgspec.json.encode(results)))
+    print(report(results, len(jobs), args.concurrency), file=human(args.out))
+    write_json(args.out, results)
     return 0
 
 

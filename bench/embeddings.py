@@ -33,8 +33,11 @@ import tempfile
 import time
 from argparse import ArgumentParser, Namespace
 from pathlib import Path
+from typing import TextIO
 
 import msgspec
+
+from bench.report import add_json_flag, human, write_json
 
 
 class Side(msgspec.Struct):
@@ -75,7 +78,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="the engine's step budget (default: its own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--home", default=None, help="model cache (default $TAXIWAY_HOME or ~/.cache/taxiway)")
-    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    add_json_flag(parser)
     parser.add_argument(
         "--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
         help="OMP_WAIT_POLICY for all three sides (inherit: leave the environment as it is)",
@@ -122,9 +125,8 @@ def run(args: Namespace) -> int:
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )  # fmt: skip
-    _print(report)
-    if args.json is not None:
-        args.json.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+    _print(report, human(args.json))
+    write_json(args.json, report)
     return 0
 
 
@@ -234,11 +236,11 @@ def _http(path: Path, args: Namespace, texts: list[str], num_tokens: int) -> tup
     return Side("http", wall, len(texts) / wall, num_tokens / wall), vectors
 
 
-def _print(report: Report) -> None:
+def _print(report: Report, out: TextIO) -> None:
     print(f"{report.sentences} sentences ({report.min_tokens}-{report.max_tokens} tokens, {report.tokens} in all), "
           f"{report.threads} threads, OMP_WAIT_POLICY {report.omp_wait_policy}, weights {report.quantization}, math {report.dtype}; "
-          f"{report.date}")  # fmt: skip
-    print(f"{'side':<24}{'wall s':>9}{'sent/s':>10}{'tok/s':>10}{'ratio':>8}")
+          f"{report.date}", file=out)  # fmt: skip
+    print(f"{'side':<24}{'wall s':>9}{'sent/s':>10}{'tok/s':>10}{'ratio':>8}", file=out)
     for s in report.sides:
-        print(f"{s.name:<24}{s.wall_s:>9.1f}{s.sentences_per_s:>10.1f}{s.tokens_per_s:>10.0f}{s.ratio:>7.2f}x")
-    print(f"worst cosine, http vs sentence-transformers: {report.worst_cosine_http:.6f}")
+        print(f"{s.name:<24}{s.wall_s:>9.1f}{s.sentences_per_s:>10.1f}{s.tokens_per_s:>10.0f}{s.ratio:>7.2f}x", file=out)
+    print(f"worst cosine, http vs sentence-transformers: {report.worst_cosine_http:.6f}", file=out)

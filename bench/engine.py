@@ -20,6 +20,8 @@ from argparse import SUPPRESS, ArgumentParser, Namespace
 
 import msgspec
 
+from bench.report import add_json_flag, human, write_json
+
 
 class Measurement(msgspec.Struct):
     engine: str
@@ -118,7 +120,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--no-hf", action="store_true", help="measure the engine alone")
-    parser.add_argument("--out", default=None, help="write the JSON results here")
+    add_json_flag(parser, dest="out")
     parser.add_argument("--worker", choices=["taxiway", "hf-transformers"], help=SUPPRESS)
 
 
@@ -158,17 +160,16 @@ def run(args: Namespace) -> int:
     def med(kind: str, field: str) -> float:
         return statistics.median(getattr(m, field) for m in results[kind])
 
+    out = human(args.out)
     print(f"{args.prompt_tokens}-token prompt, {args.decode_tokens} decode tokens, {args.threads} threads, "
-          f"{args.dtype} activations, medians of {args.rounds}\n")  # fmt: skip
-    print("| engine | prefill tok/s | decode tok/s | RSS after load (MB) | peak RSS (MB) |\n|---|---|---|---|---|")
+          f"{args.dtype} activations, medians of {args.rounds}\n", file=out)  # fmt: skip
+    print("| engine | prefill tok/s | decode tok/s | RSS after load (MB) | peak RSS (MB) |\n|---|---|---|---|---|", file=out)
     for kind in kinds:
         print(f"| {kind} | {med(kind, 'prefill_tokens_per_s'):.1f} | {med(kind, 'decode_tokens_per_s'):.1f} "
-              f"| {med(kind, 'rss_after_load_mb'):.0f} | {med(kind, 'peak_rss_mb'):.0f} |")  # fmt: skip
+              f"| {med(kind, 'rss_after_load_mb'):.0f} | {med(kind, 'peak_rss_mb'):.0f} |", file=out)  # fmt: skip
     if not args.no_hf:
         for field, label in (("prefill_tokens_per_s", "prefill"), ("decode_tokens_per_s", "decode")):
-            print(f"{label}: taxiway / HF = {med('taxiway', field) / med('hf-transformers', field):.2f}x")
-    if args.out:
-        with open(args.out, "wb") as f:
-            f.write(msgspec.json.format(msgspec.json.encode(results)))
-    print(f"({time.strftime('%Y-%m-%d %H:%M')})")
+            print(f"{label}: taxiway / HF = {med('taxiway', field) / med('hf-transformers', field):.2f}x", file=out)
+    write_json(args.out, results)
+    print(f"({time.strftime('%Y-%m-%d %H:%M')})", file=out)
     return 0

@@ -24,12 +24,21 @@ import tempfile
 import time
 from argparse import ArgumentParser, Namespace
 from pathlib import Path
+from typing import TextIO
+
+from bench.report import add_json_flag, human, write_json
 
 SMOLLM2_SHAPES = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152)
 
 
+#: every record emitted this run (``--json FILE`` writes them as one list) and where the lines go
+_records: list[dict[str, object]] = []
+_lines: list[TextIO] = [sys.stdout]
+
+
 def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+    _records.append(fields)
+    print(json.dumps(fields), file=_lines[0], flush=True)
 
 
 def write_model(path: Path, tokenizer_from: str | None = None) -> Path:
@@ -56,6 +65,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--hf-budget-s", type=float, default=240.0, help="stop starting HF runs after this long")
     parser.add_argument("--write-model", default=None, help="only write the random model here and exit")
     parser.add_argument("--tokenizer-from", default=None, help="with --write-model: copy this model dir's tokenizer")
+    add_json_flag(parser)
 
 
 def run(args: Namespace) -> int:
@@ -65,6 +75,8 @@ def run(args: Namespace) -> int:
         write_model(Path(args.write_model), args.tokenizer_from)
         return 0
     device = torch.device(args.device)
+    _records.clear()
+    _lines[0] = human(args.json)  # JSON lines as they come; with --json -, the list alone on stdout
     emit(device=torch.cuda.get_device_name(device), torch=torch.__version__)
     batches = [int(b) for b in args.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,6 +93,7 @@ def run(args: Namespace) -> int:
                     bench_hf(path, mode, b, args, device)
                 except Exception as exc:  # a transformers version without the recipe: say so, go on
                     emit(figure="hf", mode=mode, batch=b, error=f"{type(exc).__name__}: {exc}"[:500])
+    write_json(args.json, _records)
     return 0
 
 

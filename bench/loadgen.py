@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import msgspec
 
+from bench.report import add_json_flag, human, write_json
+
 # Common English words: each is one token in most BPE vocabularies, so a prompt of N words is
 # close to N tokens. Exact counts come back from the server's usage report.
 _WORDS = (
@@ -304,7 +306,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    add_json_flag(parser, dest="out")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -336,9 +338,8 @@ def run(args: Namespace) -> int:
         output_tokens=args.output_tokens,
         levels=reports,
     )
-    print(format_table(bench))
-    if args.out:
-        args.out.write_bytes(msgspec.json.format(msgspec.json.encode(bench)))
+    print(format_table(bench), file=human(args.out))
+    write_json(args.out, bench)
     if args.plot:
         write_plot(bench, args.plot)
     return 1 if any(lv.num_errors == lv.num_requests for lv in reports) else 0

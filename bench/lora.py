@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 
 from bench.batching import StepTally, _params, make_jobs, run_continuous
+from bench.report import add_json_flag, human, write_json
 
 
 class LoRAResult(msgspec.Struct):
@@ -69,7 +70,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--targets", default="q_proj,v_proj", help="adapted modules (all: every projection)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the JSON results here")
+    add_json_flag(parser, dest="out")
 
 
 def run(args: Namespace) -> int:
@@ -114,11 +115,8 @@ def run(args: Namespace) -> int:
         print(f"{n:>3} adapters: {wall:6.1f} s  {useful / wall:7.1f} output tok/s  {useful / wall / base:.2f}x base",
               file=sys.stderr)  # fmt: skip
     adapter_mib = adapters[0].num_bytes / 2**20
-    print(report(results, args, targets, load_s, adapter_mib))
-    if args.out:
-        with open(args.out, "wb") as f:
-            payload = {"results": results, "adapter_load_s": load_s, "adapter_mib": adapter_mib}
-            f.write(msgspec.json.format(msgspec.json.encode(payload)))
+    print(report(results, args, targets, load_s, adapter_mib), file=human(args.out))
+    write_json(args.out, {"results": results, "adapter_load_s": load_s, "adapter_mib": adapter_mib})
     return 0
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 import msgspec
 
+from bench.report import add_json_flag, human, write_json
+
 _BODY = msgspec.json.encode(
     {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark"}], "max_tokens": 16}
 )
@@ -80,7 +82,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--sequential", type=int, default=500, help="sequential requests per side per round")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--concurrent-requests", type=int, default=3000, help="requests per side per round")
-    parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+    add_json_flag(parser)
     parser.add_argument(
         "--ops", action="store_true",
         help="operations on: a virtual key (sent by the client), its limits in a real Redis, metrics, usage ledger",
@@ -90,9 +92,8 @@ def configure(parser: ArgumentParser) -> None:
 def run(args: Namespace) -> int:
     """Measure the gateway's added latency and throughput against a stub upstream."""
     summary = asyncio.run(_bench(args))
-    print(format_summary(summary))
-    if args.json:
-        Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
+    print(format_summary(summary), file=human(args.json))
+    write_json(args.json, summary)
     return 0
 
 

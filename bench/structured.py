@@ -13,6 +13,8 @@ import sys
 import time
 from argparse import ArgumentParser, Namespace
 
+from bench.report import add_json_flag, human, write_json
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -34,7 +36,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None, help="write the JSON results here")
+    add_json_flag(parser, dest="out")
 
 
 def _run(engine, prompts, params, concurrency: int) -> tuple[float, int, int]:  # type: ignore[no-untyped-def]
@@ -86,11 +88,9 @@ def run(args: Namespace) -> int:
         results[name] = {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
                          "finished_stop": stopped}  # fmt: skip
         print(f"{name:12s} {tokens:6d} output tokens in {seconds:6.1f} s = {tokens / seconds:7.1f} tok/s "
-              f"({stopped}/{len(prompts)} stopped, the rest at max_tokens)")  # fmt: skip
+              f"({stopped}/{len(prompts)} stopped, the rest at max_tokens)", file=human(args.out))  # fmt: skip
     ratio = results["json_schema"]["tokens_per_s"] / results["free"]["tokens_per_s"]
     results["ratio"] = ratio
-    print(f"json_schema / free output tokens/s: {ratio:.2f}x (target >= 0.85x)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    print(f"json_schema / free output tokens/s: {ratio:.2f}x (target >= 0.85x)", file=human(args.out))
+    write_json(args.out, results)
     return 0

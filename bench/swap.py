@@ -41,6 +41,7 @@ import httpx
 import msgspec
 
 from bench.loadgen import RequestResult, RequestSpec, percentile, stream_chat
+from bench.report import add_json_flag, human, write_json
 
 
 class WindowReport(msgspec.Struct):
@@ -119,7 +120,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="wait for the server's /ready (s)")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    add_json_flag(parser, dest="out")
 
 
 def run(args: Namespace) -> int:
@@ -145,9 +146,8 @@ def run(args: Namespace) -> int:
                        (config_a, config_b))  # fmt: skip
     report.server_events_s = events
     report.load_average_before, report.load_average_after = load_before, list(os.getloadavg())
-    print(format_report(report))
-    if args.out:
-        args.out.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+    print(format_report(report), file=human(args.out))
+    write_json(args.out, report)
     broken = report.num_failed + report.num_truncated + report.num_mixed + report.num_a_after_first_b
     return 1 if broken or report.signal_to_first_b_s is None else 0
 

@@ -19,13 +19,13 @@ Kept free of torch at import: building the CLI imports this module.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from bench.report import add_json_flag, human, write_json
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -57,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating tp=1 / tp=2 rounds (medians reported)")
     parser.add_argument("--threads", type=int, default=2, help="cores to use: tp=1 gets them all, tp=2 one per rank")
     parser.add_argument("--allreduce-iters", type=int, default=300)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_json_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,9 +97,8 @@ def run(args: argparse.Namespace) -> int:
         report["load_avg_before_after"] = [load_before, os.getloadavg()[0]]
     finally:
         tp.close()
-    print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
+    print(format_report(report), file=human(args.json))
+    write_json(args.json, report)
     return 0
 
 
