@@ -67,14 +67,15 @@ class EncoderEngine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    async def embed(self, inputs: Sequence[list[int]]) -> torch.Tensor:
-        """``[len(inputs), dimensions]`` float32, one row per input (token ids, special tokens
-        included, each within the model's length)."""
-        job = _Job(asyncio.get_running_loop(), len(inputs), self.model.dimensions)
+    async def embed(self, inputs: Sequence[list[int]], seconds: Sequence[int] | None = None) -> torch.Tensor:
+        """``[len(inputs), output_size]`` float32, one row per input (token ids, special tokens
+        included, each within the model's length): its vector, or a classifier's logits.
+        ``seconds``: text pairs, where each one's second text starts."""
+        job = _Job(asyncio.get_running_loop(), len(inputs), self.model.output_size)
         with self._cond:
             if self._stopping:
                 raise ServiceUnavailableError("the embedding model is stopping")
-            self.scheduler.add(job, inputs)
+            self.scheduler.add(job, inputs, seconds)
             self._cond.notify()
         try:
             return await job.future
@@ -92,7 +93,8 @@ class EncoderEngine:
                     return
                 group = self.scheduler.schedule()
             try:
-                out = self.model.embed([item.token_ids for item in group])
+                seconds = [item.second for item in group] if any(item.second is not None for item in group) else None
+                out = self.model.embed([item.token_ids for item in group], seconds)
             except Exception as exc:  # noqa: BLE001 - the jobs answer it; the thread serves on
                 log.exception("encoder.step_failed", num_inputs=len(group))
                 for job in {item.job for item in group}:

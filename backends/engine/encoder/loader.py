@@ -17,13 +17,14 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from backends.engine.encoder.model import Encoder, EncoderConfig
+from backends.engine.encoder.model import ClassificationHead, Encoder, EncoderConfig
 from backends.engine.encoder.pooling import read_pipeline
 from backends.engine.encoder.quant import quantize_linears
 from backends.engine.encoder.runtime import EncoderModel
@@ -88,7 +89,20 @@ def read_config(model_dir: Path) -> EncoderConfig:
     fields["model_type"] = model_type
     fields["pad_token_id"] = pad
     fields["position_offset"] = pad + 1 if offset is None else offset
+    if any(str(a).endswith("ForSequenceClassification") for a in raw.get("architectures") or ()):
+        fields["labels"] = _labels(raw, model_dir)
     return EncoderConfig(**fields)
+
+
+def _labels(raw: dict[str, Any], model_dir: Path) -> tuple[str, ...]:
+    """A classifier's labels in logit order: ``id2label``, else ``LABEL_i`` for ``num_labels``."""
+    id2label = raw.get("id2label") or {}
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"encoder model '{model_dir}': config.json id2label keys must be integers") from exc
+    count = int(raw.get("num_labels") or len(by_id) or 2)
+    return tuple(by_id.get(i, f"LABEL_{i}") for i in range(count))
 
 
 def max_length(model_dir: Path, config: EncoderConfig) -> int:
@@ -132,6 +146,7 @@ def load_encoder(path: Path, *, quantization: str = "none", dtype: str = "float3
         encoder = Encoder(config)
     encoder.load_state_dict(_state_dict(model_dir, config), assign=True, strict=True)
     encoder.eval().requires_grad_(False)
+    head = _head(model_dir, config) if config.labels else None
     if quantization == "int8":
         quantize_linears(encoder.layers, compute_dtype=compute)
     else:
@@ -139,7 +154,37 @@ def load_encoder(path: Path, *, quantization: str = "none", dtype: str = "float3
             for linear in (layer.qkv, layer.attn_out, layer.ffn_in, layer.ffn_out):
                 linear.to(compute)
     return EncoderModel(
-        encoder, tokenizer, pooling, max_length=max_length(model_dir, config), quantization=quantization, dtype=dtype
+        encoder, tokenizer, pooling, max_length=max_length(model_dir, config), quantization=quantization, dtype=dtype,
+        head=head,
+    )  # fmt: skip
+
+
+#: the classification head's weights by name: BERT (pooler + classifier), RoBERTa (classifier.dense + out_proj)
+_HEAD_NAMES = (
+    {"dense": "{p}pooler.dense", "out": "classifier"},
+    {"dense": "classifier.dense", "out": "classifier.out_proj"},
+)
+
+
+def _head(model_dir: Path, config: EncoderConfig) -> ClassificationHead:
+    """The sequence-classification head of a ``*ForSequenceClassification`` checkpoint, float32."""
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        prefix = next((p for p in ("bert.", "roberta.", "") if f"{p}embeddings.word_embeddings.weight" in names), "")
+        for layout in _HEAD_NAMES:
+            places = {k: v.format(p=prefix) for k, v in layout.items()}
+            if all(f"{place}.weight" in names for place in places.values()):
+                head = ClassificationHead(config)
+                state = {f"{k}.{kind}": f.get_tensor(f"{place}.{kind}").float() for k, place in places.items()
+                         for kind in ("weight", "bias")}  # fmt: skip
+                try:
+                    head.load_state_dict(state, strict=True)
+                except RuntimeError as exc:
+                    raise ConfigError(f"encoder model '{model_dir}': its classification head does not fit: {exc}") from exc
+                return head.eval().requires_grad_(False)
+    raise ConfigError(
+        f"encoder model '{model_dir}' is a sequence classifier (config.json architectures) but its weights have "
+        f"no classification head (pooler.dense + classifier, or classifier.dense + classifier.out_proj)"
     )
 
 

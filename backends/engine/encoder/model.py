@@ -43,6 +43,9 @@ class EncoderConfig(msgspec.Struct, frozen=True, kw_only=True):
     pad_token_id: int = 0
     #: positions start here (RoBERTa: pad_token_id + 1), so usable length is max_position_embeddings - offset
     position_offset: int = 0
+    #: a sequence-classification model (``*ForSequenceClassification``: a cross-encoder, a
+    #: classifier): its labels, in the order of its logits; empty for an embedding model
+    labels: tuple[str, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -96,13 +99,15 @@ class EncoderLayer(nn.Module):
 
 
 class Batch:
-    """A step's inputs: ``input_ids[B, L]`` right-padded, ``lengths[B]``; how the real tokens
+    """A step's inputs: ``input_ids[B, L]`` right-padded, ``lengths[B]``, and for text pairs
+    ``token_types[B, L]`` (1 from the second text on; None: all 0); how the real tokens
     (``T = sum(lengths)``) map to and from the padded layout."""
 
-    def __init__(self, input_ids: Tensor, lengths: Tensor) -> None:
+    def __init__(self, input_ids: Tensor, lengths: Tensor, token_types: Tensor | None = None) -> None:
         b, seq_len = input_ids.shape
         self.input_ids = input_ids
         self.lengths = lengths
+        self.token_types = token_types
         self.shape = (b, seq_len)
         self.is_uniform = bool((lengths == seq_len).all())
         if self.is_uniform:
@@ -149,12 +154,27 @@ class Encoder(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         _, seq_len = batch.shape
         positions = torch.arange(seq_len) + self.config.position_offset
-        # token type 0 for every token: single-segment inputs, as sentence-transformers encodes them
-        e = self.word_embeddings(batch.input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        # single texts: token type 0 throughout, as sentence-transformers encodes them
+        types = self.token_type_embeddings.weight[0] if batch.token_types is None else self.token_type_embeddings(batch.token_types)
+        e = self.word_embeddings(batch.input_ids) + self.position_embeddings(positions) + types
         x = self.embed_norm(batch.unpad(e))  # [T, H]
         for layer in self.layers:
             x = layer(x, batch)
         return x
+
+
+class ClassificationHead(nn.Module):
+    """BERT's sequence-classification head: ``classifier(tanh(pooler(h[CLS])))`` -> logits; RoBERTa's
+    (``dense`` -> tanh -> ``out_proj`` on ``<s>``) has the same shape, under other weight names."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, len(config.labels))
+
+    def forward(self, first: Tensor) -> Tensor:
+        """``first[B, H]``: each input's first token's hidden state -> ``[B, labels]``."""
+        return self.out(torch.tanh(self.dense(first)))
 
 
 def num_parameters_bytes(module: nn.Module) -> int:

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from backends.engine.encoder.model import Batch, Encoder, num_parameters_bytes
+from backends.engine.encoder.model import Batch, ClassificationHead, Encoder, num_parameters_bytes
 from backends.engine.encoder.pooling import PoolingConfig, pool
 
 
@@ -23,6 +23,7 @@ class EncoderModel:
         max_length: int,
         quantization: str,
         dtype: str = "float32",
+        head: ClassificationHead | None = None,
     ) -> None:
         self.encoder = encoder
         self.config = encoder.config
@@ -32,8 +33,13 @@ class EncoderModel:
         self.quantization = quantization
         self.dtype = dtype
         self.dimensions = encoder.config.hidden_size
+        self.head = head
+        self.labels = encoder.config.labels
+        #: what ``embed`` gives per input: the pooled vector, or a classifier's logits
+        self.output_size = len(self.labels) if head is not None else self.dimensions
         self.prefix, self.suffix = _special_tokens(tokenizer)
-        self.nbytes = num_parameters_bytes(encoder)
+        self._pair_tokenizer: Tokenizer | None = None
+        self.nbytes = num_parameters_bytes(encoder) + (0 if head is None else num_parameters_bytes(head))
 
     # -- tokens
 
@@ -42,6 +48,21 @@ class EncoderModel:
         if len(texts) == 1:  # encode_batch's thread pool costs more than it saves for one
             return [self.tokenizer.encode(texts[0]).ids]
         return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]], *, truncate: bool) -> tuple[list[list[int]], list[int]]:
+        """Each pair as one input (``[CLS] a [SEP] b [SEP]``: the tokenizer's pair template), and
+        where its second text (token type 1) starts. ``truncate``: a pair over ``max_length`` is
+        cut from the longer text's end (the tokenizer's ``longest_first``, as transformers and
+        sentence-transformers' ``CrossEncoder`` cut), else left whole for the caller to refuse."""
+        tokenizer = self.tokenizer
+        if truncate:
+            if self._pair_tokenizer is None:
+                self._pair_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+                self._pair_tokenizer.enable_truncation(self.max_length, strategy="longest_first")
+            tokenizer = self._pair_tokenizer
+        encodings = tokenizer.encode_batch([tuple(p) for p in pairs])
+        starts = [next((i for i, t in enumerate(e.type_ids) if t), len(e.ids)) for e in encodings]
+        return [e.ids for e in encodings], starts
 
     def wrap(self, token_ids: Sequence[int]) -> list[int]:
         """Token ids a client sent (the tokenizer's ids for its text, without special tokens) as
@@ -63,15 +84,24 @@ class EncoderModel:
     # -- the forward
 
     @torch.inference_mode()
-    def embed(self, inputs: Sequence[Sequence[int]]) -> Tensor:
-        """``[B, dimensions]`` float32 for ``B`` inputs of token ids (each ≤ ``max_length``) in one
-        forward; the caller groups inputs of similar length (``scheduler.py``)."""
+    def embed(self, inputs: Sequence[Sequence[int]], seconds: Sequence[int | None] | None = None) -> Tensor:
+        """``[B, output_size]`` float32 for ``B`` inputs of token ids (each ≤ ``max_length``) in
+        one forward: pooled vectors, or a classifier's logits. ``seconds``: per input, where a
+        pair's second text starts (token type 1), None for a single text. The caller groups
+        inputs of similar length (``scheduler.py``)."""
         lengths = torch.tensor([len(ids) for ids in inputs], dtype=torch.long)
         seq_len = int(lengths.max())
         pad = self.config.pad_token_id
         input_ids = torch.tensor([[*ids, *([pad] * (seq_len - len(ids)))] for ids in inputs], dtype=torch.long)
-        batch = Batch(input_ids, lengths)
+        types = None
+        if seconds is not None and any(s is not None for s in seconds):
+            at = torch.tensor([seq_len if s is None else s for s in seconds], dtype=torch.long)
+            types = (torch.arange(seq_len).unsqueeze(0) >= at.unsqueeze(1)).long()
+        batch = Batch(input_ids, lengths, types)
         hidden = self.encoder(batch)  # [T, H]
+        if self.head is not None:  # the first token of each input: its row in the flat [T, H]
+            firsts = torch.cumsum(lengths, 0) - lengths
+            return self.head(hidden.index_select(0, firsts))
         return pool(hidden, lengths, batch.segment_ids(), self.pooling)
 
 

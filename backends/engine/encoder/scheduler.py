@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 
 class EncodeItem:
     """One input: ``job`` (opaque to the scheduler) and the input's ``index`` in it."""
 
-    __slots__ = ("arrival", "index", "job", "length", "token_ids")
+    __slots__ = ("arrival", "index", "job", "length", "second", "token_ids")
 
-    def __init__(self, job: Any, index: int, token_ids: list[int], arrival: int) -> None:
+    def __init__(self, job: Any, index: int, token_ids: list[int], arrival: int, second: int | None = None) -> None:
         self.job = job
         self.index = index
         self.token_ids = token_ids
+        self.second = second  # a text pair's: where the second text starts
         self.length = len(token_ids)
         self.arrival = arrival
 
@@ -50,9 +51,10 @@ class EncoderScheduler:
     def num_waiting(self) -> int:
         return len(self._by_length)
 
-    def add(self, job: Any, inputs: Iterable[list[int]]) -> None:
+    def add(self, job: Any, inputs: Iterable[list[int]], seconds: Sequence[int] | None = None) -> None:
         for index, token_ids in enumerate(inputs):
-            item = EncodeItem(job, index, token_ids, next(self._arrivals))
+            second = None if seconds is None else seconds[index]
+            item = EncodeItem(job, index, token_ids, next(self._arrivals), second)
             bisect.insort(self._by_length, (item.sort_key(), item))
 
     def cancel(self, job: Any) -> None:

@@ -61,3 +61,39 @@ def minilm(minilm_path: Path):  # type: ignore[no-untyped-def]
     from backends.engine.encoder.loader import load_encoder
 
     return load_encoder(minilm_path)
+
+
+def write_cross_encoder(minilm_dir: Path, target: Path, labels: tuple[str, ...], seed: int) -> Path:
+    """A ``BertForSequenceClassification`` checkpoint: all-MiniLM-L6-v2's encoder with a seeded
+    random classification head (pooler + classifier) of ``labels``, and MiniLM's tokenizer — a
+    cross-encoder (one label) or a classifier whose reference is transformers on the same files."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig.from_pretrained(str(minilm_dir))
+    config.architectures = ["BertForSequenceClassification"]
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    encoder = BertForSequenceClassification.from_pretrained(str(minilm_dir), config=config).bert
+    model.bert.embeddings.load_state_dict(encoder.embeddings.state_dict())
+    model.bert.encoder.load_state_dict(encoder.encoder.state_dict())
+    model.eval().save_pretrained(str(target), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_dir / name).is_file():
+            shutil.copy(minilm_dir / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_path(minilm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cross_encoder(minilm_path, tmp_path_factory.mktemp("cross-encoder"), ("LABEL_0",), seed=1)
+
+
+@pytest.fixture(scope="session")
+def classifier_path(minilm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cross_encoder(minilm_path, tmp_path_factory.mktemp("classifier"), ("negative", "neutral", "positive"), seed=2)
