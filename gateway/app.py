@@ -73,6 +73,10 @@ def create_app(
             ("/v1/chat/completions", gateway.chat_completions),
             ("/v1/completions", gateway.completions),
             ("/v1/embeddings", gateway.embeddings),
+            ("/v1/score", gateway.score),
+            ("/v1/rerank", gateway.rerank),
+            ("/rerank", gateway.rerank),  # the path Jina's and llama.cpp's clients call
+            ("/v1/classify", gateway.classify),
             ("/health", gateway.health),
             ("/ready", gateway.ready),
         )

@@ -209,6 +209,37 @@ class EmbeddingResult(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int
 
 
+class ScoreRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Text pairs to score (``/v1/score``, ``/v1/rerank``): a cross-encoder reads each pair as one
+    input; an embedding model scores the cosine of the two texts' vectors. Never empty, at most
+    ``Capabilities.max_embedding_inputs`` pairs, no empty text."""
+
+    request_id: str
+    model: str
+    pairs: tuple[tuple[str, str], ...]
+    user: str | None = None
+
+
+class ScoreResult(msgspec.Struct, frozen=True, kw_only=True):
+    scores: tuple[float, ...]  # one per pair, in order
+    prompt_tokens: int
+
+
+class ClassifyRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Texts for a sequence-classification model (``/v1/classify``)."""
+
+    request_id: str
+    model: str
+    inputs: tuple[str, ...]
+    user: str | None = None
+
+
+class ClassifyResult(msgspec.Struct, frozen=True, kw_only=True):
+    labels: tuple[str, ...]  # the model's, in the order of each row of ``probs``
+    probs: tuple[tuple[float, ...], ...]  # one row per input
+    prompt_tokens: int
+
+
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     """What a backend instance can do. Checked by the gateway before ``generate``."""
 
@@ -221,6 +252,9 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     embedding_dimensions: int | None = None
     embedding_matryoshka: bool = False
     embedding_token_ids: bool = False
+    #: text pairs scored (``/v1/score``, ``/v1/rerank``); texts classified (``/v1/classify``)
+    score: bool = False
+    classify: bool = False
     sampling_params: frozenset[str] = frozenset(SAMPLING_PARAM_NAMES)
     #: ``response_format`` json_object / json_schema; ``tools`` (function calling)
     structured_output: bool = False
@@ -304,6 +338,16 @@ class Backend(abc.ABC):
         raise InvalidRequestError(
             f"model '{request.model}' does not support embeddings", param="model"
         )
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        from gateway.errors import InvalidRequestError
+
+        raise InvalidRequestError(f"model '{request.model}' does not score text pairs", param="model")
+
+    async def classify(self, request: ClassifyRequest) -> ClassifyResult:
+        from gateway.errors import InvalidRequestError
+
+        raise InvalidRequestError(f"model '{request.model}' is not a classification model", param="model")
 
     def stats(self) -> msgspec.Struct | None:
         """Backend statistics served as JSON (engine: running, waiting, KV blocks…), or None."""

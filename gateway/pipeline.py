@@ -60,13 +60,14 @@ from gateway.render import (
     sse_error,
 )
 from gateway.router import Route, Router
+from gateway.scoring import ScoringEndpoints
 
 log = structlog.get_logger("taxiway.gateway")
 
 perf_counter = time.perf_counter
 
 
-class Gateway:
+class Gateway(ScoringEndpoints):
     """Serves the API: routing through the fleet's current table, hooks, the backends' lifetimes
     (``gateway.fleet``), each request counted in on its route from admission to its last byte."""
 
@@ -410,21 +411,41 @@ class Gateway:
     async def _embeddings(
         self, _endpoint: Endpoint, ctx: RequestContext, req: Any, attempts: Attempts, _receive: Any, send: Any
     ) -> None:
+        await self._whole_answer(
+            ctx, attempts, send, _embed, lambda result: embeddings_body(result, ctx.model or "", as_base64=req.encoding_format == "base64")
+        )  # fmt: skip
+
+    async def _whole_answer(
+        self,
+        ctx: RequestContext,
+        attempts: Attempts,
+        send: Any,
+        call: Callable[[Route, Any], Awaitable[tuple[Any, Usage]]],
+        render: Callable[[Any], bytes],
+    ) -> None:
+        """An endpoint answered whole (embeddings, score, rerank, classify): ``call(route,
+        request)`` on the route that takes it (the next candidate after a failure), bounded by
+        ``max_request_time_s``; ``render(result)`` is the body."""
+
+        async def on(route: Route, request: Any) -> tuple[Any, Usage]:
+            _serving(ctx, route)
+            return await call(route, request)
+
         try:
             await self.hooks.before_request(ctx)
             start = perf_counter()
             try:
                 async with asyncio.timeout(self.max_request_time_s or None):
-                    result = await attempts.answer(lambda route, request: _embed(ctx, route, request))
+                    result, usage = await attempts.answer(on)
             except TimeoutError as exc:
                 raise self._over_time() from exc
             finally:
                 ctx.timings.backend_s = perf_counter() - start
-            out = embeddings_body(result, ctx.model or "", as_base64=req.encoding_format == "base64")
+            out = render(result)
         except Exception as exc:
             await self._fail(ctx, exc, send)
             return
-        await self._succeed(ctx, out, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0), send)
+        await self._succeed(ctx, out, usage, send)
 
     # -----------------------------------------------------------------------------------------
     # models, stats, health
@@ -464,6 +485,6 @@ def _serving(ctx: RequestContext, route: Route) -> None:
     ctx.route = route
 
 
-async def _embed(ctx: RequestContext, route: Route, request: Any) -> Any:
-    _serving(ctx, route)
-    return await route.backend.embed(request)
+async def _embed(route: Route, request: Any) -> tuple[Any, Usage]:
+    result = await route.backend.embed(request)
+    return result, Usage(prompt_tokens=result.prompt_tokens, completion_tokens=0)

@@ -95,6 +95,40 @@ class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
 
 
+class ScoreRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``/v1/score``: ``text_1`` against ``text_2`` — one against one, one against many,
+    or two lists of one length pairwise."""
+
+    model: str
+    text_1: str | list[str]
+    text_2: str | list[str]
+    user: str | None = None
+
+
+class RerankDocument(msgspec.Struct, kw_only=True):
+    text: str
+
+
+class RerankRequest(msgspec.Struct, kw_only=True):
+    """The rerank API of Cohere and Jina (and vLLM's, llama.cpp's server's): ``documents`` ordered
+    by relevance to ``query``, the ``top_n`` first."""
+
+    model: str
+    query: str
+    documents: list[str | RerankDocument]
+    top_n: int | None = None
+    return_documents: bool = True
+    user: str | None = None
+
+
+class ClassifyRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ``/v1/classify``: each text's label probabilities from a sequence classifier."""
+
+    model: str
+    input: str | list[str]
+    user: str | None = None
+
+
 # ---------------------------------------------------------------------------------------------
 # responses
 
@@ -228,6 +262,55 @@ class EmbeddingsUsage(msgspec.Struct):
 class EmbeddingsResponse(msgspec.Struct):
     data: list[Embedding]
     model: str
+    usage: EmbeddingsUsage
+    object: str = "list"
+
+
+class ScoreData(msgspec.Struct):
+    index: int
+    score: float
+    object: str = "score"
+
+
+class ScoreResponse(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: EmbeddingsUsage
+    object: str = "list"
+
+
+class RerankResult(msgspec.Struct, omit_defaults=True):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(msgspec.Struct):
+    total_tokens: int
+
+
+class RerankResponse(msgspec.Struct):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
+
+
+class ClassifyData(msgspec.Struct):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+    object: str = "classification"
+
+
+class ClassifyResponse(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    data: list[ClassifyData]
     usage: EmbeddingsUsage
     object: str = "list"
 

@@ -17,7 +17,17 @@ import msgspec
 import structlog
 
 from gateway.errors import ConfigError, ContextLengthExceededError, InvalidRequestError, ServiceUnavailableError
-from gateway.interface import Backend, Capabilities, EmbeddingRequest, EmbeddingResult, ReadyState
+from gateway.interface import (
+    Backend,
+    Capabilities,
+    ClassifyRequest,
+    ClassifyResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    ReadyState,
+    ScoreRequest,
+    ScoreResult,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +109,9 @@ class EncoderBackend(Backend):
         self._capabilities = Capabilities(
             chat=False,
             completions=False,
-            embeddings=True,
+            embeddings=model.head is None,  # a classifier's outputs are logits, not vectors
+            score=model.head is None or len(model.labels) == 1,  # an embedding model or a cross-encoder
+            classify=model.head is not None,
             sampling_params=frozenset(),
             max_embedding_inputs=self.options.max_inputs,
             embedding_dimensions=model.dimensions,
@@ -180,6 +192,57 @@ class EncoderBackend(Backend):
         return EmbeddingResult(
             embeddings=tuple(map(tuple, vectors.tolist())), prompt_tokens=sum(len(ids) for ids in inputs)
         )
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """A cross-encoder: each pair as one input, ``sigmoid(logit)`` (sentence-transformers'
+        ``CrossEncoder`` for one label). An embedding model: the cosine of the two texts' vectors,
+        each distinct text embedded once."""
+        import torch
+        import torch.nn.functional as F
+
+        engine, model = self._engine, self._model
+        if engine is None:
+            raise self._unavailable()
+        if model.head is not None:
+            ids, seconds = await asyncio.to_thread(model.tokenize_pairs, request.pairs, truncate=self.options.truncate)
+            for i, pair_ids in enumerate(ids):
+                self._check_pair_length(i, len(pair_ids), model)
+            logits = await engine.embed(ids, seconds)  # [N, 1]
+            scores = torch.sigmoid(logits[:, 0])
+            return ScoreResult(scores=tuple(scores.tolist()), prompt_tokens=sum(map(len, ids)))
+        texts = list(dict.fromkeys(t for pair in request.pairs for t in pair))  # distinct, in order
+        inputs = await asyncio.to_thread(model.tokenize, texts)
+        row = {text: i for i, text in enumerate(texts)}
+        if not self.options.truncate:
+            for i, pair in enumerate(request.pairs):
+                self._check_pair_length(i, max(len(inputs[row[t]]) for t in pair), model)
+        inputs = [model.truncate(ids) for ids in inputs]
+        vectors = F.normalize(await engine.embed(inputs), dim=1)
+        a = vectors[[row[x] for x, _ in request.pairs]]
+        b = vectors[[row[y] for _, y in request.pairs]]
+        return ScoreResult(scores=tuple((a * b).sum(1).tolist()), prompt_tokens=sum(map(len, inputs)))
+
+    async def classify(self, request: ClassifyRequest) -> ClassifyResult:
+        engine, model = self._engine, self._model
+        if engine is None:
+            raise self._unavailable()
+        import torch
+
+        inputs = [self._fit(i, ids, model) for i, ids in enumerate(await asyncio.to_thread(model.tokenize, request.inputs))]
+        probs = torch.softmax(await engine.embed(inputs), dim=1)
+        return ClassifyResult(
+            labels=model.labels, probs=tuple(map(tuple, probs.tolist())), prompt_tokens=sum(map(len, inputs))
+        )
+
+    def _check_pair_length(self, index: int, length: int, model: Any) -> None:
+        if length > model.max_length:
+            raise ContextLengthExceededError(
+                f"text pair {index} (the query with documents[{index}], or text_1 with text_2 item {index}) has "
+                f"{length} tokens{' in one text' if model.head is None else ''}, "
+                f"over this model's maximum of {model.max_length} "
+                f"(special tokens included); shorten it, or serve the model with truncate = true",
+                param=None,  # a pair: documents[i], or the i-th of text_1 / text_2
+            )
 
     def _fit(self, index: int, ids: list[int], model: Any) -> list[int]:
         if len(ids) <= model.max_length:
