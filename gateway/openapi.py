@@ -88,6 +88,42 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
     ),
     Operation(
+        method="post", path="/v1/score", tag="embeddings",
+        summary="Scores of text pairs: a cross-encoder's relevance, or an embedding model's cosine (vLLM's API)",
+        request=wire.ScoreRequest, response=wire.ScoreResponse,
+        request_example=wire.ScoreRequest(model="embed", text_1="What is the capital of France?",
+                                          text_2=["Paris is the capital of France.", "Beethoven wrote nine symphonies."]),
+        response_example=wire.ScoreResponse(
+            id="score-3f2a", created=1764900000, model="embed",
+            data=[wire.ScoreData(index=0, score=0.82), wire.ScoreData(index=1, score=0.04)],
+            usage=wire.EmbeddingsUsage(prompt_tokens=28, total_tokens=28),
+        ),
+    ),
+    Operation(
+        method="post", path="/v1/rerank", tag="embeddings",
+        summary="Documents ordered by relevance to a query (Cohere's and Jina's rerank API; also at /rerank)",
+        request=wire.RerankRequest, response=wire.RerankResponse,
+        request_example=wire.RerankRequest(model="reranker", query="What is the capital of France?",
+                                           documents=["Beethoven wrote nine symphonies.", "Paris is the capital of France."],
+                                           top_n=1),
+        response_example=wire.RerankResponse(
+            id="rerank-3f2a", model="reranker", usage=wire.RerankUsage(total_tokens=30),
+            results=[wire.RerankResult(index=1, relevance_score=0.97,
+                                       document=wire.RerankDocument(text="Paris is the capital of France."))],
+        ),
+    ),
+    Operation(
+        method="post", path="/v1/classify", tag="embeddings",
+        summary="Label probabilities of texts from a sequence-classification model (vLLM's API)",
+        request=wire.ClassifyRequest, response=wire.ClassifyResponse,
+        request_example=wire.ClassifyRequest(model="sentiment", input=["I love this!"]),
+        response_example=wire.ClassifyResponse(
+            id="classify-3f2a", created=1764900000, model="sentiment",
+            data=[wire.ClassifyData(index=0, label="positive", probs=[0.02, 0.08, 0.9], num_classes=3)],
+            usage=wire.EmbeddingsUsage(prompt_tokens=6, total_tokens=6),
+        ),
+    ),
+    Operation(
         method="get", path="/v1/models", tag="models", summary="Every model name a client may send",
         response=wire.ModelList,
         response_example=wire.ModelList(data=[wire.ModelCard(id="default", created=1764900000, root="smollm2")]),
