@@ -117,6 +117,42 @@ def weight_bytes(tensors: Iterable[TensorEntry], config: ModelConfig, quantizati
     return total + 8 * config.hidden_size  # the final norm
 
 
+class LinearShape(msgspec.Struct, frozen=True):
+    """One linear module as the loader builds it: storage form (``dense``, ``int8`` per channel,
+    ``int4``, ``int8g``, ``int8g16``), ``[rows, cols]`` and bytes held."""
+
+    form: str
+    rows: int
+    cols: int
+    bytes: int
+
+
+def decode_linears(tensors: Iterable[TensorEntry], config: ModelConfig, quantization: str | None, dtype_bytes: int) -> list[LinearShape]:
+    """The linear modules one decode step runs, in order: each layer's (fused as ``_FUSED``), then
+    the head (the embedding's rows when tied). ``taxiway plan`` times these for its decode estimate."""
+    by_name = {t.name: t for t in tensors}
+    shapes: list[LinearShape] = []
+
+    def add(parts: list[TensorEntry], vocab: bool) -> None:
+        forms = {_form(p, quantization, vocab) for p in parts}
+        if len(forms) > 1:
+            for p in parts:
+                add([p], vocab)
+            return
+        nbytes = _linear_bytes(parts, quantization, dtype_bytes, vocab=vocab)
+        shapes.append(LinearShape(forms.pop(), sum(p.rows for p in parts), parts[0].cols, nbytes))
+
+    for i in range(config.num_layers):
+        for group in _FUSED:
+            parts = [by_name[f"layers.{i}.{n}"] for n in group if f"layers.{i}.{n}" in by_name]
+            if parts:
+                add(parts, vocab=False)
+    head = by_name.get("embed" if config.tie_word_embeddings or "lm_head" not in by_name else "lm_head")
+    if head is not None:
+        add([head], vocab=True)
+    return shapes
+
+
 def _quantized(tensors: Iterable[TensorEntry], quantization: str | None) -> bool:
     return quantization in ("int4", "int8") or (quantization is None and any(t.kind != "float" for t in tensors))
 

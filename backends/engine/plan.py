@@ -8,6 +8,12 @@ and LoRA slots. Decode speed is the memory-bandwidth model: a decode step reads 
 and each sequence's KV cache, so ``tokens/s = sequences / (bytes read per step / bandwidth)``,
 with the bandwidth measured on this machine (a read of 512 MiB on the engine's threads) or, for a
 GPU, stated (``GPU_BANDWIDTH``) or given (``--bandwidth-gbs``).
+
+On a CPU without ``--bandwidth-gbs`` the weights' part is timed instead: the engine's own linear
+modules (native kernels where they load) on random weights of the model's shapes and storage,
+one token through each, best of 20 passes. A small model's int4 matmuls do not run at memory speed
+(docs/benchmarks.md: ~14-19 GB/s of weights on this machine against ~37 GB/s read by a sum), so
+the bare bandwidth model said 327 tokens/s where ``taxiway bench engine`` measured 126.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ import msgspec
 RUNTIME_BYTES = 242 * 2**20
 #: Read bandwidth stated for GPUs (vendor datasheets) when none is given.
 GPU_BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12, "l4": 3.0e11}
+#: the decode estimate times the first linear modules up to this many bytes (far past the caches),
+#: and scales the rest by their bytes: a large model is not built whole to be sized
+MAX_TIMED_BYTES = 256 * 2**20
 QUANT_FLAGS = {"int4": "int4", "int8": "int8", "bf16": "none", "stored": None}
 
 
@@ -56,6 +65,9 @@ class Plan(msgspec.Struct, frozen=True):
     bytes_per_step: int
     decode_tokens_per_s: float  # all sequences together, each at the full context
     decode_tokens_per_s_per_seq: float
+    #: "bandwidth": weights and cache at the bandwidth; "timed": the weights' linears timed here
+    decode_model: str = "bandwidth"
+    linears_s: float | None = None  # with "timed": one step's linear modules, one sequence
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -76,8 +88,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Size a deployment: memory per device and estimated decode speed."""
-    from backends.engine.builder import EngineOptions, resolve_model_path
+    import sys
 
+    from backends.engine.builder import EngineOptions, resolve_model_path
+    from gateway.logs import configure_logging
+
+    configure_logging("warning", stream=sys.stderr)  # stdout is the plan's (--json: JSON alone)
     kv_tokens = None if args.context is None else args.context * args.concurrency
     options = EngineOptions(
         model=args.model, quantization=QUANT_FLAGS[args.quant], max_num_seqs=args.concurrency,
@@ -102,15 +118,23 @@ def make_plan(options: Any, path: Any, args: argparse.Namespace) -> Plan:
         weights=est.weights // tp, kv_cache=est.kv_cache // tp, activations=est.overhead, runtime=RUNTIME_BYTES, lora=lora
     )
     bandwidth, source = bandwidth_for(args)
-    per_step = est.weights // tp + options.max_num_seqs * context * _kv_per_token(config) // tp
-    step_s = per_step / bandwidth
+    kv_per_step = options.max_num_seqs * context * _kv_per_token(config) // tp
+    per_step = est.weights // tp + kv_per_step
+    linears_s = None
+    if args.device == "cpu" and not args.bandwidth_gbs and tp == 1:
+        # the weights through the engine's kernels, timed; the cache read at the bandwidth
+        linears_s = time_linears(path, options)
+        step_s = linears_s + kv_per_step / bandwidth
+    else:
+        step_s = per_step / bandwidth
     memory = None if args.memory_gb is None else int(args.memory_gb * 1e9)
     return Plan(
         model=str(path.name), quantization=args.quant, device=options.device, tensor_parallel=tp, context=context,
         concurrency=options.max_num_seqs, per_device=dev, total_bytes=dev.total * tp,
         fits=None if memory is None else dev.total <= memory, memory_bytes=memory, bandwidth_bytes_per_s=bandwidth,
         bandwidth_source=source, bytes_per_step=per_step, decode_tokens_per_s=options.max_num_seqs / step_s,
-        decode_tokens_per_s_per_seq=1 / step_s,
+        decode_tokens_per_s_per_seq=1 / step_s, decode_model="bandwidth" if linears_s is None else "timed",
+        linears_s=linears_s,
     )  # fmt: skip
 
 
@@ -154,6 +178,52 @@ def measure_read_bandwidth(threads: int | None = None, mib: int = 512) -> float:
     return x.numel() * 4 / best
 
 
+def time_linears(path: Any, options: Any, max_bytes: int = MAX_TIMED_BYTES) -> float:
+    """Seconds one decode step of one sequence spends in the model's linear modules on this
+    machine: ``memory.decode_linears`` built by the engine's ``make_linear`` (its native kernels
+    where they load, ``options.threads`` threads) on random weights, one token through each in
+    order, best of 20 passes after one to warm up (the best: other processes only slow it).
+    Past ``max_bytes`` the rest is scaled by bytes."""
+    import torch
+
+    from backends.engine.builder import load_kernels
+    from backends.engine.memory import decode_linears, read_header
+    from backends.engine.model.quant import make_linear
+    from backends.engine.model.quant.data import quantize_int4, quantize_int8
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    dtype = torch.bfloat16 if options.dtype == "bfloat16" else torch.float32
+    config, tensors = read_header(path)
+    shapes = decode_linears(tensors, config, options.quantization, torch.finfo(dtype).bits // 8)
+    kernels = load_kernels(options)
+    generator = torch.Generator().manual_seed(0)
+    modules, timed_bytes = [], 0
+    for shape in shapes:
+        if timed_bytes >= max_bytes:
+            break
+        w = torch.randn(shape.rows, shape.cols, generator=generator) * 0.02
+        if shape.form == "int4":
+            data: Any = quantize_int4(w)
+        elif shape.form == "int8":
+            data = quantize_int8(w)
+        elif shape.form in ("int8g", "int8g16"):
+            data = quantize_int8(w, group_size=16 if shape.form == "int8g16" else 32)
+        else:
+            data = w.to(dtype)
+        modules.append((make_linear(data, dtype=dtype, kernels=kernels), torch.randn(1, shape.cols, dtype=dtype)))
+        timed_bytes += shape.bytes
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(21):
+            start = time.perf_counter()
+            for module, x in modules:
+                module(x)
+            if i:  # the first pass warms up
+                best = min(best, time.perf_counter() - start)
+    return best * sum(s.bytes for s in shapes) / timed_bytes
+
+
 def render(plan: Plan) -> str:
     d = plan.per_device
     mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
@@ -173,9 +243,11 @@ def render(plan: Plan) -> str:
     ]
     if plan.fits is not None:
         lines.append(f"fits in {plan.memory_bytes / 1e9:g} GB: {'yes' if plan.fits else 'NO'}")
+    how = f"bandwidth {plan.bandwidth_bytes_per_s / 1e9:.1f} GB/s, {plan.bandwidth_source}"
+    if plan.linears_s is not None:
+        how = f"the weights' matmuls timed here, {plan.linears_s * 1e3:.1f} ms a step; the cache at {how}"
     lines.append(
-        f"decode (bandwidth {plan.bandwidth_bytes_per_s / 1e9:.1f} GB/s, {plan.bandwidth_source}; "
-        f"{plan.bytes_per_step / 2**20:,.0f} MiB read per step): ~{plan.decode_tokens_per_s:,.0f} tokens/s in all, "
-        f"~{plan.decode_tokens_per_s_per_seq:,.1f} per sequence"
+        f"decode ({how}; {plan.bytes_per_step / 2**20:,.0f} MiB read per step): "
+        f"~{plan.decode_tokens_per_s:,.0f} tokens/s in all, ~{plan.decode_tokens_per_s_per_seq:,.1f} per sequence"
     )
     return "\n".join(lines)
