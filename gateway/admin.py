@@ -125,6 +125,10 @@ class Admin:
             self._authorize(headers)
             plugin_route = self.plugin_routes.get(scope["path"].strip("/"))
             if plugin_route is not None:
+                if scope["method"] not in ("GET", "HEAD", "POST"):  # as the plugin routes outside /admin
+                    raise MethodNotAllowedError(
+                        f"Method {scope['method']} is not allowed; use GET or POST", allow="GET, HEAD, POST"
+                    )
                 response = await plugin_route(scope, receive)
                 await send_bytes(send, 200, response.body, [(b"content-type", response.content_type.encode())])
                 return
@@ -200,7 +204,7 @@ def _adapter_base(routes: tuple[Route, ...], model: str | None) -> Route:
 
 def _expect(method: str, allowed: str) -> None:
     if method != allowed:
-        raise MethodNotAllowedError(f"Method {method} is not allowed; use {allowed}")
+        raise MethodNotAllowedError(f"Method {method} is not allowed; use {allowed}", allow=allowed)
 
 
 def _internal(exc: BaseException) -> InternalError:

@@ -118,7 +118,9 @@ def _plugin_routes(plugins: Plugins, fleet: Fleet, admin_api: Admin) -> list[Any
         async def serve(scope: Scope, receive: Any, send: Any) -> None:
             try:
                 if scope["method"] not in ("GET", "HEAD", "POST"):
-                    raise MethodNotAllowedError(f"Method {scope['method']} is not allowed for {scope['path']}")
+                    raise MethodNotAllowedError(
+                        f"Method {scope['method']} is not allowed for {scope['path']}", allow="GET, HEAD, POST"
+                    )
                 response = await handler(scope, receive)
             except Exception as exc:
                 error = exc if isinstance(exc, TaxiwayError) else InternalError("Internal server error")
@@ -128,7 +130,7 @@ def _plugin_routes(plugins: Plugins, fleet: Fleet, admin_api: Admin) -> list[Any
                 return
             await send_bytes(send, 200, response.body, [(b"content-type", response.content_type.encode())])
 
-        handlers.append(asgi(path, copy_scope=False)(serve))
+        handlers.append(asgi(path, copy_scope=False, opt={"plugin_route": True})(serve))  # (gateway.openapi)
 
     plugins.pm.hook.register_routes(register=register, router=lambda: fleet.router)
     return handlers
@@ -156,7 +158,8 @@ def _render_http_exception(request: Request[Any, Any, Any], exc: HTTPException) 
     if exc.status_code == 404:
         error = NotFoundError(f"Unknown route: {request.method} {request.url.path}")
     elif exc.status_code == 405:
-        error = MethodNotAllowedError(f"Method {request.method} is not allowed for {request.url.path}")
+        allow = (exc.headers or {}).get("Allow", "")
+        error = MethodNotAllowedError(f"Method {request.method} is not allowed for {request.url.path}", allow=allow)
     elif exc.status_code == 413:
         error = PayloadTooLargeError(str(exc.detail))
     else:

@@ -76,7 +76,13 @@ class ModelNotFoundError(NotFoundError, code="model_not_found"):
 
 
 class MethodNotAllowedError(TaxiwayError, status=405, error_type="invalid_request_error", code="method_not_allowed"):
-    """405: the route exists but not for this HTTP method."""
+    """405: the route exists but not for this HTTP method; ``allow`` lists the methods it takes
+    (the ``Allow`` header RFC 9110 requires of a 405)."""
+
+    def __init__(self, message: str, *, allow: str = "", **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        if allow:
+            self.headers.setdefault("Allow", allow)
 
 
 class PayloadTooLargeError(TaxiwayError, status=413, error_type="invalid_request_error", code="payload_too_large"):

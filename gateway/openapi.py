@@ -4,9 +4,9 @@ really decodes and encodes (``gateway.wire``, the admin's, the catalog's), never
 ``OPERATIONS`` says which Struct each route decodes and answers with; msgspec's
 ``schema_components`` turns those Structs into JSON Schema (2020-12, OpenAPI 3.1's dialect). Every
 error of every route is the one ``ErrorResponse`` shape (``gateway.render.error_body``), so each
-operation answers ``4XX`` and ``5XX`` with it. A stream's events are described under the
-``x-sse-data`` extension of its ``text/event-stream`` response: each ``data:`` line is one of
-those schemas, until ``data: [DONE]``.
+operation answers ``4XX`` and ``5XX`` with it. The schema of a ``text/event-stream`` response
+describes one event (OpenAPI 3.1 has no item schema): its ``data`` is JSON of one of the stream's
+Structs (``contentMediaType`` and ``contentSchema``), or the last, ``[DONE]``.
 
 Examples are Struct instances encoded here, so they decode as the server decodes them (a test
 checks that, and round-trips real responses through the schemas). Any other route the app serves
@@ -184,6 +184,13 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
 )
 
+# /rerank: the same handler as /v1/rerank, where Jina's and llama.cpp's clients call it
+OPERATIONS += tuple(
+    msgspec.structs.replace(op, path="/rerank", summary="As POST /v1/rerank")
+    for op in OPERATIONS
+    if op.path == "/v1/rerank"
+)
+
 #: Routes mounted with sub-paths, as the app mounts them, and the operations below each.
 MOUNTS = {"/v1/models": ("/v1/models", "/v1/models/{model}", "/v1/models/{model}/stats"),
           "/admin": ("/admin/models", "/admin/models/{name}/load", "/admin/models/{name}/unload", "/admin/reload")}  # fmt: skip
@@ -193,9 +200,11 @@ _JSON = "application/json"
 _SSE = "text/event-stream"
 
 
-def openapi_document(*, other_paths: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The whole document: ``OPERATIONS``, ``GET /openapi.json`` and each of ``other_paths``
-    (``GET``/``POST``, any content)."""
+def openapi_document(
+    *, plugin_paths: tuple[str, ...] = (), page_paths: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The whole document: ``OPERATIONS``, ``GET /openapi.json``, each of ``plugin_paths``
+    (``GET`` and ``POST``, any content) and of ``page_paths`` (``GET``, any content)."""
     types: list[Any] = [wire.ErrorResponse, TokenLogprob]
     for op in OPERATIONS:
         types.extend(t for t in (op.request, op.response, *op.stream, *op.status_response.values()) if t is not None)
@@ -209,8 +218,10 @@ def openapi_document(*, other_paths: tuple[str, ...] = ()) -> dict[str, Any]:
         "operationId": "get_openapi", "tags": ["meta"], "summary": "This document",
         "responses": {"200": {"description": "OpenAPI 3.1", "content": {_JSON: {"schema": {"type": "object"}}}}},
     }}  # fmt: skip
-    for path in other_paths:
+    for path in plugin_paths:
         paths[path] = {method: _other_operation(path, method) for method in ("get", "post")}
+    for path in page_paths:
+        paths[path] = {"get": _other_operation(path, "get")}
 
     document = {
         "openapi": "3.1.0",
@@ -249,10 +260,7 @@ def _operation(op: Operation, schema_of: dict[str, Any]) -> dict[str, Any]:
         ok["example"] = msgspec.to_builtins(op.response_example)
     content: dict[str, Any] = {_JSON: ok}
     if op.stream:
-        content[_SSE] = {
-            "schema": {"type": "string"},
-            "x-sse-data": {"anyOf": [schema_of[_key(t)] for t in op.stream]},
-        }
+        content[_SSE] = {"schema": _sse_event([schema_of[_key(t)] for t in op.stream])}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     for status, struct in op.status_response.items():
         responses[str(status)] = {"description": "See the body", "content": {_JSON: {"schema": schema_of[_key(struct)]}}}
@@ -277,6 +285,16 @@ def _operation(op: Operation, schema_of: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _sse_event(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server-sent event whose ``data`` is JSON of one of ``payloads``, or ``[DONE]``."""
+    data = {
+        "type": "string",
+        "if": {"const": "[DONE]"},
+        "else": {"contentMediaType": _JSON, "contentSchema": {"anyOf": payloads}},
+    }
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
 def _operation_id(op: Operation) -> str:
     words = [w.strip("{}") for w in op.path.strip("/").replace(".", "_").split("/")]
     return "_".join([op.method, *words])
@@ -296,12 +314,15 @@ def _other_operation(path: str, method: str) -> dict[str, Any]:
 
 
 def openapi_route(route_handlers: list[Any], admin_plugin_paths: list[str]) -> Any:
-    """The ``GET /openapi.json`` ASGI handler for an app serving ``route_handlers`` (litestar's)
-    and plugin routes below ``/admin`` (``admin_plugin_paths``, relative to it): encoded once."""
+    """The ``GET /openapi.json`` ASGI handler for an app serving ``route_handlers`` (litestar's;
+    a plugin's has ``opt["plugin_route"]``) and plugin routes below ``/admin``
+    (``admin_plugin_paths``, relative to it): encoded once."""
     described = {op.path for op in OPERATIONS} | set(MOUNTS)
-    others = sorted({path for handler in route_handlers for path in handler.paths} - described)
-    others += [f"/admin/{path}" for path in sorted(admin_plugin_paths)]
-    body = msgspec.json.encode(openapi_document(other_paths=tuple(others)))
+    others = [handler for handler in route_handlers if not handler.paths <= described]
+    plugins = [path for h in others if h.opt.get("plugin_route") for path in h.paths]
+    plugins += [f"/admin/{path}" for path in admin_plugin_paths]
+    pages = [path for h in others if not h.opt.get("plugin_route") for path in h.paths]
+    body = msgspec.json.encode(openapi_document(plugin_paths=tuple(sorted(plugins)), page_paths=tuple(sorted(pages))))
 
     async def serve(scope: Scope, receive: Any, send: Any) -> None:
         await send_bytes(send, 200, body, [JSON])

@@ -147,7 +147,7 @@ class Gateway(ScoringEndpoints):
         ends. ``before_request`` is left to the caller, which may first fill in more of ``ctx``.
         """
         if scope["method"] != "POST":
-            raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST")
+            raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use POST", allow="POST")
         await self.hooks.authenticate(ctx, headers)
         body = await read_body(receive, headers, self.max_body_bytes)
         req = normalize.decode(body, endpoint.decoder)
@@ -455,7 +455,7 @@ class Gateway(ScoringEndpoints):
         ctx, headers = self._context(scope, "models")
         try:
             if scope["method"] not in ("GET", "HEAD"):
-                raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET")
+                raise MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET", allow="GET, HEAD")
             if self.is_draining:
                 raise self._refusal()
             await self.hooks.authenticate(ctx, headers)
@@ -466,9 +466,13 @@ class Gateway(ScoringEndpoints):
         await send_bytes(send, 200, body, response_headers(ctx, (JSON,)))
 
     async def health(self, scope: Scope, receive: Any, send: Any) -> None:
+        if await _probe_method_refused(scope, send):
+            return
         await send_bytes(send, 200, b'{"status":"ok"}', [JSON])
 
     async def ready(self, scope: Scope, receive: Any, send: Any) -> None:
+        if await _probe_method_refused(scope, send):
+            return
         if self.is_draining:
             await send_bytes(send, 503, b'{"status":"draining"}', [JSON])
             return
@@ -476,6 +480,15 @@ class Gateway(ScoringEndpoints):
             self.router, self.fleet.budget.loads_on_request, stall_timeout_s=self.settings.server.stall_timeout_s
         )
         await send_bytes(send, status, body, [JSON])
+
+
+async def _probe_method_refused(scope: Scope, send: Any) -> bool:
+    """A probe answers GET and HEAD; anything else is refused with a 405 (True)."""
+    if scope["method"] in ("GET", "HEAD"):
+        return False
+    error = MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET", allow="GET, HEAD")
+    await send_error(send, error, request_id(request_headers(scope)))
+    return True
 
 
 def _serving(ctx: RequestContext, route: Route) -> None:

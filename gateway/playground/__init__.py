@@ -47,7 +47,7 @@ class Playground:
 
     async def _send(self, scope: Scope, send: Any, name: str) -> None:
         if scope["method"] not in ("GET", "HEAD"):
-            await send_error(send, MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET"), "")
+            await send_error(send, MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET", allow="GET, HEAD"), "")
             return
         if name not in FILES:
             await send_error(send, NotFoundError(f"No such playground file: {name!r}"), "")

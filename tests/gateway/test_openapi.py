@@ -119,9 +119,10 @@ def _check_whole(document: dict[str, Any], op: Operation, status: int, content_t
 
 
 def _check_stream(document: dict[str, Any], op: Operation, body: bytes) -> int:
-    """An SSE response: each ``data:`` event valid against ``x-sse-data``, then ``[DONE]``."""
+    """An SSE response: each ``data:`` event valid against the event schema's ``contentSchema``,
+    then ``[DONE]``."""
     media = _response_schema(document, op, 200, "text/event-stream")
-    validator = _validator(media["x-sse-data"], document)
+    validator = _validator(media["schema"]["properties"]["data"]["else"]["contentSchema"], document)
     events = [block.removeprefix(b"data: ") for block in body.split(b"\n\n") if block]
     assert events[-1] == b"[DONE]"
     for event in events[:-1]:
