@@ -165,6 +165,15 @@ def load_peft(
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         pairs[(layer, module)] = (a.float(), b.float() * scale)
 
+    return LoRAAdapter(name, path, lora_id, *_fuse(pairs, config, dtype))
+
+
+def _fuse(
+    pairs: dict[tuple[int, str], tuple[Tensor, Tensor]], config: ModelConfig, dtype: torch.dtype
+) -> tuple[dict[str, int], list[dict[str, tuple[Tensor, Tensor]]]]:
+    """``(a [r, in], scale * b [out, r])`` per (layer, module) -> the fused layout (module doc):
+    ``(ranks, layers)``."""
+    shapes = module_shapes(config)
     # the fused layout: per kind, each part padded to its largest rank over the layers
     part_rank = {m: max((p[0].shape[0] for (_, mod), p in pairs.items() if mod == m), default=0) for m in MODULES}
     ranks = {kind: sum(part_rank[m] for m in modules) for kind, modules in KINDS.items() if any(part_rank[m] for m in modules)}
@@ -188,4 +197,97 @@ def load_peft(
                 col += out_f
             fused[kind] = (a_cat.to(dtype).contiguous(), bt_cat.to(dtype).contiguous())
         layers.append(fused)
-    return LoRAAdapter(name, path, lora_id, ranks, layers)
+    return ranks, layers
+
+
+#: llama.cpp's tensor name of each adaptable module (``blk.{i}.<name>.weight.lora_a`` / ``lora_b``)
+GGUF_MODULES = {
+    "attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+    "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
+}  # fmt: skip
+_GGUF_KEY = re.compile(r"^blk\.(\d+)\.(\w+)\.weight\.lora_([ab])$")
+
+
+def load_gguf_adapter(
+    path: str | Path, config: ModelConfig, *, name: str, lora_id: int, max_rank: int, dtype: torch.dtype
+) -> LoRAAdapter:
+    """Read and check a llama.cpp LoRA adapter (``convert_lora_to_gguf.py``'s output:
+    ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, per adapted
+    tensor ``blk.{i}.attn_q.weight.lora_a`` ``[r, in]`` and ``….lora_b`` ``[out, r]``). The scale
+    is llama.cpp's, ``alpha / r`` (1 where alpha is 0 or absent). For ``llama`` the converter
+    permuted the rows of q's and k's B as it permutes the base's ``attn_q``/``attn_k``; they are
+    permuted back as the base model's are (``gguf_loader``)."""
+    import gguf
+    import numpy as np
+
+    file = Path(path).expanduser()
+    try:
+        reader = gguf.GGUFReader(str(file))
+    except Exception as exc:  # noqa: BLE001 - the reader fails on a bad file with whatever it hits first
+        raise AdapterError(f"{file}: not a readable GGUF file: {type(exc).__name__}: {exc}") from exc
+
+    def field(key: str) -> object:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    if field("general.type") != "adapter" or field("adapter.type") != "lora":
+        raise AdapterError(
+            f"{file}: general.type = {field('general.type')!r}, adapter.type = {field('adapter.type')!r}; "
+            f"a LoRA adapter has 'adapter' and 'lora'"
+        )
+    arch = field("general.architecture")
+    if arch != config.architecture:
+        raise AdapterError(f"{file}: general.architecture = {arch!r}; the base model is {config.architecture!r}")
+    alpha = float(field("adapter.lora.alpha") or 0.0)
+    shapes = module_shapes(config)
+    found: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for tensor in reader.tensors:
+        match = _GGUF_KEY.match(tensor.name)
+        if match is None or match[2] not in GGUF_MODULES:
+            raise AdapterError(f"{file}: tensor {tensor.name!r} is not a LoRA A/B weight of a decoder layer's projection "
+                               f"(blk.N.{{{','.join(GGUF_MODULES)}}}.weight.lora_a/lora_b)")  # fmt: skip
+        layer, module = int(match[1]), GGUF_MODULES[match[2]]
+        if layer >= config.num_layers:
+            raise AdapterError(f"{file}: tensor {tensor.name!r} is for layer {layer}; the base model has {config.num_layers}")
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        shape = tuple(int(d) for d in reversed(list(tensor.shape)))
+        found.setdefault((layer, module), {})[match[3]] = torch.from_numpy(np.array(values, np.float32).reshape(shape))
+        found[(layer, module)][match[3] + "_key"] = tensor.name  # type: ignore[assignment]
+    if not found:
+        raise AdapterError(f"{file}: no LoRA tensors")
+    pairs: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+    for (layer, module), parts in found.items():
+        if "a" not in parts or "b" not in parts:
+            have = parts.get("a_key") or parts.get("b_key")
+            raise AdapterError(f"{file}: tensor {have!r} has no lora_{'b' if 'a' in parts else 'a'} partner")
+        a, b = parts["a"], parts["b"]
+        in_f, out_f = shapes[module]
+        rank = a.shape[0]
+        if a.ndim != 2 or a.shape[1] != in_f:
+            raise AdapterError(f"{file}: tensor {parts['a_key']!r} has shape {list(a.shape)}; the base model needs [r, {in_f}]")
+        if b.ndim != 2 or tuple(b.shape) != (out_f, rank):
+            raise AdapterError(f"{file}: tensor {parts['b_key']!r} has shape {list(b.shape)}; the base model needs [{out_f}, {rank}]")
+        if rank > max_rank:
+            raise AdapterError(f"{file}: tensor {parts['a_key']!r} has rank {rank}, over max_lora_rank = {max_rank}")
+        if config.architecture == "llama" and module in ("q_proj", "k_proj"):
+            heads = config.num_heads if module == "q_proj" else config.num_kv_heads
+            b = b[torch.arange(out_f).view(heads, -1, 2).transpose(1, 2).reshape(-1)]
+        pairs[(layer, module)] = (a.float(), b.float() * (alpha / rank if alpha else 1.0))
+    return LoRAAdapter(name, file, lora_id, *_fuse(pairs, config, dtype))
+
+
+def load_adapter(
+    path: str | Path, config: ModelConfig, *, name: str, lora_id: int, max_rank: int, dtype: torch.dtype
+) -> LoRAAdapter:
+    """A PEFT directory, or a llama.cpp GGUF adapter file (``.gguf``)."""
+    p = Path(path).expanduser()
+    loader = load_gguf_adapter if p.suffix.lower() == ".gguf" or (p.is_file() and _is_gguf(p)) else load_peft
+    return loader(p, config, name=name, lora_id=lora_id, max_rank=max_rank, dtype=dtype)
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from backends.engine.lora.adapter import LoRAAdapter, load_peft
+from backends.engine.lora.adapter import LoRAAdapter, load_adapter
 from backends.engine.lora.options import LoRAOptions
 from backends.engine.model.config import ModelConfig
 
@@ -47,7 +47,7 @@ class LoRARegistry:
         """Read and check an adapter (blocking: call on a worker thread). ``AdapterError`` names
         the file and tensor that are wrong."""
         started = time.perf_counter()
-        adapter = load_peft(
+        adapter = load_adapter(
             path, self.config, name=name, lora_id=next(_lora_ids) if lora_id is None else lora_id,
             max_rank=self.options.max_lora_rank, dtype=torch.float32,
         )  # fmt: skip

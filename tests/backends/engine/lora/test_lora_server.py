@@ -146,3 +146,24 @@ def test_bad_adapters_are_refused(lora_server, tmp_path) -> None:
     assert r.status_code == 400 and "taken" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "nope"})
     assert r.status_code == 404
+
+
+def test_a_gguf_adapter_answers_as_its_peft_directory(lora_server, tmp_path) -> None:
+    """The trained ``french`` adapter converted to llama.cpp's GGUF adapter format (float32), loaded
+    at run time: the same greedy answer as the PEFT directory it came from."""
+    from tests.backends.engine.lora.test_gguf_adapter import to_gguf
+
+    gguf_file = to_gguf(FRENCH, tmp_path / "french.gguf", heads=(SMOLLM2.num_heads, SMOLLM2.num_kv_heads))
+    url = lora_server.base_url
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "french-gguf", "lora_path": str(gguf_file)})
+    assert r.status_code == 200, r.text
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    answers = [
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+            max_tokens=24,
+        ).choices[0].message.content
+        for model in ("french", "french-gguf")
+    ]  # fmt: skip
+    assert answers[0] == answers[1] and share(answers[1] or "", FRENCH_WORDS) > 0.25, answers
+    httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "french-gguf"})
