@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import psutil
 
 from bench.loadgen import RequestSpec, prompt_text
+from bench.report import add_json_flag, human, write_json
 from bench.soak_report import Sample, SoakParams, SoakReport, format_report, missed_targets, write_plot
 
 KINDS = ("chat", "chat_stream", "completion", "compl_stream", "disconnect", "invalid", "embedding")
@@ -71,8 +71,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="wait for the server's /ready (s)")
     parser.add_argument("--plot", type=Path, default=Path("soak.svg"), help="RSS / fds / KV over time (.svg or .png)")
-    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
-                        help="write the report as JSON to FILE (stdout without FILE, instead of the table)")  # fmt: skip
+    add_json_flag(parser)
 
 
 def run(args: Namespace) -> int:
@@ -93,14 +92,8 @@ def run(args: Namespace) -> int:
     report.load_average_before, report.load_average_after = load_before, list(os.getloadavg())
     if args.plot:
         write_plot(report, args.plot)
-    if args.json is not None:
-        data = msgspec.json.format(msgspec.json.encode(report))
-        if args.json == "-":
-            sys.stdout.write(data.decode() + "\n")
-        else:
-            Path(args.json).write_bytes(data)
-    if args.json != "-":
-        print(format_report(report))
+    write_json(args.json, report)
+    print(format_report(report), file=human(args.json))
     return 0 if not missed_targets(report) else 1
 
 
