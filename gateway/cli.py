@@ -128,14 +128,19 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is not None and args.config is not None:
         raise ConfigError("give a MODEL or --config, not both")
     settings = load_settings(args.config)
+    if args.log_level is not None:
+        settings = msgspec.structs.replace(settings, log=msgspec.structs.replace(settings.log, level=args.log_level))
+    configure_logging(settings.log.level, args.log_format or settings.log.format)
     if args.model is not None:
         settings = _settings_for_model(settings, args.model, args.plugins)
+    elif args.config is None:
+        # the built-in default models come from the catalogue: fetched here, with progress, on the first serve
+        for entry in settings.models:
+            _settings_for_model(settings, entry.options["model"], args.plugins)
     if args.api_key:
         auth = settings.plugins.get("auth", {})
         keys = [*auth.get("keys", []), *args.api_key]
         settings = msgspec.structs.replace(settings, plugins={**settings.plugins, "auth": {**auth, "keys": keys}})
-    if args.log_level is not None:
-        settings = msgspec.structs.replace(settings, log=msgspec.structs.replace(settings.log, level=args.log_level))
     server = settings.server
     server = msgspec.structs.replace(
         server,
@@ -143,7 +148,6 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port if args.port is not None else server.port,
     )
     settings = msgspec.structs.replace(settings, server=server)
-    configure_logging(settings.log.level, args.log_format or settings.log.format)
     app = create_app(settings, plugins=args.plugins, config_path=args.config, watch_s=args.watch)
     serve(app, server)  # uvicorn (uvloop, httptools) behind the edge's limits; drains on SIGTERM
     return 0
