@@ -1,7 +1,7 @@
 """Graceful drain on a real ``taxiway serve``: 32 streams in flight, SIGTERM. /ready turns 503 at
 once, a new request gets 503 with Retry-After, the streams that can finish within
-drain_timeout_s do, the rest end with an error event, none is cut silently; the process exits 0
-and the usage ledger holds a row for every request."""
+drain_timeout_s do, the rest end with an error event, none is cut silently (a whole answer still
+pending is a 503); the process exits 0 and the usage ledger holds a row for every request."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ async def _scenario(server: ServerProcess) -> tuple[list[dict[str, object]], dic
     limits = httpx.Limits(max_connections=NUM_STREAMS + 4)
     async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as client:
         tasks = [asyncio.create_task(_stream(client, i, started, num_started)) for i in range(NUM_STREAMS)]
+        # and one whole answer that never comes: cut at the drain's end before its response started
+        hung = asyncio.create_task(client.post(
+            "/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "[[hang]] whole"}]},
+            headers={"x-request-id": "drain-whole"},
+        ))  # fmt: skip
         await asyncio.wait_for(started.wait(), 30)  # every stream has its first chunk
         server.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -76,6 +81,9 @@ async def _scenario(server: ServerProcess) -> tuple[list[dict[str, object]], dic
         }  # fmt: skip
         outcomes = await asyncio.gather(*tasks)
         after_signal["streams_done_s"] = time.monotonic() - signalled
+        whole = await hung
+        after_signal["whole"] = whole.status_code
+        after_signal["whole_code"] = whole.json()["error"]["code"]
     return outcomes, after_signal
 
 
@@ -90,6 +98,7 @@ def test_sigterm_drains_32_streams_none_cut_silently(tmp_path: Path, stub_upstre
     assert after_signal["refused"] == 503 and after_signal["retry_after"] == "5"
     assert after_signal["refused_code"] == "server_shutting_down"
     assert after_signal["streams_done_s"] < 2.0 + 3.0  # the drain's 2 s, then the cut
+    assert (after_signal["whole"], after_signal["whole_code"]) == (503, "server_shutting_down")
 
     whole = cut = 0
     for i, outcome in enumerate(outcomes):
@@ -109,9 +118,10 @@ def test_sigterm_drains_32_streams_none_cut_silently(tmp_path: Path, stub_upstre
     assert whole == NUM_STREAMS // 2 and cut == NUM_STREAMS // 2
     assert "server.drain_timeout" in logs and "Application shutdown complete" in logs
 
-    # the usage of every request is recorded: the 32 streams (200 whole, 503 cut) and the refused one
+    # the usage of every request is recorded: the 32 streams (200 whole, 503 cut), the whole answer
+    # cut, and the refused one
     with sqlite3.connect(home / "usage.sqlite3") as db:
         rows = dict(db.execute("SELECT request_id, status FROM usage WHERE request_id LIKE 'drain-%'").fetchall())
         statuses = [status for (status,) in db.execute("SELECT status FROM usage")]
-    assert rows == {f"drain-{i}": 200 if i % 2 else 503 for i in range(NUM_STREAMS)}
-    assert statuses.count(503) == NUM_STREAMS // 2 + 1
+    assert rows == {f"drain-{i}": 200 if i % 2 else 503 for i in range(NUM_STREAMS)} | {"drain-whole": 503}
+    assert statuses.count(503) == NUM_STREAMS // 2 + 2
