@@ -134,9 +134,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is not None:
         settings = _settings_for_model(settings, args.model, args.plugins)
     elif args.config is None:
-        # the built-in default models come from the catalogue: fetched here, with progress, on the first serve
+        # the built-in default models come from the catalogue: fetched here, with progress, on the
+        # first serve (a missing backend is create_app's error, naming the config key)
         for entry in settings.models:
-            _settings_for_model(settings, entry.options["model"], args.plugins)
+            args.plugins.pm.hook.model_entry(model=entry.options["model"], home=settings.server.home, progress=True)
     if args.api_key:
         auth = settings.plugins.get("auth", {})
         keys = [*auth.get("keys", []), *args.api_key]
