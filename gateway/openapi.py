@@ -22,8 +22,9 @@ import msgspec
 
 from gateway import wire
 from gateway.admin import AdminModel, AdminModels, LoRAAdapterRequest, LoRAAdapterStatus
-from gateway.asgi import JSON, Scope, send_bytes
+from gateway.asgi import JSON, Scope, request_headers, request_id, send_bytes, send_error
 from gateway.catalog import ModelState, Readiness
+from gateway.errors import MethodNotAllowedError
 from gateway.fleet import ReloadResult
 from gateway.interface import TokenLogprob
 
@@ -325,6 +326,10 @@ def openapi_route(route_handlers: list[Any], admin_plugin_paths: list[str]) -> A
     body = msgspec.json.encode(openapi_document(plugin_paths=tuple(sorted(plugins)), page_paths=tuple(sorted(pages))))
 
     async def serve(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            error = MethodNotAllowedError(f"Method {scope['method']} is not allowed; use GET", allow="GET, HEAD")
+            await send_error(send, error, request_id(request_headers(scope)))
+            return
         await send_bytes(send, 200, body, [JSON])
 
     return serve
