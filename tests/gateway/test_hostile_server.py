@@ -83,6 +83,33 @@ def test_wrong_types_and_huge_numbers_name_the_field(server, extra: str, param: 
     assert response.json()["error"]["param"].startswith(param)
 
 
+_HUGE = 10**30
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": _HUGE}, "max_tokens"),
+        ({"n": _HUGE}, "n"),
+        ({"logprobs": _HUGE}, "logprobs"),
+        ({"logit_bias": {str(_HUGE): 1}}, "logit_bias"),
+        ({"temperature": 1e308}, "temperature"),
+        ({"seed": _HUGE}, None),  # any integer seeds a generator
+        ({"seed": -_HUGE}, None),
+        ({"top_k": _HUGE}, None),  # more than the vocabulary: all of it
+        ({"top_p": 1e-320}, None),  # 0 as float32: the top token alone
+        ({"min_p": 1e-320}, None),
+    ],
+)
+def test_huge_and_tiny_numbers_are_answered_or_named(server, fields: dict, param: str | None) -> None:  # type: ignore[no-untyped-def]
+    response = _post(server, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2, **fields})
+    if param is None:
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 2
+    else:
+        _assert_400(response, param)
+
+
 # -- sampling parameters in float32 ------------------------------------------------------------
 
 
