@@ -102,6 +102,9 @@ class OpenAIBackend(Backend):
         self._completions_url = httpx.URL(base + "/completions")
         self._embeddings_url = httpx.URL(base + "/embeddings")
         self._request_headers = [(k.lower().encode(), v.encode()) for k, v in self._headers.items()]
+        #: how its errors name this upstream: the entry and where it points (no path, no credentials)
+        url = self._chat_url
+        self.upstream_label = f"upstream of '{model_name}' ({url.host}{f':{url.port}' if url.port else ''})"
         self._timeouts = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s).as_dict()
 
     @property
@@ -195,6 +198,14 @@ class OpenAIBackend(Backend):
         error = upstream.transport_error(exc)
         if isinstance(exc, httpx.TransportError):
             self._cooldown.failed(str(error))
+        return self._named(error)
+
+    def _named(self, error: TaxiwayError) -> TaxiwayError:
+        """A 5xx this upstream caused (a malformed answer, a broken stream, no answer), its message
+        naming the upstream: a gateway in front of several must say which one failed."""
+        if error.status_code >= 500 and not error.message.startswith("upstream of "):
+            error.message = f"{self.upstream_label}: {error.message}"
+            error.args = (error.message,)
         return error
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
@@ -228,6 +239,8 @@ class OpenAIBackend(Backend):
                 await response.aclose()
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
+        except TaxiwayError as exc:  # a malformed answer or event, an upstream 5xx
+            raise self._named(exc) from None
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         inputs = request.token_ids or request.inputs
@@ -236,7 +249,12 @@ class OpenAIBackend(Backend):
             response = await self._send(self._embeddings_url, body, request.request_id)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
-        result = upstream.decode_embeddings(response.content)
+        except TaxiwayError as exc:
+            raise self._named(exc) from None
+        try:
+            result = upstream.decode_embeddings(response.content)
+        except TaxiwayError as exc:
+            raise self._named(exc) from None
         data = sorted(result.data, key=lambda e: e.index)
         prompt_tokens = result.usage.prompt_tokens if result.usage else 0
         return EmbeddingResult(embeddings=tuple(tuple(e.embedding) for e in data), prompt_tokens=prompt_tokens)

@@ -78,7 +78,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, max_connections: int = 100, ssl_context: ssl.SSLContext | None = None) -> None:
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[_Origin, list[_Connection]] = {}
-        self._ssl_context = ssl_context
+        self._ssl_context = ssl_context  # built on the first https connection, then shared
         self._closed = False
 
     async def aclose(self) -> None:
@@ -111,6 +111,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             connection, reused = await self._checkout(origin, request)
             try:
                 status, headers = await self._exchange(connection, head, body, request)
+                framing = _framing(status, headers, request)
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
                 connection.close()
                 if reused:
@@ -120,7 +121,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 connection.close()
                 raise
             break
-        stream = _ResponseBody(self, origin, connection, request, status, headers)
+        stream = _ResponseBody(self, origin, connection, request, framing)
         return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
 
     @staticmethod
@@ -139,7 +140,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         scheme, host, port = origin
         context = None
         if scheme == b"https":
-            context = self._ssl_context or ssl.create_default_context()
+            # once per transport (one per upstream): loading the CA store costs milliseconds of CPU
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            context = self._ssl_context
         connecting = asyncio.open_connection(host.decode("ascii"), port, ssl=context, limit=_MAX_HEAD_BYTES)
         reader, writer = await _within("connect", request, connecting)
         return _Connection(reader, writer), False
@@ -176,24 +180,38 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._slots.release()
 
 
-def _framing(status: int, headers: list[tuple[bytes, bytes]], method: str) -> tuple[int | None, bool, bool]:
-    """How a response body ends: ``(content length or None, chunked, connection kept alive)``."""
+def _framing(
+    status: int, headers: list[tuple[bytes, bytes]], request: httpx.Request
+) -> tuple[int | None, bool, bool]:
+    """How a response body ends: ``(content length or None, chunked, connection kept alive)``;
+    ``RemoteProtocolError`` for a Content-Length that is not a length."""
     length: int | None = None
     chunked = False
     keep_alive = True
     for name, value in headers:
         lname = name.lower()
         if lname == b"content-length":
+            if not value.isdigit():
+                raise httpx.RemoteProtocolError(f"malformed Content-Length {value[:40]!r}", request=request)
             length = int(value)
         elif lname == b"transfer-encoding" and b"chunked" in value.lower():
             chunked = True
         elif lname == b"connection" and value.lower() == b"close":
             keep_alive = False
-    if status in (204, 304) or 100 <= status < 200 or method == "HEAD":
+    if status in (204, 304) or 100 <= status < 200 or request.method == "HEAD":
         length = 0
     if length is None and not chunked:
         keep_alive = False  # delimited by the upstream closing the connection
     return length, chunked, keep_alive
+
+
+def _chunk_size(line: bytes, request: httpx.Request) -> int:
+    """The size on a chunk's first line (extensions after ';' ignored); ``RemoteProtocolError``
+    for anything but hex digits (an upstream breaking the framing is a 502, not a crash)."""
+    digits = line.split(b";", 1)[0].strip()
+    if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
+        raise httpx.RemoteProtocolError(f"malformed chunk size {line[:40]!r}", request=request)
+    return int(digits, 16)
 
 
 class _ResponseBody(httpx.AsyncByteStream):
@@ -205,14 +223,13 @@ class _ResponseBody(httpx.AsyncByteStream):
         origin: _Origin,
         connection: _Connection,
         request: httpx.Request,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
+        framing: tuple[int | None, bool, bool],
     ) -> None:
         self._give_back = functools.partial(transport._release, origin, connection)
         self._connection = connection
         self._request = request
         self._complete = self._released = False
-        self._length, self._chunked, self._keep_alive = _framing(status, headers, request.method)
+        self._length, self._chunked, self._keep_alive = framing
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         reader = self._connection.reader
@@ -239,12 +256,14 @@ class _ResponseBody(httpx.AsyncByteStream):
     async def _chunks(self, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
         while True:
             line = await _within("read", self._request, reader.readuntil(b"\r\n"))
-            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            size = _chunk_size(line, self._request)
             if size == 0:
                 while (await _within("read", self._request, reader.readuntil(b"\r\n"))) != b"\r\n":
                     pass  # trailers
                 return
             data = await _within("read", self._request, reader.readexactly(size + 2))
+            if data[-2:] != b"\r\n":
+                raise httpx.RemoteProtocolError("a chunk longer than its size", request=self._request)
             yield data[:-2]
 
     def _finish(self) -> None:
