@@ -11,7 +11,7 @@ GPU, stated (``GPU_BANDWIDTH``) or given (``--bandwidth-gbs``).
 
 On a CPU without ``--bandwidth-gbs`` the weights' part is timed instead: the engine's own linear
 modules (native kernels where they load) on random weights of the model's shapes and storage,
-one token through each, best of 20 passes. A small model's int4 matmuls do not run at memory speed
+one token through each, the best pass of ~2 s of them. A small model's int4 matmuls do not run at memory speed
 (docs/benchmarks.md: ~14-19 GB/s of weights on this machine against ~37 GB/s read by a sum), so
 the bare bandwidth model said 327 tokens/s where ``taxiway bench engine`` measured 126.
 """
@@ -182,7 +182,7 @@ def time_linears(path: Any, options: Any, max_bytes: int = MAX_TIMED_BYTES) -> f
     """Seconds one decode step of one sequence spends in the model's linear modules on this
     machine: ``memory.decode_linears`` built by the engine's ``make_linear`` (its native kernels
     where they load, ``options.threads`` threads) on random weights, one token through each in
-    order, best of 20 passes after one to warm up (the best: other processes only slow it).
+    order, the best of the passes over ~2 s after one to warm up (other processes only slow it).
     Past ``max_bytes`` the rest is scaled by bytes."""
     import torch
 
@@ -215,12 +215,17 @@ def time_linears(path: Any, options: Any, max_bytes: int = MAX_TIMED_BYTES) -> f
         timed_bytes += shape.bytes
     best = float("inf")
     with torch.inference_mode():
-        for i in range(21):
+        # passes over about 2 s (at least 5, at most 400): the best one is a moment no other
+        # process held a core; 20 back-to-back passes (0.1 s) all fell inside one busy spell here
+        began = time.perf_counter()
+        for i in range(401):
             start = time.perf_counter()
             for module, x in modules:
                 module(x)
             if i:  # the first pass warms up
                 best = min(best, time.perf_counter() - start)
+            if i >= 5 and start - began > 2.0:
+                break
     return best * sum(s.bytes for s in shapes) / timed_bytes
 
 

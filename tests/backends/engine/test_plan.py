@@ -99,8 +99,8 @@ def _peak_rss(proc: psutil.Process) -> int:
 def test_plan_decode_estimate_is_within_30_percent_of_bench_engine(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The plan's decode estimate on a CPU (the weights' linears timed here, the cache at the
     measured bandwidth) vs ``taxiway bench engine``'s measured decode on the default model: one
-    sequence, the same threads and context (512 + 128), the bench's median of 3 rounds. Another
-    busy process on the machine starves the bench's 2 threads far more than the plan's timing."""
+    sequence, the same threads and context (512 + 128). Each side's best of 3: another process
+    on the machine only slows either down (and starves the bench's 2 threads the most)."""
     import subprocess
     import sys
 
@@ -112,10 +112,13 @@ def test_plan_decode_estimate_is_within_30_percent_of_bench_engine(smollm2_path:
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, check=False,
     )  # fmt: skip
     assert bench.returncode == 0, bench.stderr[-3000:]
-    measured = sorted(m["decode_tokens_per_s"] for m in json.loads(bench.stdout)["taxiway"])[1]
-    assert main(["plan", "--json", "--model", str(smollm2_path), "--concurrency", "1", "--context", "640",
-                 "--threads", "2"]) == 0  # fmt: skip
-    estimate = json.loads(capsys.readouterr().out)["decode_tokens_per_s"]
+    measured = max(m["decode_tokens_per_s"] for m in json.loads(bench.stdout)["taxiway"])
+    estimates = []
+    for _ in range(3):
+        assert main(["plan", "--json", "--model", str(smollm2_path), "--concurrency", "1", "--context", "640",
+                     "--threads", "2"]) == 0  # fmt: skip
+        estimates.append(json.loads(capsys.readouterr().out)["decode_tokens_per_s"])
+    estimate = max(estimates)
     ratio = estimate / measured
     print(json.dumps({"plan_decode_tokens_per_s": round(estimate, 1), "bench_decode_tokens_per_s": round(measured, 1),
                       "ratio": round(ratio, 3)}))  # fmt: skip
