@@ -59,7 +59,7 @@ class MemoryEstimate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TensorEntry(msgspec.Struct, frozen=True):
-    """A tensor as the file holds it: canonical name, kind (``float``/``int4``/``int8g``/``int8g16``), shape as
+    """A tensor as the file holds it: canonical name, kind (``float``/``int4``/``int8g``/``int8g16``/``int8gz``/``int8gz16``), shape as
     ``(rows, cols)`` (``(n, 1)`` for a vector)."""
 
     name: str
@@ -182,11 +182,13 @@ def _linear_bytes(parts: list[TensorEntry], quantization: str | None, dtype_byte
     if form == "int8":  # per channel
         return n * k + n * dtype_bytes
     padded = n + (-n) % ROW_BLOCK
-    groups = k // (16 if form == "int8g16" else GROUP)
+    groups = k // (16 if form.endswith("16") else GROUP)
     if form == "int4":  # packed nibbles + [G, N, 2] scales and zeros
         return padded * k // 2 + groups * padded * 2 * dtype_bytes
-    # int8g: the native kernel's bytes + float32 scales, or two nibbles + scales and zeros
-    return padded * k + groups * padded * max(4, 2 * dtype_bytes)
+    # int8g: the native kernel's bytes + float32 scales, or two nibbles + scales and zeros;
+    # int8gz: and a float32 offset per group (quant.Int8OffsetLinear)
+    offsets = groups * n * 4 if form.startswith("int8gz") else 0
+    return padded * k + groups * padded * max(4, 2 * dtype_bytes) + offsets
 
 
 # -- headers ---------------------------------------------------------------------------------------

@@ -10,12 +10,18 @@ them packed (``quant.make_linear``). Every format's dequantised value is, in flo
 - ``Q4_K`` ``(d * sc) * q - dmin * m``: super-blocks of 256 in 8 sub-blocks of 32, 6-bit ``sc``
   and ``m`` per sub-block, q in 0..15 -> int4, group 32 (``scale = d * sc``, ``zero = 8 scale - dmin m``);
 - ``Q6_K`` ``(d * sc) * (q - 32)``: 16 sub-blocks of 16, int8 ``sc``, q in 0..63 -> int8, group 16;
-- ``Q3_K`` ``(d * (sc - 32)) * q``: 16 sub-blocks of 16, 6-bit ``sc``, q in -4..3 -> int8, group 16.
+- ``Q3_K`` ``(d * (sc - 32)) * q``: 16 sub-blocks of 16, 6-bit ``sc``, q in -4..3 -> int8, group 16;
+- with a minimum, per-group int8 with offsets (``Int8Data.zeros``, ``scale * q + zero``):
+  ``Q5_1`` ``d * q + m`` (blocks of 32, q in 0..31; int8 ``q - 16``, ``zero = m + 16 d``);
+  ``Q5_K`` ``(d * sc) * q - dmin * m`` (Q4_K's sub-blocks and 6-bit fields, a fifth bit per
+  weight; ``zero = 16 scale - dmin m``); ``Q2_K`` ``(d * sc) * q - dmin * m`` (16 sub-blocks of
+  16, 4-bit ``sc`` and ``m``, q in 0..3; ``zero = -dmin m``), group 16.
 
 ``decode_reference`` computes each format's float values in the order its definition does
 (the test checks it against the ``gguf`` package bit for bit on random blocks); the forms above
-reproduce those values exactly for every format but ``Q4_1`` and ``Q4_K``, whose
-``(q - 8) * scale + zero`` equals ``scale * q + offset`` up to float32 rounding of the offset.
+reproduce those values exactly for every format but those with a minimum (``Q4_1``, ``Q4_K``,
+``Q5_1``, ``Q5_K``; ``Q2_K``'s offset is not moved), whose re-centred form equals
+``scale * q + offset`` up to float32 rounding of the offset.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ SUPER = 256  # elements per K-quant super-block
 #: bytes per block and elements per block of each format decoded here
 BLOCKS: dict[str, tuple[int, int]] = {
     "Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q8_0": (34, 32),
-    "Q3_K": (110, SUPER), "Q4_K": (144, SUPER), "Q6_K": (210, SUPER),
+    "Q5_1": (24, 32), "Q2_K": (84, SUPER), "Q3_K": (110, SUPER), "Q4_K": (144, SUPER), "Q5_K": (176, SUPER),
+    "Q6_K": (210, SUPER),
 }  # fmt: skip
 
 
@@ -75,10 +82,25 @@ def _codes(name: str, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         if name == "Q4_0":
             return _nibbles(blocks[..., 2:18]).to(torch.int8) - 8, d, None
         return _nibbles(blocks[..., 4:20]), d, _f16(blocks[..., 2:4]).unsqueeze(-1)
-    if name == "Q5_0":
-        high = _bits(blocks[..., 2:6], 1, 8).transpose(-1, -2).flatten(-2)  # bit i of the uint32 is element i
-        q = (_nibbles(blocks[..., 6:22]) | (high << 4)).to(torch.int8) - 16
-        return q, _f16(blocks[..., 0:2]).unsqueeze(-1), None
+    if name in ("Q5_0", "Q5_1"):
+        at = 2 if name == "Q5_0" else 4  # Q5_1: d, then m
+        high = _bits(blocks[..., at : at + 4], 1, 8).transpose(-1, -2).flatten(-2)  # bit i of the uint32 is element i
+        q = _nibbles(blocks[..., at + 4 : at + 20]) | (high << 4)
+        d = _f16(blocks[..., 0:2]).unsqueeze(-1)
+        if name == "Q5_0":
+            return q.to(torch.int8) - 16, d, None
+        return q, d, _f16(blocks[..., 2:4]).unsqueeze(-1)
+    if name == "Q5_K":
+        d, dmin = _f16(blocks[..., 0:2]).unsqueeze(-1), _f16(blocks[..., 2:4]).unsqueeze(-1)
+        sc, mn = _k_scale_min(blocks[..., 4:16])
+        low = _nibbles(blocks[..., 48:176].unflatten(-1, (4, 32))).flatten(-2)  # as Q4_K's
+        high = _bits(blocks[..., 16:48], 1, 8).flatten(-2)  # bit b of byte l is element 32 b + l
+        return low | (high << 4), d * sc.float(), -(dmin * mn.float())
+    if name == "Q2_K":
+        scales = blocks[..., 0:16]  # per sub-block of 16: scale in the low nibble, min in the high
+        q = _bits(blocks[..., 16:80].unflatten(-1, (2, 32)), 2, 4).flatten(-3)  # as Q3_K's low bits
+        d, dmin = _f16(blocks[..., 80:82]).unsqueeze(-1), _f16(blocks[..., 82:84]).unsqueeze(-1)
+        return q, d * (scales & 15).float(), -(dmin * (scales >> 4).float())
     if name == "Q4_K":
         d, dmin = _f16(blocks[..., 0:2]).unsqueeze(-1), _f16(blocks[..., 2:4]).unsqueeze(-1)
         sc, mn = _k_scale_min(blocks[..., 4:16])
@@ -101,7 +123,7 @@ def _codes(name: str, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
 
 
 def _groups(name: str) -> int:
-    return {"Q6_K": 16, "Q3_K": 16}.get(name, 32)
+    return {"Q6_K": 16, "Q3_K": 16, "Q2_K": 16}.get(name, 32)
 
 
 def decode_reference(name: str, raw: Tensor) -> Tensor:
@@ -128,4 +150,8 @@ def decode(name: str, raw: Tensor) -> WeightData:
         return Int4Data(q=q.to(torch.uint8), scales=scale, zeros=offset.reshape(rows, -1) + 8.0 * scale, group_size=gs)
     if name == "Q4_0":
         return Int4Data(q=(q + 8).to(torch.uint8), scales=scale, zeros=torch.zeros_like(scale), group_size=gs)
+    if offset is not None:  # Q5_1, Q5_K, Q2_K: codes from 0, centred for int8, the centre in the offset
+        centre = 16 if name != "Q2_K" else 0
+        zeros = offset.reshape(rows, -1) + centre * scale
+        return Int8Data(q=(q.to(torch.int16) - centre).to(torch.int8), scales=scale, group_size=gs, zeros=zeros)
     return Int8Data(q=q.to(torch.int8), scales=scale, group_size=gs)

@@ -1,7 +1,8 @@
 """Weights from a GGUF file: its header read by ``gguf_reader``, its tensors memory-mapped.
 
 ``GGUFSource.get(name)`` decodes one tensor at a time into the engine's exchange forms
-(``quant.Int4Data`` for Q4_0/Q4_1/Q4_K, ``quant.Int8Data`` for Q5_0/Q8_0/Q3_K/Q6_K, a float
+(``quant.Int4Data`` for Q4_0/Q4_1/Q4_K, ``quant.Int8Data`` for Q5_0/Q8_0/Q3_K/Q6_K, and with
+offsets for Q5_1/Q5_K/Q2_K, a float
 tensor for F32/F16/BF16; ``gguf_blocks.py`` decodes the blocks) and drops the file pages it read from this process's mapping, so loading never
 holds the whole file and the decoded model at once. Names are the engine's canonical ones
 (``embed``, ``lm_head``, ``norm``, ``layers.{i}.q`` … see ``loader.py``).

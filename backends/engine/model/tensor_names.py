@@ -81,9 +81,11 @@ HF_NAMES = TensorNames(
 
 
 #: The GGUF tensor types the loader decodes, and the form each is held in (``float``; ``int4``:
-#: groups of 32; ``int8g``: per-group int8, groups of 32; ``int8g16``: groups of 16), losslessly
+#: groups of 32; ``int8g``: per-group int8, groups of 32; ``int8g16``: groups of 16; ``int8gz``,
+#: ``int8gz16``: the same with a float32 offset per group), losslessly
 #: (``gguf_blocks.py``). Here, beside the names, so the memory estimate reads it without torch.
 GGUF_WEIGHT_KINDS = {
     "F32": "float", "F16": "float", "BF16": "float", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4",
     "Q5_0": "int8g", "Q8_0": "int8g", "Q3_K": "int8g16", "Q6_K": "int8g16",
+    "Q5_1": "int8gz", "Q5_K": "int8gz", "Q2_K": "int8gz16",
 }  # fmt: skip

@@ -216,7 +216,7 @@ def _take_cols(data: WeightData, start: int, stop: int) -> WeightData:
         return data[:, start:stop].contiguous()
     k = data.q.shape[1]
     gs = data.group_size
-    if isinstance(data, Int8Data) and gs == k:  # per channel: the row scales apply to any columns
+    if isinstance(data, Int8Data) and gs == k and data.zeros is None:  # per channel: the row scales apply to any columns
         return Int8Data(q=data.q[:, start:stop].contiguous(), scales=data.scales, group_size=stop - start)
     if start % gs or stop % gs:
         raise UnsupportedModelError(
@@ -229,7 +229,9 @@ def _take_cols(data: WeightData, start: int, stop: int) -> WeightData:
             q=data.q[:, start:stop].contiguous(), scales=data.scales[:, groups].contiguous(),
             zeros=data.zeros[:, groups].contiguous(), group_size=gs,
         )  # fmt: skip
-    return Int8Data(q=data.q[:, start:stop].contiguous(), scales=data.scales[:, groups].contiguous(), group_size=gs)
+    zeros = None if data.zeros is None else data.zeros[:, groups].contiguous()
+    return Int8Data(q=data.q[:, start:stop].contiguous(), scales=data.scales[:, groups].contiguous(), group_size=gs,
+                    zeros=zeros)  # fmt: skip
 
 
 def column_slice(module: nn.Module, ranges: list[Range], device: torch.device) -> nn.Module:

@@ -1,4 +1,4 @@
-"""A small quantizer for the K-quant formats the ``gguf`` package can only decode (Q4_K, Q6_K),
+"""A small quantizer for the K-quant formats the ``gguf`` package can only decode (Q2_K, Q4_K, Q5_K, Q6_K),
 for test fixtures: its blocks are checked against ``gguf.quants.dequantize`` by the tests that use
 them (the values it means are what the package decodes), not against llama.cpp's choice of codes.
 """
@@ -65,4 +65,50 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-QUANTIZERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+def _scale_min_codes(x: np.ndarray, levels: int, field_max: int) -> tuple[np.ndarray, ...]:
+    """Per sub-block (last axis) an asymmetric range over ``levels`` codes: the super-block's
+    float16 ``d``/``dmin``, the sub-blocks' integer scale and min fields (0..``field_max``), the codes."""
+    lo = np.minimum(x.min(-1), 0)
+    s = (x.max(-1) - lo) / (levels - 1)
+    m = -lo
+    d, dmin = _f16(s.max(-1) / field_max), _f16(m.max(-1) / field_max)
+    df, dmf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.where(df > 0, np.round(s / np.where(df > 0, df, 1)), 0).clip(0, field_max).astype(np.uint8)
+    mq = np.where(dmf > 0, np.round(m / np.where(dmf > 0, dmf, 1)), 0).clip(0, field_max).astype(np.uint8)
+    scale, offset = df * sc, dmf * mq
+    q = np.where(scale[..., None] > 0, np.round((x + offset[..., None]) / np.where(scale[..., None] > 0, scale[..., None], 1)), 0)
+    return d, dmin, sc, mq, q.clip(0, levels - 1).astype(np.uint8)
+
+
+def quantize_q5_k(w: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` float32 (cols a multiple of 256) -> uint8 blocks ``[rows, cols / 256 * 176]``:
+    Q4_K's fields, a fifth bit per weight in ``qh``."""
+    rows = w.shape[0]
+    d, dmin, sc, mq, q = _scale_min_codes(w.reshape(-1, 8, 32).astype(np.float32), 32, 63)
+    low = (q & 15).reshape(-1, 4, 2, 32)
+    qs = low[:, :, 0] | (low[:, :, 1] << 4)  # chunk c: sub-blocks 2c (low nibbles), 2c + 1 (high)
+    high = (q >> 4).reshape(-1, 8, 32)  # sub-block b's fifth bits: bit b of qh[l]
+    qh = sum(high[:, b] << b for b in range(8)).astype(np.uint8)  # [B, 32]
+    packed = np.concatenate(
+        [(sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6), (mq[:, :4] & 63) | ((mq[:, 4:] >> 4) << 6),
+         (sc[:, 4:] & 15) | ((mq[:, 4:] & 15) << 4)], axis=-1,
+    ).astype(np.uint8)  # fmt: skip
+    blocks = np.concatenate(
+        [d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), packed, qh, qs.reshape(-1, 128)], axis=-1
+    )
+    return blocks.reshape(rows, -1)
+
+
+def quantize_q2_k(w: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` float32 (cols a multiple of 256) -> uint8 blocks ``[rows, cols / 256 * 84]``:
+    16 sub-blocks of 16, 4-bit scale and min each, 2-bit codes."""
+    rows = w.shape[0]
+    d, dmin, sc, mq, q = _scale_min_codes(w.reshape(-1, 16, 16).astype(np.float32), 4, 15)
+    scales = (sc | (mq << 4)).astype(np.uint8)  # [B, 16]
+    q = q.reshape(-1, 2, 4, 32)  # element 128 h + 32 j + l: bits 2j of qs[32 h + l]
+    qs = sum(q[:, :, j] << (2 * j) for j in range(4)).astype(np.uint8).reshape(-1, 64)
+    blocks = np.concatenate([scales, qs, d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8)], axis=-1)
+    return blocks.reshape(rows, -1)
+
+
+QUANTIZERS = {"Q2_K": quantize_q2_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}

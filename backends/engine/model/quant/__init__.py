@@ -35,7 +35,7 @@ from backends.engine.model.quant.data import (
 )
 from backends.engine.model.quant.dense import ConcatLinear, DenseLinear, Linear
 from backends.engine.model.quant.int4 import Int4Linear
-from backends.engine.model.quant.int8 import Int8GroupLinear, Int8Linear, Int8NativeLinear
+from backends.engine.model.quant.int8 import Int8GroupLinear, Int8Linear, Int8NativeLinear, Int8OffsetLinear
 from backends.engine.model.quant.layouts import runs_native
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ def make_linear(
     if isinstance(data, Int4Data):
         return Int4Linear.from_data(data, bias=bias, dtype=dtype, device=device, kernels=kernels)
     if isinstance(data, Int8Data):
+        if data.zeros is not None:
+            inner = make_linear(data.symmetric(), bias=bias, dtype=dtype, device=device, kernels=kernels)
+            return Int8OffsetLinear(inner, data.zeros, data.group_size)
         if data.group_size == data.q.shape[1]:
             return Int8Linear.from_data(data, bias=bias, dtype=dtype, device=device)
         k = data.q.shape[1]
@@ -64,6 +67,6 @@ def make_linear(
 
 __all__ = [
     "DEFAULT_GROUP_SIZE", "ConcatLinear", "DenseLinear", "Int4Data", "Int4Linear", "Int8Data", "Int8GroupLinear",
-    "Int8Linear", "Int8NativeLinear", "Linear", "WeightData", "cat_rows", "int8_per_channel", "make_linear",
+    "Int8Linear", "Int8NativeLinear", "Int8OffsetLinear", "Linear", "WeightData", "cat_rows", "int8_per_channel", "make_linear",
     "quantize_int4", "quantize_int8", "same_kind",
 ]  # fmt: skip

@@ -40,19 +40,29 @@ class Int4Data(msgspec.Struct, kw_only=True):
 
 
 class Int8Data(msgspec.Struct, kw_only=True):
-    """Symmetric int8 weight; ``group_size == K`` means per channel."""
+    """Symmetric int8 weight; ``group_size == K`` means per channel. With ``zeros`` (GGUF's
+    formats with a minimum: Q5_1, Q5_K, Q2_K) each group also adds its offset:
+    ``W[n, k] = q[n, k] * scale[n, g] + zero[n, g]``."""
 
     q: Tensor  # int8 [N, K]
     scales: Tensor  # float32 [N, K // group_size]
     group_size: int
+    zeros: Tensor | None = None  # float32 [N, K // group_size]
 
     def dequantize(self) -> Tensor:
         n, k = self.q.shape
         w = self.q.to(torch.float32).view(n, -1, self.group_size) * self.scales.unsqueeze(-1)
+        if self.zeros is not None:
+            w = w + self.zeros.unsqueeze(-1)
         return w.view(n, k)
 
     def rows(self, index: Tensor | slice) -> Int8Data:
-        return Int8Data(q=self.q[index], scales=self.scales[index], group_size=self.group_size)
+        zeros = None if self.zeros is None else self.zeros[index]
+        return Int8Data(q=self.q[index], scales=self.scales[index], group_size=self.group_size, zeros=zeros)
+
+    def symmetric(self) -> Int8Data:
+        """The weight without its offsets (what the int8 kernels multiply)."""
+        return Int8Data(q=self.q, scales=self.scales, group_size=self.group_size)
 
 
 WeightData = Tensor | Int4Data | Int8Data
@@ -69,9 +79,13 @@ def cat_rows(parts: Sequence[WeightData]) -> WeightData:
             group_size=first.group_size,
         )
     if isinstance(first, Int8Data):
+        zeros = None
+        if any(p.zeros is not None for p in parts):  # a part without offsets has zero ones
+            zeros = torch.cat([torch.zeros_like(p.scales) if p.zeros is None else p.zeros for p in parts])
         return Int8Data(
-            q=torch.cat([p.q for p in parts]), scales=torch.cat([p.scales for p in parts]), group_size=first.group_size
-        )
+            q=torch.cat([p.q for p in parts]), scales=torch.cat([p.scales for p in parts]), group_size=first.group_size,
+            zeros=zeros,
+        )  # fmt: skip
     return torch.cat(list(parts))
 
 

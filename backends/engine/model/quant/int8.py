@@ -252,3 +252,49 @@ class Int8NativeLinear(Int8Linear):
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
         return y if self.bias is None else y + self.bias
+
+
+class Int8OffsetLinear(nn.Module):
+    """Per-group int8 with an offset per group (``Int8Data.zeros``: GGUF Q5_1, Q5_K, Q2_K, whose
+    values are ``d * q + m``): ``inner`` multiplies the symmetric part on whichever int8 kernel
+    takes it, and the offsets add ``sum_g(x) @ zeros.T`` — one small matmul over the ``K / gs``
+    group sums, every weight's value kept exactly (up to float32 rounding of the offset)."""
+
+    def __init__(self, inner: nn.Module, zeros: Tensor, group_size: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group_size = group_size
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.register_buffer("zeros", zeros.float().contiguous())  # [N, G]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.inner.bias
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.inner.compute_dtype
+
+    def _offsets(self, rows: Tensor | slice | None, dtype: torch.dtype) -> Tensor:
+        z = self.zeros if rows is None else self.zeros[rows]
+        return z.repeat_interleave(self.group_size, dim=1).to(dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
+        w = self.inner.dequantize(dtype, rows)
+        return w + self._offsets(rows, w.dtype)
+
+    def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        w = self.inner.embed(ids, dtype)
+        return w + self._offsets(ids, w.dtype)
+
+    def to_data(self) -> Int8Data:
+        data = self.inner.to_data()
+        return Int8Data(q=data.q, scales=data.scales, group_size=data.group_size, zeros=self.zeros)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.inner(x)
+        sums = x.float().view(x.shape[0], -1, self.group_size).sum(-1)  # [T, G]
+        offsets = torch.mm(sums, self.zeros.t())
+        if y.dtype == torch.float32:
+            return y.add_(offsets)
+        return offsets.add_(y).to(y.dtype)  # the two parts summed in float32, rounded once

@@ -16,7 +16,10 @@ from backends.engine.model.gguf_blocks import BLOCKS, decode, decode_reference
 from backends.engine.model.quant import Int4Data
 
 #: byte offsets of each format's float16 fields within a block
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q3_K": [108], "Q4_K": [0, 2], "Q6_K": [208]}
+F16_FIELDS = {
+    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
+    "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+}  # fmt: skip
 
 
 def random_blocks(name: str, rows: int, blocks_per_row: int, seed: int) -> np.ndarray:
@@ -43,11 +46,12 @@ def test_decode_equals_the_gguf_package_bit_for_bit(name: str) -> None:
     assert ours.shape == expected.shape
     assert np.array_equal(ours.view(np.uint32), expected.view(np.uint32))
     # the exchange form the layers pack: the same values (Q4_1 / Q4_K: (q - 8) * scale + zero,
-    # equal up to float32 rounding of the zero; every other format exactly)
+    # Q5_1 / Q5_K: (q - 16) * scale + zero, equal up to float32 rounding of the zero; every other
+    # format exactly)
     data = decode(name, torch.from_numpy(raw.copy()))
     values = data.dequantize().numpy()
-    if isinstance(data, Int4Data) and name in ("Q4_1", "Q4_K"):
+    if name in ("Q4_1", "Q4_K", "Q5_1", "Q5_K"):
         np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
     else:  # equal as numbers (Q4_0's "+ zero" turns -0.0 into 0.0)
         assert np.array_equal(values, expected)
-    assert data.group_size == (16 if name in ("Q3_K", "Q6_K") else 32)
+    assert data.group_size == (16 if name in ("Q2_K", "Q3_K", "Q6_K") else 32)

@@ -216,3 +216,38 @@ def test_int8_per_group_vocabulary_is_packed_in_row_chunks(monkeypatch) -> None:
     assert torch.equal(chunked.inner.weight, whole.inner.weight)
     assert torch.equal(chunked.inner.scales_and_zeros, whole.inner.scales_and_zeros)
     torch.testing.assert_close(chunked.dequantize(), data.dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q5_1, QT.Q5_K, QT.Q2_K])
+@pytest.mark.parametrize("native", [False, True])
+def test_int8_with_offsets_is_the_gguf_weight(qtype, native: bool) -> None:
+    """Formats with a minimum (``d * q + m``) as per-group int8 plus an offset per group
+    (``Int8OffsetLinear``): the gguf package's values, the matmul of them, rows gathered, the
+    exchange form round-tripped and sliced as tensor parallelism slices it."""
+    from backends.engine.tp.shard import _take_cols
+
+    from tests.backends.engine.model.test_gguf_blocks import random_blocks
+
+    n, k = 80, 512
+    raw = random_blocks(qtype.name, rows=n, blocks_per_row=k // gguf.GGML_QUANT_SIZES[qtype][0], seed=6)  # any bytes are blocks
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k).astype(np.float32))
+    data = _decode(raw, qtype, n, k)
+    assert data.zeros is not None
+    kernels = default_kernels() if native else None
+    exact = quant.make_linear(data, dtype=torch.float32, kernels=kernels)
+    assert isinstance(exact, quant.Int8OffsetLinear)
+    torch.testing.assert_close(exact.dequantize(), expected, rtol=1e-6, atol=1e-6)
+    x = torch.randn(6, k)
+    torch.testing.assert_close(exact(x), F.linear(x, expected), rtol=1e-4, atol=1e-4)
+    ids = torch.tensor([0, 17, 79])
+    torch.testing.assert_close(exact.embed(ids), expected[ids], rtol=1e-6, atol=1e-6)
+    back = exact.to_data()
+    torch.testing.assert_close(back.dequantize(), expected, rtol=1e-6, atol=1e-6)
+    half = _take_cols(back, 0, k // 2)
+    torch.testing.assert_close(half.dequantize(), expected[:, : k // 2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(back.rows(slice(10, 20)).dequantize(), expected[10:20], rtol=1e-6, atol=1e-6)
+    # bfloat16 activations: the int8 kernel on the symmetric part, the offsets in float32
+    fast = quant.make_linear(data, dtype=torch.bfloat16, kernels=kernels)
+    xb = x.bfloat16()
+    ref = F.linear(xb.float(), expected)
+    torch.testing.assert_close(fast(xb).float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
