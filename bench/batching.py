@@ -145,6 +145,7 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> int:
+    """Output tokens/s of one workload with no, static and continuous batching on the engine."""
     from backends.engine.builder import EngineOptions, build_engine
     from bench.loadgen import parse_range
     from gateway.logs import configure_logging

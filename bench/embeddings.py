@@ -86,6 +86,7 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> int:
+    """Sentences/s of the encoder, alone and over HTTP, against sentence-transformers."""
     if args.omp_wait_policy != "inherit":
         if "torch" in sys.modules:
             print("warning: torch is already loaded; --omp-wait-policy cannot apply", file=sys.stderr)

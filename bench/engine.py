@@ -135,6 +135,7 @@ def _run_worker(kind: str, args: Namespace, path: str) -> Measurement:
 
 
 def run(args: Namespace) -> int:
+    """One stream's prefill and decode tokens/s and memory: the engine vs HF transformers."""
     from backends.engine.catalogue import default_home, resolve_model
 
     path = str(resolve_model(args.model, default_home(os.environ), progress=True))

@@ -69,6 +69,7 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> int:
+    """On a CUDA machine: the engine's GPU path vs HF transformers, prefill and decode by batch."""
     import torch
 
     if args.write_model:

@@ -312,6 +312,7 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> int:
+    """Load-test any OpenAI-compatible server: TTFT, latency and tokens/s per concurrency."""
     try:
         prompt_range = parse_range(args.prompt_tokens)
         output_range = parse_range(args.output_tokens)

@@ -74,6 +74,7 @@ def configure(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> int:
+    """Output tokens/s at C=16 spread over 1, 4 and 16 LoRA adapters vs the base model alone."""
     from backends.engine.builder import EngineOptions, build_engine
     from backends.engine.lora.options import LoRAOptions
     from backends.engine.lora.registry import LoRARegistry

@@ -60,6 +60,7 @@ def _run(engine, prompts, params, concurrency: int) -> tuple[float, int, int]:  
 
 
 def run(args: Namespace) -> int:
+    """Output tokens/s of a json_schema-constrained workload vs the same workload free."""
     from backends.engine.builder import EngineOptions, build_engine
     from backends.engine.text.chat_template import ChatTemplate
     from gateway.interface import ChatMessage, SamplingParams, StructuredOutput
