@@ -159,9 +159,10 @@ def model_entry(model: str, home: Path, *, progress: bool) -> dict[str, object] 
         if first:
             print("taxiway: building the native kernels for this machine (once)…", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        load_kernels(EngineOptions(model=source, home=str(home)))
+        kernels = load_kernels(EngineOptions(model=source, home=str(home)))
         if first:
-            print(f"taxiway: native kernels ready ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+            outcome = "ready" if kernels is not None else "unavailable: torch's ops instead (see the log)"
+            print(f"taxiway: native kernels {outcome} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     aliases = ["default"] if backend == "engine" else ["embed"]
     return {"name": name, "aliases": aliases, "backend": backend, "options": {"model": source}}
 
