@@ -46,3 +46,29 @@ def test_rm_deletes_a_pulled_model(smollm2_path: Path, tmp_path: Path, capsys: p
     assert f"taxiway pull {MODEL}" in capsys.readouterr().err
     assert main(["rm", "no-such-model", "--home", str(tmp_path)]) == 1
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_model_entry_for_what_serve_is_given(smollm2_path: Path, tmp_path: Path) -> None:
+    """``taxiway serve MODEL``'s table: a .gguf file or a safetensors directory on the engine
+    (named for the file or folder, alias ``default``), a catalogue embedding model on the encoder,
+    None for what the engine does not know (another plugin may)."""
+    from backends.engine.cli import model_entry
+    from bench.synthetic import write_random_llama
+
+    home = tmp_path / "home"
+    (home / "kernels").mkdir(parents=True)
+    gguf = model_entry(str(smollm2_path), home, progress=False)
+    assert gguf == {"name": smollm2_path.stem.lower(), "aliases": ["default"], "backend": "engine",
+                    "options": {"model": str(smollm2_path.resolve())}}  # fmt: skip
+    hf = write_random_llama(tmp_path / "Tiny-Llama", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=300)
+    entry = model_entry(str(hf), home, progress=False)
+    assert entry is not None and (entry["name"], entry["backend"]) == ("Tiny-Llama", "engine")
+    assert model_entry("no-such-model", home, progress=False) is None
+
+    # a catalogue name: its entry's backend (the embedding model's is the encoder), no download when cached
+    target = cached_path(CATALOGUE["all-minilm-l6-v2"], home)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"cached")
+    assert model_entry("all-minilm-l6-v2", home, progress=False) == {
+        "name": "all-minilm-l6-v2", "aliases": ["embed"], "backend": "encoder", "options": {"model": "all-minilm-l6-v2"}
+    }  # fmt: skip
