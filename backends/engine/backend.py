@@ -106,7 +106,7 @@ class EngineBackend(Backend):
     async def _start(self) -> None:
         try:
             # the first import of torch: without it the model fails like any other load
-            from backends.engine.async_engine import AsyncEngine, run_in_own_thread
+            from backends.engine.async_engine import AsyncEngine, freeze_loaded_objects, run_in_own_thread
             from backends.engine.runner.sampling import MAX_TOP_LOGPROBS
 
             await run_in_own_thread(self._load)  # not a pooled thread: see async_engine
@@ -125,6 +125,7 @@ class EngineBackend(Backend):
             structured_output=structured, tools=structured,
         )  # fmt: skip
         self._state = "ready"
+        freeze_loaded_objects()
         log.info("engine.ready", model=self.model_name)
 
     def _load(self) -> None:

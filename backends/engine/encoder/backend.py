@@ -33,9 +33,11 @@ log = structlog.get_logger(__name__)
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 
-#: inputs tokenized on the event loop itself; more go to a worker thread (a few µs each, but a
-#: 2,048-input request would hold the loop for tens of milliseconds)
+#: inputs tokenized on the event loop itself, when short; more go to a worker thread (a few µs
+#: each, but a 2,048-input request would hold the loop for tens of milliseconds, and one 3.9 MB
+#: input for seconds)
 _INLINE_TOKENIZE = 4
+_INLINE_TOKENIZE_CHARS = 4096
 
 
 class EncoderOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -92,7 +94,7 @@ class EncoderBackend(Backend):
 
     async def _start(self) -> None:
         try:
-            from backends.engine.async_engine import run_in_own_thread
+            from backends.engine.async_engine import freeze_loaded_objects, run_in_own_thread
             from backends.engine.encoder.engine import EncoderEngine
 
             model = await run_in_own_thread(self._load, name="taxiway-encoder-load")
@@ -119,6 +121,7 @@ class EncoderBackend(Backend):
             embedding_token_ids=True,
         )
         self._state = "ready"
+        freeze_loaded_objects()
         log.info("encoder.ready", model=self.model_name, quantization=model.quantization, dtype=model.dtype,
                  max_length=model.max_length)  # fmt: skip
 
@@ -181,7 +184,7 @@ class EncoderBackend(Backend):
             raise self._unavailable()
         if request.token_ids:
             inputs = [model.wrap(_checked_ids(i, ids, model.config.vocab_size)) for i, ids in enumerate(request.token_ids)]
-        elif len(request.inputs) <= _INLINE_TOKENIZE:
+        elif len(request.inputs) <= _INLINE_TOKENIZE and sum(map(len, request.inputs)) <= _INLINE_TOKENIZE_CHARS:
             inputs = model.tokenize(request.inputs)
         else:
             inputs = await asyncio.to_thread(model.tokenize, request.inputs)
@@ -250,7 +253,8 @@ class EncoderBackend(Backend):
         if self.options.truncate:
             return model.truncate(ids)
         raise ContextLengthExceededError(
-            f"input[{index}] has {len(ids)} tokens, over this model's maximum of {model.max_length} "
+            f"input[{index}] has {'at least ' if getattr(ids, 'at_least', False) else ''}{len(ids)} tokens, "
+            f"over this model's maximum of {model.max_length} "
             f"(special tokens included); shorten it, or serve the model with truncate = true",
             param="input",
         )

@@ -13,6 +13,19 @@ from backends.engine.encoder.model import Batch, ClassificationHead, Encoder, nu
 from backends.engine.encoder.pooling import PoolingConfig, pool
 
 
+#: A text longer than this many characters per token of ``max_length`` is first tokenized by a
+#: prefix (``tokenize``): a 3.9 MB input took seconds to tokenize whole, to be refused or cut.
+_PREFIX_CHARS_PER_TOKEN = 64
+
+
+class AtLeast(list):  # type: ignore[type-arg]
+    """Token ids of a prefix of a text, cut at whitespace, already over ``max_length``: the whole
+    text has at least as many, and its first ids are these (words are tokenized apart, so a cut
+    between them changes nothing before it)."""
+
+    at_least = True
+
+
 class EncoderModel:
     def __init__(
         self,
@@ -44,10 +57,26 @@ class EncoderModel:
     # -- tokens
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Each text's token ids with the model's special tokens (``[CLS] … [SEP]``), untruncated."""
-        if len(texts) == 1:  # encode_batch's thread pool costs more than it saves for one
+        """Each text's token ids with the model's special tokens (``[CLS] … [SEP]``), untruncated;
+        for a text far over ``max_length``, those of a prefix when they are already over it
+        (``AtLeast``). Safe off the event loop: a long text is encoded with ``encode_batch``,
+        which releases the GIL (``encode`` holds it throughout)."""
+        limit = self.max_length * _PREFIX_CHARS_PER_TOKEN
+        prefixes = {i: _whitespace_prefix(text, limit) for i, text in enumerate(texts) if len(text) > limit}
+        out = self._encode([prefixes.get(i) or text for i, text in enumerate(texts)])
+        for i, prefix in prefixes.items():
+            if prefix is None:
+                continue
+            if len(out[i]) > self.max_length:
+                out[i] = AtLeast(out[i])
+            else:  # few tokens for many characters (long whitespace runs): the whole text after all
+                out[i] = self._encode([texts[i]])[0]
+        return out
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if len(texts) == 1 and len(texts[0]) < 4096:  # encode_batch's thread pool costs more than it saves
             return [self.tokenizer.encode(texts[0]).ids]
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     def tokenize_pairs(self, pairs: Sequence[tuple[str, str]], *, truncate: bool) -> tuple[list[list[int]], list[int]]:
         """Each pair as one input (``[CLS] a [SEP] b [SEP]``: the tokenizer's pair template), and
@@ -113,3 +142,9 @@ def _special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
         if full[start : start + len(plain)] == plain:
             return full[:start], full[start + len(plain) :]
     return [], []
+
+
+def _whitespace_prefix(text: str, limit: int) -> str | None:
+    """``text`` up to its last whitespace within ``limit`` characters; None without one."""
+    cut = max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit), text.rfind("\t", 0, limit))
+    return text[:cut] if cut > 0 else None
