@@ -82,8 +82,9 @@ async def test_embeddings_round_trip_with_a_fake_backend() -> None:
     op = next(op for op in OPERATIONS if op.path == "/v1/embeddings")
     async with AsyncTestClient(app) as client:
         for encoding in ("float", "base64"):
-            body = {"model": "fake-model", "input": ["a b", "c"], "encoding_format": encoding}
+            body = {"model": "narrow", "input": ["a b", "c"], "encoding_format": encoding}  # the fake that embeds
             response = await client.post(op.path, json=body)
+            assert response.status_code == 200, response.text
             _check_whole(DOCUMENT, op, response.status_code, response.headers["content-type"], response.content)
 
 
