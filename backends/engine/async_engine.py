@@ -91,7 +91,15 @@ def freeze_loaded_objects() -> None:
     """Move every object alive now (a load's modules, parameters' wrappers, vocabularies) out of
     the cyclic collector's reach. A full collection then walks only what requests created since:
     with two MiniLMs loaded one took 150-200 ms, stalling the event loop mid-request. Called once a
-    model is loaded; what a later unload frees is freed by reference counting as before."""
+    model is loaded; an unload calls ``collect_after_unload``."""
+    gc.freeze()
+
+
+def collect_after_unload() -> None:
+    """After an unload: what it dropped that only reference cycles hold would stay frozen for
+    good. Unfreeze, collect it, freeze what stays (the models still loaded)."""
+    gc.unfreeze()
+    gc.collect()
     gc.freeze()
 
 

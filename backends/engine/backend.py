@@ -209,9 +209,11 @@ class EngineBackend(Backend):
         if self._failure is None:
             self._state = "unloaded"
         if loaded:  # torch is imported: free what the model held (glibc keeps it otherwise)
+            from backends.engine.async_engine import collect_after_unload
             from backends.engine.model.loader import return_freed_memory
 
-            return_freed_memory()
+            collect_after_unload()
+            return_freed_memory(collect=False)
         log.info("engine.unloaded", model=self.model_name)
 
     def ready(self) -> ReadyState:

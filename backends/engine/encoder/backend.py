@@ -148,9 +148,14 @@ class EncoderBackend(Backend):
         if self._loading is not None and not self._loading.done():
             await asyncio.wait([self._loading])
         self._loading = None
+        loaded = self._engine is not None
         if self._engine is not None:
             await asyncio.to_thread(self._engine.stop)
         self._engine = self._model = self._capabilities = None
+        if loaded:
+            from backends.engine.async_engine import collect_after_unload
+
+            collect_after_unload()
         if self._failure is None:
             self._state = "unloaded"
 
