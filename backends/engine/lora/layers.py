@@ -8,9 +8,9 @@ the plain forward stays plain:
 - a native ``FusedLayer`` gets ``layer.lora = LayerLoRA(...)``, which it calls after each native
   matmul (qkv and gate_up before their outputs are used, o and down into the residual): the native
   path applies the adapters too, never skips them;
-- a ``FusedStack`` becomes a ``LoRAStack``: a step with adapter rows runs the fused layers one by
-  one (the one-call native decode step has no LoRA term); a step of base rows alone still takes
-  the one call.
+- a ``FusedStack`` becomes a ``LoRAStack``: a decode-only step takes the one native call with the
+  adapters' terms inside it (each row only its own adapter's columns); other steps run the fused
+  layers one by one.
 
 Each projection's term is ``y += ((x @ A.T) * mask) @ Bt`` over every resident adapter
 (``slots.LoRASlots``), three torch ops whatever the mix of adapters in the step.
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backends.engine.lora.slots import LoRABatch, LoRASlots
+from backends.engine.lora.slots import LoRASlots
 from backends.engine.model.llama import DecoderLayer, DecoderStack
 
 if TYPE_CHECKING:
@@ -99,17 +99,29 @@ class LoRALinear(nn.Module):
 
 
 class LoRAStack(DecoderStack):
-    """A ``FusedStack`` whose one-call decode step runs only for steps without adapter rows."""
+    """A ``FusedStack`` whose one-call native decode step applies the step's adapters too: each
+    layer's entry gets the resident stacks and each row's columns (``native/csrc/fused_ops.c``,
+    ``lora_add``). Steps it does not take (prefills, mixed steps) run the fused layers one by one,
+    each adding its ``LayerLoRA`` terms."""
 
-    def __init__(self, stack: nn.Module, batch: LoRABatch) -> None:
+    def __init__(self, stack: nn.Module, slots: LoRASlots) -> None:
         super().__init__(list(stack))
         self.inner = [stack]  # a list: not a submodule (its layers are already ours)
-        self.batch = batch
+        self.slots = slots
+        self.batch = slots.batch
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, kv_caches: KVCache) -> Tensor:
-        if self.batch.active:
-            return super().forward(h, cos, sin, plan, kv_caches)
-        return self.inner[0](h, cos, sin, plan, kv_caches)
+        stack = self.inner[0]
+        if not self.batch.active:
+            return stack(h, cos, sin, plan, kv_caches)
+        step = stack.decode_step
+        if step is not None and step.applies(h, plan, kv_caches):
+            step.set_lora(self.slots.stacks, self.batch.columns)
+            try:
+                return step(h, cos, sin, plan, kv_caches)
+            finally:
+                step.set_lora(None, None)
+        return super().forward(h, cos, sin, plan, kv_caches)
 
 
 def apply_lora(model: CausalLM, slots: LoRASlots) -> CausalLM:
@@ -129,5 +141,5 @@ def apply_lora(model: CausalLM, slots: LoRASlots) -> CausalLM:
         else:
             raise TypeError(f"layer {i} ({type(layer).__name__}) cannot take LoRA adapters")
     if isinstance(model.layers, FusedStack):
-        model.layers = LoRAStack(model.layers, slots.batch)
+        model.layers = LoRAStack(model.layers, slots)
     return model

@@ -37,6 +37,9 @@ class LoRABatch:
     def __init__(self) -> None:
         self.active = False
         self.masks: dict[str, Tensor] = {}
+        #: per kind, each row's columns of the stacks: int32 ``start [T]`` and ``count [T]`` (0: a
+        #: base row), what the native one-call decode step reads instead of the masks
+        self.columns: dict[str, tuple[Tensor, Tensor]] = {}
 
 
 class LoRASlots:
@@ -50,6 +53,7 @@ class LoRASlots:
         self.resident: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self.stacks: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in range(num_layers)]
         self.owners: dict[str, Tensor] = {}
+        self.spans: dict[str, dict[int, tuple[int, int]]] = {}  # kind -> lora_id -> (first column, count)
         self.batch = LoRABatch()
         self.num_swaps = 0  # adapters moved into the slots since start (a figure for stats)
 
@@ -60,6 +64,7 @@ class LoRASlots:
         if not step:
             batch.active = False
             batch.masks = {}
+            batch.columns = {}
             return
         missing = [a for lora_id, a in step.items() if lora_id not in self.resident]
         for lora_id in step:
@@ -77,6 +82,12 @@ class LoRASlots:
         batch.masks = {
             kind: (owners.unsqueeze(0) == ids.unsqueeze(1)).to(self.dtype) for kind, owners in self.owners.items() if kind in kinds
         }
+        batch.columns = {}
+        for kind in batch.masks:
+            spans = self.spans[kind]
+            ranges = [spans.get(a.lora_id, (0, 0)) if a is not None else (0, 0) for a in row_adapters]
+            table = torch.tensor(ranges, dtype=torch.int32).t().contiguous()
+            batch.columns[kind] = (table[0], table[1])
         batch.active = True
 
     def evict(self, lora_id: int) -> None:
@@ -97,6 +108,7 @@ class LoRASlots:
         adapters = list(self.resident.values())
         dev, dtype = self.device, self.dtype
         self.owners = {}
+        self.spans = {}
         for kind in KINDS:
             having = [a for a in adapters if kind in a.ranks]
             if not having:
@@ -104,6 +116,10 @@ class LoRASlots:
                     stack.pop(kind, None)
                 continue
             self.owners[kind] = torch.cat([torch.full((a.ranks[kind],), a.lora_id, dtype=torch.int64) for a in having]).to(dev)
+            starts = [0]
+            for a in having:
+                starts.append(starts[-1] + a.ranks[kind])
+            self.spans[kind] = {a.lora_id: (start, a.ranks[kind]) for a, start in zip(having, starts, strict=False)}
             for layer, stack in enumerate(self.stacks):
                 a_cat = torch.cat([a.layers[layer][kind][0] for a in having]).to(device=dev, dtype=dtype)
                 bt_cat = torch.cat([a.layers[layer][kind][1] for a in having]).to(device=dev, dtype=dtype)

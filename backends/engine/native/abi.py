@@ -62,11 +62,16 @@ class Projection(ctypes.Structure):
     _fields_ = [("w", _p), ("sz", _p), ("bias", _p), ("n", _i64), ("gs", _i64)]
 
 
+class LoraTerm(ctypes.Structure):
+    _fields_ = [("a", _p), ("bt", _p), ("start", _p), ("count", _p)]
+
+
 class LayerWeights(ctypes.Structure):
     _fields_ = [
         ("attn_norm", _p), ("ffn_norm", _p),
         ("qkv", Projection), ("o", Projection), ("gate_up", Projection), ("down", Projection),
         ("k_cache", _p), ("v_cache", _p),
+        ("lora_qkv", LoraTerm), ("lora_o", LoraTerm), ("lora_gate_up", LoraTerm), ("lora_down", LoraTerm),
     ]  # fmt: skip
 
 
@@ -83,7 +88,7 @@ class DecodeLayersArgs(ctypes.Structure):
 #: every struct of abi.h, by its C name
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
     PagedAttentionArgs, Int4MatmulArgs, Int8MatmulArgs, RmsNormArgs, RopeKvArgs,
-    Projection, LayerWeights, DecodeLayersArgs,
+    Projection, LoraTerm, LayerWeights, DecodeLayersArgs,
 )  # fmt: skip
 
 

@@ -70,6 +70,21 @@ class DecodeStep:
         except ValueError:
             return None
 
+    def set_lora(
+        self, stacks: Sequence[dict[str, tuple[Tensor, Tensor]]] | None, columns: dict[str, tuple[Tensor, Tensor]] | None
+    ) -> None:
+        """The LoRA terms of the next call (``lora.slots``: per layer and kind the stacked ``a`` and
+        ``bt``, float32; per kind each row's columns), or none (``None``). The tensors must live
+        until the call returns."""
+        for i, entry in enumerate(self._table):
+            for kind in ("qkv", "o", "gate_up", "down"):
+                term = abi.LoraTerm()  # a NULL: no term
+                if stacks is not None and columns is not None and kind in columns and kind in stacks[i]:
+                    a, bt = stacks[i][kind]
+                    start, count = columns[kind]
+                    term = abi.LoraTerm(a=a.data_ptr(), bt=bt.data_ptr(), start=start.data_ptr(), count=count.data_ptr())
+                setattr(entry, f"lora_{kind}", term)
+
     def applies(self, h: Tensor, plan: AttentionPlan, kv_caches: KVCache) -> bool:
         if not (
             self.attention_ok and not plan.prefills and plan.decode_rows is None and plan.decode_tables is not None

@@ -4,7 +4,7 @@
 
 #include "abi.h"
 
-#define KIND(e) _Generic((e), float: 'f', int32_t: 'i', int64_t: 'i', Projection: 's', default: 'p')
+#define KIND(e) _Generic((e), float: 'f', int32_t: 'i', int64_t: 'i', Projection: 's', LoraTerm: 's', default: 'p')
 #define ROW(T, f) {#T, #f, (int64_t)offsetof(T, f), (int64_t)sizeof(((T *)0)->f), KIND(((T *)0)->f)}
 #define SIZE_ROW(T) {#T, NULL, 0, (int64_t)sizeof(T), 's'}
 /* one level of indirection: the short names below expand before ROW stringifies them */
@@ -42,8 +42,10 @@ static const AbiField FIELDS[] = {
     SIZE(Projection), F(Projection, w), F(Projection, sz), F(Projection, bias), F(Projection, n),
     F(Projection, gs),
 
+    SIZE(LoraTerm), F(LoraTerm, a), F(LoraTerm, bt), F(LoraTerm, start), F(LoraTerm, count),
+
     SIZE(W), F(W, attn_norm), F(W, ffn_norm), F(W, qkv), F(W, o), F(W, gate_up), F(W, down), F(W, k_cache),
-    F(W, v_cache),
+    F(W, v_cache), F(W, lora_qkv), F(W, lora_o), F(W, lora_gate_up), F(W, lora_down),
 
     SIZE(D), F(D, layers), F(D, num_layers), F(D, h), F(D, t), F(D, hidden), F(D, heads), F(D, kv_heads),
     F(D, head_dim), F(D, intermediate), F(D, eps), F(D, scale), F(D, cos), F(D, sin), F(D, slots),

@@ -90,11 +90,21 @@ typedef struct {
     int64_t n, gs;
 } Projection;
 
+/* The LoRA term of one fused projection in one layer: the resident adapters' weights stacked
+ * along the rank, a [K, in] and bt [K, out] float32 (bt: B transposed and scaled), and per row
+ * of the step the columns of its adapter, [start, start + count) (count 0: a base row).
+ * a NULL: no adapter of the step adapts this projection. */
+typedef struct {
+    const float *a, *bt;
+    const int32_t *start, *count;
+} LoraTerm;
+
 /* One decoder layer's weights and cache, as decode_layers_bf16 reads them. */
 typedef struct {
     const float *attn_norm, *ffn_norm;
     Projection qkv, o, gate_up, down;
     uint16_t *k_cache, *v_cache;
+    LoraTerm lora_qkv, lora_o, lora_gate_up, lora_down;
 } LayerWeights;
 
 /* decode_layers_bf16: every decoder layer of a decode-only step in one call (fused_ops.c) */

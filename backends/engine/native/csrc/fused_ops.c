@@ -8,6 +8,9 @@
  *                product rounded as the torch path rounds it; then k and v written to the paged
  *                cache at each token's slot.
  */
+#include <math.h>
+#include <stdlib.h>
+
 #include "abi.h"
 #include "simd.h"
 
@@ -124,6 +127,60 @@ static int project(const Projection *p, const uint16_t *x, int64_t x_stride, int
     return int4_matmul_bf16(&a);
 }
 
+/* A LoRA term for each row with an adapter (LoraTerm): d = x[i] . a[c] over its columns c, then
+ * out[i] += d @ bt[c], in float32 as the torch path (lora/layers.py) computes it. The output is
+ * either bfloat16 rows y (rounded once, after the sum) or the float32 residual res. For the down
+ * projection (gated) the input is silu(gate) * up of the bfloat16 gate_up rows, each rounded to
+ * bfloat16 as torch rounds them; x is then gate_up and in the intermediate size. */
+static int lora_add(const LoraTerm *l, const uint16_t *x, int64_t x_stride, int64_t t, int64_t in, int gated,
+                    uint16_t *y, int64_t y_stride, float *res, int64_t res_stride, int64_t out, int32_t num_threads) {
+    if (l->a == NULL) return 0;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) if (t >= 2)
+    {
+        float *xf = malloc(sizeof(float) * (size_t)in);
+        float *acc = malloc(sizeof(float) * (size_t)out);
+        if (xf == NULL || acc == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < t; i++) {
+                const int32_t c0 = l->start[i], nc = l->count[i];
+                if (nc <= 0) continue;
+                const uint16_t *xi = x + i * x_stride;
+                if (gated) {
+                    for (int64_t k = 0; k < in; k++) {
+                        const float g = bf16_to_f32(xi[k]);
+                        const float silu = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
+                        xf[k] = bf16_to_f32(f32_to_bf16(silu * bf16_to_f32(xi[in + k])));
+                    }
+                } else {
+                    for (int64_t k = 0; k < in; k++) xf[k] = bf16_to_f32(xi[k]);
+                }
+                for (int64_t j = 0; j < out; j++) acc[j] = 0.0f;
+                for (int32_t r = 0; r < nc; r++) {
+                    const float *ar = l->a + (int64_t)(c0 + r) * in;
+                    float d = 0.0f;
+                    for (int64_t k = 0; k < in; k++) d += xf[k] * ar[k];
+                    const float *br = l->bt + (int64_t)(c0 + r) * out;
+                    for (int64_t j = 0; j < out; j++) acc[j] += d * br[j];
+                }
+                if (res != NULL) {
+                    float *ri = res + i * res_stride;
+                    for (int64_t j = 0; j < out; j++) ri[j] += acc[j];
+                } else {
+                    uint16_t *yi = y + i * y_stride;
+                    for (int64_t j = 0; j < out; j++) yi[j] = f32_to_bf16(bf16_to_f32(yi[j]) + acc[j]);
+                }
+            }
+        }
+        free(xf);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
 /* The decoder layers of a step whose t rows are all decodes (one new token per sequence), in
  * order, exactly as native/fused.py's FusedLayer runs them one call at a time: the residual stream h
  * (float32 [t, hidden], contiguous) is updated in place. Scratch: x [t, hidden], qkv [t, qkv.n],
@@ -154,13 +211,21 @@ static int decode_layers(
     if ((call) != 0) return 1 + l
         STEP(rms_norm(h, hidden, t, hidden, w->attn_norm, eps, x, hidden, num_threads));
         STEP(project(&w->qkv, x, hidden, t, hidden, qkv, NULL, 0, num_threads));
+        STEP(lora_add(&w->lora_qkv, x, hidden, t, hidden, 0, qkv, w->qkv.n, NULL, 0, q_width + 2 * (int64_t)kv_heads * head_dim,
+                      num_threads));
         STEP(rope_kv(qkv, w->qkv.n, t, heads, kv_heads, head_dim, cos, sin, head_dim, slots, w->k_cache, w->v_cache,
                      num_slots, num_threads));
         STEP(decode_attention_bf16(&attend));
         STEP(project(&w->o, attn, q_width, t, q_width, NULL, h, 0, num_threads));
+        STEP(lora_add(&w->lora_o, attn, q_width, t, q_width, 0, NULL, 0, h, hidden, hidden, num_threads));
         STEP(rms_norm(h, hidden, t, hidden, w->ffn_norm, eps, x, hidden, num_threads));
         STEP(project(&w->gate_up, x, hidden, t, hidden, gate_up, NULL, 0, num_threads));
+        STEP(lora_add(&w->lora_gate_up, x, hidden, t, hidden, 0, gate_up, w->gate_up.n, NULL, 0, 2 * intermediate,
+                      num_threads));
         STEP(project(&w->down, gate_up, w->gate_up.n, t, intermediate, NULL, h, 1, num_threads));
+        /* the down term reads silu(gate) * up from the gate_up rows (the matmul left them as they were) */
+        STEP(lora_add(&w->lora_down, gate_up, w->gate_up.n, t, intermediate, 1, NULL, 0, h, hidden, hidden,
+                      num_threads));
 #undef STEP
     }
     return 0;

@@ -147,3 +147,68 @@ def test_native_mixed_batch_gives_each_row_what_it_gets_alone(reference, native)
         out = alone.greedy({0: (prompts[k], None if n is None else adapters[n])}, NEW_TOKENS)
         assert out[0] == together[seq_id(n, k)], n
 
+
+
+def _stepwise(runner: LoRARunner, seqs: dict, adapters: dict) -> dict[int, torch.Tensor]:  # type: ignore[type-arg]
+    """Teacher-forced through decode steps: each prompt prefilled, then its continuation fed one
+    token per step (every step decode-only); the logits ``[len(continuation), V]`` predicting it."""
+    runner.adapters.update({i: adapters[i] for i in seqs})
+    first = runner.step([(i, p) for i, (p, _) in seqs.items()])
+    out = {i: [rows[-1].float()] for i, rows in zip(seqs, first, strict=True)}
+    length = len(next(iter(seqs.values()))[1])
+    for t in range(length - 1):
+        logits = runner.step([(i, [c[t]]) for i, (_, c) in seqs.items()])
+        for i, rows in zip(seqs, logits, strict=True):
+            out[i].append(rows[-1].float())
+    return {i: torch.stack(rows) for i, rows in out.items()}
+
+
+def test_native_one_call_decode_applies_each_rows_adapter(reference, native) -> None:
+    """The one native call per decode step (``LoRAStack`` -> ``DecodeStep`` with ``lora_add``),
+    every row with its own adapter (the base and four adapters of different targets and ranks in
+    one batch), teacher-forced on the float32 path's continuations through decode steps: its top-1
+    agreement with HF + peft is the layer-by-layer path's, and its logits are that path's within
+    bfloat16 rounding (1.7 % of the largest logit measured). The one call is really taken."""
+    prompts, _, continuations, top1 = reference
+    loaded, slots, adapters = native
+    step = loaded.model.layers.inner[0].decode_step
+    assert step is not None
+    seqs = {seq_id(n, k): (p, continuations[seq_id(n, k)]) for n in NAMES for k, p in enumerate(prompts)}
+    owners = {seq_id(n, k): None if n is None else adapters[n] for n in NAMES for k in range(len(prompts))}
+    calls = {"n": 0}
+    original = type(step).__call__
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    try:
+        type(step).__call__ = counted  # type: ignore[method-assign]
+        fast = _stepwise(LoRARunner(loaded, slots, num_blocks=1024, block_size=16), seqs, owners)
+    finally:
+        type(step).__call__ = original  # type: ignore[method-assign]
+    assert calls["n"] == NEW_TOKENS - 1  # every step after the prefill
+    step_applies = step.applies
+    try:
+        step.applies = lambda *args: False  # type: ignore[method-assign]
+        layered = _stepwise(LoRARunner(loaded, slots, num_blocks=1024, block_size=16), seqs, owners)
+    finally:
+        step.applies = step_applies  # type: ignore[method-assign]
+    worst = max(((fast[i] - layered[i]).abs().max() / layered[i].abs().max()).item() for i in seqs)
+    agreement = {
+        n: torch.cat([fast[seq_id(n, k)].argmax(-1) == top1[seq_id(n, k)] for k in range(len(prompts))]).float().mean().item()
+        for n in NAMES
+    }
+    layered_agreement = {
+        n: torch.cat([layered[seq_id(n, k)].argmax(-1) == top1[seq_id(n, k)] for k in range(len(prompts))]).float().mean().item()
+        for n in NAMES
+    }
+    print(agreement, layered_agreement, worst)
+    assert worst <= 0.03, worst
+    # fed token by token the base model itself agrees a little more than through one prefill
+    # (0.992 vs 0.984 measured), and so does neither path with the adapters (both 0.984 pooled):
+    # the one call is held to the layer-by-layer path's agreement, within one position per adapter
+    pooled = sum(agreement[n] for n in ADAPTERS) / len(ADAPTERS)
+    layered_pooled = sum(layered_agreement[n] for n in ADAPTERS) / len(ADAPTERS)
+    positions = len(prompts) * NEW_TOKENS
+    assert pooled >= layered_pooled - 1 / positions, (agreement, layered_agreement)
