@@ -229,16 +229,10 @@ class EngineBackend(Backend):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         if self._async is None or not self._async.ready:
             raise self._unavailable()
-        engine = self._engine
-        param = "messages" if request.messages is not None else "prompt"
-        # off the event loop: a 4 MB prompt renders and tokenizes for seconds (the step thread
-        # alone runs torch; this thread runs none, so no OpenMP team is left behind)
-        prompt_ids = await asyncio.to_thread(self._prompt_ids, request, param)
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", param=param)
-        if request.sampling.structured is not None:
-            self._check_tool_schemas(request)
-        engine.check_request(len(prompt_ids), request.sampling, param=param)
+        # off the event loop: a 4 MB prompt renders and tokenizes for seconds, a large schema's
+        # grammar compiles for a while (the step thread alone runs torch; this thread runs none,
+        # so no OpenMP team is left behind)
+        prompt_ids = await asyncio.to_thread(self._checked_prompt_ids, request)
         lora = None
         if request.adapter is not None:
             lora = None if self._lora is None else await self._lora.acquire(request.adapter)
@@ -250,6 +244,18 @@ class EngineBackend(Backend):
             stream = tools.parse_tool_calls(stream, request.tools)
         async for item in stream:
             yield item
+
+    def _checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, once the request is known to be one the engine can serve:
+        a prompt that fits, sampling it can honour, a grammar it can enforce (400s otherwise)."""
+        param = "messages" if request.messages is not None else "prompt"
+        prompt_ids = self._prompt_ids(request, param)
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        if request.sampling.structured is not None:
+            self._check_tool_schemas(request)
+        self._engine.check_request(len(prompt_ids), request.sampling, param=param)
+        return prompt_ids
 
     def _prompt_ids(self, request: GenerationRequest, param: str) -> list[int]:
         """The prompt's token ids; a prompt longer than the engine can ever hold is a 400 before
