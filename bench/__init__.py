@@ -1,6 +1,6 @@
 """Taxiway's benchmarks: a package beside the product, registered like any third-party plugin.
 
-``taxiway bench gateway|serving|engine|batching|tp|swap|gpu|lora|soak|edge`` come from here (entry point ``bench`` in the
+``taxiway bench gateway|serving|engine|batching|tp|swap|gpu|lora|soak|edge|plan`` come from here (entry point ``bench`` in the
 ``taxiway`` group). The product (``gateway/``, ``backends/``, ``plugins/``) never imports this
 package; the tests and the benchmarks import the product.
 """
@@ -15,7 +15,7 @@ from gateway.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(register: Callable[..., Any]) -> None:
-    from bench import batching, edge, embeddings, engine, gpu, loadgen, lora, overhead, soak, structured, swap, tp
+    from bench import batching, edge, embeddings, engine, gpu, loadgen, lora, overhead, plan, soak, structured, swap, tp
 
     register(("bench", "gateway"), overhead.configure, overhead.run)
     register(("bench", "serving"), loadgen.configure, loadgen.run)
@@ -29,3 +29,4 @@ def register_commands(register: Callable[..., Any]) -> None:
     register(("bench", "lora"), lora.configure, lora.run)
     register(("bench", "soak"), soak.configure, soak.run)
     register(("bench", "edge"), edge.configure, edge.run)
+    register(("bench", "plan"), plan.configure, plan.run)
