@@ -3,7 +3,8 @@ Hugging Face ``config.json``.
 
 Supported architectures: ``llama`` (SmolLM, TinyLlama, Llama 2/3 including Llama 3 rope scaling),
 ``mistral`` (full attention; a sliding window is recorded but only exact while the context fits
-in it) and ``qwen2`` (bias on q/k/v). Anything else is an ``UnsupportedModelError``.
+in it), ``qwen2`` (bias on q/k/v) and ``qwen3`` (an RMSNorm over each head of q and of k before
+the rotary embedding). Anything else is an ``UnsupportedModelError``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import msgspec
 
 from gateway.errors import ConfigError
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class UnsupportedModelError(ConfigError):
@@ -46,6 +47,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool = False  # bias on the q/k/v projections (qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k, before the rotary embedding (qwen3)
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # recorded, not applied (see module docstring)
 
@@ -98,6 +100,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_position_embeddings=int(key("context_length")),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
             rope_scaling=scaling,
         )
 
@@ -131,7 +134,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
         elif rope_type not in ("default", None):
             raise UnsupportedModelError(f"rope scaling '{rope_type}' is not supported (linear, llama3)")
         window = cfg.get("sliding_window")
-        if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+        if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None
         return cls(
             architecture=arch,
@@ -147,6 +150,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
             rope_scaling=scaling,
             sliding_window=int(window) if window else None,
         )

@@ -1,4 +1,4 @@
-"""The Llama-family forward (llama, mistral, qwen2) over a flattened batch and a paged KV cache.
+"""The Llama-family forward (llama, mistral, qwen2, qwen3) over a flattened batch and a paged KV cache.
 
 ``model(input_ids[T], positions[T], attn, kv_caches) -> hidden[T, D]`` (after the final norm);
 ``model.compute_logits(hidden[rows]) -> float32 [S, V]``. See docs/architecture.md for the
@@ -99,12 +99,28 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module = DenseLinear(config.hidden_size, config.q_size + 2 * config.kv_size)
         self.o_proj: nn.Module = DenseLinear(config.q_size, config.hidden_size)
         self.attend = PagedAttention()
+        self.eps = config.rms_norm_eps
+        if config.qk_norm:  # qwen3: float32 [head_dim] each, one per head kind, set by the loader
+            self.register_buffer("q_norm", torch.empty(config.head_dim))
+            self.register_buffer("k_norm", torch.empty(config.head_dim))
+        else:
+            self.q_norm = self.k_norm = None
+
+    def _norm_heads(self, qk: Tensor) -> Tensor:
+        """qwen3's per-head RMSNorm of q's and k's heads (``[T, H + KV, D]``), as transformers
+        computes it: in float32, rounded to the activation dtype, then times the weight."""
+        x = qk.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(qk.dtype)
+        w = torch.cat([self.q_norm.expand(self.num_heads, -1), self.k_norm.expand(self.num_kv_heads, -1)])
+        return x * w.to(qk.dtype)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
         # rotary on q and k together: x * cos + rotate_half(x) * sin, with rotate_half's sign in sin
         qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            qk = self._norm_heads(qk)
         qk = torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, -1), sin)
         q = qk[:, : self.num_heads]
         k = qk[:, self.num_heads :]

@@ -178,6 +178,9 @@ def _build(source: Any, b: _Builder) -> CausalLM:
         p = f"layers.{i}"
         layer.attn_norm.set_weight(b.vector(f"{p}.attn_norm"))
         layer.ffn_norm.set_weight(b.vector(f"{p}.ffn_norm"))
+        if config.qk_norm:
+            layer.self_attn.q_norm = b.vector(f"{p}.q_norm")
+            layer.self_attn.k_norm = b.vector(f"{p}.k_norm")
         layer.self_attn.qkv_proj = b.linear([f"{p}.q", f"{p}.k", f"{p}.v"])
         layer.self_attn.o_proj = b.linear([f"{p}.o"])
         layer.mlp.gate_up_proj = b.linear([f"{p}.gate", f"{p}.up"])

@@ -45,6 +45,8 @@ GGUF_NAMES = TensorNames(
         "ffn_down.weight": "down",
         "attn_norm.weight": "attn_norm",
         "ffn_norm.weight": "ffn_norm",
+        "attn_q_norm.weight": "q_norm",
+        "attn_k_norm.weight": "k_norm",
     },
     whole_model={
         "token_embd.weight": "embed",
@@ -71,6 +73,8 @@ HF_NAMES = TensorNames(
         "mlp.down_proj.weight": "down",
         "input_layernorm.weight": "attn_norm",
         "post_attention_layernorm.weight": "ffn_norm",
+        "self_attn.q_norm.weight": "q_norm",
+        "self_attn.k_norm.weight": "k_norm",
     },
     whole_model={
         "model.embed_tokens.weight": "embed",

@@ -28,7 +28,7 @@ TINY = dict(
 
 
 def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
-    """A random-weight ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` in float32
+    """A random-weight ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` in float32
     with lively weights."""
     from transformers import (
         LlamaConfig,
@@ -37,6 +37,8 @@ def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Mod
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     torch.manual_seed(seed)
@@ -44,6 +46,10 @@ def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Mod
     if arch == "qwen2":
         kwargs.setdefault("tie_word_embeddings", True)
         model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    elif arch == "qwen3":  # per-head q/k norms; a head_dim that is not hidden / heads, as Qwen3's
+        kwargs.setdefault("tie_word_embeddings", True)
+        kwargs.setdefault("head_dim", 48)
+        model = Qwen3ForCausalLM(Qwen3Config(**kwargs))
     elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**kwargs))
     else:
@@ -97,6 +103,10 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim and head_dim != cfg.hidden_size // cfg.num_attention_heads:  # qwen3's
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
@@ -131,6 +141,10 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
         put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], qtype)
         put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], qtype)
         put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], qtype)
+        for short in ("q", "k"):  # qwen3
+            norm = sd.get(p + f"self_attn.{short}_norm.weight")
+            if norm is not None:
+                put(f"blk.{i}.attn_{short}_norm.weight", norm, QT.F32)
         put(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], QT.F32)
         put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], QT.F32)
     w.write_header_to_file()

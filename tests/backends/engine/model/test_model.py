@@ -56,7 +56,7 @@ def max_error(ours: dict, reference) -> float:
     return worst
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def tiny(request, tmp_path_factory):
     arch = request.param
     model = make_hf_model(arch)
@@ -70,7 +70,8 @@ def test_hf_safetensors_float32_matches_transformers(tiny) -> None:
     assert loaded.config.architecture == arch
     assert loaded.config.num_kv_heads == 2
     assert loaded.config.attention_bias == (arch == "qwen2")
-    assert loaded.config.tie_word_embeddings == (arch == "qwen2")
+    assert loaded.config.tie_word_embeddings == (arch in ("qwen2", "qwen3"))
+    assert loaded.config.qk_norm == (arch == "qwen3")
     assert max_error(run_steps(loaded.model, loaded.config), hf) <= ATOL
 
 
