@@ -43,7 +43,7 @@ ROW_BLOCK = 64  # packed int4 rows are padded to this (model/quant/layouts.py's 
 
 
 _VOCAB = ("embed", "lm_head")
-_FUSED = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # one module each (loader._build)
+_FUSED = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))  # one module each (loader._build; phi3 stores qkv, gate_up)
 
 
 class MemoryEstimate(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,7 +4,8 @@ Hugging Face ``config.json``.
 Supported architectures: ``llama`` (SmolLM, TinyLlama, Llama 2/3 including Llama 3 rope scaling),
 ``mistral`` (full attention; a sliding window is recorded but only exact while the context fits
 in it), ``qwen2`` (bias on q/k/v) and ``qwen3`` (an RMSNorm over each head of q and of k before
-the rotary embedding). Anything else is an ``UnsupportedModelError``.
+the rotary embedding) and ``phi3`` (q/k/v and gate/up stored fused; its 128k variants' ``longrope``
+scaling is refused). Anything else is an ``UnsupportedModelError``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import msgspec
 
 from gateway.errors import ConfigError
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 class UnsupportedModelError(ConfigError):
@@ -68,6 +69,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise UnsupportedModelError(
                 f"GGUF architecture '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})"
             )
+        if arch == "phi3" and metadata.get(f"{arch}.rope.scaling.original_context_length") is not None:
+            raise UnsupportedModelError("phi3 with longrope scaling (the 128k-context variants) is not supported")
 
         def key(name: str, default: Any = None) -> Any:
             value = metadata.get(f"{arch}.{name}", default)
@@ -117,6 +120,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
         hidden = int(cfg["hidden_size"])
         num_heads = int(cfg["num_attention_heads"])
         rope = dict(cfg.get("rope_parameters") or {})
+        if float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0) != 1.0:
+            raise UnsupportedModelError("a partial rotary embedding (partial_rotary_factor < 1) is not supported")
         rope.update(cfg.get("rope_scaling") or {})
         theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         rope_type = rope.get("rope_type", rope.get("type", "default"))

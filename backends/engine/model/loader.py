@@ -181,9 +181,15 @@ def _build(source: Any, b: _Builder) -> CausalLM:
         if config.qk_norm:
             layer.self_attn.q_norm = b.vector(f"{p}.q_norm")
             layer.self_attn.k_norm = b.vector(f"{p}.k_norm")
-        layer.self_attn.qkv_proj = b.linear([f"{p}.q", f"{p}.k", f"{p}.v"])
+        # phi3 stores q/k/v fused, and gate/up (GGUF: in its ffn_up, gate rows first): as is
+        qkv = [f"{p}.qkv"] if source.has(f"{p}.qkv") else [f"{p}.q", f"{p}.k", f"{p}.v"]
+        layer.self_attn.qkv_proj = b.linear(qkv)
         layer.self_attn.o_proj = b.linear([f"{p}.o"])
-        layer.mlp.gate_up_proj = b.linear([f"{p}.gate", f"{p}.up"])
+        if source.has(f"{p}.gate_up"):
+            gate_up = [f"{p}.gate_up"]
+        else:
+            gate_up = [f"{p}.gate", f"{p}.up"] if source.has(f"{p}.gate") else [f"{p}.up"]
+        layer.mlp.gate_up_proj = b.linear(gate_up)
         layer.mlp.down_proj = b.linear([f"{p}.down"])
         return_freed_memory(collect=False)  # glibc keeps freed temporaries otherwise: peak RSS grows per layer
     model.norm.set_weight(b.vector("norm"))

@@ -47,6 +47,7 @@ GGUF_NAMES = TensorNames(
         "ffn_norm.weight": "ffn_norm",
         "attn_q_norm.weight": "q_norm",
         "attn_k_norm.weight": "k_norm",
+        "attn_qkv.weight": "qkv",  # phi3: q/k/v fused (its ffn_up holds gate and up: loader._build)
     },
     whole_model={
         "token_embd.weight": "embed",
@@ -75,6 +76,8 @@ HF_NAMES = TensorNames(
         "post_attention_layernorm.weight": "ffn_norm",
         "self_attn.q_norm.weight": "q_norm",
         "self_attn.k_norm.weight": "k_norm",
+        "self_attn.qkv_proj.weight": "qkv",  # phi3: stored fused
+        "mlp.gate_up_proj.weight": "gate_up",
     },
     whole_model={
         "model.embed_tokens.weight": "embed",

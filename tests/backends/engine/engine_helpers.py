@@ -37,6 +37,8 @@ def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Mod
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
     )
@@ -50,6 +52,10 @@ def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Mod
         kwargs.setdefault("tie_word_embeddings", True)
         kwargs.setdefault("head_dim", 48)
         model = Qwen3ForCausalLM(Qwen3Config(**kwargs))
+    elif arch == "phi3":  # q/k/v and gate/up stored fused; no sliding window at these lengths
+        kwargs.setdefault("sliding_window", None)
+        kwargs.setdefault("pad_token_id", 0)
+        model = Phi3ForCausalLM(Phi3Config(**kwargs))
     elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**kwargs))
     else:
@@ -127,19 +133,25 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
-        if arch == "llama":
-            q, k = _llama_permute(q, heads), _llama_permute(k, kv_heads)
-        put(f"blk.{i}.attn_q.weight", q, qtype)
-        put(f"blk.{i}.attn_k.weight", k, qtype)
-        put(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"], qtype)
+        if p + "self_attn.qkv_proj.weight" in sd:  # phi3: fused, as llama.cpp's converter keeps it
+            put(f"blk.{i}.attn_qkv.weight", sd[p + "self_attn.qkv_proj.weight"], qtype)
+        else:
+            q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+            if arch == "llama":
+                q, k = _llama_permute(q, heads), _llama_permute(k, kv_heads)
+            put(f"blk.{i}.attn_q.weight", q, qtype)
+            put(f"blk.{i}.attn_k.weight", k, qtype)
+            put(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"], qtype)
         put(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"], qtype)
         for short in ("q", "k", "v"):
             bias = sd.get(p + f"self_attn.{short}_proj.bias")
             if bias is not None:
                 put(f"blk.{i}.attn_{short}.bias", bias, QT.F32)
-        put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], qtype)
-        put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], qtype)
+        if p + "mlp.gate_up_proj.weight" in sd:  # phi3: gate and up in one ffn_up, gate rows first
+            put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.gate_up_proj.weight"], qtype)
+        else:
+            put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], qtype)
+            put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], qtype)
         put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], qtype)
         for short in ("q", "k"):  # qwen3
             norm = sd.get(p + f"self_attn.{short}_norm.weight")

@@ -42,8 +42,22 @@ def test_hf_config_transformers4_and_5_spellings() -> None:
 def test_unsupported_architecture_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="model_type 'gpt2'"):
         ModelConfig.from_hf_config({"model_type": "gpt2"})
-    with pytest.raises(UnsupportedModelError, match="architecture 'phi3'"):
-        ModelConfig.from_gguf_metadata({"general.architecture": "phi3"}, has_output_tensor=True)
+    with pytest.raises(UnsupportedModelError, match="architecture 'gpt2'"):
+        ModelConfig.from_gguf_metadata({"general.architecture": "gpt2"}, has_output_tensor=True)
+
+
+def test_phi3_variants_the_engine_cannot_run_exactly_are_refused() -> None:
+    base = {"model_type": "phi3", "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 32, "intermediate_size": 128,
+            "num_hidden_layers": 1}  # fmt: skip
+    assert ModelConfig.from_hf_config(base).architecture == "phi3"
+    longrope = {**base, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+    with pytest.raises(UnsupportedModelError, match="rope scaling 'longrope'"):
+        ModelConfig.from_hf_config(longrope)
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor"):
+        ModelConfig.from_hf_config({**base, "partial_rotary_factor": 0.5})
+    gguf_meta = {"general.architecture": "phi3", "phi3.rope.scaling.original_context_length": 4096}
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        ModelConfig.from_gguf_metadata(gguf_meta, has_output_tensor=True)
 
 
 def test_loaded_model_fields_hf(tmp_path) -> None:

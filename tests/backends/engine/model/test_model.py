@@ -56,7 +56,7 @@ def max_error(ours: dict, reference) -> float:
     return worst
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "phi3"])
 def tiny(request, tmp_path_factory):
     arch = request.param
     model = make_hf_model(arch)
@@ -81,7 +81,7 @@ def test_gguf_float32_matches_transformers_on_decoded_weights(tiny, qtype, tmp_p
     path = write_gguf(hf, tmp_path / "m.gguf", qtype)
     loaded = load_model(path, dtype=torch.float32)
     assert loaded.format == "gguf"
-    assert loaded.tensor_types["layers.0.q"] == qtype.name
+    assert loaded.tensor_types["layers.0.o"] == qtype.name
     assert loaded.metadata["general.architecture"] == arch
     reference = roundtrip_model(hf, qtype)  # HF with exactly the weights the file decodes to
     assert max_error(run_steps(loaded.model, loaded.config), reference) <= ATOL
