@@ -294,8 +294,11 @@ async def _soak(
             sampling = asyncio.create_task(sampler())
             await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
             duration_s = time.perf_counter() - start
+        sampling.cancel()  # quiet from here: the sampler's own requests would hold a connection open
+        rss, fds = _measure(server)
+        used, _ = await kv_blocks()
+        samples.append(Sample(time.perf_counter() - start, tally.num_done, rss, fds, used))
         await asyncio.sleep(args.settle_s)  # the server closes its idle connections (idle_timeout_s)
-        sampling.cancel()
         rss_end, fds_end = _measure(server)
         used_end, total = await kv_blocks()
         samples.append(Sample(time.perf_counter() - start, tally.num_done, rss_end, fds_end, used_end))

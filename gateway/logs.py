@@ -52,7 +52,25 @@ class _HandlerLogger:
     debug = info = warning = error = critical = exception = msg
 
 
-_handler = logging.StreamHandler(sys.stdout)  # replaced by configure_logging
+class _StdStream:
+    """``sys.stdout`` or ``sys.stderr`` as it is when a line is written, not when logging was
+    configured: a test (or an embedding program) that swaps it and closes its stand-in afterwards
+    leaves logging writing to the real one again, not to a closed stream."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+    def isatty(self) -> bool:
+        return getattr(sys, self.name).isatty()
+
+
+_handler = logging.StreamHandler(_StdStream("stdout"))  # replaced by configure_logging
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -63,7 +81,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     logger keeps the level it was first used at).
     """
     global _handler
-    stream = stream or sys.stdout
+    if stream is None or stream is sys.stdout:
+        stream = _StdStream("stdout")
+    elif stream is sys.stderr:
+        stream = _StdStream("stderr")
     is_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     # run for structlog's events and the standard library's records alike
     shared: list[Any] = [

@@ -207,7 +207,7 @@ def _own(data: WeightData) -> WeightData:
     if isinstance(data, Tensor):
         return data.clone()
     return msgspec.structs.replace(
-        data, **{f: getattr(data, f).clone() for f in ("q", "scales", "zeros") if hasattr(data, f)}
+        data, **{f: v.clone() for f in ("q", "scales", "zeros") if (v := getattr(data, f, None)) is not None}
     )
 
 
