@@ -55,9 +55,11 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # where a load runs: "auto" in a child process when another engine serves in this process
     # (a reload, an on-demand load: backends/engine/child_load.py), else on a thread of it
     load_process: Literal["auto", "always", "never"] = "auto"
-    # the CPU priority of a child-process load (child_load.py): 0 shares the CPU evenly with serving,
-    # 19 takes only what serving leaves (and under full load almost nothing: see docs/benchmarks.md)
-    load_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    # the CPU priority of a child-process load (child_load.py) and of its thread here: 0 shares the
+    # CPU evenly with serving, 19 takes only what serving leaves (under full load almost nothing).
+    # `taxiway bench swap` (C=16, 2 cores), B ready after the signal / p99 during the swap vs steady:
+    # nice 5 23-28 s / 1.62-2.12x, 7 40 s / 1.56x, 10 94 s / 1.48x; docs/benchmarks.md
+    load_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 7
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from CUDA graphs (cuda/graphs.py)
     # on CUDA with no KV size set: the share of the GPU's memory the process may hold in all
     gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9

@@ -5,7 +5,7 @@ of CPU work, much of it in Python. On a thread of the serving process it shares 
 event loop and the step thread: at the lowest CPU priority the load thread is descheduled while
 holding the GIL, and every request waits (``taxiway bench swap``, 2 cores: p99 latency during a
 swap 4.5x steady with the load on a nice-19 thread). In a child process (at ``load_niceness``,
-10 by default) it competes for CPU alone, at a priority the scheduler weighs against serving's.
+7 by default) it competes for CPU alone, at a priority the scheduler weighs against serving's.
 
 The child (spawned: no fork of a threaded process) loads the model and tokenizer, drops its
 handles on the native kernels (a loaded library cannot travel) and sends the rest through a pipe:
