@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import msgspec
+import pytest
 import structlog
 
 from gateway.context import RequestContext, Timings
@@ -18,9 +19,12 @@ def _lines(stream: io.StringIO) -> list[dict[str, object]]:
     return [msgspec.json.decode(line) for line in stream.getvalue().splitlines()]
 
 
-def test_one_json_line_per_request() -> None:
+def test_one_json_line_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
     configure_logging("info", "json", stream=stream)
+    # a fresh logger: the module's keeps the level of the configuration it was first used under
+    # (cache_logger_on_first_use), which an earlier test in this process may have set to warning
+    monkeypatch.setattr(access_log, "log", structlog.get_logger("taxiway.access"))
     try:
         ctx = RequestContext(request_id="r1", endpoint="chat.completions", started_at=0.0, model="m",
                              backend_name="openai", is_stream=True,
