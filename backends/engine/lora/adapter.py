@@ -101,6 +101,26 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+def _checked_pair(
+    file: Path, parts: dict, a_name: str, b_name: str, shape: tuple[int, int], max_rank: int
+) -> tuple[Tensor, Tensor]:
+    """One module's ``(A [r, in], B [out, r])`` from ``parts`` (each tensor under its part name,
+    its file key under ``name + "_key"``), checked against the base's ``(in, out)`` and the rank limit."""
+    if a_name not in parts or b_name not in parts:
+        have = parts.get(f"{a_name}_key") or parts.get(f"{b_name}_key")
+        raise AdapterError(f"{file}: tensor {have!r} has no lora_{b_name if a_name in parts else a_name} partner")
+    a, b = parts[a_name], parts[b_name]
+    in_f, out_f = shape
+    rank = a.shape[0]
+    if a.ndim != 2 or a.shape[1] != in_f:
+        raise AdapterError(f"{file}: tensor {parts[a_name + '_key']!r} has shape {list(a.shape)}; the base model needs [r, {in_f}]")
+    if b.ndim != 2 or tuple(b.shape) != (out_f, rank):
+        raise AdapterError(f"{file}: tensor {parts[b_name + '_key']!r} has shape {list(b.shape)}; the base model needs [{out_f}, {rank}]")
+    if rank > max_rank:
+        raise AdapterError(f"{file}: tensor {parts[a_name + '_key']!r} has rank {rank}, over max_lora_rank = {max_rank}")
+    return a, b
+
+
 def _pattern(patterns: dict, module_key: str, default: float) -> float:
     """PEFT's ``rank_pattern`` / ``alpha_pattern``: the value of the first key the module's name
     ends with (keys may be regular expressions)."""
@@ -147,20 +167,9 @@ def load_peft(
     # check every pair and scale B: (a [r, in], b_scaled [out, r]) per (layer, module)
     pairs: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
     for (layer, module), parts in found.items():
-        if "A" not in parts or "B" not in parts:
-            have = parts.get("A_key") or parts.get("B_key")
-            raise AdapterError(f"{file}: tensor {have!r} has no lora_{'B' if 'A' in parts else 'A'} partner")
-        a, b = parts["A"], parts["B"]
-        in_f, out_f = shapes[module]
-        rank = a.shape[0]
-        if a.ndim != 2 or a.shape[1] != in_f:
-            raise AdapterError(f"{file}: tensor {parts['A_key']!r} has shape {list(a.shape)}; the base model needs [r, {in_f}]")
-        if b.ndim != 2 or b.shape != (out_f, rank):
-            raise AdapterError(f"{file}: tensor {parts['B_key']!r} has shape {list(b.shape)}; the base model needs [{out_f}, {rank}]")
-        if rank > max_rank:
-            raise AdapterError(f"{file}: tensor {parts['A_key']!r} has rank {rank}, over max_lora_rank = {max_rank}")
+        a, b = _checked_pair(file, parts, "A", "B", shapes[module], max_rank)
         module_key = str(parts["A_key"]).rsplit(".lora_A", 1)[0].removeprefix("base_model.model.")
-        r = _pattern(cfg.get("rank_pattern"), module_key, cfg.get("r", rank))
+        r = _pattern(cfg.get("rank_pattern"), module_key, cfg.get("r", a.shape[0]))
         alpha = _pattern(cfg.get("alpha_pattern"), module_key, cfg.get("lora_alpha", r))
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         pairs[(layer, module)] = (a.float(), b.float() * scale)
@@ -257,18 +266,8 @@ def load_gguf_adapter(
         raise AdapterError(f"{file}: no LoRA tensors")
     pairs: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
     for (layer, module), parts in found.items():
-        if "a" not in parts or "b" not in parts:
-            have = parts.get("a_key") or parts.get("b_key")
-            raise AdapterError(f"{file}: tensor {have!r} has no lora_{'b' if 'a' in parts else 'a'} partner")
-        a, b = parts["a"], parts["b"]
-        in_f, out_f = shapes[module]
-        rank = a.shape[0]
-        if a.ndim != 2 or a.shape[1] != in_f:
-            raise AdapterError(f"{file}: tensor {parts['a_key']!r} has shape {list(a.shape)}; the base model needs [r, {in_f}]")
-        if b.ndim != 2 or tuple(b.shape) != (out_f, rank):
-            raise AdapterError(f"{file}: tensor {parts['b_key']!r} has shape {list(b.shape)}; the base model needs [{out_f}, {rank}]")
-        if rank > max_rank:
-            raise AdapterError(f"{file}: tensor {parts['a_key']!r} has rank {rank}, over max_lora_rank = {max_rank}")
+        a, b = _checked_pair(file, parts, "a", "b", shapes[module], max_rank)
+        out_f, rank = b.shape
         if config.architecture == "llama" and module in ("q_proj", "k_proj"):
             heads = config.num_heads if module == "q_proj" else config.num_kv_heads
             b = b[torch.arange(out_f).view(heads, -1, 2).transpose(1, 2).reshape(-1)]
