@@ -12,11 +12,8 @@ rendered and tokenized on a pooled thread, never on the event loop (a prompt tha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import itertools
-import os
-import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -140,14 +137,7 @@ class EngineBackend(Backend):
             from backends.engine.async_engine import serving_beside
             from backends.engine.builder import build_engine
 
-            in_child = self._load_in_child(serving_beside())
-            if in_child:
-                # this thread's part of it (the tensors received, the KV cache allocated, the
-                # warm-up) at the child's priority: at the load thread's nice 19 it starved behind
-                # 16 streams on 2 cores (`taxiway bench swap`: B not ready 100 s after the signal)
-                with contextlib.suppress(OSError):
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.options.load_niceness)
-            self._engine = build_engine(self.options, in_child=in_child)
+            self._engine = build_engine(self.options, in_child=self._load_in_child(serving_beside()))
         from backends.engine.text.chat_template import ChatTemplate
 
         self._template = ChatTemplate.from_tokenizer(self._engine.tokenizer)

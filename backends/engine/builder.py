@@ -203,7 +203,18 @@ def load_kernels(options: EngineOptions, environ: Mapping[str, str] | None = Non
 
 def build_engine(options: EngineOptions, *, progress: bool = False, in_child: bool = False):  # type: ignore[no-untyped-def]
     """Load the model and tokenizer, size the KV cache, wire scheduler and runner. ``in_child``:
-    load the weights and tokenizer in a child process (CPU only; ``child_load``)."""
+    load the weights and tokenizer in a child process (CPU only; ``child_load``), the child and
+    this thread's part of the build (the tensors received, the cache, the warm-up) at
+    ``options.load_niceness``."""
+    if in_child:
+        from backends.engine.child_load import thread_niceness
+
+        with thread_niceness(options.load_niceness):
+            return _build_engine(options, progress=progress, in_child=True)
+    return _build_engine(options, progress=progress, in_child=False)
+
+
+def _build_engine(options: EngineOptions, *, progress: bool, in_child: bool):  # type: ignore[no-untyped-def]
     import torch
 
     from backends.engine.engine import LLMEngine

@@ -48,12 +48,12 @@ class ChildStartError(ChildLoadError):
 
 
 @contextlib.contextmanager
-def _thread_niceness(niceness: int) -> Iterator[None]:
-    """This thread at ``niceness`` for the block. A load thread runs at nice 19
-    (``async_engine.LOAD_NICENESS``), and a child it spawns would start there: under full load its
-    interpreter start and ``import torch`` alone took minutes (``taxiway bench swap``, 16 streams on
-    2 cores: B never ready in 80 s). Lowering a niceness needs CAP_SYS_NICE; without it the child
-    starts at this thread's."""
+def thread_niceness(niceness: int) -> Iterator[None]:
+    """This thread at ``niceness`` for the block (``build_engine`` wraps a child load in it). A
+    load thread runs at nice 19 (``async_engine.LOAD_NICENESS``): a child it spawned started there,
+    and under full load its interpreter start and ``import torch`` alone took minutes, then this
+    thread's part starved too (``taxiway bench swap``, 16 streams on 2 cores: B never ready in 100
+    s). Lowering a niceness needs CAP_SYS_NICE; without it both stay at this thread's."""
     tid = threading.get_native_id()
     before = os.getpriority(os.PRIO_PROCESS, tid)
     try:
@@ -98,7 +98,7 @@ def _child(path: str, options_json: bytes, conn: Any) -> None:  # the spawned pr
 
 
 def load_in_child(path: Path, options: EngineOptions, kernels: Kernels | None) -> tuple[LoadedModel, Tokenizer]:
-    """``load_model`` and ``Tokenizer.load`` of ``path`` in a spawned child at ``options.load_niceness``; the
+    """``load_model`` and ``Tokenizer.load`` of ``path`` in a spawned child (at this thread's priority); the
     modules that held the child's native kernels get ``kernels`` (the parent's)."""
     import multiprocessing
 
@@ -108,8 +108,7 @@ def load_in_child(path: Path, options: EngineOptions, kernels: Kernels | None) -
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(str(path), msgspec.json.encode(options), child), daemon=True,
                        name="taxiway-engine-load")  # fmt: skip
-    with _thread_niceness(options.load_niceness):  # a spawned process starts at its spawner's
-        proc.start()
+    proc.start()  # at this thread's priority: build_engine runs a child load in thread_niceness
     child.close()
     try:
         try:
