@@ -278,8 +278,10 @@ def fallback_messages(messages: Sequence[ChatMessage], declared: Sequence[Tool])
     return out
 
 
-def template_message(m: ChatMessage) -> dict[str, Any]:
-    """A message as HF chat templates read it (``tool_calls`` with JSON-decoded ``arguments``)."""
+def message_dict(m: ChatMessage, *, decode_arguments: bool) -> dict[str, Any]:
+    """A message as a plain dict: for an OpenAI-compatible upstream (``decode_arguments=False``:
+    ``arguments`` stay the JSON string the wire carries, ``content`` is null beside tool calls) or
+    for HF chat templates (``True``: ``arguments`` decoded, as templates iterate over them)."""
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.name is not None:
         out["name"] = m.name
@@ -288,13 +290,22 @@ def template_message(m: ChatMessage) -> dict[str, Any]:
     if m.tool_calls:
         calls = []
         for c in m.tool_calls:
-            try:
-                arguments: Any = json.loads(c.arguments)
-            except ValueError:
-                arguments = c.arguments
+            arguments: Any = c.arguments
+            if decode_arguments:
+                try:
+                    arguments = json.loads(c.arguments)
+                except ValueError:
+                    pass
             calls.append({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
         out["tool_calls"] = calls
+        if not decode_arguments:
+            out["content"] = m.content or None
     return out
+
+
+def template_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as HF chat templates read it (``tool_calls`` with JSON-decoded ``arguments``)."""
+    return message_dict(m, decode_arguments=True)
 
 
 # ---------------------------------------------------------------------------------------------

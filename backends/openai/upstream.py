@@ -20,7 +20,6 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.interface import (
-    ChatMessage,
     Delta,
     FinishReason,
     GenerationRequest,
@@ -29,6 +28,7 @@ from gateway.interface import (
     TopLogprob,
     Usage,
 )
+from gateway.tools import message_dict
 
 EXTENSION_PARAMS = ("top_k", "min_p", "repetition_penalty")
 
@@ -197,21 +197,6 @@ def _tool_calls(message: _Message | None) -> tuple[ToolCallDelta, ...]:
     )
 
 
-def _message(m: ChatMessage) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.name is not None:
-        out["name"] = m.name
-    if m.tool_call_id is not None:
-        out["tool_call_id"] = m.tool_call_id
-    if m.tool_calls:
-        out["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in m.tool_calls
-        ]
-        out["content"] = m.content or None
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # requests
 
@@ -221,7 +206,7 @@ def request_body(request: GenerationRequest, upstream_model: str, *, stream: boo
     s = request.sampling
     body: dict[str, Any] = {"model": upstream_model}
     if request.messages is not None:
-        body["messages"] = [_message(m) for m in request.messages]
+        body["messages"] = [message_dict(m, decode_arguments=False) for m in request.messages]
         if request.tools:
             body["tools"] = [
                 {"type": "function", "function": {k: v for k, v in msgspec.structs.asdict(t).items() if v is not None}}
