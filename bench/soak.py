@@ -33,14 +33,12 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from argparse import ArgumentParser, Namespace
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ import httpx
 import psutil
 
 from bench.loadgen import RequestSpec, prompt_text
+from bench.served import served
 from bench.report import add_json_flag, human, write_json
 from bench.soak_report import Sample, SoakParams, SoakReport, format_report, missed_targets, write_plot
 
@@ -86,7 +85,7 @@ def run(args: Namespace) -> int:
     load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="taxiway-bench-soak-") as tmp:
         config = args.config if args.config is not None else _default_config(Path(tmp))
-        with _server(config, Path(tmp) / "server.log", args.ready_timeout) as (url, proc):
+        with served(config, Path(tmp) / "server.log", args.ready_timeout) as (url, proc):
             report = asyncio.run(_soak(args, url, proc, prompt_words, max_tokens))
         report.server_exit_code = proc.returncode
     report.load_average_before, report.load_average_after = load_before, list(os.getloadavg())
@@ -108,38 +107,6 @@ def _default_config(tmp: Path) -> Path:
     # as `taxiway serve` runs without a config, but the ledger's rows go to the temporary directory
     path.write_text(DEFAULT_CONFIG_TOML + f'\n[usage]\nurl = "sqlite:///{tmp}/usage.sqlite3"\n')
     return path
-
-
-@contextlib.contextmanager
-def _server(config: Path, log: Path, ready_timeout: float) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port), "--log-format", "json"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"taxiway serve exited ({proc.returncode}):\n{log.read_text(errors='replace')}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url}/ready not 200 after {ready_timeout:.0f}s:\n{log.read_text(errors='replace')}")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()  # a drain with nothing running: exits at once
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _measure(proc: psutil.Process) -> tuple[int, int]:

@@ -26,14 +26,12 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
 from argparse import ArgumentParser, Namespace
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import httpx
 import msgspec
 
 from bench.loadgen import RequestResult, RequestSpec, percentile, stream_chat
+from bench.served import served
 from bench.report import add_json_flag, human, write_json
 
 
@@ -139,7 +138,7 @@ def run(args: Namespace) -> int:
         path = Path(tmp) / "config.toml"
         path.write_text(config_a)
         log = Path(tmp) / "server.log"
-        with _server(path, log, args.ready_timeout) as (url, proc):
+        with served(path, log, args.ready_timeout) as (url, proc):
             results, signal_s, signal_wall = asyncio.run(_load(args, url, proc, path, config_b))
         events = server_events(log, signal_wall)
     report = summarise(msgspec.convert(vars(args), SwapParams), results, signal_s, (name_a, name_b),
@@ -198,39 +197,6 @@ def _default_entry(config: str, flag: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # the server
-
-
-@contextlib.contextmanager
-def _server(config: Path, log: Path, ready_timeout: float) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
-             "--log-format", "json"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"taxiway serve exited ({proc.returncode}):\n{log.read_text(errors='replace')}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url}/ready not 200 after {ready_timeout:.0f}s:\n{log.read_text(errors='replace')}")
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
