@@ -8,7 +8,9 @@ milliseconds. Three parts:
   packed at half a byte a weight plus a scale and a zero per group of 32 in the compute dtype, rows
   padded to 64; GGUF Q8_0 kept as per-group int8 (a byte a weight plus a scale per 32); int8 per
   channel (a byte a weight plus a scale per row); float tensors dense in the compute dtype; norms in
-  float32, twice (``RMSNorm.weight2``). A tied lm_head is the embedding, counted once.
+  float32, twice (``RMSNorm.weight2``). A tied lm_head is the embedding, counted once. AWQ / GPTQ
+  linears count as int4 in groups of 32: theirs are usually of 128, so their scales and zeros are
+  over-counted, by 3/32 of a byte a weight with bfloat16 scales.
 - ``kv_cache``: the paged cache ``builder.kv_cache_layout`` sizes (zero-filled at start: resident).
 - ``overhead``: the rest a running model holds, stated rather than measured: ``BASE_OVERHEAD``
   (tokenizer, scheduler, the allocator's slack) plus one step's activations at
@@ -33,6 +35,7 @@ import msgspec
 from backends.engine.builder import EngineOptions, kv_cache_layout
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
 from backends.engine.model.gguf_reader import read_gguf
+from backends.engine.model.prequant_config import PrequantConfig, packed_name
 from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS, HF_NAMES
 
 #: tokenizer (a 49k vocabulary's Python objects), scheduler state and the allocator's slack
@@ -224,7 +227,9 @@ def _read_hf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UnsupportedModelError(f"model directory '{path}' has no config.json")
-    config = ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    metadata = json.loads(config_path.read_text())
+    config = ModelConfig.from_hf_config(metadata)
+    prequant = PrequantConfig.from_hf(metadata)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UnsupportedModelError(f"model directory '{path}' has no *.safetensors files")
@@ -232,9 +237,13 @@ def _read_hf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     for file in files:
         for key, info in _safetensors_header(file).items():
             name = HF_NAMES.canonical(key)
-            if name is None or not isinstance(info, dict):
+            if not isinstance(info, dict):
                 continue
             shape = info["shape"]
+            if name is None and prequant is not None and (packed := packed_name(key)) and packed[1] == "qweight":
+                tensors.append(TensorEntry(packed[0], "int4", *prequant.weight_shape(shape)))
+            if name is None:
+                continue
             tensors.append(TensorEntry(name, "float", int(shape[0]), int(shape[1]) if len(shape) > 1 else 1))
     if not config.tie_word_embeddings and not any(t.name == "lm_head" for t in tensors):
         config = msgspec.structs.replace(config, tie_word_embeddings=True)  # as hf_loader decides
