@@ -99,28 +99,26 @@ def greedy(step, prompt: list[int], count: int) -> list[int]:
 
 
 def test_float32_matches_transformers_on_the_dequantized_weights(packed) -> None:
+    """Logits of every step (paged, batched, chunked prefill) vs HF's; each sequence alone as in
+    the batch; greedy tokens HF's."""
     case, path, reference = packed
     loaded = load_model(path, dtype=torch.float32)
     method = case.split("-")[1]
     assert loaded.tensor_types["layers.1.down"] == method and loaded.tensor_types["embed"] == "safetensors"
     qkv = loaded.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, InputPermutedLinear if "desc_act" in case else Int4Linear)
-    assert max_error(run_steps(loaded.model, loaded.config), reference) <= ATOL
+    batched = run_steps(loaded.model, loaded.config)
+    assert max_error(batched, reference) <= ATOL
+    # each sequence alone gives what it got in the batch
+    for seq_id, (tokens, logits) in batched.items():
+        runner = PagedRunner(loaded.model, loaded.config, seed=seq_id + 7)
+        alone = torch.cat([runner.step([(seq_id, tokens[:-3])])[0]] + [runner.step([(seq_id, [t])])[0] for t in tokens[-3:]])
+        torch.testing.assert_close(alone, logits, atol=1e-5, rtol=1e-5)
     # greedy decoding through the paged cache picks HF's tokens
     runner = PagedRunner(loaded.model, loaded.config)
     prompt = [5, 17, 99, 3]
     ours = greedy(lambda _, new: runner.step([(0, new)])[0], prompt, 8)
     assert ours == greedy(lambda tokens, _: hf_logits(reference, tokens), prompt, 8)
-
-
-def test_batched_equals_alone(packed) -> None:
-    _, path, _ = packed
-    loaded = load_model(path, dtype=torch.float32)
-    batched = run_steps(loaded.model, loaded.config)
-    for seq_id, (tokens, logits) in batched.items():
-        runner = PagedRunner(loaded.model, loaded.config, seed=seq_id + 7)
-        alone = torch.cat([runner.step([(seq_id, tokens[:-3])])[0]] + [runner.step([(seq_id, [t])])[0] for t in tokens[-3:]])
-        torch.testing.assert_close(alone, logits, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_fast_path_tracks_float32(packed) -> None:
@@ -142,8 +140,9 @@ def test_bfloat16_fast_path_tracks_float32(packed) -> None:
         assert (la - lb).abs().max().item() <= 0.03 * la.abs().max().item()
 
 
-def test_quantization_none_dequantizes_to_dense(packed) -> None:
-    _, path, reference = packed
+def test_quantization_none_dequantizes_to_dense(tmp_path) -> None:
+    hf = make_hf_model("llama", seed=7, **WIDE)
+    path, reference = write_gptq(hf, tmp_path / "m", desc_act=True)
     loaded = load_model(path, quantization="none", dtype=torch.float32)
     assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "DenseLinear"
     assert max_error(run_steps(loaded.model, loaded.config), reference) <= ATOL
