@@ -237,7 +237,7 @@ def _read_hf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     for file in files:
         for key, info in _safetensors_header(file).items():
             name = HF_NAMES.canonical(key)
-            if not isinstance(info, dict):
+            if not isinstance(info, dict) or "shape" not in info:  # e.g. __metadata__
                 continue
             shape = info["shape"]
             if name is None and prequant is not None and (packed := packed_name(key)) and packed[1] == "qweight":
