@@ -153,7 +153,7 @@ def test_memory_header_counts_the_packed_linears(tmp_path) -> None:
     path, _ = write_gptq(hf, tmp_path / "m", desc_act=True)
     config, tensors = read_header(path)
     by_name = {t.name: t for t in tensors}
-    assert (by_name["layers.0.down"].kind, by_name["layers.0.down"].rows, by_name["layers.0.down"].cols) == ("int4", 256, 512)
+    assert (by_name["layers.0.down"].kind, by_name["layers.0.down"].rows, by_name["layers.0.down"].cols) == ("int4g128", 256, 512)
     assert (by_name["layers.1.k"].rows, by_name["layers.1.k"].cols) == (config.kv_size, 256)
 
 
