@@ -204,3 +204,20 @@ def test_unsupported_layers_are_refused_naming_the_layer(tmp_path) -> None:
     with pytest.raises(UnsupportedModelError, match="quantized lm_head"):
         load_model(path, dtype=torch.float32)
     assert config["quantization_config"]["desc_act"]
+
+
+def test_tensor_parallelism_refuses_desc_act_layers() -> None:
+    """A row-parallel slice of the original input channels is not whole groups of the sorted ones:
+    sharding an input-permuted layer is refused, not approximated."""
+    from backends.engine.tp.shard import column_slice, row_slice
+
+    config = PrequantConfig.from_hf({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}})
+    assert config is not None
+    qt = quantize_gptq(torch.randn(128, 256) * 0.05, 128, sym=True, desc_act=True)
+    data = unpack_layer(config, "layer", pack_gptq(qt).get)
+    assert isinstance(data, InputPermutedData)
+    mod = InputPermutedLinear(Int4Linear.from_data(data.data, dtype=torch.float32), data.order)
+    with pytest.raises(UnsupportedModelError, match="InputPermutedLinear"):
+        column_slice(mod, [(0, 64)], torch.device("cpu"))
+    with pytest.raises(UnsupportedModelError, match="InputPermutedLinear"):
+        row_slice(mod, 0, 128, torch.device("cpu"), keep_bias=True)
