@@ -8,7 +8,9 @@ milliseconds. Three parts:
   packed at half a byte a weight plus a scale and a zero per group of 32 in the compute dtype, rows
   padded to 64; GGUF Q8_0 kept as per-group int8 (a byte a weight plus a scale per 32); int8 per
   channel (a byte a weight plus a scale per row); float tensors dense in the compute dtype; norms in
-  float32, twice (``RMSNorm.weight2``). A tied lm_head is the embedding, counted once.
+  float32, twice (``RMSNorm.weight2``). A tied lm_head is the embedding, counted once. AWQ / GPTQ
+  linears are int4 in the engine's groups for them (``int4g128``: usually 128); the channel order
+  a GPTQ ``desc_act`` layer keeps (8 bytes an input channel) is not counted.
 - ``kv_cache``: the paged cache ``builder.kv_cache_layout`` sizes (zero-filled at start: resident).
 - ``overhead``: the rest a running model holds, stated rather than measured: ``BASE_OVERHEAD``
   (tokenizer, scheduler, the allocator's slack) plus one step's activations at
@@ -33,6 +35,7 @@ import msgspec
 from backends.engine.builder import EngineOptions, kv_cache_layout
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
 from backends.engine.model.gguf_reader import read_gguf
+from backends.engine.model.prequant_config import PrequantConfig, packed_name
 from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS, HF_NAMES
 
 #: tokenizer (a 49k vocabulary's Python objects), scheduler state and the allocator's slack
@@ -59,8 +62,8 @@ class MemoryEstimate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TensorEntry(msgspec.Struct, frozen=True):
-    """A tensor as the file holds it: canonical name, kind (``float``/``int4``/``int8g``/``int8g16``/``int8gz``/``int8gz16``), shape as
-    ``(rows, cols)`` (``(n, 1)`` for a vector)."""
+    """A tensor as the file holds it: canonical name, kind (``float``/``int4``/``int4g128`` (AWQ,
+    GPTQ)/``int8g``/``int8g16``/``int8gz``/``int8gz16``), shape as ``(rows, cols)`` (``(n, 1)`` for a vector)."""
 
     name: str
     kind: str
@@ -168,6 +171,13 @@ def _form(entry: TensorEntry, quantization: str | None, vocab: bool) -> str:
     return "int4" if quantization == "int4" else "dense"
 
 
+def group_size(form: str) -> int:
+    """The group size of a quantized storage form: ``int4g{N}`` (AWQ / GPTQ) N, ``*16`` 16, else 32."""
+    if form.startswith("int4g"):
+        return int(form[len("int4g") :])
+    return 16 if form.endswith("16") else GROUP
+
+
 def _linear_bytes(parts: list[TensorEntry], quantization: str | None, dtype_bytes: int, *, vocab: bool) -> int:
     """One linear module of the row-concatenated ``parts`` (separate modules when their forms differ)."""
     if not parts:
@@ -182,8 +192,8 @@ def _linear_bytes(parts: list[TensorEntry], quantization: str | None, dtype_byte
     if form == "int8":  # per channel
         return n * k + n * dtype_bytes
     padded = n + (-n) % ROW_BLOCK
-    groups = k // (16 if form.endswith("16") else GROUP)
-    if form == "int4":  # packed nibbles + [G, N, 2] scales and zeros
+    groups = k // group_size(form)
+    if form.startswith("int4"):  # packed nibbles + [G, N, 2] scales and zeros
         return padded * k // 2 + groups * padded * 2 * dtype_bytes
     # int8g: the native kernel's bytes + float32 scales, or two nibbles + scales and zeros;
     # int8gz: and a float32 offset per group (quant.Int8OffsetLinear)
@@ -224,7 +234,9 @@ def _read_hf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UnsupportedModelError(f"model directory '{path}' has no config.json")
-    config = ModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    metadata = json.loads(config_path.read_text())
+    config = ModelConfig.from_hf_config(metadata)
+    prequant = PrequantConfig.from_hf(metadata)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UnsupportedModelError(f"model directory '{path}' has no *.safetensors files")
@@ -232,9 +244,15 @@ def _read_hf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     for file in files:
         for key, info in _safetensors_header(file).items():
             name = HF_NAMES.canonical(key)
-            if name is None or not isinstance(info, dict):
+            if not isinstance(info, dict) or "shape" not in info:  # e.g. __metadata__
                 continue
             shape = info["shape"]
+            if name is None and prequant is not None and (packed := packed_name(key)) and packed[1] == "qweight":
+                rows, cols = prequant.weight_shape(shape)
+                kind = f"int4g{prequant.engine_group_size(key, cols)}"
+                tensors.append(TensorEntry(packed[0], "int4" if kind == f"int4g{GROUP}" else kind, rows, cols))
+            if name is None:
+                continue
             tensors.append(TensorEntry(name, "float", int(shape[0]), int(shape[1]) if len(shape) > 1 else 1))
     if not config.tie_word_embeddings and not any(t.name == "lm_head" for t in tensors):
         config = msgspec.structs.replace(config, tie_word_embeddings=True)  # as hf_loader decides

@@ -187,7 +187,7 @@ def time_linears(path: Any, options: Any, max_bytes: int = MAX_TIMED_BYTES) -> f
     import torch
 
     from backends.engine.builder import load_kernels
-    from backends.engine.memory import decode_linears, read_header
+    from backends.engine.memory import decode_linears, group_size, read_header
     from backends.engine.model.quant import make_linear
     from backends.engine.model.quant.data import quantize_int4, quantize_int8
 
@@ -203,8 +203,8 @@ def time_linears(path: Any, options: Any, max_bytes: int = MAX_TIMED_BYTES) -> f
         if timed_bytes >= max_bytes:
             break
         w = torch.randn(shape.rows, shape.cols, generator=generator) * 0.02
-        if shape.form == "int4":
-            data: Any = quantize_int4(w)
+        if shape.form.startswith("int4"):  # int4, or AWQ / GPTQ's int4g128
+            data: Any = quantize_int4(w, group_size(shape.form))
         elif shape.form == "int8":
             data = quantize_int8(w)
         elif shape.form in ("int8g", "int8g16"):

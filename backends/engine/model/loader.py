@@ -14,6 +14,10 @@ full-precision copy of a quantized model ever exists.
   are already quantized keep their own format.
 - ``"none"``: everything dense in ``dtype`` (GGUF quantized tensors dequantised one at a time).
 
+A pre-quantized HF checkpoint (AWQ, GPTQ) hands out its linears as ``Int4Data``, kept as they are
+(``"none"`` dequantises them); GPTQ ``desc_act`` ones as ``InputPermutedData``, whose layer
+gathers its input (``quant/permuted.py``).
+
 ``kernels`` (the loaded native kernels, or None): quantized weights that the native matmuls can
 run are packed in their layouts. The rest of the native path is ``native.fuse.fuse``'s step.
 """
@@ -42,6 +46,7 @@ from backends.engine.model.quant import (
     quantize_int8,
     same_kind,
 )
+from backends.engine.model.quant.permuted import InputPermutedData, permuted_linear
 
 if TYPE_CHECKING:
     from backends.engine.native.ckernels import Kernels
@@ -155,6 +160,8 @@ class _Builder:
             biases = [None] * len(parts)
         else:  # a part without bias gets zeros, so the fused bias lines up with the fused rows
             biases = [b.float() if b is not None else torch.zeros(_rows(p)) for b, p in zip(biases, parts)]
+        if any(isinstance(p, InputPermutedData) for p in parts):
+            return permuted_linear(parts, biases, self.make_linear)
         if len(parts) == 1 or same_kind(parts):
             bias = None if biases[0] is None else torch.cat(biases)
             return self.make_linear(cat_rows(parts), bias)
@@ -201,7 +208,9 @@ def _build(source: Any, b: _Builder) -> CausalLM:
     return model.eval()
 
 
-def _rows(data: WeightData) -> int:
+def _rows(data: WeightData | InputPermutedData) -> int:
+    if isinstance(data, InputPermutedData):
+        return data.data.q.shape[0]
     return data.shape[0] if isinstance(data, Tensor) else data.q.shape[0]
 
 

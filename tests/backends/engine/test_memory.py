@@ -23,6 +23,7 @@ from backends.engine.memory import BASE_OVERHEAD, estimate_memory
 from backends.engine.model.loader import load_model
 from gateway.errors import ConfigError
 from tests.backends.engine.engine_helpers import make_hf_model, save_hf, write_gguf
+from tests.backends.engine.prequant_tools import write_awq, write_gptq
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -48,6 +49,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "gguf-q8_0": write_gguf(llama, root / "q8_0.gguf", QT.Q8_0),
         "gguf-f16": write_gguf(llama, root / "f16.gguf", QT.F16),
         "gguf-q5_1": write_gguf(llama, root / "q5_1.gguf", QT.Q5_1, embed_type=QT.Q8_0),  # int8 + offsets
+        "hf-awq": write_awq(llama, root / "awq")[0],  # int4 in groups of 128
+        "hf-gptq-per-row": write_gptq(llama, root / "gptq", group_size=-1)[0],  # rows of 128 and 256: groups of 128
     }
 
 
@@ -62,6 +65,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         ("gguf-f16", "int8", "bfloat16"),
         ("gguf-q4_0", "none", "bfloat16"),  # dequantised
         ("gguf-q5_1", None, "bfloat16"),  # per-group int8 with a float32 offset per group
+        ("hf-awq", None, "bfloat16"),
+        ("hf-gptq-per-row", None, "float32"),
     ],
 )
 def test_weights_match_the_loaded_tensors(tiny, model, quantization, dtype) -> None:
