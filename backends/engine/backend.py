@@ -55,8 +55,6 @@ class EngineBackend(Backend):
         self._memory: Any = None  # memory.MemoryEstimate, once asked for
         # LoRA adapters (options.lora): each a model name of its own; the registry once loaded
         lora = options.lora
-        if lora is not None and options.tensor_parallel > 1:
-            raise ConfigError("LoRA adapters with tensor_parallel > 1 are not supported yet", path="lora")
         self.accepts_adapters = lora is not None
         self._adapter_names: tuple[str, ...] = tuple(lora.adapters) if lora is not None else ()
         self._lora: Any = None  # lora.registry.LoRARegistry
@@ -150,7 +148,7 @@ class EngineBackend(Backend):
         from backends.engine.lora.adapter import AdapterError
         from backends.engine.lora.registry import LoRARegistry
 
-        self._lora = LoRARegistry(self._engine.runner.config, options)
+        self._lora = LoRARegistry(self._engine.model_config, options)
         for name, path in options.adapters.items():
             try:
                 self._lora.keep(self._lora.read(name, path))

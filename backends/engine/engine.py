@@ -89,6 +89,11 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step = StepCounts()
 
+    @property
+    def model_config(self) -> Any:
+        """The served model's ``ModelConfig`` (what adapters are checked against)."""
+        return self.runner.config
+
     # -- requests -------------------------------------------------------------------------------
 
     def check_request(self, num_prompt_tokens: int, sampling: SamplingParams, *, param: str) -> None:

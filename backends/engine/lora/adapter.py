@@ -58,6 +58,12 @@ def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     }  # fmt: skip
 
 
+def kind_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``(in_features, out_features)`` of each fused projection (``KINDS``) of ``config``'s layers."""
+    shapes = module_shapes(config)
+    return {kind: (shapes[modules[0]][0], sum(shapes[m][1] for m in modules)) for kind, modules in KINDS.items()}
+
+
 class LoRAAdapter:
     """One adapter's weights in the fused layout (module doc): ``layers[i][kind] = (a, bt)`` for
     the kinds it adapts, ``ranks[kind]`` the kind's stacked rank ``R``. ``lora_id`` is unique per
@@ -182,7 +188,7 @@ def _fuse(
 ) -> tuple[dict[str, int], list[dict[str, tuple[Tensor, Tensor]]]]:
     """``(a [r, in], scale * b [out, r])`` per (layer, module) -> the fused layout (module doc):
     ``(ranks, layers)``."""
-    shapes = module_shapes(config)
+    shapes, kinds = module_shapes(config), kind_shapes(config)
     # the fused layout: per kind, each part padded to its largest rank over the layers
     part_rank = {m: max((p[0].shape[0] for (_, mod), p in pairs.items() if mod == m), default=0) for m in MODULES}
     ranks = {kind: sum(part_rank[m] for m in modules) for kind, modules in KINDS.items() if any(part_rank[m] for m in modules)}
@@ -190,8 +196,7 @@ def _fuse(
     for layer in range(config.num_layers):
         fused: dict[str, tuple[Tensor, Tensor]] = {}
         for kind, total in ranks.items():
-            in_f = shapes[KINDS[kind][0]][0]
-            out_total = sum(shapes[m][1] for m in KINDS[kind])
+            in_f, out_total = kinds[kind]
             a_cat = torch.zeros(total, in_f)
             bt_cat = torch.zeros(total, out_total)
             row = col = 0

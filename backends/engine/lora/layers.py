@@ -4,7 +4,9 @@ Called by the model builder after ``native.fuse`` (as ``fuse`` and ``shard_model
 the plain forward stays plain:
 
 - a plain ``DecoderLayer`` (torch's ops: the float32 reference, or no native kernels) gets its four
-  projections wrapped in ``LoRALinear``: ``base(x) + lora(x)``;
+  projections wrapped in ``LoRALinear``: ``base(x) + lora(x)``. Under tensor parallelism (after
+  ``shard_model``) o and down are row parallel: the wrapper goes inside, on this rank's partial
+  product, so that the one all-reduce sums the ranks' partial LoRA terms with the base's;
 - a native ``FusedLayer`` gets ``layer.lora = LayerLoRA(...)``, which it calls after each native
   matmul (qkv and gate_up before their outputs are used, o and down into the residual): the native
   path applies the adapters too, never skips them;
@@ -128,6 +130,7 @@ def apply_lora(model: CausalLM, slots: LoRASlots) -> CausalLM:
     """``model`` with the LoRA terms of ``slots`` on every layer's projections, in place (module doc)."""
     from backends.engine.native.fused import FusedLayer
     from backends.engine.native.stack import FusedStack
+    from backends.engine.tp.shard import RowParallelLinear
 
     for i, layer in enumerate(model.layers):
         if isinstance(layer, FusedLayer):
@@ -135,9 +138,13 @@ def apply_lora(model: CausalLM, slots: LoRASlots) -> CausalLM:
         elif isinstance(layer, DecoderLayer):
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv_proj = LoRALinear(attn.qkv_proj, LoRAProjection(slots, i, "qkv"))
-            attn.o_proj = LoRALinear(attn.o_proj, LoRAProjection(slots, i, "o"))
             mlp.gate_up_proj = LoRALinear(mlp.gate_up_proj, LoRAProjection(slots, i, "gate_up"))
-            mlp.down_proj = LoRALinear(mlp.down_proj, LoRAProjection(slots, i, "down"))
+            for owner, name, kind in ((attn, "o_proj", "o"), (mlp, "down_proj", "down")):
+                proj = getattr(owner, name)
+                if isinstance(proj, RowParallelLinear):  # this rank's partial product, before the sum
+                    proj.inner = LoRALinear(proj.inner, LoRAProjection(slots, i, kind))
+                else:
+                    setattr(owner, name, LoRALinear(proj, LoRAProjection(slots, i, kind)))
         else:
             raise TypeError(f"layer {i} ({type(layer).__name__}) cannot take LoRA adapters")
     if isinstance(model.layers, FusedStack):

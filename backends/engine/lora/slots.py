@@ -7,7 +7,8 @@ Invariants:
   the scheduler admits no more than ``max_loras`` distinct adapters among running sequences, so a
   step never needs more (a violation is a scheduler bug and raises).
 - ``stacks[layer][kind]`` is ``(a [K, in], bt [K, out])``: the resident adapters' fused weights
-  concatenated along the rank, in ``resident`` order; ``owners[kind]`` ``[K]`` is the ``lora_id``
+  (under tensor parallelism this rank's slice of each, ``shard``) concatenated along the rank, in
+  ``resident`` order; ``owners[kind]`` ``[K]`` is the ``lora_id``
   owning each of the ``K`` columns. Rebuilt whenever ``resident`` changes, never during a step.
 - ``batch.masks[kind]`` ``[T, K]`` is 1 where column ``k`` belongs to row ``t``'s adapter, else 0;
   a base row's mask is all zeros, so its LoRA term is exactly 0 and its output bit-identical to
@@ -22,7 +23,7 @@ multiplications (rows x other adapters' ranks) are small beside the base project
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -40,10 +41,20 @@ class LoRABatch:
         #: per kind, each row's columns of the stacks: int32 ``start [T]`` and ``count [T]`` (0: a
         #: base row), what the native one-call decode step reads instead of the masks
         self.columns: dict[str, tuple[Tensor, Tensor]] = {}
+        #: int64 ``[T]``: each row's ``lora_id``, -1 for a base row (what tensor parallelism sends
+        #: the other ranks); None when not ``active``
+        self.row_ids: Tensor | None = None
 
 
 class LoRASlots:
-    def __init__(self, num_layers: int, *, max_loras: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    """``shard``: what of an adapter this process stacks (tensor parallelism: this rank's slice,
+    ``tp.lora.shard_adapter``); by default the whole adapter. ``resident`` keeps the adapters as
+    given, each shard is made once, when its adapter moves in."""
+
+    def __init__(
+        self, num_layers: int, *, max_loras: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+        shard: Callable[[LoRAAdapter], LoRAAdapter] | None = None,
+    ) -> None:  # fmt: skip
         if max_loras < 1:
             raise ValueError("max_loras must be at least 1")
         self.num_layers = num_layers
@@ -51,6 +62,8 @@ class LoRASlots:
         self.dtype = dtype
         self.device = torch.device(device)
         self.resident: OrderedDict[int, LoRAAdapter] = OrderedDict()
+        self._shard = shard
+        self._stacked: dict[int, LoRAAdapter] = {}  # lora_id -> what is stacked of a resident adapter
         self.stacks: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in range(num_layers)]
         self.owners: dict[str, Tensor] = {}
         self.spans: dict[str, dict[int, tuple[int, int]]] = {}  # kind -> lora_id -> (first column, count)
@@ -65,6 +78,7 @@ class LoRASlots:
             batch.active = False
             batch.masks = {}
             batch.columns = {}
+            batch.row_ids = None
             return
         missing = [a for lora_id, a in step.items() if lora_id not in self.resident]
         for lora_id in step:
@@ -74,6 +88,7 @@ class LoRASlots:
             self._make_room(len(missing), keep=step.keys())
             for adapter in missing:
                 self.resident[adapter.lora_id] = adapter
+                self._stacked[adapter.lora_id] = adapter if self._shard is None else self._shard(adapter)
             self.num_swaps += len(missing)
             self._rebuild()
         ids = torch.tensor([-1 if a is None else a.lora_id for a in row_adapters], dtype=torch.int64, device=self.device)
@@ -88,11 +103,13 @@ class LoRASlots:
             ranges = [spans.get(a.lora_id, (0, 0)) if a is not None else (0, 0) for a in row_adapters]
             table = torch.tensor(ranges, dtype=torch.int32).t().contiguous()
             batch.columns[kind] = (table[0], table[1])
+        batch.row_ids = ids
         batch.active = True
 
     def evict(self, lora_id: int) -> None:
         """Drop an adapter from the slots (its requests are done; it was unloaded)."""
         if self.resident.pop(lora_id, None) is not None:
+            del self._stacked[lora_id]
             self._rebuild()
 
     def _make_room(self, needed: int, keep: object) -> None:
@@ -101,11 +118,12 @@ class LoRASlots:
                 return
             if lora_id not in keep:  # type: ignore[operator]
                 del self.resident[lora_id]
+                del self._stacked[lora_id]
         if len(self.resident) + needed > self.max_loras:
             raise RuntimeError(f"a step uses more than max_loras = {self.max_loras} adapters (a scheduler bug)")
 
     def _rebuild(self) -> None:
-        adapters = list(self.resident.values())
+        adapters = [self._stacked[lora_id] for lora_id in self.resident]
         dev, dtype = self.device, self.dtype
         self.owners = {}
         self.spans = {}

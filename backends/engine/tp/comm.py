@@ -18,6 +18,8 @@ Step protocol (rank 0 -> all, on ``ctrl``): a header ``int64[4] = [cmd, T, S, W]
 ``STEP`` one int64 payload ``input_ids[T] | positions[T] | slot_mapping[T] | query_start_loc[S+1]
 | seq_lens[S] | block_tables[S*W]``; for ``LOGITS`` (``T`` rows) the hidden rows follow on
 ``compute`` (the header says ``[LOGITS, rows, width, dtype]``); ``STOP`` ends the worker loop.
+An engine serving LoRA adapters sends ``LORA`` before a step that uses an adapter (the step's
+rows' adapters, and the adapters' weights a rank does not hold yet: ``tp/lora.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ COLLECTIVE_TIMEOUT_S = 60.0
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # gloo adds it to a steady_clock: keep it finite
 STORE_TIMEOUT = datetime.timedelta(seconds=300)
 
-CMD_STEP, CMD_LOGITS, CMD_STOP = 1, 2, 3
+CMD_STEP, CMD_LOGITS, CMD_STOP, CMD_LORA = 1, 2, 3, 4
 HEADER_LEN = 4
 
 
@@ -117,7 +119,8 @@ class TPGroup:
     # -- control (CPU) --------------------------------------------------------------------------
 
     def broadcast_ctrl(self, x: Tensor) -> Tensor:
-        """An int64 CPU tensor from rank 0 to every rank, in place."""
+        """A CPU tensor (int64: headers and step inputs; float32: adapter weights) from rank 0 to
+        every rank, in place."""
         self._ctrl_group().broadcast([x], _root()).wait()
         return x
 

@@ -24,6 +24,7 @@ not ready; torchrun's own restart policy replaces the job.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +45,7 @@ from backends.engine.tp.comm import (
     send_hidden,
     send_step,
 )
+from backends.engine.tp.lora import LoRASender
 from backends.engine.tp.ranks import SpawnedRanks, TorchrunRanks, rank_device
 from backends.engine.tp.worker import RankInfo, RankModel, RankSpec, connect, load_rank, run_worker, wait_for_ranks
 from gateway.errors import ConfigError
@@ -123,15 +125,18 @@ class TPDriver:
     Has the ``CausalLM`` interface that ``ModelRunner`` uses (call, ``compute_logits``).
     """
 
-    def __init__(self, model: Any, group: TPGroup, check: Callable[[], None]) -> None:
+    def __init__(self, model: Any, group: TPGroup, check: Callable[[], None], lora: LoRASender | None = None) -> None:
         self.model = model
         self.group = group
         self.check = check
+        self.lora = lora  # an engine serving adapters: their rows and weights go out before each step
         self.broken = False  # a step failed: the other ranks may be stuck in a collective
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Any, kv_caches: Any) -> torch.Tensor:
         self.check()
         try:
+            if self.lora is not None:
+                self.lora.send(self.group)
             send_step(self.group, input_ids, positions, attn)
             return self.model(input_ids, positions, attn, kv_caches)
         except RuntimeError as exc:  # gloo: a peer closed its sockets, or a collective timed out
@@ -163,6 +168,11 @@ class TPEngine(LLMEngine):
         self.infos = infos
 
     @property
+    def model_config(self) -> Any:
+        """The whole model's ``ModelConfig`` (the runner's is rank 0's slice: its heads)."""
+        return self.rank0.config
+
+    @property
     def worker_pids(self) -> list[int]:
         """Process ids of ranks 1..N-1 (on other machines under torchrun)."""
         return [info.pid for info in self.infos]
@@ -191,6 +201,8 @@ class TPEngine(LLMEngine):
             k.zero_()
             v.zero_()
         self.runner.model.broken = False
+        if self.runner.model.lora is not None:  # the new ranks hold no adapters yet
+            self.runner.model.lora.forget()
         self.scheduler = self._make_scheduler()  # no blocks in use, no prefix cache, nothing in flight
         log.info("engine.tp.recovered", worker_pids=self.worker_pids)
 
@@ -232,6 +244,7 @@ def build_tp_engine(
 ) -> TPEngine:
     """Rank 0 of a ``options.tensor_parallel``-rank engine: spawned workers, or torchrun's when this
     process was started by torchrun (``torchrun_env``)."""
+    from backends.engine.lora.runner import LoRAModelRunner
     from backends.engine.runner.model_runner import ModelRunner
     from backends.engine.sched.scheduler import Scheduler
     from backends.engine.text.tokenizer import Tokenizer
@@ -258,8 +271,13 @@ def build_tp_engine(
     def make_scheduler() -> Scheduler:
         return builder_make_scheduler(options, layout, tokenizer.eos_token_ids)
 
-    runner = ModelRunner(
-        TPDriver(rank0.model, group, ranks.check), rank0.local_config,
+    runner_class: Any = ModelRunner
+    sender = None
+    if rank0.lora is not None:  # each step's rows carry their adapters, on every rank
+        runner_class = functools.partial(LoRAModelRunner, slots=rank0.lora)
+        sender = LoRASender(rank0.lora, rank0.config)
+    runner = runner_class(
+        TPDriver(rank0.model, group, ranks.check, sender), rank0.local_config,
         num_blocks=layout.num_blocks, block_size=layout.block_size, dtype=rank0.dtype, device=device, seed=options.seed,
     )  # fmt: skip
     log.info(

@@ -105,6 +105,23 @@ class ShardPlan(msgspec.Struct, frozen=True, kw_only=True):
     def num_kv_heads(self) -> int:
         return self.kv_heads[1] - self.kv_heads[0]
 
+    def qkv_rows(self, config: ModelConfig) -> list[Range]:
+        """Output rows of the fused ``qkv_proj`` this rank keeps: its q heads, then its k and v heads."""
+        (qa, qb), (ka, kb) = self.q_heads, self.kv_heads
+        hd, q_size, kv_size = config.head_dim, config.q_size, config.kv_size
+        k, v = q_size, q_size + kv_size  # where the k and v rows start
+        return [(qa * hd, qb * hd), (k + ka * hd, k + kb * hd), (v + ka * hd, v + kb * hd)]
+
+    def attn_cols(self, config: ModelConfig) -> Range:
+        """Input columns of ``o_proj`` this rank keeps: its q heads' attention outputs."""
+        qa, qb = self.q_heads
+        return qa * config.head_dim, qb * config.head_dim
+
+    def gate_up_rows(self, config: ModelConfig) -> list[Range]:
+        """Output rows of the fused ``gate_up_proj`` this rank keeps: its MLP columns of gate, then of up."""
+        (fa, fb), inter = self.ffn, config.intermediate_size
+        return [(fa, fb), (inter + fa, inter + fb)]
+
     def local_config(self, config: ModelConfig) -> ModelConfig:
         """``config`` with this rank's head counts: what sizes its KV cache."""
         return msgspec.structs.replace(config, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
@@ -283,25 +300,17 @@ def shard_model(model: nn.Module, comm: Collectives, device: torch.device | str 
     device = torch.device(device)
     first = model.layers[0]
     plan = ShardPlan.build(config, comm.rank, comm.world_size, _group_size(first.mlp.down_proj))
-    head_dim = config.head_dim
-    q_size, kv_size = config.q_size, config.kv_size
-    (qa, qb), (ka, kb) = plan.q_heads, plan.kv_heads
+    qkv_rows, attn_cols, gate_up_rows = plan.qkv_rows(config), plan.attn_cols(config), plan.gate_up_rows(config)
     fa, fb = plan.ffn
-    inter = config.intermediate_size
-    qkv_rows = [
-        (qa * head_dim, qb * head_dim),
-        (q_size + ka * head_dim, q_size + kb * head_dim),
-        (q_size + kv_size + ka * head_dim, q_size + kv_size + kb * head_dim),
-    ]
     is_first = comm.rank == 0
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = column_slice(attn.qkv_proj, qkv_rows, device)
-        o_proj = row_slice(attn.o_proj, qa * head_dim, qb * head_dim, device, keep_bias=is_first)
+        o_proj = row_slice(attn.o_proj, *attn_cols, device, keep_bias=is_first)
         attn.o_proj = RowParallelLinear(o_proj, comm)
         attn.num_heads, attn.num_kv_heads = plan.num_heads, plan.num_kv_heads
-        attn.qk_size = (plan.num_heads + plan.num_kv_heads) * head_dim
-        mlp.gate_up_proj = column_slice(mlp.gate_up_proj, [(fa, fb), (inter + fa, inter + fb)], device)
+        attn.qk_size = (plan.num_heads + plan.num_kv_heads) * config.head_dim
+        mlp.gate_up_proj = column_slice(mlp.gate_up_proj, gate_up_rows, device)
         mlp.down_proj = RowParallelLinear(row_slice(mlp.down_proj, fa, fb, device, keep_bias=is_first), comm)
         mlp.intermediate_size = fb - fa
         for norm in (layer.attn_norm, layer.ffn_norm):

@@ -25,6 +25,7 @@ from backends.engine.builder import EngineOptions, KVCacheLayout, kv_cache_layou
 from backends.engine.model.config import ModelConfig
 from backends.engine.tp.comm import (
     CMD_LOGITS,
+    CMD_LORA,
     CMD_STEP,
     CMD_STOP,
     COLLECTIVE_TIMEOUT_S,
@@ -77,6 +78,7 @@ class RankModel(msgspec.Struct, kw_only=True):
     layout: KVCacheLayout
     dtype: Any  # torch.dtype
     weight_bytes: int
+    lora: Any = None  # lora.slots.LoRASlots of an engine serving adapters (``tp.lora.rank_lora``)
 
     @property
     def local_config(self) -> ModelConfig:
@@ -104,13 +106,18 @@ def load_rank(model_path: str | Path, options: EngineOptions, group: TPGroup) ->
     plan = shard_model(model, group, group.device)
     fuse(model, kernels)  # after sharding, as in a single process after loading
     config = loaded.config
+    lora = None
+    if options.lora is not None:  # after fusing, as in a single process
+        from backends.engine.tp.lora import rank_lora
+
+        lora = rank_lora(model, plan, config, options.lora, group.device)
     # Every rank sizes its cache for the widest rank's KV heads: the block ids are shared.
     widest = max(kv[1] - kv[0] for _, kv in plan_heads(config.num_heads, config.num_kv_heads, group.world_size))
     layout = kv_cache_layout(
         msgspec.structs.replace(config, num_kv_heads=widest), options, torch.finfo(dtype).bits // 8
     )
     return RankModel(
-        model=model, config=config, plan=plan, layout=layout, dtype=dtype, weight_bytes=weight_bytes(model)
+        model=model, config=config, plan=plan, layout=layout, dtype=dtype, weight_bytes=weight_bytes(model), lora=lora
     )
 
 
@@ -182,13 +189,20 @@ def run_worker(spec: RankSpec) -> None:
 
 def serve_steps(rank: RankModel, group: TPGroup, kv_caches: KVCache) -> None:
     """Run the steps rank 0 broadcasts, in order, until ``CMD_STOP``."""
+    from backends.engine.tp.lora import LoRAReceiver
+
     model = rank.model
+    lora = None if rank.lora is None else LoRAReceiver(rank.lora, rank.config)
     while True:
         header = recv_header(group)
         cmd = int(header[0])
         if cmd == CMD_STEP:
             input_ids, positions, attn = recv_step(group, header)
+            if lora is not None:
+                lora.prepare_step()
             model(input_ids, positions, attn, kv_caches)
+        elif cmd == CMD_LORA and lora is not None:
+            lora.receive(group, header)
         elif cmd == CMD_LOGITS:
             model.compute_logits(recv_hidden(group, header))
         elif cmd == CMD_STOP:
