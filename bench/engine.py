@@ -7,6 +7,10 @@ over ``--decode-tokens`` (greedy, EOS ignored), resident memory after load and p
 loading. HF transformers dequantises the GGUF to float32 (its only way to run one) and runs
 ``generate()`` (greedy): prefill is ``generate`` of one token, decode the extra time of
 ``generate`` of ``1 + N`` tokens over ``N``.
+
+``--compare-quant Q4_K_M`` measures the engine alone on the file and on the same model written as
+llama.cpp's ``Q4_K_M`` mix (``bench/quant_mix.py``, made once beside the catalogue's models),
+alternating, and prints the mix's decode and prefill over the file's, measured in one run.
 """
 
 from __future__ import annotations
@@ -120,6 +124,10 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--no-hf", action="store_true", help="measure the engine alone")
+    parser.add_argument(
+        "--compare-quant", choices=["Q4_K_M"], default=None,
+        help="the engine on the file vs on the same model as this GGUF mix (written once), instead of HF",
+    )  # fmt: skip
     add_json_flag(parser, dest="out")
     parser.add_argument("--worker", choices=["taxiway", "hf-transformers"], help=SUPPRESS)
 
@@ -148,6 +156,8 @@ def run(args: Namespace) -> int:
         print(msgspec.json.encode(m).decode())
         return 0
 
+    if args.compare_quant:
+        return _compare_quant(args, path)
     kinds = ["taxiway"] if args.no_hf else ["taxiway", "hf-transformers"]
     results: dict[str, list[Measurement]] = {k: [] for k in kinds}
     for round_ in range(args.rounds):
@@ -171,6 +181,48 @@ def run(args: Namespace) -> int:
     if not args.no_hf:
         for field, label in (("prefill_tokens_per_s", "prefill"), ("decode_tokens_per_s", "decode")):
             print(f"{label}: taxiway / HF = {med('taxiway', field) / med('hf-transformers', field):.2f}x", file=out)
+    write_json(args.out, results)
+    print(f"({time.strftime('%Y-%m-%d %H:%M')})", file=out)
+    return 0
+
+
+def _compare_quant(args: Namespace, path: str) -> int:
+    """The engine on ``path`` and on its ``args.compare_quant`` mix, alternating per round."""
+    from pathlib import Path
+
+    from backends.engine.catalogue import default_home
+    from bench.quant_mix import write_q4_k_m
+
+    src = Path(path)
+    mix = default_home(os.environ) / "bench" / f"{src.stem}.{args.compare_quant}.gguf"
+    if not mix.exists() or mix.stat().st_mtime < src.stat().st_mtime:
+        mix.parent.mkdir(parents=True, exist_ok=True)
+        tmp = mix.with_suffix(".tmp")
+        counts = write_q4_k_m(src, tmp)
+        tmp.replace(mix)
+        print(f"wrote {mix}: {counts}", file=sys.stderr)
+    files = {src.name: str(src), args.compare_quant: str(mix)}
+    results: dict[str, list[Measurement]] = {k: [] for k in files}
+    for round_ in range(args.rounds):
+        for label in list(files) if round_ % 2 == 0 else list(files)[::-1]:
+            m = _run_worker("taxiway", args, files[label])
+            results[label].append(m)
+            print(f"round {round_ + 1} {label:>32}: prefill {m.prefill_tokens_per_s:7.1f} tok/s  "
+                  f"decode {m.decode_tokens_per_s:6.1f} tok/s  rss {m.rss_after_load_mb:6.0f} MB", file=sys.stderr)  # fmt: skip
+
+    def med(label: str, field: str) -> float:
+        return statistics.median(getattr(m, field) for m in results[label])
+
+    out = human(args.out)
+    print(f"{args.prompt_tokens}-token prompt, {args.decode_tokens} decode tokens, {args.threads} threads, "
+          f"{args.dtype} activations, medians of {args.rounds}\n", file=out)  # fmt: skip
+    print("| file | prefill tok/s | decode tok/s | RSS after load (MB) |\n|---|---|---|---|", file=out)
+    for label in files:
+        print(f"| {label} | {med(label, 'prefill_tokens_per_s'):.1f} | {med(label, 'decode_tokens_per_s'):.1f} "
+              f"| {med(label, 'rss_after_load_mb'):.0f} |", file=out)  # fmt: skip
+    base, other = list(files)
+    for field, name in (("prefill_tokens_per_s", "prefill"), ("decode_tokens_per_s", "decode")):
+        print(f"{name}: {other} / {base} = {med(other, field) / med(base, field):.2f}x", file=out)
     write_json(args.out, results)
     print(f"({time.strftime('%Y-%m-%d %H:%M')})", file=out)
     return 0

@@ -15,7 +15,10 @@ them packed (``quant.make_linear``). Every format's dequantised value is, in flo
   ``Q5_1`` ``d * q + m`` (blocks of 32, q in 0..31; int8 ``q - 16``, ``zero = m + 16 d``);
   ``Q5_K`` ``(d * sc) * q - dmin * m`` (Q4_K's sub-blocks and 6-bit fields, a fifth bit per
   weight; ``zero = 16 scale - dmin m``); ``Q2_K`` ``(d * sc) * q - dmin * m`` (16 sub-blocks of
-  16, 4-bit ``sc`` and ``m``, q in 0..3; ``zero = -dmin m``), group 16.
+  16, 4-bit ``sc`` and ``m``, q in 0..3; ``zero = -dmin m``), group 16;
+- ``IQ4_NL`` ``d * v[q]`` (blocks of 32) and ``IQ4_XS`` ``(d * (sc - 32)) * v[q]`` (super-blocks
+  of 256 in 8 sub-blocks of 32, 6-bit ``sc`` split in ``scales_l``/``scales_h``): ``q`` in 0..15
+  indexes the fixed non-linear table ``v`` (``IQ4_VALUES``, int8 -127..113) -> int8 ``v[q]``, group 32.
 
 ``decode_reference`` computes each format's float values in the order its definition does
 (the test checks it against the ``gguf`` package bit for bit on random blocks); the forms above
@@ -37,8 +40,11 @@ SUPER = 256  # elements per K-quant super-block
 BLOCKS: dict[str, tuple[int, int]] = {
     "Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q8_0": (34, 32),
     "Q5_1": (24, 32), "Q2_K": (84, SUPER), "Q3_K": (110, SUPER), "Q4_K": (144, SUPER), "Q5_K": (176, SUPER),
-    "Q6_K": (210, SUPER),
+    "Q6_K": (210, SUPER), "IQ4_NL": (18, 32), "IQ4_XS": (136, SUPER),
 }  # fmt: skip
+
+#: IQ4_NL / IQ4_XS: the 16 int8 values a 4-bit code indexes (llama.cpp's ``kvalues_iq4nl``)
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def _f16(b: Tensor) -> Tensor:
@@ -119,7 +125,20 @@ def _codes(name: str, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         q = low.to(torch.int8) - ((high ^ 1) << 2).to(torch.int8)
         scales = (_q3_scales(blocks[..., 96:108]).to(torch.int8) - 32).float()
         return q, _f16(blocks[..., 108:110]).unsqueeze(-1) * scales, None
+    if name == "IQ4_NL":
+        return _iq4(_nibbles(blocks[..., 2:18])), _f16(blocks[..., 0:2]).unsqueeze(-1), None
+    if name == "IQ4_XS":
+        high = _bits(blocks[..., 2:4], 2, 4).transpose(-1, -2).flatten(-2)  # sub-block j: bits 2j of the uint16
+        low = torch.stack([blocks[..., 4:8] & 15, blocks[..., 4:8] >> 4], dim=-1).flatten(-2)  # j: nibble j % 2 of byte j // 2
+        scales = ((low | (high << 4)).to(torch.int8) - 32).float()
+        q = _iq4(_nibbles(blocks[..., 8:136].unflatten(-1, (8, 16))).flatten(-2))  # sub-block j: bytes 16 j.., as IQ4_NL's
+        return q, _f16(blocks[..., 0:2]).unsqueeze(-1) * scales, None
     raise KeyError(name)
+
+
+def _iq4(codes: Tensor) -> Tensor:
+    """4-bit codes -> the int8 values of ``IQ4_VALUES`` they index."""
+    return torch.tensor(IQ4_VALUES, dtype=torch.int8)[codes.long()]
 
 
 def _groups(name: str) -> int:

@@ -94,5 +94,5 @@ HF_NAMES = TensorNames(
 GGUF_WEIGHT_KINDS = {
     "F32": "float", "F16": "float", "BF16": "float", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4",
     "Q5_0": "int8g", "Q8_0": "int8g", "Q3_K": "int8g16", "Q6_K": "int8g16",
-    "Q5_1": "int8gz", "Q5_K": "int8gz", "Q2_K": "int8gz16",
+    "Q5_1": "int8gz", "Q5_K": "int8gz", "Q2_K": "int8gz16", "IQ4_NL": "int8g", "IQ4_XS": "int8g",
 }  # fmt: skip

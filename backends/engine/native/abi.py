@@ -59,7 +59,20 @@ class RopeKvArgs(ctypes.Structure):
 
 
 class Projection(ctypes.Structure):
-    _fields_ = [("w", _p), ("sz", _p), ("bias", _p), ("n", _i64), ("gs", _i64)]
+    _fields_ = [
+        ("w", _p), ("sz", _p), ("bias", _p), ("n", _i64), ("gs", _i64), ("hb", _p), ("d", _p), ("kind", _i32),
+    ]  # fmt: skip
+
+
+#: ``Projection.kind``: the layout of its weight
+PROJECTION_INT4, PROJECTION_INT5, PROJECTION_INT8 = 0, 1, 2
+
+
+class ProjectionMatmulArgs(ctypes.Structure):
+    _fields_ = [
+        ("p", _p), ("x", _p), ("x_stride", _i64), ("m", _i64), ("k", _i64), ("y", _p), ("y_stride", _i64),
+        ("residual", _p), ("residual_stride", _i64), ("act", _i32), ("num_threads", _i32),
+    ]  # fmt: skip
 
 
 class LoraTerm(ctypes.Structure):
@@ -88,7 +101,7 @@ class DecodeLayersArgs(ctypes.Structure):
 #: every struct of abi.h, by its C name
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
     PagedAttentionArgs, Int4MatmulArgs, Int8MatmulArgs, RmsNormArgs, RopeKvArgs,
-    Projection, LoraTerm, LayerWeights, DecodeLayersArgs,
+    Projection, ProjectionMatmulArgs, LoraTerm, LayerWeights, DecodeLayersArgs,
 )  # fmt: skip
 
 

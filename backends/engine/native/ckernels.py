@@ -101,6 +101,7 @@ _ENTRY_POINTS: dict[str, type[ctypes.Structure]] = {
     "rms_norm_bf16": abi.RmsNormArgs,
     "rope_kv_bf16": abi.RopeKvArgs,
     "decode_layers_bf16": abi.DecodeLayersArgs,
+    "projection_matmul_bf16": abi.ProjectionMatmulArgs,
 }
 
 
@@ -116,6 +117,7 @@ class Kernels:
     rms_norm_bf16: Callable[[abi.RmsNormArgs], int]
     rope_kv_bf16: Callable[[abi.RopeKvArgs], int]
     decode_layers_bf16: Callable[[abi.DecodeLayersArgs], int]
+    projection_matmul_bf16: Callable[[abi.ProjectionMatmulArgs], int]
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -134,6 +136,7 @@ class Kernels:
         self.has_prefill_attention = bool(lib.prefill_attention_supported())
         self.has_int4_matmul = bool(lib.int4_matmul_supported())
         self.has_int8_matmul = bool(lib.int8_matmul_supported())
+        self.has_int5_matmul = bool(lib.projection_matmul_supported())
 
 
 @cache

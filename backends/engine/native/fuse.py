@@ -6,7 +6,7 @@ everything the kernels change is swapped in here:
 
 - every layer's attention takes the native decode and prefill kernels (``PagedAttention``);
 - each decoder layer whose pieces all suit the kernels (``FusedLayer.applies``: bfloat16 on CPU,
-  native-layout int4 projections) becomes a ``FusedLayer``, seven native calls;
+  native-layout int4, int5 or int8 projections) becomes a ``FusedLayer``, seven native calls;
 - the layer stack becomes a ``FusedStack``, which runs a decode-only step in one native call
   when every layer is fused.
 

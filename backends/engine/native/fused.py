@@ -4,11 +4,12 @@ At one token a layer's torch ops each cost 3-7 us of dispatch, more than their w
 30 layers ran ~25 small ops each (norms, rotary, cache writes, residual adds, SiLU) for ~4 ms a
 step beside ~6 ms of matmuls. Here a layer is
 
-    rms_norm -> qkv (int4, + bias) -> rotary + cache write -> attention
-      -> o_proj (int4, added into the residual) -> rms_norm
-      -> gate_up (int4) -> down (int4 of silu(gate) * up, added into the residual)
+    rms_norm -> qkv (+ bias) -> rotary + cache write -> attention
+      -> o_proj (added into the residual) -> rms_norm
+      -> gate_up -> down (of silu(gate) * up, added into the residual)
 
-with the kernels of ``csrc/`` (``int4_matmul.c``, ``fused_ops.c``, ``decode_attention.c``),
+with the kernels of ``csrc/`` (``projection_matmul.c`` for the projections, int4, int5 or
+per-group int8 each, ``fused_ops.c``, ``decode_attention.c``),
 each rounding where the torch path rounds, so the two agree to float32 rounding (tested; identical
 on the test models). A step with prefills runs their attention through ``paged_attention``
 with the cache already written (the native prefill kernel). A step of decodes alone goes further:
@@ -17,7 +18,8 @@ in the same order, without the Python between them (~2 ms a step on SmolLM2).
 
 ``FusedLayer.applies(layer, kernels)`` says whether every piece applies: the native kernels are
 built with the int4 fast path, activations are bfloat16 on CPU, and the four projections are
-native-layout ``Int4Linear`` (the residual ones unpadded). ``fuse.fuse`` swaps such layers in;
+native-layout weights (``Int4Linear`` of the native layout, ``Int5Linear``, ``Int8NativeLinear``:
+a GGUF ``Q4_K_M`` file mixes them in one layer; the residual ones unpadded). ``fuse.fuse`` swaps such layers in;
 the others keep torch's ops. A fused layer whose input or cache does not suit the kernels (not
 contiguous, not bfloat16) runs the plain layer's forward.
 """
@@ -29,12 +31,20 @@ from torch import Tensor, nn
 
 from backends.engine.model.attention import AttentionPlan, paged_attention
 from backends.engine.model.llama import DecoderLayer
-from backends.engine.model.quant import Int4Linear
+from backends.engine.model.quant import Int4Linear, Int5Linear, Int8NativeLinear, layouts
 from backends.engine.native import abi
 from backends.engine.native.ckernels import Kernels
 
+#: the four projections of a layer, by the name of their ``Projection`` in ``abi.LayerWeights``
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
-def _padded_bias(mod: Int4Linear) -> Tensor | None:
+
+def native_projection(mod: nn.Module) -> bool:
+    """Whether ``mod`` holds a weight ``projection_matmul_bf16`` multiplies."""
+    return isinstance(mod, (Int5Linear, Int8NativeLinear)) or (isinstance(mod, Int4Linear) and mod.layout == "native")
+
+
+def _padded_bias(mod: nn.Module) -> Tensor | None:
     """The bias at the kernel's padded width (the epilogue reads ``padded_out`` values)."""
     if mod.bias is None:
         return None
@@ -65,9 +75,13 @@ class FusedLayer(DecoderLayer):
         self.hidden = self.attn_norm.dim
         self.qkv_bias, self.gate_up_bias = _padded_bias(attn.qkv_proj), _padded_bias(mlp.gate_up_proj)
         self.o_bias, self.down_bias = attn.o_proj.bias, mlp.down_proj.bias  # unpadded (checked in applies)
+        self.modules_by_name = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
+        biases = {"qkv": self.qkv_bias, "o": self.o_bias, "gate_up": self.gate_up_bias, "down": self.down_bias}
+        #: each projection as the kernels take it (the decode step copies them into its table)
+        self.projections = {name: mod.projection(biases[name]) for name, mod in self.modules_by_name.items()}
         self.pinned = [
-            self.attn_norm.weight2, self.ffn_norm.weight2,
-            *(t for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj) for t in (p.weight, p.scales_and_zeros)),
+            self.attn_norm.weight2, self.ffn_norm.weight2, *(b for b in biases.values() if b is not None),
+            *(t for mod in self.modules_by_name.values() for t in mod.buffers()),
         ]  # fmt: skip
 
     @staticmethod
@@ -81,7 +95,7 @@ class FusedLayer(DecoderLayer):
         if attn.q_norm is not None:  # qwen3's per-head q/k norm: not in the native kernels yet
             return False
         projections = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        if not all(isinstance(p, Int4Linear) and p.layout == "native" for p in projections):
+        if not all(native_projection(p) for p in projections):
             return False
         if any(p.padded_out != p.out_features for p in (attn.o_proj, mlp.down_proj)):
             return False
@@ -91,12 +105,14 @@ class FusedLayer(DecoderLayer):
         return h.is_contiguous() and cache_ok(k_cache, v_cache)
 
     def _matmul(
-        self, mod: Int4Linear, bias: Tensor | None, x: Tensor, x_stride: int, rows: int,
-        out: Tensor | None, residual: Tensor | None, act: int,
-    ) -> None:  # fmt: skip
-        status = mod.native_matmul(x, x_stride, rows, out, bias=bias, residual=residual, act=act)
+        self, name: str, x: Tensor, x_stride: int, rows: int, out: Tensor | None, residual: Tensor | None, act: int
+    ) -> None:
+        mod = self.modules_by_name[name]
+        status = layouts.native_project(
+            self.kernels, self.projections[name], x, x_stride, rows, mod.in_features, out, residual=residual, act=act
+        )
         if status != 0:
-            raise RuntimeError(f"native int4 matmul failed ({status}) on {rows} rows, weight {mod}")
+            raise RuntimeError(f"native matmul failed ({status}) on {rows} rows, weight {mod}")
 
     def _norm(self, norm: torch.nn.Module, h: Tensor, threads: int) -> Tensor:
         rows = h.shape[0]
@@ -126,7 +142,7 @@ class FusedLayer(DecoderLayer):
         # attention: norm, qkv, rotary + cache write, attend, o_proj into the residual
         x = self._norm(self.attn_norm, h, threads)
         qkv = torch.empty(rows, attn.qkv_proj.padded_out, dtype=torch.bfloat16)
-        self._matmul(attn.qkv_proj, self.qkv_bias, x, self.hidden, rows, qkv, None, 0)
+        self._matmul("qkv", x, self.hidden, rows, qkv, None, 0)
         if lora is not None:
             lora.qkv.add_to(x, qkv[:, : attn.qkv_proj.out_features])
         slots = plan.slot_mapping
@@ -141,17 +157,17 @@ class FusedLayer(DecoderLayer):
         if status != 0:
             raise RuntimeError(f"rotary / cache write refused: {rows} rows, slots {slots.tolist()[:8]}...")
         o = self._attend(qkv, plan, k_cache, v_cache, attn.scale)
-        self._matmul(attn.o_proj, self.o_bias, o, o.stride(0), rows, None, h, 0)
+        self._matmul("o", o, o.stride(0), rows, None, h, 0)
         if lora is not None:
             lora.o.add_to(o, h)
 
         # MLP: norm, gate_up, down of silu(gate) * up into the residual
         x = self._norm(self.ffn_norm, h, threads)
         gate_up = torch.empty(rows, mlp.gate_up_proj.padded_out, dtype=torch.bfloat16)
-        self._matmul(mlp.gate_up_proj, self.gate_up_bias, x, self.hidden, rows, gate_up, None, 0)
+        self._matmul("gate_up", x, self.hidden, rows, gate_up, None, 0)
         if lora is not None:
             lora.gate_up.add_to(x, gate_up[:, : mlp.gate_up_proj.out_features])
-        self._matmul(mlp.down_proj, self.down_bias, gate_up, gate_up.stride(0), rows, None, h, 1)
+        self._matmul("down", gate_up, gate_up.stride(0), rows, None, h, 1)
         if lora is not None:
             lora.add_down(gate_up, h)
         return h

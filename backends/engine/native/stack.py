@@ -16,16 +16,8 @@ from torch import Tensor, nn
 
 from backends.engine.model.attention import AttentionPlan, KVCache
 from backends.engine.model.llama import DecoderStack
-from backends.engine.model.quant import Int4Linear
 from backends.engine.native import abi
-from backends.engine.native.fused import FusedLayer, cache_ok
-
-
-def _projection(mod: Int4Linear, bias: Tensor | None) -> abi.Projection:
-    return abi.Projection(
-        w=mod.weight.data_ptr(), sz=mod.scales_and_zeros.data_ptr(), bias=None if bias is None else bias.data_ptr(),
-        n=mod.padded_out, gs=mod.group_size,
-    )  # fmt: skip
+from backends.engine.native.fused import PROJECTIONS, FusedLayer, cache_ok
 
 
 class DecodeStep:
@@ -54,10 +46,8 @@ class DecodeStep:
             if attn.qkv_proj.padded_out != self.qkv_n or mlp.gate_up_proj.padded_out != self.gu_n:
                 raise ValueError("layers differ in shape")
             entry.attn_norm, entry.ffn_norm = layer.attn_norm.weight2.data_ptr(), layer.ffn_norm.weight2.data_ptr()
-            entry.qkv = _projection(attn.qkv_proj, layer.qkv_bias)
-            entry.o = _projection(attn.o_proj, layer.o_bias)
-            entry.gate_up = _projection(mlp.gate_up_proj, layer.gate_up_bias)
-            entry.down = _projection(mlp.down_proj, layer.down_bias)
+            for name in PROJECTIONS:
+                setattr(entry, name, layer.projections[name])
 
     @classmethod
     def build(cls, layers: Sequence[nn.Module]) -> DecodeStep | None:

@@ -1,4 +1,5 @@
-"""A small quantizer for the K-quant formats the ``gguf`` package can only decode (Q2_K, Q4_K, Q5_K, Q6_K),
+"""A small quantizer for the formats the ``gguf`` package can only decode (Q2_K, Q4_K, Q5_K, Q6_K,
+IQ4_NL, IQ4_XS),
 for test fixtures: its blocks are checked against ``gguf.quants.dequantize`` by the tests that use
 them (the values it means are what the package decodes), not against llama.cpp's choice of codes.
 """
@@ -111,4 +112,58 @@ def quantize_q2_k(w: np.ndarray) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-QUANTIZERS = {"Q2_K": quantize_q2_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+#: IQ4_NL / IQ4_XS's table (llama.cpp's ``kvalues_iq4nl``)
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def _iq4_codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The table index nearest ``x / scale`` (scale 0: the code of 1, the value nearest 0)."""
+    safe = np.where(scale != 0, scale, 1)[..., None]
+    t = np.where(scale[..., None] != 0, x / safe, 0)
+    return np.abs(t[..., None] - IQ4_VALUES).argmin(-1).astype(np.uint8)
+
+
+def _iq4_pack(q: np.ndarray) -> np.ndarray:
+    """``[..., 32]`` codes -> ``[..., 16]`` bytes: element i in the low nibble of byte i, 16 + i in the high."""
+    return q[..., :16] | (q[..., 16:] << 4)
+
+
+def _signed_amax(x: np.ndarray) -> np.ndarray:
+    """Per last axis the value of largest magnitude, with its sign."""
+    return np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+
+
+def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` float32 (cols a multiple of 32) -> uint8 blocks ``[rows, cols / 32 * 18]``:
+    per block of 32 a float16 ``d`` (the largest weight on the table's -127) and 16 bytes of codes."""
+    rows = w.shape[0]
+    x = w.reshape(-1, 32).astype(np.float32)
+    d = _f16(_signed_amax(x) / -127)
+    q = _iq4_codes(x, d.astype(np.float32))
+    return np.concatenate([d.reshape(-1, 1).view(np.uint8), _iq4_pack(q)], axis=-1).reshape(rows, -1)
+
+
+def quantize_iq4_xs(w: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` float32 (cols a multiple of 256) -> uint8 blocks ``[rows, cols / 256 * 136]``:
+    float16 ``d``, 8 six-bit sub-block scales (``sc - 32``: high 2 bits in ``scales_h``, low 4 in
+    ``scales_l``), 8 x 16 bytes of codes laid out as IQ4_NL's."""
+    rows = w.shape[0]
+    x = w.reshape(-1, 8, 32).astype(np.float32)
+    s = _signed_amax(x) / -127  # [B, 8]: each sub-block's ideal scale
+    d = _f16(np.abs(s).max(-1) / 31)
+    df = d.astype(np.float32)[:, None]
+    sc = (np.where(df > 0, np.round(s / np.where(df > 0, df, 1)), 0).clip(-32, 31) + 32).astype(np.uint8)  # [B, 8]
+    q = _iq4_codes(x, df * (sc.astype(np.float32) - 32))
+    scales_h = sum((sc[:, j].astype(np.uint16) >> 4) << (2 * j) for j in range(8)).astype(np.uint16)
+    scales_l = (sc[:, 0::2] & 15) | ((sc[:, 1::2] & 15) << 4)  # [B, 4]
+    blocks = np.concatenate(
+        [d.reshape(-1, 1).view(np.uint8), scales_h.reshape(-1, 1).view(np.uint8), scales_l, _iq4_pack(q).reshape(-1, 128)],
+        axis=-1,
+    )
+    return blocks.reshape(rows, -1)
+
+
+QUANTIZERS = {
+    "Q2_K": quantize_q2_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k,
+    "IQ4_NL": quantize_iq4_nl, "IQ4_XS": quantize_iq4_xs,
+}  # fmt: skip

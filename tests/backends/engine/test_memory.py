@@ -102,15 +102,15 @@ def test_unreadable_and_unsupported_files_are_config_errors(tmp_path, tiny) -> N
     import gguf
     import numpy as np
 
-    iq4 = tmp_path / "iq4.gguf"  # a type the engine does not decode (yet): IQ4_NL, 18 bytes per 32 weights
-    writer = gguf.GGUFWriter(str(iq4), "llama")
-    writer.add_tensor("blk.0.attn_q.weight", np.zeros((64, 2 * 18), dtype=np.uint8), raw_dtype=QT.IQ4_NL)
+    tq2 = tmp_path / "tq2.gguf"  # a type the engine does not decode: ternary TQ2_0, 66 bytes per 256 weights
+    writer = gguf.GGUFWriter(str(tq2), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((64, 66), dtype=np.uint8), raw_dtype=QT.TQ2_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ConfigError, match="has type IQ4_NL"):
-        estimate_memory(iq4, EngineOptions(model=str(iq4)))
+    with pytest.raises(ConfigError, match="has type TQ2_0"):
+        estimate_memory(tq2, EngineOptions(model=str(tq2)))
 
 
 def test_backend_declares_before_loading(tiny) -> None:

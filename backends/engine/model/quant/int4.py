@@ -201,6 +201,15 @@ class Int4Linear(Linear):
             )
         )  # fmt: skip
 
+    def projection(self, bias: Tensor | None) -> abi.Projection:
+        """This (native-layout) weight as the fused layer's ``Projection`` (``bias`` padded to
+        ``padded_out``)."""
+        assert self.layout == "native", "only a native-layout weight runs the native kernels"
+        return abi.Projection(
+            w=self.weight.data_ptr(), sz=self.scales_and_zeros.data_ptr(), bias=None if bias is None else bias.data_ptr(),
+            n=self.padded_out, gs=self.group_size, kind=abi.PROJECTION_INT4,
+        )  # fmt: skip
+
     def gather_q(self, ids: Tensor) -> Tensor:
         """``q`` of rows ``ids`` (uint8 ``[T, K]``), read straight from the packed layout."""
         k = self.in_features

@@ -236,6 +236,13 @@ class Int8NativeLinear(Int8Linear):
         w = self._rows_q(ids).float().view(-1, k // gs, gs).mul_(d).view(-1, k)
         return w.to(dtype or self.compute_dtype)
 
+    def projection(self, bias: Tensor | None) -> abi.Projection:
+        """This weight as the fused layer's ``Projection`` (``bias`` padded to ``padded_out``)."""
+        return abi.Projection(
+            w=self.weight.data_ptr(), bias=None if bias is None else bias.data_ptr(), n=self.padded_out,
+            gs=self.group_size, d=self.scales_t.data_ptr(), kind=abi.PROJECTION_INT8,
+        )  # fmt: skip
+
     def _launch(self, x: Tensor, y: Tensor) -> int:
         return self.kernels.int8_matmul_bf16(
             abi.Int8MatmulArgs(

@@ -2,6 +2,8 @@
 
 - torch's CPU int4pack (``_weight_int4pack_mm_for_cpu``): rows interleaved in blocks of 64;
 - the native int4 layout (``native/csrc/int4_matmul.c``): 16-row blocks of 64-byte chunks;
+- the native int5 layout: the int4 one for the low four bits, a plane of fifth bits beside it
+  (``native/csrc/projection_matmul.c``);
 - CUDA's tiled int4 layout (opaque: unpacked by running the kernel on the identity).
 
 A layer takes a native layout only when it is given the loaded kernels (``make_linear(...,
@@ -11,10 +13,17 @@ calls them through ``native_matmul``.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from backends.engine.native import abi
+
+if TYPE_CHECKING:
+    from backends.engine.native.ckernels import Kernels
 
 CPU_BLOCK_N = 64  # the CPU int4pack layout interleaves rows in blocks of 64 (checked at runtime)
 
@@ -66,6 +75,21 @@ def native_unpack(packed: Tensor, n: int, k: int) -> Tensor:
     return native_nibbles(chunks).reshape(n, k)
 
 
+def fifth_bit_pack(h: Tensor) -> Tensor:
+    """The int5 kernel's plane of fifth bits (``native/csrc/projection_matmul.c``): ``h`` (uint8
+    ``[N, K]`` of 0/1, N a multiple of 16, K of 8) as per 16 rows and 8 columns 16 bytes, byte
+    ``i`` holding row ``i``'s bits, bit ``j`` for column ``k0 + j``; ``[N, K // 8]`` bytes."""
+    n, k = h.shape
+    bits = h.view(n // 16, 16, k // 8, 8).transpose(1, 2).to(torch.int32)  # [blk, kc, i, j]
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int32)
+    return (bits * weights).sum(-1).to(torch.uint8).reshape(n, k // 8)
+
+
+def fifth_bit_unpack(b: Tensor) -> Tensor:
+    """``[...]`` plane bytes -> ``[..., 8]`` bits, column order."""
+    return (b.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+
+
 _cpu_layout_ok: bool | None = None
 
 
@@ -103,3 +127,20 @@ def native_matmul(mod: nn.Module, x: Tensor, launch: Callable[[Tensor, Tensor], 
     if status != 0:
         raise RuntimeError(f"native matmul failed ({status}) on x {tuple(x.shape)}, weight {mod}")
     return y
+
+
+def native_project(
+    kernels: Kernels, projection: abi.Projection, x: Tensor, x_stride: int, rows: int, k: int, y: Tensor | None, *,
+    residual: Tensor | None = None, act: int = 0,
+) -> int:  # fmt: skip
+    """``projection_matmul_bf16``: ``x`` (``rows`` rows of ``k``, or with ``act=1`` of gate | up,
+    ``2k``) times the native-layout weight ``projection`` of any kind, into ``y`` or added into
+    the float32 ``residual``; returns the kernel's status."""
+    return kernels.projection_matmul_bf16(
+        abi.ProjectionMatmulArgs(
+            p=ctypes.addressof(projection), x=x.data_ptr(), x_stride=x_stride, m=rows, k=k,
+            y=None if y is None else y.data_ptr(), y_stride=0 if y is None else y.stride(0),
+            residual=None if residual is None else residual.data_ptr(),
+            residual_stride=0 if residual is None else residual.stride(0), act=act, num_threads=torch.get_num_threads(),
+        )
+    )  # fmt: skip

@@ -18,6 +18,7 @@
 #define R RopeKvArgs
 #define W LayerWeights
 #define D DecodeLayersArgs
+#define P ProjectionMatmulArgs
 
 static const AbiField FIELDS[] = {
     SIZE(A), F(A, q), F(A, q_stride), F(A, k_cache), F(A, v_cache), F(A, tables), F(A, table_stride),
@@ -40,7 +41,10 @@ static const AbiField FIELDS[] = {
     F(R, num_threads),
 
     SIZE(Projection), F(Projection, w), F(Projection, sz), F(Projection, bias), F(Projection, n),
-    F(Projection, gs),
+    F(Projection, gs), F(Projection, hb), F(Projection, d), F(Projection, kind),
+
+    SIZE(P), F(P, p), F(P, x), F(P, x_stride), F(P, m), F(P, k), F(P, y), F(P, y_stride), F(P, residual),
+    F(P, residual_stride), F(P, act), F(P, num_threads),
 
     SIZE(LoraTerm), F(LoraTerm, a), F(LoraTerm, bt), F(LoraTerm, start), F(LoraTerm, count),
 

@@ -82,13 +82,31 @@ typedef struct {
     int32_t num_threads;
 } RopeKvArgs;
 
-/* One native-layout int4 projection: packed weight, (scale, zero) pairs, bias padded to n or
- * NULL, padded output width n, group size gs. */
+/* One native-layout projection: packed weight w, bias padded to n or NULL, padded output width n,
+ * group size gs, and by kind: 0 int4 (sz: bfloat16 (scale, zero) pairs, int4_matmul.c), 1 int5
+ * (hb the plane of fifth bits, d float32 [G, 2, n] scales then zeros, projection_matmul.c),
+ * 2 per-group int8 (d float32 [G, n], int8_matmul.c's layout). */
 typedef struct {
     const uint8_t *w;
     const uint16_t *sz, *bias;
     int64_t n, gs;
+    const uint8_t *hb;
+    const float *d;
+    int32_t kind;
 } Projection;
+
+/* projection_matmul_bf16: y (or residual +=) = x @ W.T for a Projection of any kind, with
+ * int4_matmul_bf16's epilogues (projection_matmul.c) */
+typedef struct {
+    const Projection *p;
+    const uint16_t *x;               /* [m, k] (act = 1: [m, 2k], gate | up), row stride x_stride */
+    int64_t x_stride, m, k;
+    uint16_t *y;                     /* [m, p->n], row stride y_stride; unused with residual */
+    int64_t y_stride;
+    float *residual;                 /* float32 [m, p->n], row stride residual_stride, or NULL */
+    int64_t residual_stride;
+    int32_t act, num_threads;
+} ProjectionMatmulArgs;
 
 /* The LoRA term of one fused projection in one layer: the resident adapters' weights stacked
  * along the rank, a [K, in] and bt [K, out] float32 (bt: B transposed and scaled), and per row
@@ -144,5 +162,6 @@ int int8_matmul_bf16(const Int8MatmulArgs *a);
 int rms_norm_bf16(const RmsNormArgs *a);
 int rope_kv_bf16(const RopeKvArgs *a);
 int decode_layers_bf16(const DecodeLayersArgs *a);
+int projection_matmul_bf16(const ProjectionMatmulArgs *a);
 
 #endif

@@ -116,15 +116,14 @@ int rope_kv_bf16(const RopeKvArgs *a) {
 
 /* ---- a whole decode step's layers in one call ------------------------------------------------ */
 
-/* y (or, with residual, residual +=) = x[t, k] @ p^T, as int4_matmul_bf16 */
+/* y (or, with residual, residual +=) = x[t, k] @ p^T, for any kind of p (projection_matmul.c) */
 static int project(const Projection *p, const uint16_t *x, int64_t x_stride, int64_t t, int64_t k, uint16_t *y,
                    float *residual, int32_t act, int32_t num_threads) {
-    const Int4MatmulArgs a = {
-        .x = x, .x_stride = x_stride, .m = t, .w = p->w, .sz = p->sz, .n = p->n, .k = k, .group_size = p->gs,
-        .y = y, .y_stride = p->n, .num_threads = num_threads, .bias = p->bias, .residual = residual,
-        .residual_stride = p->n, .act = act,
+    const ProjectionMatmulArgs a = {
+        .p = p, .x = x, .x_stride = x_stride, .m = t, .k = k, .y = y, .y_stride = p->n, .residual = residual,
+        .residual_stride = p->n, .act = act, .num_threads = num_threads,
     };
-    return int4_matmul_bf16(&a);
+    return projection_matmul_bf16(&a);
 }
 
 /* A LoRA term for each row with an adapter (LoraTerm): d = x[i] . a[c] over its columns c, then

@@ -96,9 +96,9 @@ def test_gguf_mixed_types_q4_1_with_q8_0_embedding(tmp_path) -> None:
     assert max_error(run_steps(loaded.model, loaded.config), reference) <= ATOL
 
 
-@pytest.mark.parametrize("qtype", [QT.Q2_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q5_1])
+@pytest.mark.parametrize("qtype", [QT.Q2_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q5_1, QT.IQ4_NL, QT.IQ4_XS])
 def test_k_quants_match_transformers_on_decoded_weights(qtype, tmp_path) -> None:
-    """K-quant GGUFs (super-blocks of 256: a model 256 wide), float32 and the bfloat16 fast path,
+    """K-quant and IQ4 GGUFs (super-blocks of 256: a model 256 wide), float32 and the bfloat16 fast path,
     against HF on the weights the file decodes to; the embedding Q8_0 as in llama.cpp's mixes."""
     hf = make_hf_model("llama", seed=5, hidden_size=256, intermediate_size=512, tie_word_embeddings=True)
     path = write_gguf(hf, tmp_path / "m.gguf", qtype, embed_type=QT.Q8_0)

@@ -256,3 +256,72 @@ def test_int8_with_offsets_is_the_gguf_weight(qtype, native: bool) -> None:
     symmetric = F.linear(xb.float(), data.symmetric().dequantize())
     bound = 2**-8 * symmetric.abs().max().item() + 1e-2 * ref.abs().max().item()
     torch.testing.assert_close(fast(xb).float(), ref, atol=bound, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", [QT.IQ4_NL, QT.IQ4_XS])
+@pytest.mark.parametrize("native", [False, True])
+def test_iq4_is_the_gguf_weight_as_per_group_int8(qtype, native: bool) -> None:
+    """IQ4_NL / IQ4_XS: 4-bit codes into a fixed table of int8 values times a per-group scale,
+    held as per-group int8 (the table's values, exactly); blocks from the test quantizer, whose
+    values are what the gguf package decodes. The bfloat16 matmul within the int4 (Q4_1) kernel's
+    bound of ``test_int4_packed_kernel_is_exact_weights_summed_in_float32`` on the weights it holds."""
+    from tests.backends.engine.kquant_tools import QUANTIZERS
+
+    n, k = 80, 512
+    raw = QUANTIZERS[qtype.name](weights(n, k, seed=8).numpy())
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k).astype(np.float32))
+    data = _decode(raw, qtype, n, k)
+    assert isinstance(data, quant.Int8Data) and data.zeros is None and data.group_size == 32
+    kernels = default_kernels() if native else None
+    if native and (kernels is None or not kernels.has_int8_matmul):
+        pytest.skip("this machine builds no native int8 kernel")
+    exact = quant.make_linear(data, dtype=torch.float32, kernels=kernels)
+    torch.testing.assert_close(exact.dequantize(), expected, rtol=0, atol=0)
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(exact(x), F.linear(x, expected), rtol=1e-5, atol=1e-5)
+    fast = quant.make_linear(data, dtype=torch.bfloat16, kernels=kernels)
+    assert isinstance(fast, quant.Int8NativeLinear if native else quant.Int8GroupLinear)
+    xb = x.bfloat16()
+    w = fast.dequantize(torch.float32).double()  # native: the gguf weights exactly; else d in bfloat16
+    if native:
+        assert torch.equal(w.float(), expected)
+    truth = F.linear(xb.double(), w)
+    accumulation = F.linear(xb.double().abs(), w.abs()) * 2**-24
+    if not native:  # the two-nibble form's zero 8 d / 17 is rounded to bfloat16 too
+        accumulation = accumulation + F.linear(xb.double().abs(), w.abs()) * 2**-8
+    out = fast(xb).double()
+    assert ((out - truth).abs() <= truth.abs() * 2**-8 + accumulation).all()
+
+
+@pytest.mark.parametrize("qtype", [QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q3_K, QT.Q2_K])
+def test_five_bit_codes_run_on_the_int5_kernel(qtype) -> None:
+    """Per-group int8 whose codes fit five bits as ``Int5Linear`` (4-bit nibbles + a plane of
+    fifth bits, float32 scales and zeros): the gguf package's values, the exchange form back,
+    rows gathered, and the bfloat16 matmul within the int4 kernel's bound on those weights."""
+    kernels = default_kernels()
+    if kernels is None or not kernels.has_int5_matmul:
+        pytest.skip("this machine builds no native int5 kernel")
+    n, k = 80, 512  # 80 rows: padded to 96
+    raw = random_blocks_of(qtype, n, k)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k).astype(np.float32))
+    data = _decode(raw, qtype, n, k)
+    mod = quant.make_linear(data, dtype=torch.bfloat16, kernels=kernels)
+    assert isinstance(mod, quant.Int5Linear) and mod.padded_out == 96
+    torch.testing.assert_close(mod.dequantize(torch.float32), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+    back = mod.to_data()
+    assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales)
+    assert (back.zeros is None) == (data.zeros is None)
+    ids = torch.tensor([0, 17, 79])
+    torch.testing.assert_close(mod.embed(ids, torch.float32), mod.dequantize(torch.float32)[ids], rtol=0, atol=0)
+    w = mod.dequantize(torch.float32).double()
+    for rows in (1, 5, 19):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        truth = F.linear(x.double(), w)
+        accumulation = F.linear(x.double().abs(), w.abs()) * 2**-24
+        assert ((mod(x).double() - truth).abs() <= truth.abs() * 2**-8 + accumulation).all()
+
+
+def random_blocks_of(qtype, n: int, k: int) -> np.ndarray:
+    from tests.backends.engine.model.test_gguf_blocks import random_blocks
+
+    return random_blocks(qtype.name, rows=n, blocks_per_row=k // gguf.GGML_QUANT_SIZES[qtype][0], seed=11)
