@@ -33,7 +33,7 @@ import msgspec
 from backends.engine.builder import EngineOptions, kv_cache_layout
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
 from backends.engine.model.gguf_reader import read_gguf
-from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS, HF_NAMES
+from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS, hf_names
 
 #: tokenizer (a 49k vocabulary's Python objects), scheduler state and the allocator's slack
 BASE_OVERHEAD = 48 * 2**20
@@ -231,7 +231,7 @@ def _read_hf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     tensors = []
     for file in files:
         for key, info in _safetensors_header(file).items():
-            name = HF_NAMES.canonical(key)
+            name = hf_names(config.architecture).canonical(key)
             if name is None or not isinstance(info, dict):
                 continue
             shape = info["shape"]

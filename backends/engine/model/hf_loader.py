@@ -2,7 +2,9 @@
 
 Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped); quantization,
 when asked for, happens per tensor in ``loader.py``. Names are mapped to the engine's canonical
-ones (``embed``, ``layers.{i}.q`` … see ``loader.py``).
+ones (``embed``, ``layers.{i}.q`` … see ``loader.py``). Gemma checkpoints store each norm's
+weight as an offset from 1 (the norm multiplies by ``1 + weight``): their norms are handed out as
+``1 + weight`` in float32, the multiplier, as llama.cpp's converter stores them in GGUF.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import msgspec
 from safetensors import safe_open
 from torch import Tensor
 
-from backends.engine.model.config import ModelConfig, UnsupportedModelError
-from backends.engine.model.tensor_names import HF_NAMES
+from backends.engine.model.config import GEMMA, ModelConfig, UnsupportedModelError
+from backends.engine.model.tensor_names import hf_names
 
 
 
@@ -36,13 +38,15 @@ class HFSource:
             raise UnsupportedModelError(f"model directory '{self.path}' has no *.safetensors files")
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple[Path, str]] = {}
+        self.config = ModelConfig.from_hf_config(self.metadata)
+        names = hf_names(self.config.architecture)
+        self._norm_offset = 1.0 if self.config.architecture in GEMMA else 0.0
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    name = HF_NAMES.canonical(key)
+                    name = names.canonical(key)
                     if name is not None:
                         self._where[name] = (file, key)
-        self.config = ModelConfig.from_hf_config(self.metadata)
         if self.config.tie_word_embeddings:
             self._where.pop("lm_head", None)
         elif "lm_head" not in self._where:  # some checkpoints tie without saying so
@@ -69,7 +73,8 @@ class HFSource:
         """Tensor ``name``, or only its row range ``rows``."""
         handle, key = self._handle(name)
         if rows is None:
-            return handle.get_tensor(key)
+            tensor = handle.get_tensor(key)
+            return tensor.float() + self._norm_offset if self._norm_offset and name.endswith("norm") else tensor
         return handle.get_slice(key)[rows.start : rows.stop]
 
     def close(self) -> None:
