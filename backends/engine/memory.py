@@ -36,7 +36,7 @@ from backends.engine.builder import EngineOptions, kv_cache_layout
 from backends.engine.model.config import ModelConfig, UnsupportedModelError
 from backends.engine.model.gguf_reader import read_gguf
 from backends.engine.model.prequant_config import PrequantConfig, packed_name
-from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS, HF_NAMES
+from backends.engine.model.tensor_names import GGUF_NAMES, GGUF_WEIGHT_KINDS, hf_names
 
 #: tokenizer (a 49k vocabulary's Python objects), scheduler state and the allocator's slack
 BASE_OVERHEAD = 48 * 2**20
@@ -243,7 +243,7 @@ def _read_hf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     tensors = []
     for file in files:
         for key, info in _safetensors_header(file).items():
-            name = HF_NAMES.canonical(key)
+            name = hf_names(config.architecture).canonical(key)
             if not isinstance(info, dict) or "shape" not in info:  # e.g. __metadata__
                 continue
             shape = info["shape"]

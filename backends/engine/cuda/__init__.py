@@ -13,6 +13,9 @@ from backends.engine.cuda.kernels import HAVE_TRITON, GpuKernels
 def prepare(model, *, use_triton: bool | None = None, max_positions: int | None = None):  # type: ignore[no-untyped-def]
     """The GPU forward over ``model``'s weights (``use_triton``: default where Triton is installed)."""
     from backends.engine.cuda.model import GpuCausalLM
+    from backends.engine.model.config import GEMMA, UnsupportedModelError
 
+    if model.config.architecture in GEMMA:  # its forward is llama's: no GeGLU, windows, soft-capping
+        raise UnsupportedModelError(f"{model.config.architecture} runs on the CPU only (the GPU forward is llama's)")
     kernels = GpuKernels(HAVE_TRITON if use_triton is None else use_triton)
     return GpuCausalLM(model, kernels, max_positions=max_positions)

@@ -19,6 +19,14 @@ The native kernels run only when passed in (``PagedAttention(kernels)``, placed 
 ``native.fuse``); without them every step is torch's.
 What depends only on the metadata (block indices, masks) is computed once per step in
 ``AttentionPlan`` and shared by all layers.
+
+Two options serve gemma (``model/gemma.py``), on torch's path only (the native kernels know
+neither, so a plan or call using them declines the kernels):
+- a sliding window, exact on the paged cache: ``plan.windowed(w)`` is the plan whose masks also
+  hide every key more than ``w - 1`` positions before its query (a query at ``p`` sees ``(p - w, p]``,
+  transformers' and llama.cpp's rule). The cache still holds every position; only the masks change.
+- ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before the mask and softmax
+  (gemma2), computed as transformers' eager attention does (SDPA has no such step).
 """
 
 from __future__ import annotations
@@ -83,16 +91,30 @@ class PrefillSeq(msgspec.Struct):
     # for torch's SDPA, made on its first use in a step (``context``): the native kernel needs neither
     blocks: Tensor | slice | None = None  # the context's blocks (see ``_blocks``)
     mask: Tensor | None = None  # bool [q_len, nblocks * block_size] (True = attend)
+    window: int | None = None  # a sliding window (``AttentionPlan.windowed``)
 
     def context(self, block_size: int) -> tuple[Tensor | slice, Tensor]:
         """The blocks holding a cached prefix and this chunk, and the causal mask over them."""
         assert self.table is not None
         if self.blocks is None or self.mask is None:
-            device = self.table.device
             self.blocks = _blocks(self.table)
-            rows = torch.arange(self.seq_len - (self.end - self.start), self.seq_len, device=device).unsqueeze(1)
-            self.mask = torch.arange(self.table.shape[0] * block_size, device=device).unsqueeze(0) <= rows
+            self.mask = self._mask(self.table.shape[0] * block_size, self.table.device)
         return self.blocks, self.mask
+
+    def own_mask(self, device: torch.device) -> Tensor | None:
+        """The mask over this step's own K/V when there is no cached prefix: None (plain causal)
+        unless a window hides some of them."""
+        if self.window is None or self.seq_len <= self.window:
+            return None
+        if self.mask is None:
+            self.mask = self._mask(self.seq_len, device)
+        return self.mask
+
+    def _mask(self, num_keys: int, device: torch.device) -> Tensor:
+        rows = torch.arange(self.seq_len - (self.end - self.start), self.seq_len, device=device).unsqueeze(1)
+        keys = torch.arange(num_keys, device=device).unsqueeze(0)
+        mask = keys <= rows
+        return mask if self.window is None else mask & (keys > rows - self.window)
 
 
 class PrefillTables(msgspec.Struct):
@@ -122,6 +144,8 @@ class AttentionPlan(msgspec.Struct):
     decode_seq_lens: Tensor | None  # int32 [Sd]
     prefills: list[PrefillSeq]
     prefill_tables: PrefillTables | None = None  # when there are prefills
+    max_seq_len: int = 0
+    windows: dict[int, AttentionPlan] = msgspec.field(default_factory=dict)  # ``windowed``'s, made once a step
 
     @classmethod
     def build(cls, attn: AttentionMetadata, block_size: int) -> AttentionPlan:
@@ -177,8 +201,29 @@ class AttentionPlan(msgspec.Struct):
             )
         return cls(
             num_tokens, attn.slot_mapping, decode_rows, decode_blocks, decode_len, decode_mask, tables, lens_t, prefills,
-            prefill_tables,
+            prefill_tables, max(seq_lens, default=0),
         )  # fmt: skip
+
+    def windowed(self, window: int) -> AttentionPlan:
+        """This plan for layers that see only the last ``window`` positions (module docstring);
+        itself while no context is longer than the window. The windowed plan holds no tables for
+        the native kernels, so its attention runs on torch's path."""
+        if self.max_seq_len <= window:
+            return self
+        plan = self.windows.get(window)
+        if plan is not None:
+            return plan
+        decode_mask = self.decode_mask
+        if self.decode_seq_lens is not None:
+            keys = torch.arange(self.decode_len, device=self.decode_seq_lens.device)
+            lens = self.decode_seq_lens.to(torch.int64).view(-1, 1, 1, 1)
+            decode_mask = (keys >= lens - window) & (keys < lens)  # [Sd, 1, 1, L]
+        prefills = [msgspec.structs.replace(seq, mask=None, window=window) for seq in self.prefills]
+        plan = self.windows[window] = msgspec.structs.replace(
+            self, decode_mask=decode_mask, decode_tables=None, decode_seq_lens=None, prefills=prefills,
+            prefill_tables=None, windows={},
+        )  # fmt: skip
+        return plan
 
 
 def _num_blocks(attn: AttentionMetadata, seq_len: int, block_size: int) -> int:
@@ -251,9 +296,10 @@ class PagedAttention:
         self.kernels = kernels
 
     def __call__(
-        self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float
-    ) -> Tensor:
-        return paged_attention(q, k, v, k_cache, v_cache, plan, scale, kernels=self.kernels)
+        self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float,
+        softcap: float | None = None,
+    ) -> Tensor:  # fmt: skip
+        return paged_attention(q, k, v, k_cache, v_cache, plan, scale, kernels=self.kernels, softcap=softcap)
 
 
 def paged_attention(
@@ -267,9 +313,13 @@ def paged_attention(
     *,
     write_kv: bool = True,
     kernels: Kernels | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Write this step's K/V into the cache (unless the caller has: ``write_kv=False``) and
-    attend; returns ``[T, H * D]``. ``kernels``: the native kernels to try first, or None."""
+    attend; returns ``[T, H * D]``. ``kernels``: the native kernels to try first, or None.
+    ``softcap``: soft-capped scores (module docstring), on torch's path."""
+    if softcap is not None:
+        kernels = None
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
@@ -286,8 +336,8 @@ def paged_attention(
         if decode_out is None:
             kd = _gather(k_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)  # [Sd, KV, L, D]
             vd = _gather(v_cache, plan.decode_blocks, sd, plan.decode_len).transpose(1, 2)
-            decode_out = F.scaled_dot_product_attention(
-                qd.view(sd, num_kv, group, head_dim), kd, vd, attn_mask=plan.decode_mask, scale=scale
+            decode_out = _attention(
+                qd.view(sd, num_kv, group, head_dim), kd, vd, plan.decode_mask, scale, softcap, causal=False
             ).reshape(sd, num_heads * head_dim)
         if not plan.prefills:
             return decode_out
@@ -295,7 +345,7 @@ def paged_attention(
     # prefill: causal over each sequence's context, all at once natively, else one SDPA each
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
     if not _native_prefill(kernels, q, k_cache, v_cache, plan, scale, out):
-        _sdpa_prefill(q, k, v, k_cache, v_cache, plan, scale, out)
+        _sdpa_prefill(q, k, v, k_cache, v_cache, plan, scale, out, softcap)
     if decode_out is not None:
         out.index_copy_(0, plan.decode_rows, decode_out)
     return out
@@ -326,30 +376,56 @@ def _native_prefill(
 
 
 def _sdpa_prefill(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float, out: Tensor
-) -> None:
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, plan: AttentionPlan, scale: float, out: Tensor,
+    softcap: float | None = None,
+) -> None:  # fmt: skip
     num_heads, head_dim = q.shape[1:]
-    group = num_heads // k.shape[1]
     for seq in plan.prefills:
         n = seq.end - seq.start
-        mask = None
         if seq.table is None:
             ks = k[seq.start : seq.end]
             vs = v[seq.start : seq.end]
+            mask = seq.own_mask(q.device)
         else:
             blocks, mask = seq.context(k_cache.shape[1])
             ks = _gather(k_cache, blocks, 1, mask.shape[1])[0]
             vs = _gather(v_cache, blocks, 1, mask.shape[1])[0]
-        o = F.scaled_dot_product_attention(
+        o = _attention(
             q[seq.start : seq.end].transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
             ks.transpose(0, 1).unsqueeze(0),
             vs.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scale,
-            enable_gqa=group > 1,
+            mask,
+            scale,
+            softcap,
+            causal=mask is None,
         )
         out[seq.start : seq.end] = o[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+
+
+def _attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float | None, *, causal: bool
+) -> Tensor:
+    """Attention of ``q`` ``[B, H, n, D]`` over ``k``, ``v`` ``[B, KV, L, D]`` (query head ``h``
+    reads KV head ``h // (H / KV)``); ``mask`` bool, broadcast to ``[B, H, n, L]`` (True = attend),
+    or ``causal`` (``L == n``), or neither. SDPA, or with ``softcap`` as transformers' eager
+    attention: scaled scores capped, masked, softmax in float32, rounded to the activation dtype, times V."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] > k.shape[1]
+        )
+    b, num_heads, n, head_dim = q.shape
+    num_kv, length = k.shape[1], k.shape[2]
+    if causal:
+        mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril()
+    elif mask is not None and mask.dim() == 4:
+        mask = mask.unsqueeze(2)  # [B, 1, 1, n, L]: broadcast over the KV and group axes
+    q5 = q.reshape(b, num_kv, num_heads // num_kv, n, head_dim)
+    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, KV, G, n, L]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v.unsqueeze(2)).view(b, num_heads, n, head_dim)
 
 
 def allocate_kv_cache(

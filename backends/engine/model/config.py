@@ -5,7 +5,12 @@ Supported architectures: ``llama`` (SmolLM, TinyLlama, Llama 2/3 including Llama
 ``mistral`` (full attention; a sliding window is recorded but only exact while the context fits
 in it), ``qwen2`` (bias on q/k/v) and ``qwen3`` (an RMSNorm over each head of q and of k before
 the rotary embedding) and ``phi3`` (q/k/v and gate/up stored fused; its 128k variants' ``longrope``
-scaling is refused). Anything else is an ``UnsupportedModelError``.
+scaling is refused), and with their own forward (``gemma.py``) ``gemma2`` (embedding scaled by
+``sqrt(hidden)``, GeGLU, norms after attention and MLP too, soft-capped attention scores and
+logits, sliding-window layers alternating with global ones, applied exactly) and ``gemma3``
+(the text model, ``Gemma3ForCausalLM`` / ``gemma3_text``: per-head q/k norms, five sliding-window
+layers to one global, the sliding ones with their own unscaled rotary base). Anything else is an
+``UnsupportedModelError``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ import msgspec
 
 from gateway.errors import ConfigError
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3")  # run by gemma.GemmaCausalLM
+_HF_MODEL_TYPES = {"gemma3_text": "gemma3"}  # HF model_type -> architecture, where they differ
+# gemma defaults where a file leaves a key out (transformers' for config.json, llama.cpp's for GGUF):
+# (attention softcap, final softcap, sliding window, layers per sliding pattern)
+_GEMMA_DEFAULTS = {"gemma2": (50.0, 30.0, 4096, 2), "gemma3": (None, None, 4096, 6)}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # see _gemma_gguf
 
 
 class UnsupportedModelError(ConfigError):
@@ -50,7 +61,13 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     attention_bias: bool = False  # bias on the q/k/v projections (qwen2)
     qk_norm: bool = False  # an RMSNorm over each head of q and of k, before the rotary embedding (qwen3)
     rope_scaling: RopeScaling | None = None
-    sliding_window: int | None = None  # recorded, not applied (see module docstring)
+    sliding_window: int | None = None  # applied on ``sliding_layers`` (gemma); elsewhere recorded, not applied
+    # gemma2 / gemma3 (gemma.py)
+    sliding_layers: tuple[int, ...] = ()  # layers whose queries see only the last ``sliding_window`` positions
+    query_pre_attn_scalar: float | None = None  # attention scale ``this ** -0.5`` (None: head_dim's)
+    attn_logit_softcap: float | None = None  # attention scores ``cap * tanh(scores / cap)``
+    final_logit_softcap: float | None = None  # logits likewise
+    local_rope_theta: float | None = None  # gemma3: the sliding layers' rotary base (never scaled)
 
     @property
     def q_size(self) -> int:
@@ -89,6 +106,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
         if metadata.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor")))
         # Llama 3 scaling travels in GGUF as a ``rope_freqs.weight`` tensor, applied by the loader.
+        gemma = _gemma_gguf(metadata, arch, hidden // num_heads, head_dim) if arch in GEMMA else {}
         return cls(
             architecture=arch,
             vocab_size=int(vocab),
@@ -103,23 +121,37 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_position_embeddings=int(key("context_length")),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "gemma3"),
             rope_scaling=scaling,
+            **gemma,
         )
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> ModelConfig:
         """Build from a parsed ``config.json`` (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
-        arch = str(cfg.get("model_type", ""))
+        model_type = str(cfg.get("model_type", ""))
+        if model_type == "gemma3":
+            raise UnsupportedModelError(
+                "gemma3 multimodal checkpoints (Gemma3ForConditionalGeneration) are not supported: "
+                "only the text model (model_type gemma3_text, Gemma3ForCausalLM)"
+            )
+        arch = _HF_MODEL_TYPES.get(model_type, model_type)
         if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
-                f"model_type '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})"
+                f"model_type '{model_type}' is not supported (supported: {', '.join(ARCHITECTURES)}, gemma3_text)"
             )
-        if cfg.get("hidden_act", "silu") != "silu":
+        if arch in GEMMA:
+            act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+            if act != "gelu_pytorch_tanh":
+                raise UnsupportedModelError(f"{arch} hidden_activation '{act}' is not supported (gelu_pytorch_tanh)")
+        elif cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act '{cfg.get('hidden_act')}' is not supported (silu only)")
         hidden = int(cfg["hidden_size"])
         num_heads = int(cfg["num_attention_heads"])
+        gemma = _gemma_hf(cfg, arch, int(cfg["num_hidden_layers"])) if arch in GEMMA else {}
         rope = dict(cfg.get("rope_parameters") or {})
+        if arch == "gemma3" and "full_attention" in rope:  # transformers 5: one set per layer type
+            rope = dict(rope["full_attention"] or {})
         if float(cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0) != 1.0:
             raise UnsupportedModelError("a partial rotary embedding (partial_rotary_factor < 1) is not supported")
         rope.update(cfg.get("rope_scaling") or {})
@@ -155,7 +187,66 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "gemma3"),
             rope_scaling=scaling,
             sliding_window=int(window) if window else None,
+            **gemma,
         )
+
+
+def _gemma_hf(cfg: Mapping[str, Any], arch: str, num_layers: int) -> dict[str, Any]:
+    """The gemma fields of a ``config.json`` (transformers 4.x or 5.x spellings)."""
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{arch} with bidirectional attention (an embedding model) is not supported")
+    attn_cap, final_cap, _, pattern = _GEMMA_DEFAULTS[arch]
+    types = cfg.get("layer_types") or [
+        "full_attention" if (i + 1) % int(cfg.get("sliding_window_pattern") or pattern) == 0 else "sliding_attention"
+        for i in range(num_layers)
+    ]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown or len(types) != num_layers:
+        raise UnsupportedModelError(f"{arch} layer_types {sorted(unknown) or len(types)} are not supported")
+    fields: dict[str, Any] = {
+        "sliding_layers": tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        if cfg.get("sliding_window")
+        else (),
+        "query_pre_attn_scalar": float(cfg.get("query_pre_attn_scalar") or 256),
+        "attn_logit_softcap": _float_or_none(cfg.get("attn_logit_softcapping", attn_cap)),
+        "final_logit_softcap": _float_or_none(cfg.get("final_logit_softcapping", final_cap)),
+    }
+    if arch == "gemma3":
+        local = dict((cfg.get("rope_parameters") or {}).get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"gemma3 sliding-layer rope scaling '{local['rope_type']}' is not supported")
+        fields["local_rope_theta"] = float(local.get("rope_theta") or cfg.get("rope_local_base_freq") or 10000.0)
+    return fields
+
+
+def _gemma_gguf(metadata: Mapping[str, Any], arch: str, hidden_per_head: int, head_dim: int) -> dict[str, Any]:
+    """The gemma fields of GGUF metadata, as llama.cpp reads them: keys it may leave out take
+    llama.cpp's defaults. The file carries no ``query_pre_attn_scalar``: llama.cpp scales by
+    ``hidden / heads`` for the 27B models (told apart by their layer count) and by ``head_dim``
+    otherwise, which is what their configs say."""
+    attn_cap, final_cap, window, pattern = _GEMMA_DEFAULTS[arch]
+    num_layers = int(metadata[f"{arch}.block_count"])
+    window = metadata.get(f"{arch}.attention.sliding_window", window if arch == "gemma2" else None)
+    pattern = metadata.get(f"{arch}.attention.sliding_window_pattern", pattern)
+    if isinstance(pattern, int):  # llama.cpp: layer i slides unless it is the last of each group
+        sliding = [i % pattern < pattern - 1 for i in range(num_layers)]
+    else:  # one bool per layer
+        sliding = [bool(x) for x in pattern]
+    fields: dict[str, Any] = {
+        "sliding_window": int(window) if window else None,
+        "sliding_layers": tuple(i for i, s in enumerate(sliding) if s) if window else (),
+        "query_pre_attn_scalar": float(hidden_per_head if num_layers == _GEMMA_27B_LAYERS[arch] else head_dim),
+        "attn_logit_softcap": _float_or_none(metadata.get(f"{arch}.attn_logit_softcapping", attn_cap)),
+        "final_logit_softcap": _float_or_none(metadata.get(f"{arch}.final_logit_softcapping", final_cap)),
+    }
+    if arch == "gemma3":
+        fields["attn_logit_softcap"] = None  # llama.cpp's gemma3 graph has none
+        fields["local_rope_theta"] = float(metadata.get(f"{arch}.rope.freq_base_swa", 10000.0))
+    return fields
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if value else None

@@ -4,7 +4,9 @@ Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped)
 when asked for, happens per tensor in ``loader.py``. Names are mapped to the engine's canonical
 ones (``embed``, ``layers.{i}.q`` … see ``loader.py``). A pre-quantized checkpoint (AWQ, GPTQ: a
 ``quantization_config`` in config.json, ``prequant_config.py``) hands out its packed linears as
-``Int4Data`` (or ``InputPermutedData``), unpacked by ``quant/prequant.py``.
+``Int4Data`` (or ``InputPermutedData``), unpacked by ``quant/prequant.py``. Gemma checkpoints store
+each norm's weight as an offset from 1 (the norm multiplies by ``1 + weight``): their norms are
+handed out as ``1 + weight`` in float32, the multiplier, as llama.cpp's converter stores them in GGUF.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import msgspec
 from safetensors import safe_open
 from torch import Tensor
 
-from backends.engine.model.config import ModelConfig, UnsupportedModelError
+from backends.engine.model.config import GEMMA, ModelConfig, UnsupportedModelError
 from backends.engine.model.prequant_config import PrequantConfig, packed_name
 from backends.engine.model.quant.prequant import unpack_layer
-from backends.engine.model.tensor_names import HF_NAMES
+from backends.engine.model.tensor_names import hf_names
 
 
 class HFSource:
@@ -39,12 +41,15 @@ class HFSource:
             raise UnsupportedModelError(f"model directory '{self.path}' has no *.safetensors files")
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple[Path, str]] = {}
+        self.config = ModelConfig.from_hf_config(self.metadata)
+        names = hf_names(self.config.architecture)
+        self._norm_offset = 1.0 if self.config.architecture in GEMMA else 0.0
         self.prequant = PrequantConfig.from_hf(self.metadata)
         self._packed: dict[str, dict[str, tuple[Path, str]]] = {}  # canonical name -> part -> where
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    name = HF_NAMES.canonical(key)
+                    name = names.canonical(key)
                     if name is not None:
                         self._where[name] = (file, key)
                     elif self.prequant is not None and (packed := packed_name(key)) is not None:
@@ -52,7 +57,6 @@ class HFSource:
         for name in ("embed", "lm_head"):
             if name in self._packed:
                 raise UnsupportedModelError(f"model directory '{self.path}': a quantized {name} is not supported")
-        self.config = ModelConfig.from_hf_config(self.metadata)
         if self.config.tie_word_embeddings:
             self._where.pop("lm_head", None)
         elif "lm_head" not in self._where:  # some checkpoints tie without saying so
@@ -87,7 +91,8 @@ class HFSource:
             return unpack_layer(self.prequant, layer, lambda part: self._read(parts[part]) if part in parts else None)
         handle, key = self._handle(name)
         if rows is None:
-            return handle.get_tensor(key)
+            tensor = handle.get_tensor(key)
+            return tensor.float() + self._norm_offset if self._norm_offset and name.endswith("norm") else tensor
         return handle.get_slice(key)[rows.start : rows.stop]
 
     def _read(self, where: tuple[Path, str]) -> Tensor:

@@ -2,7 +2,8 @@
 
 Sources (``gguf_loader.GGUFSource``, ``hf_loader.HFSource``) hand out one tensor at a time by
 canonical name: ``embed``, ``lm_head``, ``norm``, ``rope_freqs`` and per layer
-``layers.{i}.{q,k,v,o,gate,up,down,attn_norm,ffn_norm}`` (+ ``.bias`` on q/k/v/o). Each is
+``layers.{i}.{q,k,v,o,gate,up,down,attn_norm,ffn_norm}`` (+ ``.bias`` on q/k/v/o; gemma's
+``post_attn_norm``, ``post_ffn_norm``; norms are the multipliers, gemma's ``1 + weight``). Each is
 turned into its final form (packed, requantized or cast) before the next is read, so no
 full-precision copy of a quantized model ever exists.
 
@@ -34,7 +35,8 @@ import msgspec
 import torch
 from torch import Tensor, nn
 
-from backends.engine.model.config import ModelConfig, UnsupportedModelError
+from backends.engine.model.config import GEMMA, ModelConfig, UnsupportedModelError
+from backends.engine.model.gemma import GemmaCausalLM
 from backends.engine.model.llama import CausalLM, rope_inv_freq
 from backends.engine.model.quant import (
     DEFAULT_GROUP_SIZE,
@@ -177,7 +179,7 @@ class _Builder:
 def _build(source: Any, b: _Builder) -> CausalLM:
     config: ModelConfig = source.config
     with torch.device("meta"):
-        model = CausalLM(config, b.dtype)
+        model = (GemmaCausalLM if config.architecture in GEMMA else CausalLM)(config, b.dtype)
     # The vocabulary-sized tensors first, while the heap is empty: their transients are the largest.
     model.embed_tokens = b.vocab("embed")
     model.lm_head = model.embed_tokens if config.tie_word_embeddings else b.vocab("lm_head")
@@ -185,6 +187,9 @@ def _build(source: Any, b: _Builder) -> CausalLM:
         p = f"layers.{i}"
         layer.attn_norm.set_weight(b.vector(f"{p}.attn_norm"))
         layer.ffn_norm.set_weight(b.vector(f"{p}.ffn_norm"))
+        for norm in ("post_attn_norm", "post_ffn_norm"):  # gemma's, on the attention and MLP outputs
+            if hasattr(layer, norm):
+                getattr(layer, norm).set_weight(b.vector(f"{p}.{norm}"))
         if config.qk_norm:
             layer.self_attn.q_norm = b.vector(f"{p}.q_norm")
             layer.self_attn.k_norm = b.vector(f"{p}.k_norm")
@@ -202,6 +207,9 @@ def _build(source: Any, b: _Builder) -> CausalLM:
     model.norm.set_weight(b.vector("norm"))
     rope_freqs = source.get("rope_freqs") if source.has("rope_freqs") else None
     model.inv_freq = rope_inv_freq(config, rope_freqs).to(b.device)
+    if config.local_rope_theta is not None:  # gemma3's sliding layers: their own base, never scaled
+        local = msgspec.structs.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
+        model.local_inv_freq = rope_inv_freq(local).to(b.device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise UnsupportedModelError(f"weights missing after load: {', '.join(leftover)}")

@@ -48,6 +48,8 @@ GGUF_NAMES = TensorNames(
         "attn_q_norm.weight": "q_norm",
         "attn_k_norm.weight": "k_norm",
         "attn_qkv.weight": "qkv",  # phi3: q/k/v fused (its ffn_up holds gate and up: loader._build)
+        "post_attention_norm.weight": "post_attn_norm",  # gemma2/3
+        "post_ffw_norm.weight": "post_ffn_norm",
     },
     whole_model={
         "token_embd.weight": "embed",
@@ -85,6 +87,25 @@ HF_NAMES = TensorNames(
         "model.norm.weight": "norm",
     },
 )
+
+
+#: gemma2/3 checkpoints: ``post_attention_layernorm`` is the norm of the attention output (llama's
+#: pre-MLP norm), ``pre_feedforward_layernorm`` the pre-MLP one.
+HF_GEMMA_NAMES = TensorNames(
+    layer_prefix=HF_NAMES.layer_prefix,
+    per_layer={
+        **HF_NAMES.per_layer,
+        "post_attention_layernorm.weight": "post_attn_norm",
+        "pre_feedforward_layernorm.weight": "ffn_norm",
+        "post_feedforward_layernorm.weight": "post_ffn_norm",
+    },
+    whole_model=HF_NAMES.whole_model,
+)
+
+
+def hf_names(architecture: str) -> TensorNames:
+    """The naming of an HF checkpoint of ``architecture`` (``ModelConfig.architecture``)."""
+    return HF_GEMMA_NAMES if architecture in ("gemma2", "gemma3") else HF_NAMES
 
 
 #: The GGUF tensor types the loader decodes, and the form each is held in (``float``; ``int4``:

@@ -19,7 +19,9 @@ in the same order, without the Python between them (~2 ms a step on SmolLM2).
 ``FusedLayer.applies(layer, kernels)`` says whether every piece applies: the native kernels are
 built with the int4 fast path, activations are bfloat16 on CPU, and the four projections are
 native-layout weights (``Int4Linear`` of the native layout, ``Int5Linear``, ``Int8NativeLinear``:
-a GGUF ``Q4_K_M`` file mixes them in one layer; the residual ones unpadded). ``fuse.fuse`` swaps such layers in;
+a GGUF ``Q4_K_M`` file mixes them in one layer; the residual ones unpadded), and the layer is llama's
+own ``DecoderLayer`` (gemma's, ``model/gemma.py``, with its extra norms, GeGLU, soft-capping and
+sliding windows, is declined: it runs on torch's path). ``fuse.fuse`` swaps such layers in;
 the others keep torch's ops. A fused layer whose input or cache does not suit the kernels (not
 contiguous, not bfloat16) runs the plain layer's forward.
 """
@@ -87,7 +89,8 @@ class FusedLayer(DecoderLayer):
     @staticmethod
     def applies(layer: nn.Module, kernels: Kernels) -> bool:
         """Whether ``layer`` (a plain ``DecoderLayer``) can run as a ``FusedLayer``."""
-        if not kernels.has_int4_matmul or not isinstance(layer, DecoderLayer) or isinstance(layer, FusedLayer):
+        # the llama layer itself: a subclass (gemma's, or a FusedLayer already) runs another forward
+        if not kernels.has_int4_matmul or type(layer) is not DecoderLayer:
             return False
         if layer.attn_norm.out_dtype != torch.bfloat16 or layer.attn_norm.weight2.device.type != "cpu":
             return False

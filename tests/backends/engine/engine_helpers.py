@@ -58,15 +58,43 @@ def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Mod
         model = Phi3ForCausalLM(Phi3Config(**kwargs))
     elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**kwargs))
+    elif arch in ("gemma2", "gemma3"):
+        model = _make_gemma(arch, kwargs)
     else:
         model = LlamaForCausalLM(LlamaConfig(**kwargs))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and arch in ("gemma2", "gemma3"):  # stored as an offset from 1
+                p.uniform_(-0.4, 0.4)
+            elif "norm" in name:
                 p.uniform_(0.6, 1.4)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def _make_gemma(arch: str, kwargs: dict) -> torch.nn.Module:
+    """A tiny gemma2 / gemma3 whose every difference shows at the test lengths: a sliding window of
+    4 (prompts of 13+ tokens), soft-caps small enough to bite (gemma2), a global layer between
+    local ones with its own linearly scaled rotary base (gemma3: 7 layers, the default 5:1
+    pattern). ``query_pre_attn_scalar`` is ``head_dim`` as in gemma's 2B-12B models, what a GGUF implies."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    kwargs.setdefault("head_dim", 32)
+    kwargs.setdefault("query_pre_attn_scalar", kwargs["head_dim"])
+    kwargs.setdefault("sliding_window", 4)
+    kwargs.setdefault("pad_token_id", 0)
+    if arch == "gemma2":
+        kwargs.setdefault("attn_logit_softcapping", 2.0)
+        kwargs.setdefault("final_logit_softcapping", 3.0)
+        return Gemma2ForCausalLM(Gemma2Config(**kwargs))
+    kwargs["num_hidden_layers"] = max(int(kwargs["num_hidden_layers"]), 7)  # layer 5 global, 6 local again
+    kwargs.setdefault(
+        "rope_parameters",
+        {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+    )  # fmt: skip
+    return Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
 
 
 def save_hf(model: torch.nn.Module, path: Path) -> Path:
@@ -101,7 +129,8 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
     """Write ``model``'s weights as a GGUF file the way llama.cpp's converter lays them out:
     2-D weights in ``qtype`` (the embedding in ``embed_type``), norms and biases F32."""
     cfg = model.config
-    arch = cfg.model_type
+    arch = {"gemma3_text": "gemma3"}.get(cfg.model_type, cfg.model_type)
+    gemma = arch in ("gemma2", "gemma3")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -110,13 +139,25 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None)
-    if head_dim and head_dim != cfg.hidden_size // cfg.num_attention_heads:  # qwen3's
+    if head_dim and (gemma or head_dim != cfg.hidden_size // cfg.num_attention_heads):  # qwen3's, gemma's
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # gemma3: its global layers'
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if gemma:  # the keys llama.cpp's converter writes (no pattern, no local base: llama.cpp's defaults)
+        w.add_sliding_window(cfg.sliding_window)
+        if cfg.attn_logit_softcapping:
+            w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        if rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if gemma:  # llama.cpp's converter stores gemma's norms as the multiplier 1 + weight
+        sd = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
 
     def put(name: str, arr: np.ndarray, kind: QT) -> None:
         if arr.ndim == 1 or kind == QT.F32:
@@ -158,7 +199,12 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
             if norm is not None:
                 put(f"blk.{i}.attn_{short}_norm.weight", norm, QT.F32)
         put(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], QT.F32)
-        put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], QT.F32)
+        if gemma:
+            put(f"blk.{i}.post_attention_norm.weight", sd[p + "post_attention_layernorm.weight"], QT.F32)
+            put(f"blk.{i}.ffn_norm.weight", sd[p + "pre_feedforward_layernorm.weight"], QT.F32)
+            put(f"blk.{i}.post_ffw_norm.weight", sd[p + "post_feedforward_layernorm.weight"], QT.F32)
+        else:
+            put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], QT.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

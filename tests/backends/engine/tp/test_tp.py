@@ -1,8 +1,9 @@
 """Tensor parallelism (CPU, gloo, 2 processes) against the single-process engine.
 
 - sharding plans and slices of every linear kind, against dense references (no processes);
-- tiny random models (dense, int4, int8; uneven KV-head split, bias, tied and untied output):
-  tp=2 logits equal tp=1's within float32 tolerance through prefill, chunked prefill and decode;
+- tiny random models (dense, int4, int8; uneven KV-head split, bias, tied and untied output;
+  gemma2 and gemma3 with sliding windows the prompts outgrow): tp=2 logits equal tp=1's within
+  float32 tolerance through prefill, chunked prefill and decode, greedy tokens identical;
   each rank holds about half the weights;
 - failure: a killed worker or a hung one makes the step raise (within the collective timeout),
   ``recover()`` brings a new world that serves, ``close()`` leaves no process behind;
@@ -188,7 +189,9 @@ def test_torchrun_env_reads_the_variables_torchrun_sets() -> None:
 # tiny models over two processes
 
 
-@pytest.fixture(scope="module", params=[("llama", None), ("qwen2", "int4"), ("llama", "int8")], ids=str)
+@pytest.fixture(
+    scope="module", params=[("llama", None), ("qwen2", "int4"), ("llama", "int8"), ("gemma2", None), ("gemma3", None)], ids=str
+)
 def tiny_tp(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     arch, quantization = request.param
     path = _tiny_dir(tmp_path_factory, arch)
@@ -208,6 +211,21 @@ def test_tiny_tp2_logits_equal_tp1(tiny_tp) -> None:  # type: ignore[no-untyped-
     ref = _run_steps(reference.model, reference.config)
     for step, (a, b) in enumerate(zip(ours, ref, strict=True)):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def test_tiny_tp2_greedy_tokens_equal_tp1(tiny_tp) -> None:  # type: ignore[no-untyped-def]
+    """The engine at tp=2 generates greedily what the tp=1 model does (gemma: a prompt of 9 and 8
+    new tokens outgrow its sliding window of 4)."""
+    engine, reference = tiny_tp
+    _fresh_block_manager(engine)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    tokens = _generate(engine, prompt, max_tokens=8)
+    runner = PagedRunner(reference.model, reference.config, num_blocks=64, block_size=4, seed=1)
+    expected, step = [], prompt
+    for _ in range(len(tokens)):
+        expected.append(int(runner.step([(0, step)])[0][-1].argmax()))
+        step = [expected[-1]]
+    assert tokens == expected
 
 
 def test_tiny_each_rank_holds_about_half_the_weights(tiny_tp) -> None:  # type: ignore[no-untyped-def]
