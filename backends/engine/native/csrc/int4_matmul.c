@@ -19,11 +19,16 @@
  *
  * Scales: sz [G, N, 2] bfloat16, (s, z) per group and row, as torch's int4 kernels take them.
  *
- * The AVX2 + FMA variant (simd.h's TAXIWAY_AVX2) reads the same layout and sums in the same
- * order: x widened to float32 once per call, each 32-bit lane of a chunk XORed with 0x88888888
- * (nibble q becomes the two's complement 4-bit q - 8), nibble j moved to the top of its lane and
- * shifted back arithmetically (the exact integer q - 8), converted to float32 and multiply-added
- * with x[k] (exact products, float32 sums), eight rows to a vector.
+ * The AVX2 + FMA variant (simd.h's TAXIWAY_AVX2) reads the same layout, eight rows to a vector,
+ * at three instructions per vector of weights (AVX2 has no bfloat16 dot product; unpacking each
+ * nibble to its own lane is the cost): nibble j of every lane masked in place is the integer
+ * q * 16^j, converted to float32 exactly, multiply-added with x[k] * 16^-j (x widened to float32
+ * and scaled by that power of two once per call: exact) — the exact product q * x, float32 sums.
+ * The top nibble is shifted down instead (masked, it would be the sign). The sums are of q, not
+ * q - 8: per row and group s * sum q x + (z - 8 s) * sum x, with 8 s exact; q up to 15 instead
+ * of 8 roughly doubles the float32 rounding of the sum, far below the bfloat16 output's.
+ * (Centring cost a fourth instruction per vector: SmolLM2's gate_up, one row, one thread, weights
+ * in cache, ~80 us centred, ~56-71 us now.)
  */
 #include "abi.h"
 #include "simd.h"
@@ -180,7 +185,7 @@ static float group_sum(const uint16_t *x, int64_t gs) {
 #elif TAXIWAY_AVX2
 
 typedef struct {
-    const float *x;        /* [m, k] float32: the bfloat16 input (or silu(gate) * up) widened */
+    const float *x;        /* [m, k] float32: the bfloat16 input (or silu(gate) * up), scaled (nibble_scales) */
     int64_t x_stride;
     const uint8_t *w;
     const uint16_t *sz;
@@ -210,10 +215,21 @@ static inline void epilogue(const Problem *p, int64_t m, int64_t c, __m256 out) 
     }
 }
 
-/* nibble j (bits 4j..4j+3) of every lane of the XORed chunk as float32 q - 8 */
-static inline __m256 centred_nibble(__m256i v, const int j) {
-    const __m256i top = j == 7 ? v : _mm256_slli_epi32(v, 28 - 4 * j);
-    return _mm256_cvtepi32_ps(_mm256_srai_epi32(top, 28));
+/* Each block's weights are asked for this far ahead of their use: the hardware prefetcher alone
+ * keeps too few lines in flight for this variant's slower pace (SmolLM2's gate_up, one row, one
+ * thread, weights from memory: 190 us without, ~125 with, ~82 with two blocks per tile instead of
+ * four, against ~57 for AVX-512 BF16; the machine was shared and these vary by ~20%). */
+#define PREFETCH_BYTES 1024
+
+/* nibble j (bits 4j..4j+3) of every lane as float32 q * 16^j (j < 7), q (j = 7) */
+static inline __m256 nibble(__m256i v, const int j) {
+    if (j == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF << (4 * j))));
+}
+
+/* x[k] for k = 8c + o is stored times 16^-j, j the nibble holding offset o (16^-0 for j = 7) */
+static inline __m256 nibble_scales(void) {
+    return _mm256_setr_ps(1.0f, 0x1p-16f, 0x1p-4f, 0x1p-20f, 0x1p-8f, 0x1p-24f, 0x1p-12f, 1.0f);
 }
 
 /* Rows m0..m0+MT of x against output blocks b0..b0+NB (16 rows each: two vectors of eight).
@@ -223,7 +239,6 @@ static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t
     for (int i = 0; i < MT; i++)
         for (int j = 0; j < 2 * NB; j++) out[i][j] = _mm256_setzero_ps();
     const int64_t chunks_per_group = p->gs / 8, block_bytes = p->k / 8 * 64;
-    const __m256i flip = _mm256_set1_epi32((int)0x88888888u);
     for (int64_t g = 0; g < p->groups; g++) {
         for (int i = 0; i < MT; i++)
             for (int j = 0; j < 2 * NB; j++) acc[i][j] = _mm256_setzero_ps();
@@ -231,11 +246,12 @@ static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t
             const int64_t kc = g * chunks_per_group + c;
             for (int b = 0; b < NB; b++) {
                 const uint8_t *chunk = p->w + (b0 + b) * block_bytes + kc * 64;
-                const __m256i lo = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)chunk), flip);
-                const __m256i hi = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(chunk + 32)), flip);
+                _mm_prefetch((const char *)(chunk + PREFETCH_BYTES), _MM_HINT_T0);
+                const __m256i lo = _mm256_loadu_si256((const __m256i *)chunk);
+                const __m256i hi = _mm256_loadu_si256((const __m256i *)(chunk + 32));
 #define NIBBLE(J)                                                                                          \
     {                                                                                                      \
-        const __m256 wl = centred_nibble(lo, J), wh = centred_nibble(hi, J);                               \
+        const __m256 wl = nibble(lo, J), wh = nibble(hi, J);                                               \
         for (int i = 0; i < MT; i++) {                                                                     \
             const __m256 xv = _mm256_broadcast_ss(p->x + (m0 + i) * p->x_stride + kc * 8 + 2 * ((J) % 4) + (J) / 4); \
             acc[i][2 * b] = _mm256_fmadd_ps(wl, xv, acc[i][2 * b]);                                        \
@@ -252,9 +268,12 @@ static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t
                 const __m256i pairs = _mm256_loadu_si256((const __m256i *)(p->sz + (g * p->n + (b0 + b) * 16 + 8 * h) * 2));
                 const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
                 const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
+                const __m256 s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
                 for (int i = 0; i < MT; i++) {
-                    out[i][2 * b + h] = _mm256_fmadd_ps(s, acc[i][2 * b + h], out[i][2 * b + h]);
-                    out[i][2 * b + h] = _mm256_fmadd_ps(z, _mm256_set1_ps(p->xsum[(m0 + i) * p->groups + g]), out[i][2 * b + h]);
+                    const __m256 xs = _mm256_set1_ps(p->xsum[(m0 + i) * p->groups + g]);
+                    __m256 o = _mm256_fmadd_ps(s, acc[i][2 * b + h], out[i][2 * b + h]);
+                    o = _mm256_fmadd_ps(z, xs, o);
+                    out[i][2 * b + h] = _mm256_fnmadd_ps(s8, xs, o);
                 }
             }
         }
@@ -298,6 +317,18 @@ static float group_sum(const float *x, int64_t gs) {
     int64_t j = 0;
     for (; j + 8 <= gs; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + j));
     return hsum256(acc); /* gs is a multiple of 8 */
+}
+
+/* One row of x as the tiles read it: widened (act: silu(gate) * up), each group's sum taken,
+ * then scaled by nibble_scales */
+static void prepare_row(const uint16_t *x, int64_t k, int64_t gs, int32_t act, float *xf, float *xsum) {
+    if (act) silu_mul_row(x, k, xf);
+    else load_row(xf, x, (int)k);
+    for (int64_t g = 0; g < k / gs; g++) {
+        float *xg = xf + g * gs;
+        xsum[g] = group_sum(xg, gs);
+        for (int64_t j = 0; j < gs; j += 8) _mm256_storeu_ps(xg + j, _mm256_mul_ps(_mm256_loadu_ps(xg + j), nibble_scales()));
+    }
 }
 
 #endif
@@ -369,7 +400,7 @@ static int int4_matmul(
     if (y == NULL && residual == NULL) return -1;
     const int64_t groups = k / group_size;
     float *xsum = malloc(sizeof(float) * (size_t)(m * groups));
-    float *xf = malloc(sizeof(float) * (size_t)(m * k)); /* x (or silu(gate) * up) as float32 */
+    float *xf = malloc(sizeof(float) * (size_t)(m * k)); /* x (or silu(gate) * up) as float32, scaled */
     if (xsum == NULL || xf == NULL) {
         free(xsum);
         free(xf);
@@ -377,25 +408,24 @@ static int int4_matmul(
     }
     const Problem p = {xf, k, w, sz, xsum, n, k, group_size, groups, y, y_stride, bias, residual, residual_stride};
     const int64_t units = n / 32;
+    /* a few rows (a decode step) are prepared here: the threads would wait at a barrier longer */
+    const int prepare_here = m * k <= 16384;
+    if (prepare_here)
+        for (int64_t r = 0; r < m; r++) prepare_row(x + r * x_stride, k, group_size, act, xf + r * k, xsum + r * groups);
 #pragma omp parallel num_threads(num_threads)
     {
+        if (!prepare_here) {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; r++) {
-            if (act) silu_mul_row(x + r * x_stride, k, xf + r * k);
-            else load_row(xf + r * k, x + r * x_stride, (int)k);
+            for (int64_t r = 0; r < m; r++) prepare_row(x + r * x_stride, k, group_size, act, xf + r * k, xsum + r * groups);
         }
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < m * groups; r++)
-            xsum[r] = group_sum(xf + (r / groups) * k + (r % groups) * group_size, group_size);
         if (m == 1) {
-            /* one row: four blocks (eight accumulators) per tile, pairs of blocks split evenly */
+            /* one row: two blocks (four accumulators) per tile, pairs of blocks split evenly */
             const int parts = omp_get_num_threads();
 #pragma omp for schedule(static)
             for (int part = 0; part < parts; part++) {
                 const int64_t pairs = n / 32, hi = pairs * (part + 1) / parts * 2;
                 int64_t b = pairs * part / parts * 2;
-                for (; b + 4 <= hi; b += 4) tile(&p, 0, b, 1, 4);
-                if (b < hi) tile(&p, 0, b, 1, 2);
+                for (; b + 2 <= hi; b += 2) tile(&p, 0, b, 1, 2);
             }
         } else {
 #pragma omp for schedule(static)
