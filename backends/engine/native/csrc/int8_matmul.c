@@ -150,10 +150,15 @@ static int int8_matmul(
     float *xf = malloc(sizeof(float) * (size_t)(m * k));
     if (xf == NULL) return -1;
     const Problem8 p = {xf, w, d, n, k, group_size, k / group_size, y, y_stride};
+    const int prepare_here = m * k <= 16384; /* a decode step's row: no barrier for it */
+    if (prepare_here)
+        for (int64_t r = 0; r < m; r++) load_row(xf + r * k, x + r * x_stride, (int)k);
 #pragma omp parallel num_threads(num_threads)
     {
+        if (!prepare_here) {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; r++) load_row(xf + r * k, x + r * x_stride, (int)k);
+            for (int64_t r = 0; r < m; r++) load_row(xf + r * k, x + r * x_stride, (int)k);
+        }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < n / 16; b++) block8(&p, m, b);
     }
