@@ -1,4 +1,4 @@
-"""`taxiway bench engine`: one sequence on the engine vs HF transformers on the same GGUF.
+"""`taxiway bench engine`: one sequence on the engine vs HF transformers (or llama.cpp) on the same GGUF.
 
 Each measurement runs in a fresh subprocess (so resident memory is that engine's alone), and the
 two engines alternate for ``--rounds`` rounds; medians are reported with the ratios. Figures:
@@ -11,10 +11,18 @@ loading. HF transformers dequantises the GGUF to float32 (its only way to run on
 ``--compare-quant Q4_K_M`` measures the engine alone on the file and on the same model written as
 llama.cpp's ``Q4_K_M`` mix (``bench/quant_mix.py``, made once beside the catalogue's models),
 alternating, and prints the mix's decode and prefill over the file's, measured in one run.
+
+``--llama-bench PATH`` adds llama.cpp (its ``llama-bench`` tool, built from llama.cpp's sources:
+a yardstick, not a dependency) to the alternation: prefill is ``llama-bench -p N -n 0``, decode
+``-p 0 -n M -d N`` (M tokens after N in the cache, as the engine's decode follows its prompt).
+``--native-target avx2`` runs the engine on the AVX2 build of its native kernels (the engine
+option ``native_target``): with a llama.cpp built for AVX2 only (``-DGGML_AVX512=OFF``) it compares
+what a CPU without AVX-512 gets from each, on a machine that has it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -51,7 +59,9 @@ def _rss_mb() -> tuple[float, float]:
     return psutil.Process().memory_info().rss / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_ours(path: str, threads: int, prompt_tokens: int, decode_tokens: int, dtype: str) -> Measurement:
+def measure_ours(
+    path: str, threads: int, prompt_tokens: int, decode_tokens: int, dtype: str, native_target: str = "native"
+) -> Measurement:
     from backends.engine.builder import EngineOptions, build_engine
     from gateway.interface import SamplingParams
 
@@ -59,6 +69,7 @@ def measure_ours(path: str, threads: int, prompt_tokens: int, decode_tokens: int
     options = EngineOptions(
         model=path, threads=threads, dtype=dtype, max_num_seqs=1, max_num_batched_tokens=max(512, prompt_tokens),
         kv_cache_tokens=prompt_tokens + decode_tokens + 64, enable_prefix_caching=False,
+        native_target=native_target,  # type: ignore[arg-type]
     )  # fmt: skip
     engine = build_engine(options)
     load_s = time.perf_counter() - start
@@ -116,6 +127,22 @@ def measure_hf(path: str, threads: int, prompt_tokens: int, decode_tokens: int) 
     return Measurement("hf-transformers", prompt_tokens / prefill_s, decode_tokens / decode_s, rss, peak, load_s)
 
 
+def measure_llama_bench(binary: str, path: str, threads: int, prompt_tokens: int, decode_tokens: int) -> Measurement:
+    """llama.cpp's own benchmark tool on the same file: prefill of ``prompt_tokens``, then decode
+    of ``decode_tokens`` after as many in the cache; one repetition each (rounds alternate)."""
+
+    def tokens_per_s(*test: str) -> float:
+        command = [binary, "-m", path, "-t", str(threads), "-r", "1", "-o", "json", *test]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        return float(msgspec.json.decode(done.stdout)[0]["avg_ts"])
+
+    prefill = tokens_per_s("-p", str(prompt_tokens), "-n", "0")
+    decode = tokens_per_s("-p", "0", "-n", str(decode_tokens), "-d", str(prompt_tokens))
+    return Measurement("llama.cpp", prefill, decode, math.nan, math.nan, math.nan)
+
+
 def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or .gguf path")
     parser.add_argument("--threads", type=int, default=2)
@@ -123,7 +150,10 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--no-hf", action="store_true", help="measure the engine alone")
+    parser.add_argument("--no-hf", action="store_true", help="leave HF transformers out")
+    parser.add_argument("--native-target", choices=["native", "avx2"], default="native",
+                        help="the engine's native kernels built for this CPU, or for AVX2 + FMA only")
+    parser.add_argument("--llama-bench", metavar="PATH", help="also measure llama.cpp: its llama-bench binary")
     parser.add_argument(
         "--compare-quant", choices=["Q4_K_M"], default=None,
         help="the engine on the file vs on the same model as this GGUF mix (written once), instead of HF",
@@ -135,7 +165,8 @@ def configure(parser: ArgumentParser) -> None:
 def _run_worker(kind: str, args: Namespace, path: str) -> Measurement:
     command = [sys.executable, "-m", "gateway", "bench", "engine", "--worker", kind, "--model", path,
                "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-               "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype]  # fmt: skip
+               "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype,
+               "--native-target", args.native_target]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-3000:]}")
@@ -148,7 +179,7 @@ def run(args: Namespace) -> int:
 
     path = str(resolve_model(args.model, default_home(os.environ), progress=True))
     if args.worker == "taxiway":
-        m = measure_ours(path, args.threads, args.prompt_tokens, args.decode_tokens, args.dtype)
+        m = measure_ours(path, args.threads, args.prompt_tokens, args.decode_tokens, args.dtype, args.native_target)
         print(msgspec.json.encode(m).decode())
         return 0
     if args.worker == "hf-transformers":
@@ -158,11 +189,14 @@ def run(args: Namespace) -> int:
 
     if args.compare_quant:
         return _compare_quant(args, path)
-    kinds = ["taxiway"] if args.no_hf else ["taxiway", "hf-transformers"]
+    kinds = ["taxiway", *([] if args.no_hf else ["hf-transformers"]), *(["llama.cpp"] if args.llama_bench else [])]
     results: dict[str, list[Measurement]] = {k: [] for k in kinds}
     for round_ in range(args.rounds):
         for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
-            m = _run_worker(kind, args, path)
+            if kind == "llama.cpp":
+                m = measure_llama_bench(args.llama_bench, path, args.threads, args.prompt_tokens, args.decode_tokens)
+            else:
+                m = _run_worker(kind, args, path)
             results[kind].append(m)
             print(f"round {round_ + 1} {kind:>16}: prefill {m.prefill_tokens_per_s:7.1f} tok/s  "
                   f"decode {m.decode_tokens_per_s:6.1f} tok/s  rss {m.rss_after_load_mb:6.0f} MB  "
@@ -172,15 +206,21 @@ def run(args: Namespace) -> int:
         return statistics.median(getattr(m, field) for m in results[kind])
 
     out = human(args.out)
+    def mb(kind: str, field: str) -> str:
+        value = med(kind, field)
+        return "—" if math.isnan(value) else f"{value:.0f}"
+
     print(f"{args.prompt_tokens}-token prompt, {args.decode_tokens} decode tokens, {args.threads} threads, "
-          f"{args.dtype} activations, medians of {args.rounds}\n", file=out)  # fmt: skip
+          f"{args.dtype} activations, native kernels built for {args.native_target}, medians of {args.rounds}\n",
+          file=out)  # fmt: skip
     print("| engine | prefill tok/s | decode tok/s | RSS after load (MB) | peak RSS (MB) |\n|---|---|---|---|---|", file=out)
     for kind in kinds:
         print(f"| {kind} | {med(kind, 'prefill_tokens_per_s'):.1f} | {med(kind, 'decode_tokens_per_s'):.1f} "
-              f"| {med(kind, 'rss_after_load_mb'):.0f} | {med(kind, 'peak_rss_mb'):.0f} |", file=out)  # fmt: skip
-    if not args.no_hf:
-        for field, label in (("prefill_tokens_per_s", "prefill"), ("decode_tokens_per_s", "decode")):
-            print(f"{label}: taxiway / HF = {med('taxiway', field) / med('hf-transformers', field):.2f}x", file=out)
+              f"| {mb(kind, 'rss_after_load_mb')} | {mb(kind, 'peak_rss_mb')} |", file=out)  # fmt: skip
+    for other, name in (("hf-transformers", "HF"), ("llama.cpp", "llama.cpp")):
+        if other in kinds:
+            for field, label in (("prefill_tokens_per_s", "prefill"), ("decode_tokens_per_s", "decode")):
+                print(f"{label}: taxiway / {name} = {med('taxiway', field) / med(other, field):.2f}x", file=out)
     write_json(args.out, results)
     print(f"({time.strftime('%Y-%m-%d %H:%M')})", file=out)
     return 0

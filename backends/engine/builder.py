@@ -51,6 +51,9 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     seed: int | None = None
     home: str | None = None  # model cache; default $TAXIWAY_HOME or ~/.cache/taxiway
     native_kernels: bool = True  # the native CPU kernels (native/); false: torch's ops throughout
+    # which instruction set they are built for: "native" this CPU's (AVX-512 BF16 where it has it,
+    # else AVX2 + FMA), "avx2" AVX2 + FMA only (x86-64-v3: what a CPU without AVX-512 runs)
+    native_target: Literal["native", "avx2"] = "native"
     lora: LoRAOptions | None = None  # LoRA adapters served on this model (lora/options.py)
     # where a load runs: "auto" in a child process when another engine serves in this process
     # (a reload, an on-demand load: backends/engine/child_load.py), else on a thread of it
@@ -188,14 +191,20 @@ def make_scheduler(options: EngineOptions, layout: KVCacheLayout, eos_token_ids:
 def load_kernels(options: EngineOptions, environ: Mapping[str, str] | None = None) -> Kernels | None:
     """The native kernels for an engine with ``options`` (``ckernels.Kernels``), or None for
     torch's ops: built with ``$CC`` (default ``cc``) into ``<home>/kernels/``, off with
-    ``native_kernels = false`` or ``TAXIWAY_NATIVE_KERNELS=0``. The environment is read here, with
-    the options, and passed to the build as parameters (``environ``: default the process's)."""
+    ``native_kernels = false`` or ``TAXIWAY_NATIVE_KERNELS=0``, for the instruction set of
+    ``native_target`` unless ``TAXIWAY_NATIVE_TARGET`` names one (``native`` or ``avx2``: to run
+    the AVX2 variant everywhere, tests included). The environment is read here, with the options,
+    and passed to the build as parameters (``environ``: default the process's)."""
     from backends.engine.native import ckernels
 
     env = process_environ() if environ is None else environ
+    target = env.get("TAXIWAY_NATIVE_TARGET") or options.native_target
+    if target not in ("native", "avx2"):
+        raise ConfigError(f"must be native or avx2, not {target!r}", path="TAXIWAY_NATIVE_TARGET")
     build = ckernels.KernelBuild(
         cache_dir=model_home(options, env) / "kernels",
         compiler=tuple(shlex.split(env.get("CC", "cc"))),
+        target=target,  # type: ignore[arg-type]
         enabled=options.native_kernels and env.get("TAXIWAY_NATIVE_KERNELS", "1") != "0",
     )
     return ckernels.load(build)

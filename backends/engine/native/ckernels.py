@@ -10,7 +10,12 @@ first; prefill: torch's CPU flash attention runs at ~35 GMAC/s on SmolLM2's head
 ``$CC``, default ``cc``) for this machine (``-march=native``) into the given cache directory (the
 engine passes ``$TAXIWAY_HOME/kernels/``), keyed by a hash of the source, the flags, the CPU's
 features and the compiler's version, so a build happens once per machine; a cached library that
-fails to load is rebuilt once. The OpenMP runtime is the one torch already loaded (same
+fails to load is rebuilt once. The variant of the kernels follows the instruction set the
+compiler targets (``csrc/simd.h``): AVX-512 BF16 where the CPU has it, else AVX2 + FMA, else
+scalar code without the matmuls. ``target="avx2"`` (the engine option ``native_target``) builds
+for ``-march=x86-64-v3`` instead: the AVX2 variant on any x86-64 CPU with AVX2, what a CPU without
+AVX-512 runs, for testing and benchmarking it on one that has it. The variant is logged with the
+load (``engine.native_kernels variant=...``). The OpenMP runtime is the one torch already loaded (same
 ``libgomp.so.1``), so the kernel's threads are torch's threads. Without a compiler, or when the
 build fails, ``load`` returns ``None`` and the engine keeps torch's path; either way the choice
 is logged once. ``TAXIWAY_NATIVE_KERNELS=0`` (or the engine option ``native_kernels = false``)
@@ -34,6 +39,7 @@ import threading
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import structlog
@@ -44,20 +50,28 @@ log = structlog.get_logger(__name__)
 
 _SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.c"))
 _FLAGS = [
-    "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
+    "-O3", "-fPIC", "-shared", "-fopenmp",
     "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast",
 ]  # fmt: skip
+#: the instruction set each ``KernelBuild.target`` compiles for
+_MARCH = {"native": "-march=native", "avx2": "-march=x86-64-v3"}
 _BUILD_TIMEOUT_S = 120
 _lock = threading.Lock()
 
 
 class KernelBuild(msgspec.Struct, frozen=True, kw_only=True):
     """How to get the kernels: where the built library is cached, which compiler builds it
-    (a command line, e.g. ``("ccache", "gcc")``), or not at all (``enabled=False``)."""
+    (a command line, e.g. ``("ccache", "gcc")``), for which instruction set (``target``: this
+    CPU's, or AVX2 + FMA only), or not at all (``enabled=False``)."""
 
     cache_dir: Path
     compiler: tuple[str, ...] = ("cc",)
+    target: Literal["native", "avx2"] = "native"
     enabled: bool = True
+
+    @property
+    def flags(self) -> list[str]:
+        return [_MARCH[self.target], *_FLAGS]
 
 
 def _machine_id(compiler: list[str]) -> str:
@@ -76,13 +90,27 @@ def _machine_id(compiler: list[str]) -> str:
     return "\n".join(parts)
 
 
-def _build(compiler: list[str], target: Path) -> None:
+def cpu_runs(target: str) -> bool:
+    """Whether this CPU runs a build for ``target`` (``"native"`` always does)."""
+    if target == "native":
+        return True
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {"avx2", "fma", "f16c", "bmi2", "movbe"} <= set(flags)
+
+
+def _build(compiler: list[str], flags: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         try:
             done = subprocess.run(
-                [*compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out), "-lm"],
+                [*compiler, *flags, *map(str, _SOURCES), "-o", str(out), "-lm"],
                 capture_output=True, text=True, check=False, timeout=_BUILD_TIMEOUT_S,
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
@@ -131,8 +159,14 @@ class Kernels:
             fn.argtypes = [ctypes.POINTER(struct)]
             fn.restype = ctypes.c_int
             setattr(self, name, fn)
-        # whether this machine's build has the fast paths (AVX-512 BF16); without them the
-        # kernels refuse every call and the engine keeps torch's ops
+        variant = lib.taxiway_kernel_variant
+        variant.argtypes = []
+        variant.restype = ctypes.c_char_p
+        #: which code the build runs (csrc/simd.h): "avx512-bf16", "avx2-fma" or "generic"
+        self.variant: str = variant().decode()
+        # whether this build has the fast paths (AVX-512 BF16 or AVX2 for the matmuls, AVX-512
+        # BF16 for prefill attention); without one a kernel refuses every call and the engine
+        # keeps torch's op
         self.has_prefill_attention = bool(lib.prefill_attention_supported())
         self.has_int4_matmul = bool(lib.int4_matmul_supported())
         self.has_int8_matmul = bool(lib.int8_matmul_supported())
@@ -150,8 +184,12 @@ def load(build: KernelBuild) -> Kernels | None:
     if shutil.which(compiler[0]) is None:
         log.info("engine.native_kernels", status=f"unavailable: no C compiler ({compiler[0]})")
         return None
+    if not cpu_runs(build.target):
+        log.warning("engine.native_kernels", status=f"unavailable: this CPU cannot run the {build.target} build")
+        return None
     headers = sorted(_SOURCES[0].parent.glob("*.h"))
-    parts = [*(s.read_bytes() for s in [*_SOURCES, *headers]), " ".join(_FLAGS).encode(), _machine_id(compiler).encode()]
+    flags = build.flags
+    parts = [*(s.read_bytes() for s in [*_SOURCES, *headers]), " ".join(flags).encode(), _machine_id(compiler).encode()]
     digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = build.cache_dir / f"taxiway_kernels-{digest}.so"
     kernels = None
@@ -160,7 +198,7 @@ def load(build: KernelBuild) -> Kernels | None:
         for attempt in range(2):  # a cached library that does not load is rebuilt once
             try:
                 if attempt or not target.exists():
-                    _build(compiler, target)
+                    _build(compiler, flags, target)
                 kernels = Kernels(ctypes.CDLL(str(target)), target)
                 break
             except (OSError, RuntimeError, AttributeError) as exc:
@@ -170,5 +208,9 @@ def load(build: KernelBuild) -> Kernels | None:
     if kernels is None:
         log.warning("engine.native_kernels", status=f"unavailable: {error}")
         return None
-    log.info("engine.native_kernels", status="on", path=str(target))
+    log.info(
+        "engine.native_kernels", status="on", variant=kernels.variant, target=build.target,
+        int4_matmul=kernels.has_int4_matmul, int8_matmul=kernels.has_int8_matmul,
+        prefill_attention=kernels.has_prefill_attention, path=str(target),
+    )  # fmt: skip
     return kernels

@@ -32,7 +32,7 @@ def native_kernels():  # type: ignore[no-untyped-def]
 @pytest.fixture
 def native_matmuls(native_kernels):  # type: ignore[no-untyped-def]
     """The native kernels with their int4 and int8 matmuls (``backends/engine/native``); skips
-    where this machine builds none (no C compiler, or no AVX-512 BF16)."""
+    where this machine builds none (no C compiler, or neither AVX2 nor AVX-512 BF16)."""
     if not (native_kernels.has_int4_matmul and native_kernels.has_int8_matmul):
-        pytest.skip("no native int4/int8 matmul on this machine (needs a C compiler and AVX-512 BF16)")
+        pytest.skip("no native int4/int8 matmul on this machine (needs a C compiler and AVX2 or AVX-512 BF16)")
     return native_kernels

@@ -12,6 +12,8 @@
  *            id a sequence reads must lie in [0, num_blocks), or the call fails (-1) unread
  *   out      [S, H, D], row stride out_stride
  * Query head h attends with KV head h / (H / KV). Work items are (sequence, KV head) pairs.
+ * The AVX-512 BF16 build runs attend_fast for head_dim 32, 64 and 128; other builds run attend()
+ * with 16-lane (AVX-512 F) or 8-lane (AVX2 + FMA) float32 helpers, or scalar code.
  */
 #include "abi.h"
 #include "simd.h"
@@ -26,6 +28,14 @@ static inline float dot(const float *a, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
     for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
     sum = _mm512_reduce_add_ps(acc);
+#elif TAXIWAY_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; d + 16 <= n; d += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+    }
+    for (; d + 8 <= n; d += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    sum = hsum256(_mm256_add_ps(acc0, acc1));
 #endif
     for (; d < n; d++) sum += a[d] * b[d];
     return sum;
@@ -44,6 +54,15 @@ static inline float exp_shifted(float *x, float shift, int n) {
         total = _mm512_add_ps(total, p);
     }
     sum = _mm512_reduce_add_ps(total);
+#elif TAXIWAY_AVX2
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256 total = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), sh));
+        _mm256_storeu_ps(x + t, p);
+        total = _mm256_add_ps(total, p);
+    }
+    sum = hsum256(total);
 #endif
     for (; t < n; t++) {
         x[t] = expf(x[t] - shift);
@@ -59,6 +78,10 @@ static inline void axpy(float *acc, float p, const float *x, int n) {
     __m512 pv = _mm512_set1_ps(p);
     for (; d + 16 <= n; d += 16)
         _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + d), _mm512_loadu_ps(acc + d)));
+#elif TAXIWAY_AVX2
+    __m256 pv = _mm256_set1_ps(p);
+    for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + d), _mm256_loadu_ps(acc + d)));
 #endif
     for (; d < n; d++) acc[d] += p * x[d];
 }

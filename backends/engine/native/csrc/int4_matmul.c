@@ -18,17 +18,28 @@
  * multiplies by the x pair (x[k0 + 2t], x[k0 + 2t + 1]) broadcast from memory.
  *
  * Scales: sz [G, N, 2] bfloat16, (s, z) per group and row, as torch's int4 kernels take them.
+ *
+ * The AVX2 + FMA variant (simd.h's TAXIWAY_AVX2) reads the same layout, eight rows to a vector,
+ * at three instructions per vector of weights (AVX2 has no bfloat16 dot product; unpacking each
+ * nibble to its own lane is the cost): nibble j of every lane masked in place is the integer
+ * q * 16^j, converted to float32 exactly, multiply-added with x[k] * 16^-j (x widened to float32
+ * and scaled by that power of two once per call: exact) — the exact product q * x, float32 sums.
+ * The top nibble is shifted down instead (masked, it would be the sign). The sums are of q, not
+ * q - 8: per row and group s * sum q x + (z - 8 s) * sum x, with 8 s exact; q up to 15 instead
+ * of 8 roughly doubles the float32 rounding of the sum, far below the bfloat16 output's.
+ * (Centring cost a fourth instruction per vector: SmolLM2's gate_up, one row, one thread, weights
+ * in cache, ~80 us centred, ~56-71 us now.)
  */
 #include "abi.h"
 #include "simd.h"
 #include <omp.h>
-#define INT4_FAST TAXIWAY_AVX512_BF16
+#define INT4_FAST (TAXIWAY_AVX512_BF16 || TAXIWAY_AVX2)
 
-/* 1 when this build has the AVX-512 BF16 path; without it int4_matmul_bf16 refuses every call
- * and the engine keeps torch's packed kernel. */
+/* 1 when this build has the AVX-512 BF16 or the AVX2 path; without either int4_matmul_bf16
+ * refuses every call and the engine keeps torch's packed kernel. */
 int int4_matmul_supported(void) { return INT4_FAST; }
 
-#if INT4_FAST
+#if TAXIWAY_AVX512_BF16
 
 typedef struct {
     const uint16_t *x;
@@ -171,6 +182,155 @@ static float group_sum(const uint16_t *x, int64_t gs) {
     return sum;
 }
 
+#elif TAXIWAY_AVX2
+
+typedef struct {
+    const float *x;        /* [m, k] float32: the bfloat16 input (or silu(gate) * up), scaled (nibble_scales) */
+    int64_t x_stride;
+    const uint8_t *w;
+    const uint16_t *sz;
+    const float *xsum;
+    int64_t n, k, gs, groups;
+    uint16_t *y;
+    int64_t y_stride;
+    const uint16_t *bias;
+    float *residual;
+    int64_t residual_stride;
+} Problem;
+
+/* eight output columns c.. of row m: as the AVX-512 epilogue, eight lanes at a time */
+static inline void epilogue(const Problem *p, int64_t m, int64_t c, __m256 out) {
+    __m128i y = f32x8_to_bf16(out);
+    if (p->bias != NULL) {
+        const __m256 sum = _mm256_add_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(y), 16)),
+                                         bf16x8_to_f32(p->bias + c));
+        y = f32x8_to_bf16(sum);
+    }
+    if (p->residual != NULL) {
+        float *r = p->residual + m * p->residual_stride + c;
+        const __m256 yf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(y), 16));
+        _mm256_storeu_ps(r, _mm256_add_ps(_mm256_loadu_ps(r), yf));
+    } else {
+        _mm_storeu_si128((__m128i *)(p->y + m * p->y_stride + c), y);
+    }
+}
+
+/* Each block's weights are asked for this far ahead of their use: the hardware prefetcher alone
+ * keeps too few lines in flight for this variant's slower pace (SmolLM2's gate_up, one row, one
+ * thread, weights from memory: 190 us without, ~125 with, ~82 with two blocks per tile instead of
+ * four, against ~57 for AVX-512 BF16; the machine was shared and these vary by ~20%). */
+#define PREFETCH_BYTES 1024
+
+/* nibble j (bits 4j..4j+3) of every lane as float32 q * 16^j (j < 7), q (j = 7) */
+static inline __m256 nibble(__m256i v, const int j) {
+    if (j == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF << (4 * j))));
+}
+
+/* x[k] for k = 8c + o is stored times 16^-j, j the nibble holding offset o (16^-0 for j = 7) */
+static inline __m256 nibble_scales(void) {
+    return _mm256_setr_ps(1.0f, 0x1p-16f, 0x1p-4f, 0x1p-20f, 0x1p-8f, 0x1p-24f, 0x1p-12f, 1.0f);
+}
+
+/* Rows m0..m0+MT of x against output blocks b0..b0+NB (16 rows each: two vectors of eight).
+ * Nibble j of a lane is q[row][k0 + 2 (j % 4) + j / 4] (word j / 4, nibble j % 4). */
+static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t m0, int64_t b0, const int MT, const int NB) {
+    __m256 out[4][8], acc[4][8];
+    for (int i = 0; i < MT; i++)
+        for (int j = 0; j < 2 * NB; j++) out[i][j] = _mm256_setzero_ps();
+    const int64_t chunks_per_group = p->gs / 8, block_bytes = p->k / 8 * 64;
+    for (int64_t g = 0; g < p->groups; g++) {
+        for (int i = 0; i < MT; i++)
+            for (int j = 0; j < 2 * NB; j++) acc[i][j] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < chunks_per_group; c++) {
+            const int64_t kc = g * chunks_per_group + c;
+            for (int b = 0; b < NB; b++) {
+                const uint8_t *chunk = p->w + (b0 + b) * block_bytes + kc * 64;
+                _mm_prefetch((const char *)(chunk + PREFETCH_BYTES), _MM_HINT_T0);
+                const __m256i lo = _mm256_loadu_si256((const __m256i *)chunk);
+                const __m256i hi = _mm256_loadu_si256((const __m256i *)(chunk + 32));
+#define NIBBLE(J)                                                                                          \
+    {                                                                                                      \
+        const __m256 wl = nibble(lo, J), wh = nibble(hi, J);                                               \
+        for (int i = 0; i < MT; i++) {                                                                     \
+            const __m256 xv = _mm256_broadcast_ss(p->x + (m0 + i) * p->x_stride + kc * 8 + 2 * ((J) % 4) + (J) / 4); \
+            acc[i][2 * b] = _mm256_fmadd_ps(wl, xv, acc[i][2 * b]);                                        \
+            acc[i][2 * b + 1] = _mm256_fmadd_ps(wh, xv, acc[i][2 * b + 1]);                                \
+        }                                                                                                  \
+    }
+                NIBBLE(0) NIBBLE(4) NIBBLE(1) NIBBLE(5) NIBBLE(2) NIBBLE(6) NIBBLE(3) NIBBLE(7)
+#undef NIBBLE
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            for (int h = 0; h < 2; h++) {
+                /* 8 (s, z) pairs: s is the low half of each 32-bit lane, z the high half */
+                const __m256i pairs = _mm256_loadu_si256((const __m256i *)(p->sz + (g * p->n + (b0 + b) * 16 + 8 * h) * 2));
+                const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+                const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
+                const __m256 s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
+                for (int i = 0; i < MT; i++) {
+                    const __m256 xs = _mm256_set1_ps(p->xsum[(m0 + i) * p->groups + g]);
+                    __m256 o = _mm256_fmadd_ps(s, acc[i][2 * b + h], out[i][2 * b + h]);
+                    o = _mm256_fmadd_ps(z, xs, o);
+                    out[i][2 * b + h] = _mm256_fnmadd_ps(s8, xs, o);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < MT; i++)
+        for (int j = 0; j < 2 * NB; j++) epilogue(p, m0 + i, (b0 * 2 + j) * 8, out[i][j]);
+}
+
+/* All rows of x against the output blocks b0, b0 + 1: tiles of 4 rows one block at a time
+ * (8 accumulators of 16 registers), the rest with both blocks at once when few rows are left. */
+static void unit(const Problem *p, int64_t m, int64_t b0) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= m; m0 += 4) {
+        tile(p, m0, b0, 4, 1);
+        tile(p, m0, b0 + 1, 4, 1);
+    }
+    switch (m - m0) {
+    case 1: tile(p, m0, b0, 1, 2); break;
+    case 2: tile(p, m0, b0, 2, 2); break;
+    case 3: tile(p, m0, b0, 3, 1); tile(p, m0, b0 + 1, 3, 1); break;
+    default: break;
+    }
+}
+
+/* out[0:k] = float32 of bfloat16(bfloat16(silu(gate)) * up), as the AVX-512 silu_mul_row */
+static void silu_mul_row(const uint16_t *in, int64_t k, float *out) {
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+        const __m256 g = bf16x8_to_f32(in + j);
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(out + j, round_bf16x8(_mm256_mul_ps(round_bf16x8(s), bf16x8_to_f32(in + k + j))));
+    }
+    for (; j < k; j++) {
+        const float g = bf16_to_f32(in[j]);
+        out[j] = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g)))) * bf16_to_f32(in[k + j])));
+    }
+}
+
+static float group_sum(const float *x, int64_t gs) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= gs; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + j));
+    return hsum256(acc); /* gs is a multiple of 8 */
+}
+
+/* One row of x as the tiles read it: widened (act: silu(gate) * up), each group's sum taken,
+ * then scaled by nibble_scales */
+static void prepare_row(const uint16_t *x, int64_t k, int64_t gs, int32_t act, float *xf, float *xsum) {
+    if (act) silu_mul_row(x, k, xf);
+    else load_row(xf, x, (int)k);
+    for (int64_t g = 0; g < k / gs; g++) {
+        float *xg = xf + g * gs;
+        xsum[g] = group_sum(xg, gs);
+        for (int64_t j = 0; j < gs; j += 8) _mm256_storeu_ps(xg + j, _mm256_mul_ps(_mm256_loadu_ps(xg + j), nibble_scales()));
+    }
+}
+
 #endif
 
 /* x: bfloat16 [m, k] (row stride x_stride, unit column stride), or with act = 1 [m, 2k] holding
@@ -187,7 +347,7 @@ static int int4_matmul(
     int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads,
     const uint16_t *bias, float *residual, int64_t residual_stride, int32_t act)
 {
-#if INT4_FAST
+#if TAXIWAY_AVX512_BF16
     if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0 || (act != 0 && act != 1)) return -1;
     if (n % 32 || group_size % 8 || k % group_size) return -1;
     if (m == 0) return 0;
@@ -232,6 +392,48 @@ static int int4_matmul(
     }
     free(xsum);
     free(xa);
+    return 0;
+#elif TAXIWAY_AVX2
+    if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0 || (act != 0 && act != 1)) return -1;
+    if (n % 32 || group_size % 8 || k % group_size) return -1;
+    if (m == 0) return 0;
+    if (y == NULL && residual == NULL) return -1;
+    const int64_t groups = k / group_size;
+    float *xsum = malloc(sizeof(float) * (size_t)(m * groups));
+    float *xf = malloc(sizeof(float) * (size_t)(m * k)); /* x (or silu(gate) * up) as float32, scaled */
+    if (xsum == NULL || xf == NULL) {
+        free(xsum);
+        free(xf);
+        return -1;
+    }
+    const Problem p = {xf, k, w, sz, xsum, n, k, group_size, groups, y, y_stride, bias, residual, residual_stride};
+    const int64_t units = n / 32;
+    /* a few rows (a decode step) are prepared here: the threads would wait at a barrier longer */
+    const int prepare_here = m * k <= 16384;
+    if (prepare_here)
+        for (int64_t r = 0; r < m; r++) prepare_row(x + r * x_stride, k, group_size, act, xf + r * k, xsum + r * groups);
+#pragma omp parallel num_threads(num_threads)
+    {
+        if (!prepare_here) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < m; r++) prepare_row(x + r * x_stride, k, group_size, act, xf + r * k, xsum + r * groups);
+        }
+        if (m == 1) {
+            /* one row: two blocks (four accumulators) per tile, pairs of blocks split evenly */
+            const int parts = omp_get_num_threads();
+#pragma omp for schedule(static)
+            for (int part = 0; part < parts; part++) {
+                const int64_t pairs = n / 32, hi = pairs * (part + 1) / parts * 2;
+                int64_t b = pairs * part / parts * 2;
+                for (; b + 2 <= hi; b += 2) tile(&p, 0, b, 1, 2);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < units; u++) unit(&p, m, 2 * u);
+        }
+    }
+    free(xsum);
+    free(xf);
     return 0;
 #else
     (void)x; (void)x_stride; (void)m; (void)w; (void)sz; (void)n; (void)k; (void)group_size;

@@ -53,11 +53,13 @@ def test_fused_layers_match_the_torch_ops(native, tiny_path, monkeypatch) -> Non
     for seq_id in SEQS:
         assert ours[seq_id][0] == ref[seq_id][0]
         a, b = ours[seq_id][1], ref[seq_id][1]
-        # same roundings in the same places; only float32 summation order differs, which can flip
-        # a bfloat16 rounding now and then and carry through the layers: well under bfloat16's
-        # own distance from float32 on these models (~0.05 of ~3.5, test_model). Measured here:
-        # identical logits on both tiny models.
-        assert (a - b).abs().max().item() <= 0.01 * b.abs().max().item()
+        # same roundings in the same places; the float32 sums run in other orders (and decode
+        # attention is the native kernel's, not SDPA's), which can flip a bfloat16 rounding now
+        # and then and carry it through the layers: the two bfloat16 paths land on different
+        # sides of the float32 result, each ~0.03-0.05 from it (of ~3.5; test_model). Measured
+        # on the tiny llama: 0.035 apart on the AVX-512 BF16 build, 0.039 on the AVX2 build
+        # (whose matmuls give the same bits: its attention is the generic kernel).
+        assert (a - b).abs().max().item() <= 0.0125 * b.abs().max().item()
         assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
 
 
@@ -175,3 +177,22 @@ def test_fuse_without_kernels_leaves_the_plain_model(native, tiny_path) -> None:
     assert type(loaded.model.layers) is DecoderStack
     assert all(type(layer) is DecoderLayer and layer.self_attn.attend.kernels is None for layer in loaded.model.layers)
     assert all(layer.self_attn.qkv_proj.layout != "native" for layer in loaded.model.layers)
+
+
+def test_the_avx2_build_generates_the_native_builds_tokens(tiny_path) -> None:  # type: ignore[no-untyped-def]
+    """The AVX2 + FMA build (what a CPU without AVX-512 runs) against this machine's AVX-512 BF16
+    build, both fused: the same greedy tokens, logits within the bound above."""
+    from backends.engine.builder import EngineOptions, load_kernels
+
+    builds = {target: load_kernels(EngineOptions(native_target=target)) for target in ("native", "avx2")}
+    if any(k is None for k in builds.values()) or builds["native"].variant == builds["avx2"].variant:
+        pytest.skip("needs both an AVX-512 BF16 and an AVX2 build on this machine")
+    out = {}
+    for target, kernels in builds.items():
+        loaded = load_fused(tiny_path, kernels, quantization="int4", dtype=torch.bfloat16)
+        assert all(isinstance(layer, FusedLayer) for layer in loaded.model.layers)
+        out[target] = run_steps(loaded.model, loaded.config, dtype=torch.bfloat16)
+    for seq_id in SEQS:
+        assert out["avx2"][seq_id][0] == out["native"][seq_id][0]
+        a, b = out["avx2"][seq_id][1], out["native"][seq_id][1]
+        assert (a - b).abs().max().item() <= 0.0125 * b.abs().max().item()

@@ -177,3 +177,20 @@ def test_nan_propagates_like_sdpa(kernels, monkeypatch) -> None:  # type: ignore
     out = run(case, 16, 64, kernels=kernels)
     assert out[0, :64].isnan().all()  # that head's output
     assert not out[0, 64:].isnan().any()  # the others are untouched
+
+
+def test_the_target_chooses_the_variant(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``native_target = "avx2"`` (or ``TAXIWAY_NATIVE_TARGET=avx2``) builds the AVX2 + FMA variant
+    with its matmuls wherever the CPU runs it; an unknown target is a config error naming the key."""
+    from gateway.errors import ConfigError
+
+    env = {"TAXIWAY_HOME": str(tmp_path)}
+    with pytest.raises(ConfigError, match="TAXIWAY_NATIVE_TARGET"):
+        load_kernels(EngineOptions(), {**env, "TAXIWAY_NATIVE_TARGET": "sse2"})
+    if not ckernels.cpu_runs("avx2"):
+        assert load_kernels(EngineOptions(native_target="avx2"), env) is None
+        return
+    for loaded in (load_kernels(EngineOptions(native_target="avx2"), env),
+                   load_kernels(EngineOptions(), {**env, "TAXIWAY_NATIVE_TARGET": "avx2"})):  # fmt: skip
+        assert loaded is not None and loaded.variant == "avx2-fma"
+        assert loaded.has_int4_matmul and loaded.has_int8_matmul and not loaded.has_prefill_attention
