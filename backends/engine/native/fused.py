@@ -17,9 +17,10 @@ in the same order, without the Python between them (~2 ms a step on SmolLM2).
 
 ``FusedLayer.applies(layer, kernels)`` says whether every piece applies: the native kernels are
 built with the int4 fast path, activations are bfloat16 on CPU, and the four projections are
-native-layout ``Int4Linear`` (the residual ones unpadded). ``fuse.fuse`` swaps such layers in;
-the others keep torch's ops. A fused layer whose input or cache does not suit the kernels (not
-contiguous, not bfloat16) runs the plain layer's forward.
+native-layout ``Int4Linear`` (the residual ones unpadded), and the MLP is a dense one (a mixture
+of experts' layer keeps torch's ops, its experts' int4 matmuls still the native kernels').
+``fuse.fuse`` swaps such layers in; the others keep torch's ops. A fused layer whose input or
+cache does not suit the kernels (not contiguous, not bfloat16) runs the plain layer's forward.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from backends.engine.model.attention import AttentionPlan, paged_attention
-from backends.engine.model.llama import DecoderLayer
+from backends.engine.model.llama import MLP, DecoderLayer
 from backends.engine.model.quant import Int4Linear
 from backends.engine.native import abi
 from backends.engine.native.ckernels import Kernels
@@ -79,6 +80,8 @@ class FusedLayer(DecoderLayer):
             return False
         attn, mlp = layer.self_attn, layer.mlp
         if attn.q_norm is not None:  # qwen3's per-head q/k norm: not in the native kernels yet
+            return False
+        if not isinstance(mlp, MLP):  # a mixture of experts (moe.py): torch's path
             return False
         projections = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         if not all(isinstance(p, Int4Linear) and p.layout == "native" for p in projections):
