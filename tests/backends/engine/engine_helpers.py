@@ -85,7 +85,7 @@ def _make_moe_model(arch: str, kwargs: dict) -> torch.nn.Module:
         model = MixtralForCausalLM(MixtralConfig(**kwargs))
     else:
         kwargs.setdefault("num_experts", 4)
-        kwargs.setdefault("moe_intermediate_size", 96)
+        kwargs.setdefault("moe_intermediate_size", 128)
         kwargs.setdefault("head_dim", 48)
         kwargs.setdefault("norm_topk_prob", True)
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kwargs))

@@ -1,7 +1,8 @@
 """Tensor parallelism (CPU, gloo, 2 processes) against the single-process engine.
 
 - sharding plans and slices of every linear kind, against dense references (no processes);
-- tiny random models (dense, int4, int8; uneven KV-head split, bias, tied and untied output):
+- tiny random models (dense, int4, int8; uneven KV-head split, bias, tied and untied output;
+  two mixtures of experts, every expert sliced, the router replicated):
   tp=2 logits equal tp=1's within float32 tolerance through prefill, chunked prefill and decode;
   each rank holds about half the weights;
 - failure: a killed worker or a hung one makes the step raise (within the collective timeout),
@@ -188,7 +189,11 @@ def test_torchrun_env_reads_the_variables_torchrun_sets() -> None:
 # tiny models over two processes
 
 
-@pytest.fixture(scope="module", params=[("llama", None), ("qwen2", "int4"), ("llama", "int8")], ids=str)
+@pytest.fixture(
+    scope="module",
+    params=[("llama", None), ("qwen2", "int4"), ("llama", "int8"), ("mixtral", None), ("qwen3_moe", "int4")],
+    ids=str,
+)
 def tiny_tp(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     arch, quantization = request.param
     path = _tiny_dir(tmp_path_factory, arch)
