@@ -13,6 +13,9 @@ from backends.engine.cuda.kernels import HAVE_TRITON, GpuKernels
 def prepare(model, *, use_triton: bool | None = None, max_positions: int | None = None):  # type: ignore[no-untyped-def]
     """The GPU forward over ``model``'s weights (``use_triton``: default where Triton is installed)."""
     from backends.engine.cuda.model import GpuCausalLM
+    from backends.engine.model.config import UnsupportedModelError
 
+    if model.config.is_moe:  # GpuCausalLM runs each layer's dense gate_up / down
+        raise UnsupportedModelError(f"a mixture of experts ({model.config.architecture}) does not run on CUDA yet")
     kernels = GpuKernels(HAVE_TRITON if use_triton is None else use_triton)
     return GpuCausalLM(model, kernels, max_positions=max_positions)
