@@ -11,6 +11,7 @@ milliseconds. Three parts:
   float32, twice (``RMSNorm.weight2``). A tied lm_head is the embedding, counted once. AWQ / GPTQ
   linears are int4 in the engine's groups for them (``int4g128``: usually 128); the channel order
   a GPTQ ``desc_act`` layer keeps (8 bytes an input channel) is not counted.
+  A mixture of experts counts every expert (each a dense layer's gate|up and down), its router float32.
 - ``kv_cache``: the paged cache ``builder.kv_cache_layout`` sizes (zero-filled at start: resident).
 - ``overhead``: the rest a running model holds, stated rather than measured: ``BASE_OVERHEAD``
   (tokenizer, scheduler, the allocator's slack) plus one step's activations at
@@ -82,7 +83,10 @@ def estimate_memory(path: Path, options: EngineOptions) -> MemoryEstimate:
     tokens = options.num_batched_tokens(layout.max_model_len)
     # one step's live activations in float32: hidden states and residual, q/k/v, gate|up, and
     # the logits of every sequence sampling in it
-    per_token = 4 * (3 * config.hidden_size + config.q_size + 2 * config.kv_size + 3 * config.intermediate_size)
+    mlp = 3 * config.intermediate_size
+    if config.is_moe:  # each token's row gathered for each of its top-k experts, their outputs
+        mlp = config.num_experts_per_tok * (mlp + 2 * config.hidden_size)
+    per_token = 4 * (3 * config.hidden_size + config.q_size + 2 * config.kv_size + mlp)
     step = tokens * per_token + options.max_num_seqs * config.vocab_size * 4 * 2
     if dtype_bytes == 4 and _quantized(tensors, options.quantization):
         # float32 activations take quantized weights' dequantise path: a float32 copy of the largest
@@ -112,12 +116,23 @@ def weight_bytes(tensors: Iterable[TensorEntry], config: ModelConfig, quantizati
         if name in by_name:
             total += _linear_bytes([by_name[name]], quantization, dtype_bytes, vocab=True)
     for i in range(config.num_layers):
-        for group in _FUSED:
+        for group in _layer_groups(config):
             parts = [by_name[f"layers.{i}.{n}"] for n in group if f"layers.{i}.{n}" in by_name]
             total += _linear_bytes(parts, quantization, dtype_bytes, vocab=False)
             total += sum(by_name[b].rows * dtype_bytes for n in group if (b := f"layers.{i}.{n}.bias") in by_name)
         total += 2 * 8 * config.hidden_size  # attn_norm, ffn_norm: weight2, float32
+        total += 4 * config.num_experts * config.hidden_size  # a mixture of experts' router, float32
     return total + 8 * config.hidden_size  # the final norm
+
+
+def _layer_groups(config: ModelConfig, num_experts: int | None = None) -> list[tuple[str, ...]]:
+    """A layer's linear modules as canonical name groups (``_FUSED``; a mixture of experts' MLP as
+    each of its first ``num_experts`` experts' gate|up and down, all of them by default)."""
+    if not config.is_moe:
+        return list(_FUSED)
+    experts = range(config.num_experts if num_experts is None else num_experts)
+    moe = [g for e in experts for g in ((f"experts.{e}.gate", f"experts.{e}.up"), (f"experts.{e}.down",))]
+    return [*_FUSED[:2], *moe]
 
 
 class LinearShape(msgspec.Struct, frozen=True):
@@ -145,8 +160,8 @@ def decode_linears(tensors: Iterable[TensorEntry], config: ModelConfig, quantiza
         nbytes = _linear_bytes(parts, quantization, dtype_bytes, vocab=vocab)
         shapes.append(LinearShape(forms.pop(), sum(p.rows for p in parts), parts[0].cols, nbytes))
 
-    for i in range(config.num_layers):
-        for group in _FUSED:
+    for i in range(config.num_layers):  # a mixture of experts: a token's top-k experts' weights
+        for group in _layer_groups(config, config.num_experts_per_tok):
             parts = [by_name[f"layers.{i}.{n}"] for n in group if f"layers.{i}.{n}" in by_name]
             if parts:
                 add(parts, vocab=False)
@@ -227,7 +242,24 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:
     if embed is not None:
         metadata.setdefault(f"{arch}.vocab_size", embed.rows)
     has_output = any(t.name == "lm_head" for t in tensors)
-    return ModelConfig.from_gguf_metadata(metadata, has_output_tensor=has_output), tensors
+    config = ModelConfig.from_gguf_metadata(metadata, has_output_tensor=has_output)
+    return config, _split_experts(tensors, config.num_experts)
+
+
+def _split_experts(tensors: list[TensorEntry], num_experts: int) -> list[TensorEntry]:
+    """Stacked experts (``layers.{i}.gate_exps``, rows of every expert) as one entry per expert,
+    named as the loader reads them (``layers.{i}.experts.{e}.gate``)."""
+    if not num_experts:  # not a mixture of experts: the loader reads no stacked tensor
+        return tensors
+    out = []
+    for t in tensors:
+        if not t.name.endswith("_exps"):
+            out.append(t)
+            continue
+        layer, _, kind = t.name.rpartition(".")
+        rows = t.rows // num_experts
+        out += [TensorEntry(f"{layer}.experts.{e}.{kind.removesuffix('_exps')}", t.kind, rows, t.cols) for e in range(num_experts)]
+    return out
 
 
 def _read_hf(path: Path) -> tuple[ModelConfig, list[TensorEntry]]:

@@ -17,5 +17,7 @@ def prepare(model, *, use_triton: bool | None = None, max_positions: int | None 
 
     if model.config.architecture in GEMMA:  # its forward is llama's: no GeGLU, windows, soft-capping
         raise UnsupportedModelError(f"{model.config.architecture} runs on the CPU only (the GPU forward is llama's)")
+    if model.config.is_moe:  # GpuCausalLM runs each layer's dense gate_up / down
+        raise UnsupportedModelError(f"a mixture of experts ({model.config.architecture}) does not run on CUDA yet")
     kernels = GpuKernels(HAVE_TRITON if use_triton is None else use_triton)
     return GpuCausalLM(model, kernels, max_positions=max_positions)

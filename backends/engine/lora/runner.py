@@ -36,7 +36,10 @@ def lora_runner(model: Any, config: Any, options: Any) -> Any:
     import functools
 
     from backends.engine.lora.layers import apply_lora
+    from backends.engine.model.config import UnsupportedModelError
 
+    if config.is_moe:  # adapters target the dense MLP's gate/up/down, which such a model lacks
+        raise UnsupportedModelError(f"LoRA adapters on a mixture of experts ({config.architecture}) are not supported")
     slots = LoRASlots(config.num_layers, max_loras=options.max_loras, dtype=torch.float32, device=model.device)
     apply_lora(model, slots)
     return functools.partial(LoRAModelRunner, slots=slots)

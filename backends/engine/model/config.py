@@ -9,8 +9,12 @@ scaling is refused), and with their own forward (``gemma.py``) ``gemma2`` (embed
 ``sqrt(hidden)``, GeGLU, norms after attention and MLP too, soft-capped attention scores and
 logits, sliding-window layers alternating with global ones, applied exactly) and ``gemma3``
 (the text model, ``Gemma3ForCausalLM`` / ``gemma3_text``: per-head q/k norms, five sliding-window
-layers to one global, the sliding ones with their own unscaled rotary base). Anything else is an
-``UnsupportedModelError``.
+layers to one global, the sliding ones with their own unscaled rotary base), and two mixtures of
+experts (``moe.SparseMoE`` in place of every layer's MLP): ``mixtral`` (llama attention; softmax over the router's logits, top-k, renormalised; GGUF writes it
+as ``llama`` with an ``expert_count``) and ``qwen3_moe`` (qwen3 attention; renormalised only with
+``norm_topk_prob``; GGUF ``qwen3moe``; checkpoints with dense layers among the sparse ones,
+``mlp_only_layers`` or ``decoder_sparse_step`` > 1, are refused). For those ``intermediate_size`` is
+one expert's. Anything else is an ``UnsupportedModelError``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ import msgspec
 
 from gateway.errors import ConfigError
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe")
 GEMMA = ("gemma2", "gemma3")  # run by gemma.GemmaCausalLM
 _HF_MODEL_TYPES = {"gemma3_text": "gemma3"}  # HF model_type -> architecture, where they differ
 # gemma defaults where a file leaves a key out (transformers' for config.json, llama.cpp's for GGUF):
 # (attention softcap, final softcap, sliding window, layers per sliding pattern)
 _GEMMA_DEFAULTS = {"gemma2": (50.0, 30.0, 4096, 2), "gemma3": (None, None, 4096, 6)}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # see _gemma_gguf
+_GGUF_ARCHITECTURES = {"qwen3moe": "qwen3_moe"}  # GGUF's name -> ours where they differ
+_MOE = ("mixtral", "qwen3_moe")
 
 
 class UnsupportedModelError(ConfigError):
@@ -68,6 +74,13 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     attn_logit_softcap: float | None = None  # attention scores ``cap * tanh(scores / cap)``
     final_logit_softcap: float | None = None  # logits likewise
     local_rope_theta: float | None = None  # gemma3: the sliding layers' rotary base (never scaled)
+    num_experts: int = 0  # > 0: every layer's MLP is a mixture of this many experts (moe.py)
+    num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
+    norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum to 1
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_size(self) -> int:
@@ -82,7 +95,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
         """Build from decoded GGUF key/values. ``has_output_tensor``: whether ``output.weight`` exists
         (GGUF ties embeddings by leaving it out)."""
         arch = str(metadata.get("general.architecture", ""))
-        if arch not in ARCHITECTURES:
+        if _GGUF_ARCHITECTURES.get(arch, arch) not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"GGUF architecture '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})"
             )
@@ -106,12 +119,19 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
         if metadata.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor")))
         # Llama 3 scaling travels in GGUF as a ``rope_freqs.weight`` tensor, applied by the loader.
+        num_experts = int(metadata.get(f"{arch}.expert_count") or 0)
+        name = _GGUF_ARCHITECTURES.get(arch, arch)
+        if num_experts and name == "llama":
+            name = "mixtral"  # llama.cpp writes Mixtral as llama with experts
+        elif num_experts and name != "qwen3_moe":
+            raise UnsupportedModelError(f"GGUF architecture '{arch}' with experts is not supported (mixtral, qwen3moe)")
+        ffn = metadata.get(f"{arch}.expert_feed_forward_length") if num_experts else None
         gemma = _gemma_gguf(metadata, arch, hidden // num_heads, head_dim) if arch in GEMMA else {}
         return cls(
-            architecture=arch,
+            architecture=name,
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
+            intermediate_size=int(ffn or key("feed_forward_length")),
             num_layers=int(key("block_count")),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
@@ -121,9 +141,13 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_position_embeddings=int(key("context_length")),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
-            qk_norm=arch in ("qwen3", "gemma3"),
+            qk_norm=name in ("qwen3", "qwen3_moe", "gemma3"),
             rope_scaling=scaling,
             **gemma,
+            num_experts=num_experts,
+            num_experts_per_tok=int(key("expert_used_count")) if num_experts else 0,
+            # llama.cpp renormalises Mixtral's and Qwen3-MoE's top-k weights (both published ones do)
+            norm_topk_prob=bool(metadata.get(f"{arch}.expert_weights_norm", True)) if num_experts else False,
         )
 
     @classmethod
@@ -171,13 +195,18 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
         elif rope_type not in ("default", None):
             raise UnsupportedModelError(f"rope scaling '{rope_type}' is not supported (linear, llama3)")
         window = cfg.get("sliding_window")
-        if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        if arch in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
             window = None
+        num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if arch in _MOE else 0
+        if arch == "qwen3_moe" and (cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step") or 1) != 1):
+            raise UnsupportedModelError("qwen3_moe with dense layers (mlp_only_layers, decoder_sparse_step > 1) is not supported")
+        if arch in _MOE and (num_experts < 1 or int(cfg.get("num_experts_per_tok") or 0) < 1):
+            raise UnsupportedModelError(f"{arch} config.json lacks its expert counts (num_local_experts, num_experts_per_tok)")
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
+            intermediate_size=int(cfg["moe_intermediate_size"] if arch == "qwen3_moe" else cfg["intermediate_size"]),
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=num_heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
@@ -187,10 +216,13 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch in ("qwen3", "gemma3"),
+            qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
             rope_scaling=scaling,
             sliding_window=int(window) if window else None,
             **gemma,
+            num_experts=num_experts,
+            num_experts_per_tok=int(cfg["num_experts_per_tok"]) if num_experts else 0,
+            norm_topk_prob=bool(num_experts) and (arch == "mixtral" or bool(cfg.get("norm_topk_prob", False))),
         )
 
 

@@ -5,7 +5,9 @@
 offsets for Q5_1/Q5_K/Q2_K, a float
 tensor for F32/F16/BF16; ``gguf_blocks.py`` decodes the blocks) and drops the file pages it read from this process's mapping, so loading never
 holds the whole file and the decoded model at once. Names are the engine's canonical ones
-(``embed``, ``lm_head``, ``norm``, ``layers.{i}.q`` … see ``loader.py``).
+(``embed``, ``lm_head``, ``norm``, ``layers.{i}.q`` … see ``loader.py``). A mixture of experts'
+``ffn_{gate,up,down}_exps`` (every expert stacked in one 3-D tensor) is handed out one expert
+at a time, a row range of the stack: ``layers.{i}.experts.{e}.{gate,up,down}``.
 
 llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` of ``llama`` models so that each
 head's rotary pairs are interleaved (GPT-J style); the engine uses the Hugging Face half-rotation
@@ -87,11 +89,22 @@ class GGUFSource:
                 self._tensors[name] = t
         self.config = ModelConfig.from_gguf_metadata(self.metadata, has_output_tensor="lm_head" in self._tensors)
         self.tensor_types = {name: t.qtype.name for name, t in self._tensors.items()}
+        # experts stacked in one tensor (GGUF shape [cols, rows, num_experts]): expert e is a row
+        # range of it, handed out as ``layers.{i}.experts.{e}.{gate,up,down}``
+        self._experts: dict[str, tuple[str, int]] = {}
+        for name, t in self._tensors.items():
+            if name.endswith("_exps"):
+                layer, _, kind = name.rpartition(".")
+                if len(t.shape) != 3 or t.shape[2] != self.config.num_experts:
+                    raise UnsupportedModelError(f"GGUF tensor '{t.name}' is not {self.config.num_experts} stacked experts")
+                for e in range(self.config.num_experts):
+                    self._experts[f"{layer}.experts.{e}.{kind.removesuffix('_exps')}"] = (name, e)
+                    self.tensor_types[f"{layer}.experts.{e}.{kind.removesuffix('_exps')}"] = t.qtype.name
         # The header was read through its own mapping, closed by now: this one has touched no page.
         self._data: np.memmap | None = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def has(self, name: str) -> bool:
-        return name in self._tensors
+        return name in self._tensors or name in self._experts
 
     def close(self) -> None:
         """Drop the mapping (the decoded metadata stays)."""
@@ -99,6 +112,9 @@ class GGUFSource:
         self._data = None
 
     def num_rows(self, name: str) -> int:
+        if name in self._experts:
+            stacked, _ = self._experts[name]
+            return self.num_rows(stacked) // self.config.num_experts
         shape = self._info(name).shape
         return int(np.prod(shape[1:])) if len(shape) > 1 else 1
 
@@ -115,6 +131,11 @@ class GGUFSource:
 
     def get(self, name: str, rows: slice | None = None) -> WeightData:
         """Decode tensor ``name`` (``[rows, cols]`` or ``[cols]``), or only the row range ``rows``."""
+        if name in self._experts:  # one expert's rows of the stacked tensor
+            stacked, e = self._experts[name]
+            per = self.num_rows(name)
+            first, last = (0, per) if rows is None else (rows.start, min(rows.stop, per))
+            return self.get(stacked, rows=slice(e * per + first, e * per + last))
         t = self._info(name)
         assert self._data is not None
         cols = t.shape[0]
@@ -134,7 +155,7 @@ class GGUFSource:
 
     def _unpermute(self, name: str, data: WeightData) -> WeightData:
         cfg = self.config
-        if cfg.architecture != "llama" or not name.endswith((".q", ".k")):
+        if cfg.architecture not in ("llama", "mixtral") or not name.endswith((".q", ".k")):
             return data
         heads = cfg.num_heads if name.endswith(".q") else cfg.num_kv_heads
         rows = data.shape[0] if isinstance(data, Tensor) else data.q.shape[0]

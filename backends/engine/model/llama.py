@@ -1,4 +1,5 @@
-"""The Llama-family forward (llama, mistral, qwen2, qwen3) over a flattened batch and a paged KV cache.
+"""The Llama-family forward (llama, mistral, qwen2, qwen3, phi3; mixtral and qwen3_moe with
+``moe.SparseMoE`` as each layer's MLP) over a flattened batch and a paged KV cache.
 
 ``model(input_ids[T], positions[T], attn, kv_caches) -> hidden[T, D]`` (after the final norm);
 ``model.compute_logits(hidden[rows]) -> float32 [S, V]``. See docs/architecture.md for the
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from backends.engine.model.attention import AttentionMetadata, AttentionPlan, KVCache, PagedAttention, allocate_kv_cache
 from backends.engine.model.config import ModelConfig
+from backends.engine.model.moe import SparseMoE
 from backends.engine.model.quant import DenseLinear
 
 __all__ = ["AttentionMetadata", "CausalLM", "allocate_kv_cache", "rope_inv_freq"]
@@ -147,7 +149,9 @@ class DecoderLayer(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = MLP(config)
+        self.mlp: nn.Module = MLP(config)
+        if config.is_moe:
+            self.mlp = SparseMoE(config, [MLP(config) for _ in range(config.num_experts)])
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """``h``: the float32 residual stream, updated in place and returned."""

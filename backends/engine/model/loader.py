@@ -3,7 +3,9 @@
 Sources (``gguf_loader.GGUFSource``, ``hf_loader.HFSource``) hand out one tensor at a time by
 canonical name: ``embed``, ``lm_head``, ``norm``, ``rope_freqs`` and per layer
 ``layers.{i}.{q,k,v,o,gate,up,down,attn_norm,ffn_norm}`` (+ ``.bias`` on q/k/v/o; gemma's
-``post_attn_norm``, ``post_ffn_norm``; norms are the multipliers, gemma's ``1 + weight``). Each is
+``post_attn_norm``, ``post_ffn_norm``; norms are the multipliers, gemma's ``1 + weight``); a mixture of
+experts has ``layers.{i}.router`` and ``layers.{i}.experts.{e}.{gate,up,down}`` instead of
+gate/up/down (quantized as any linear; the router kept dense float32). Each is
 turned into its final form (packed, requantized or cast) before the next is read, so no
 full-precision copy of a quantized model ever exists.
 
@@ -170,6 +172,12 @@ class _Builder:
         # Mixed formats (e.g. a Q8_0 attn_v among Q4_1 q/k): separate matmuls, outputs concatenated.
         return ConcatLinear([self.make_linear(p, bias) for p, bias in zip(parts, biases)])
 
+    def make_router(self, name: str) -> nn.Module:
+        """A mixture of experts' router: dense float32 whatever the policy (``moe.py`` says why)."""
+        data = self.source.get(name)
+        weight = data if isinstance(data, Tensor) else data.dequantize()
+        return make_linear(weight, dtype=torch.float32, device=self.device)
+
     def vector(self, name: str) -> Tensor:
         data = self.source.get(name)
         assert isinstance(data, Tensor)
@@ -197,12 +205,18 @@ def _build(source: Any, b: _Builder) -> CausalLM:
         qkv = [f"{p}.qkv"] if source.has(f"{p}.qkv") else [f"{p}.q", f"{p}.k", f"{p}.v"]
         layer.self_attn.qkv_proj = b.linear(qkv)
         layer.self_attn.o_proj = b.linear([f"{p}.o"])
-        if source.has(f"{p}.gate_up"):
-            gate_up = [f"{p}.gate_up"]
+        if config.is_moe:  # the router, then one expert at a time (each as a dense layer's MLP)
+            layer.mlp.router = b.make_router(f"{p}.router")
+            for e, expert in enumerate(layer.mlp.experts):
+                expert.gate_up_proj = b.linear([f"{p}.experts.{e}.gate", f"{p}.experts.{e}.up"])
+                expert.down_proj = b.linear([f"{p}.experts.{e}.down"])
         else:
-            gate_up = [f"{p}.gate", f"{p}.up"] if source.has(f"{p}.gate") else [f"{p}.up"]
-        layer.mlp.gate_up_proj = b.linear(gate_up)
-        layer.mlp.down_proj = b.linear([f"{p}.down"])
+            if source.has(f"{p}.gate_up"):
+                gate_up = [f"{p}.gate_up"]
+            else:
+                gate_up = [f"{p}.gate", f"{p}.up"] if source.has(f"{p}.gate") else [f"{p}.up"]
+            layer.mlp.gate_up_proj = b.linear(gate_up)
+            layer.mlp.down_proj = b.linear([f"{p}.down"])
         return_freed_memory(collect=False)  # glibc keeps freed temporaries otherwise: peak RSS grows per layer
     model.norm.set_weight(b.vector("norm"))
     rope_freqs = source.get("rope_freqs") if source.has("rope_freqs") else None

@@ -11,11 +11,15 @@ import msgspec
 
 class TensorNames(msgspec.Struct, frozen=True, kw_only=True):
     """One format's naming: ``whole_model`` maps full names (``output_norm.weight`` -> ``norm``);
-    a layer's tensor is ``{layer_prefix}{i}.{suffix}`` with ``per_layer`` mapping the suffix."""
+    a layer's tensor is ``{layer_prefix}{i}.{suffix}`` with ``per_layer`` mapping the suffix; an
+    expert's (mixtures of experts stored one tensor per expert) ``{layer_prefix}{i}.{expert_prefix}
+    {e}.{suffix}``, ``per_expert`` mapping the suffix to ``layers.{i}.experts.{e}.{short}``."""
 
     whole_model: Mapping[str, str]
     layer_prefix: str
     per_layer: Mapping[str, str]
+    expert_prefixes: tuple[str, ...] = ()
+    per_expert: Mapping[str, str] = {}
 
     def canonical(self, name: str) -> str | None:
         """The canonical name of file tensor ``name``; None for a tensor the engine does not use."""
@@ -26,6 +30,12 @@ class TensorNames(msgspec.Struct, frozen=True, kw_only=True):
             short = self.per_layer.get(rest)
             if short is not None:
                 return f"layers.{layer}.{short}"
+            for prefix in self.expert_prefixes:
+                if rest.startswith(prefix):
+                    expert, _, tail = rest[len(prefix) :].partition(".")
+                    short = self.per_expert.get(tail)
+                    if short is not None and expert.isdigit():
+                        return f"layers.{layer}.experts.{expert}.{short}"
         return None
 
 
@@ -50,6 +60,12 @@ GGUF_NAMES = TensorNames(
         "attn_qkv.weight": "qkv",  # phi3: q/k/v fused (its ffn_up holds gate and up: loader._build)
         "post_attention_norm.weight": "post_attn_norm",  # gemma2/3
         "post_ffw_norm.weight": "post_ffn_norm",
+        # mixtures of experts: the router, and every expert's weights stacked in one 3-D tensor
+        # (gguf_loader hands out one expert's rows as layers.{i}.experts.{e}.{gate,up,down})
+        "ffn_gate_inp.weight": "router",
+        "ffn_gate_exps.weight": "gate_exps",
+        "ffn_up_exps.weight": "up_exps",
+        "ffn_down_exps.weight": "down_exps",
     },
     whole_model={
         "token_embd.weight": "embed",
@@ -80,6 +96,17 @@ HF_NAMES = TensorNames(
         "self_attn.k_norm.weight": "k_norm",
         "self_attn.qkv_proj.weight": "qkv",  # phi3: stored fused
         "mlp.gate_up_proj.weight": "gate_up",
+        "block_sparse_moe.gate.weight": "router",  # mixtral
+        "mlp.gate.weight": "router",  # qwen3_moe
+    },
+    expert_prefixes=("block_sparse_moe.experts.", "mlp.experts."),
+    per_expert={
+        "w1.weight": "gate",  # mixtral
+        "w3.weight": "up",
+        "w2.weight": "down",
+        "gate_proj.weight": "gate",  # qwen3_moe
+        "up_proj.weight": "up",
+        "down_proj.weight": "down",
     },
     whole_model={
         "model.embed_tokens.weight": "embed",

@@ -21,7 +21,8 @@ built with the int4 fast path, activations are bfloat16 on CPU, and the four pro
 native-layout weights (``Int4Linear`` of the native layout, ``Int5Linear``, ``Int8NativeLinear``:
 a GGUF ``Q4_K_M`` file mixes them in one layer; the residual ones unpadded), and the layer is llama's
 own ``DecoderLayer`` (gemma's, ``model/gemma.py``, with its extra norms, GeGLU, soft-capping and
-sliding windows, is declined: it runs on torch's path). ``fuse.fuse`` swaps such layers in;
+sliding windows, is declined: it runs on torch's path), and the MLP is a dense one (a mixture
+of experts' layer keeps torch's ops, its experts' matmuls still the native kernels'). ``fuse.fuse`` swaps such layers in;
 the others keep torch's ops. A fused layer whose input or cache does not suit the kernels (not
 contiguous, not bfloat16) runs the plain layer's forward.
 """
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from backends.engine.model.attention import AttentionPlan, paged_attention
-from backends.engine.model.llama import DecoderLayer
+from backends.engine.model.llama import MLP, DecoderLayer
 from backends.engine.model.quant import Int4Linear, Int5Linear, Int8NativeLinear, layouts
 from backends.engine.native import abi
 from backends.engine.native.ckernels import Kernels
@@ -96,6 +97,8 @@ class FusedLayer(DecoderLayer):
             return False
         attn, mlp = layer.self_attn, layer.mlp
         if attn.q_norm is not None:  # qwen3's per-head q/k norm: not in the native kernels yet
+            return False
+        if not isinstance(mlp, MLP):  # a mixture of experts (moe.py): torch's path
             return False
         projections = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         if not all(native_projection(p) for p in projections):

@@ -10,6 +10,10 @@ The model is loaded whole (``loader.load_model``), then each rank keeps its slic
   matching input columns), followed by one all-reduce.
 - MLP: ``gate_up_proj`` column parallel, ``down_proj`` row parallel (one all-reduce), the
   intermediate dimension split in whole quantization groups.
+- mixture of experts (``moe.SparseMoE``): every expert sliced as the dense MLP is, the router
+  replicated. The experts' partial sums are added up over the experts first and all-reduced
+  once per layer (``RowParallelMoE``): one collective whatever the routing, so a rank never
+  waits on a collective another rank's routing skipped.
 - embedding and output projection: vocabulary parallel. Each rank keeps ``~V / world`` rows; the
   embedding lookup zeroes the ids it does not own and all-reduces, the logits of every rank's
   rows are all-gathered. Each rank then holds about ``1 / world`` of every weight.
@@ -166,6 +170,19 @@ class RowParallelLinear(nn.Module):
         return self.comm.all_reduce(self.inner(x))
 
 
+class RowParallelMoE(nn.Module):
+    """A mixture of experts whose experts hold this rank's MLP columns: its output, their partial
+    sums, summed across ranks."""
+
+    def __init__(self, moe: nn.Module, comm: Collectives) -> None:
+        super().__init__()
+        self.moe = moe
+        self.comm = comm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.comm.all_reduce(self.moe(x))
+
+
 class VocabParallelEmbedding(nn.Module):
     """Rows ``vocab`` of the token embedding / output projection (tied or not)."""
 
@@ -299,9 +316,10 @@ def shard_model(model: nn.Module, comm: Collectives, device: torch.device | str 
     config: ModelConfig = model.config
     device = torch.device(device)
     first = model.layers[0]
-    plan = ShardPlan.build(config, comm.rank, comm.world_size, _group_size(first.mlp.down_proj))
-    qkv_rows, attn_cols, gate_up_rows = plan.qkv_rows(config), plan.attn_cols(config), plan.gate_up_rows(config)
-    fa, fb = plan.ffn
+    first_mlp = first.mlp.experts[0] if config.is_moe else first.mlp
+    plan = ShardPlan.build(config, comm.rank, comm.world_size, _group_size(first_mlp.down_proj))
+    qkv_rows, attn_cols = plan.qkv_rows(config), plan.attn_cols(config)
+    inter = config.intermediate_size
     is_first = comm.rank == 0
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -310,9 +328,14 @@ def shard_model(model: nn.Module, comm: Collectives, device: torch.device | str 
         attn.o_proj = RowParallelLinear(o_proj, comm)
         attn.num_heads, attn.num_kv_heads = plan.num_heads, plan.num_kv_heads
         attn.qk_size = (plan.num_heads + plan.num_kv_heads) * config.head_dim
-        mlp.gate_up_proj = column_slice(mlp.gate_up_proj, gate_up_rows, device)
-        mlp.down_proj = RowParallelLinear(row_slice(mlp.down_proj, fa, fb, device, keep_bias=is_first), comm)
-        mlp.intermediate_size = fb - fa
+        if config.is_moe:  # each expert's partial sum, all-reduced once for the layer
+            for expert in mlp.experts:
+                _shard_mlp(expert, plan.ffn, inter, device, keep_bias=is_first)
+            mlp.router.to(device)
+            layer.mlp = RowParallelMoE(mlp, comm)
+        else:
+            _shard_mlp(mlp, plan.ffn, inter, device, keep_bias=is_first)
+            mlp.down_proj = RowParallelLinear(mlp.down_proj, comm)
         for norm in (layer.attn_norm, layer.ffn_norm):
             norm.to(device)
     tied = model.lm_head is model.embed_tokens
@@ -329,6 +352,15 @@ def shard_model(model: nn.Module, comm: Collectives, device: torch.device | str 
     model.inv_freq = model.inv_freq.to(device)
     return_freed_memory()  # the unsharded weights just dropped
     return plan
+
+
+def _shard_mlp(mlp: nn.Module, ffn: Range, inter: int, device: torch.device, *, keep_bias: bool) -> None:
+    """``mlp``'s columns ``ffn`` of its intermediate dimension, in place: ``gate_up_proj`` column
+    parallel, ``down_proj`` row parallel (its partial sums for the caller to all-reduce)."""
+    fa, fb = ffn
+    mlp.gate_up_proj = column_slice(mlp.gate_up_proj, [(fa, fb), (inter + fa, inter + fb)], device)
+    mlp.down_proj = row_slice(mlp.down_proj, fa, fb, device, keep_bias=keep_bias)
+    mlp.intermediate_size = fb - fa
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -45,6 +45,8 @@ def make_hf_model(arch: str, seed: int = 0, **overrides: object) -> torch.nn.Mod
 
     torch.manual_seed(seed)
     kwargs = {**TINY, "initializer_range": 0.08, **overrides}
+    if arch in ("mixtral", "qwen3_moe"):  # 4 experts, top-2
+        return _make_moe_model(arch, kwargs)
     if arch == "qwen2":
         kwargs.setdefault("tie_word_embeddings", True)
         model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
@@ -97,6 +99,38 @@ def _make_gemma(arch: str, kwargs: dict) -> torch.nn.Module:
     return Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
 
 
+def _make_moe_model(arch: str, kwargs: dict) -> torch.nn.Module:
+    """A mixture of experts: ``MixtralForCausalLM`` or ``Qwen3MoeForCausalLM`` (qwen3's per-head
+    q/k norms, experts narrower than the dense width, ``norm_topk_prob`` on as in Qwen3-30B-A3B).
+    The router's weights are drawn wide (std 0.5) so that routing differs from token to token and
+    no top-k choice is a near tie on these tiny widths."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    kwargs.setdefault("num_experts_per_tok", 2)
+    if arch == "mixtral":
+        kwargs.setdefault("num_local_experts", 4)
+        kwargs.setdefault("sliding_window", None)
+        model = MixtralForCausalLM(MixtralConfig(**kwargs))
+    else:
+        kwargs.setdefault("num_experts", 4)
+        kwargs.setdefault("moe_intermediate_size", 128)
+        kwargs.setdefault("head_dim", 48)
+        kwargs.setdefault("norm_topk_prob", True)
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.6, 1.4)
+            elif is_router(name):
+                p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def is_router(name: str) -> bool:
+    """Whether HF parameter ``name`` is a mixture of experts' router (kept float32 by the loader)."""
+    return name.endswith("mlp.gate.weight")
+
+
 def save_hf(model: torch.nn.Module, path: Path) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     return path
@@ -127,15 +161,23 @@ def quantize(w: np.ndarray, qtype: QT) -> np.ndarray:
 
 def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT | None = None) -> Path:
     """Write ``model``'s weights as a GGUF file the way llama.cpp's converter lays them out:
-    2-D weights in ``qtype`` (the embedding in ``embed_type``), norms and biases F32."""
+    2-D weights in ``qtype`` (the embedding in ``embed_type``), norms and biases F32; a mixture
+    of experts' router F32 and its experts stacked as ``ffn_{gate,up,down}_exps`` in ``qtype``
+    (Mixtral written as ``llama`` with an expert count, Qwen3-MoE as ``qwen3moe``)."""
     cfg = model.config
-    arch = {"gemma3_text": "gemma3"}.get(cfg.model_type, cfg.model_type)
+    arch = {"gemma3_text": "gemma3", "mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(cfg.model_type, cfg.model_type)
     gemma = arch in ("gemma2", "gemma3")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
+    num_experts = getattr(cfg, "num_local_experts", 0)
+    if num_experts:
+        w.add_expert_count(num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if cfg.model_type == "qwen3_moe":
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None)
@@ -164,8 +206,9 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
             w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
         elif kind == QT.F16:
             w.add_tensor(name, arr.astype(np.float16))
-        else:
-            w.add_tensor(name, quantize(arr, kind), raw_dtype=kind)
+        else:  # 3-D (stacked experts): quantized as the 2-D stack of their rows
+            blocks = quantize(arr.reshape(-1, arr.shape[-1]), kind)
+            w.add_tensor(name, blocks.reshape(*arr.shape[:-1], blocks.shape[-1]), raw_dtype=kind)
 
     put("token_embd.weight", sd["model.embed_tokens.weight"], embed_type or qtype)
     if not cfg.tie_word_embeddings:
@@ -178,7 +221,7 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
             put(f"blk.{i}.attn_qkv.weight", sd[p + "self_attn.qkv_proj.weight"], qtype)
         else:
             q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
-            if arch == "llama":
+            if arch == "llama":  # and Mixtral
                 q, k = _llama_permute(q, heads), _llama_permute(k, kv_heads)
             put(f"blk.{i}.attn_q.weight", q, qtype)
             put(f"blk.{i}.attn_k.weight", k, qtype)
@@ -188,12 +231,19 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
             bias = sd.get(p + f"self_attn.{short}_proj.bias")
             if bias is not None:
                 put(f"blk.{i}.attn_{short}.bias", bias, QT.F32)
-        if p + "mlp.gate_up_proj.weight" in sd:  # phi3: gate and up in one ffn_up, gate rows first
-            put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.gate_up_proj.weight"], qtype)
+        if num_experts:  # HF holds gate|up as [E, 2I, D], down as [E, D, I]
+            put(f"blk.{i}.ffn_gate_inp.weight", sd[p + "mlp.gate.weight"], QT.F32)
+            gate, up = np.split(sd[p + "mlp.experts.gate_up_proj"], 2, axis=1)
+            put(f"blk.{i}.ffn_gate_exps.weight", gate, qtype)
+            put(f"blk.{i}.ffn_up_exps.weight", up, qtype)
+            put(f"blk.{i}.ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"], qtype)
         else:
-            put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], qtype)
-            put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], qtype)
-        put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], qtype)
+            if p + "mlp.gate_up_proj.weight" in sd:  # phi3: gate and up in one ffn_up, gate rows first
+                put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.gate_up_proj.weight"], qtype)
+            else:
+                put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], qtype)
+                put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], qtype)
+            put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], qtype)
         for short in ("q", "k"):  # qwen3
             norm = sd.get(p + f"self_attn.{short}_norm.weight")
             if norm is not None:
@@ -213,15 +263,17 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: QT, *, embed_type: QT 
 
 
 def roundtrip_model(model: torch.nn.Module, qtype: QT, *, embed_type: QT | None = None) -> torch.nn.Module:
-    """A copy of ``model`` whose 2-D weights are what a ``qtype`` GGUF of it decodes to."""
+    """A copy of ``model`` whose weights are what a ``qtype`` GGUF of it decodes to (a router
+    stays float32; stacked experts round-trip row by row, as the file stores them)."""
     import copy
 
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            if p.ndim == 2:
+            if p.ndim >= 2 and not is_router(name):
                 kind = (embed_type or qtype) if "embed_tokens" in name else qtype
-                p.copy_(torch.from_numpy(quant_roundtrip(p.numpy(), kind)))
+                rows = p.reshape(-1, p.shape[-1]).numpy()
+                p.copy_(torch.from_numpy(quant_roundtrip(rows, kind)).view(p.shape))
     return ref
 
 

@@ -41,7 +41,10 @@ def held_bytes(model: torch.nn.Module) -> int:
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     llama = make_hf_model("llama")
+    mixtral = make_hf_model("mixtral")
     return {
+        "hf-mixtral": save_hf(mixtral, root / "mixtral"),  # 4 experts a layer, each counted
+        "gguf-mixtral-q8_0": write_gguf(mixtral, root / "mixtral.gguf", QT.Q8_0),  # experts stacked
         "hf-llama": save_hf(llama, root / "llama"),
         "hf-qwen2": save_hf(make_hf_model("qwen2"), root / "qwen2"),  # tied, q/k/v bias
         "gguf-q4_0": write_gguf(llama, root / "q4_0.gguf", QT.Q4_0),
@@ -67,6 +70,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         ("gguf-q5_1", None, "bfloat16"),  # per-group int8 with a float32 offset per group
         ("hf-awq", None, "bfloat16"),
         ("hf-gptq-per-row", None, "float32"),
+        ("hf-mixtral", "int4", "bfloat16"),  # every expert int4, the router float32
+        ("gguf-mixtral-q8_0", None, "float32"),  # stacked experts, one module each
     ],
 )
 def test_weights_match_the_loaded_tensors(tiny, model, quantization, dtype) -> None:

@@ -2,7 +2,8 @@
 
 - sharding plans and slices of every linear kind, against dense references (no processes);
 - tiny random models (dense, int4, int8; uneven KV-head split, bias, tied and untied output;
-  gemma2 and gemma3 with sliding windows the prompts outgrow): tp=2 logits equal tp=1's within
+  gemma2 and gemma3 with sliding windows the prompts outgrow; two mixtures of experts, every expert
+  sliced, the router replicated): tp=2 logits equal tp=1's within
   float32 tolerance through prefill, chunked prefill and decode, greedy tokens identical;
   each rank holds about half the weights;
 - failure: a killed worker or a hung one makes the step raise (within the collective timeout),
@@ -190,7 +191,10 @@ def test_torchrun_env_reads_the_variables_torchrun_sets() -> None:
 
 
 @pytest.fixture(
-    scope="module", params=[("llama", None), ("qwen2", "int4"), ("llama", "int8"), ("gemma2", None), ("gemma3", None)], ids=str
+    scope="module",
+    params=[("llama", None), ("qwen2", "int4"), ("llama", "int8"), ("gemma2", None), ("gemma3", None),
+            ("mixtral", None), ("qwen3_moe", "int4")],
+    ids=str,
 )
 def tiny_tp(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     arch, quantization = request.param
