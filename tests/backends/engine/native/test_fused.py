@@ -58,8 +58,10 @@ def test_fused_layers_match_the_torch_ops(native, tiny_path, monkeypatch) -> Non
         # and then and carry it through the layers: the two bfloat16 paths land on different
         # sides of the float32 result, each ~0.03-0.05 from it (of ~3.5; test_model). Measured
         # on the tiny llama: 0.035 apart on the AVX-512 BF16 build, 0.039 on the AVX2 build
-        # (whose matmuls give the same bits: its attention is the generic kernel).
-        assert (a - b).abs().max().item() <= 0.0125 * b.abs().max().item()
+        # (whose matmuls give the same bits: its attention is the generic kernel). The AVX-512
+        # build keeps the bound it always had (1 %); the AVX2 build, a new variant, gets 1.25 %.
+        bound = 0.0125 if native.variant == "avx2-fma" else 0.01
+        assert (a - b).abs().max().item() <= bound * b.abs().max().item()
         assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
 
 
