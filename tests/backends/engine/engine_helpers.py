@@ -338,3 +338,16 @@ def load_fused(path: Path, kernels=None, **kwargs) -> LoadedModel:  # type: igno
     loaded = load_model(path, kernels=kernels, **kwargs)
     fuse(loaded.model, kernels)
     return loaded
+
+
+def run_paged_steps(model, config, seqs: dict, steps: list, dtype=torch.float32) -> dict[int, tuple[list[int], torch.Tensor]]:
+    """Feed ``steps`` (each a list of ``(seq_id, new tokens)``) through a ``PagedRunner``: per
+    sequence, every token fed and the logits of every step, concatenated."""
+    runner = PagedRunner(model, config, dtype=dtype)
+    tokens: dict[int, list[int]] = {i: [] for i in seqs}
+    logits: dict[int, list[torch.Tensor]] = {i: [] for i in seqs}
+    for step in steps:
+        for (seq_id, new), out in zip(step, runner.step(step)):
+            tokens[seq_id].extend(new)
+            logits[seq_id].append(out)
+    return {i: (tokens[i], torch.cat(logits[i])) for i in seqs}

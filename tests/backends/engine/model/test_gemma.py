@@ -19,6 +19,7 @@ from backends.engine.model.loader import load_model
 from backends.engine.native.fused import FusedLayer
 from tests.backends.engine.engine_helpers import (
     PagedRunner,
+    run_paged_steps,
     hf_logits,
     load_fused,
     make_hf_model,
@@ -45,14 +46,7 @@ STEPS = [
 
 
 def run_steps(model, config, dtype=torch.float32) -> dict[int, tuple[list[int], torch.Tensor]]:
-    runner = PagedRunner(model, config, dtype=dtype)
-    tokens: dict[int, list[int]] = {i: [] for i in SEQS}
-    logits: dict[int, list[torch.Tensor]] = {i: [] for i in SEQS}
-    for step in STEPS:
-        for (seq_id, new), out in zip(step, runner.step(step)):
-            tokens[seq_id].extend(new)
-            logits[seq_id].append(out)
-    return {i: (tokens[i], torch.cat(logits[i])) for i in SEQS}
+    return run_paged_steps(model, config, SEQS, STEPS, dtype)
 
 
 _HF_LOGITS: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
