@@ -67,6 +67,15 @@ class ServerProcess:
     def logs(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def wait_for_log(self, *needles: str, timeout: float = 10.0) -> str:
+        """Waits until every needle is in the log and returns it: the access line is written after the
+        response is sent, and engine lines come from its step thread, so both may lag the response."""
+        deadline = time.monotonic() + timeout
+        while not all(needle in (logs := self.logs()) for needle in needles):
+            assert time.monotonic() < deadline, f"{needles} not logged in {timeout}s:\n{logs}"
+            time.sleep(0.05)
+        return logs
+
     def wait_ready(self, timeout: float) -> None:
         """Polls ``GET /ready`` until 200 (every model loaded); fails after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout

@@ -116,13 +116,8 @@ def test_a_served_request_logs_json_lines_naming_it(taxiway_server) -> None:  # 
     response = httpx.post(f"{server.base_url}/chat/completions", headers={"x-request-id": request_id}, timeout=60,
                           json={"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})  # fmt: skip
     assert response.status_code == 200, response.text
-    deadline = time.monotonic() + 10
-    # the access line follows the response, the engine's come from its step thread: both may lag it
-    while '"engine.request.finished"' not in server.logs() or '"request.completed"' not in server.logs():
-        assert time.monotonic() < deadline, server.logs()
-        time.sleep(0.05)
-
-    lines = [msgspec.json.decode(line) for line in server.logs().splitlines()]  # every line is JSON
+    logs = server.wait_for_log('"engine.request.finished"', '"request.completed"')
+    lines = [msgspec.json.decode(line) for line in logs.splitlines()]  # every line is JSON
     assert all(isinstance(line["logger"], str) and line["level"] and line["timestamp"] for line in lines)
     assert {"Application startup complete.", "engine.ready"} <= {line["event"] for line in lines}
     uvicorn = [line for line in lines if line["logger"] == "uvicorn.error"]

@@ -336,7 +336,8 @@ def test_health_ready_and_access_log(server) -> None:  # type: ignore[no-untyped
     marker = _marker()
     httpx.post(f"{server.base_url}/chat/completions", headers={"x-request-id": f"log-{marker}"},
                json={"model": "assistant", "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
-    lines = [msgspec.json.decode(line) for line in server.logs().splitlines() if f"log-{marker}" in line]
+    logs = server.wait_for_log(f"log-{marker}")  # the access line is written after the response is sent
+    lines = [msgspec.json.decode(line) for line in logs.splitlines() if f"log-{marker}" in line]
     assert len(lines) == 1
     (line,) = lines
     assert line["event"] == "request.completed" and line["status"] == 200
