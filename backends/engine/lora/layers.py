@@ -14,8 +14,9 @@ the plain forward stays plain:
   adapters' terms inside it (each row only its own adapter's columns); other steps run the fused
   layers one by one.
 
-Each projection's term is ``y += ((x @ A.T) * mask) @ Bt`` over every resident adapter
-(``slots.LoRASlots``), three torch ops whatever the mix of adapters in the step.
+Each projection's term is ``y += (x @ A_i.T) @ Bt_i`` for each long run of one adapter's rows (a
+prompt chunk), and ``y += ((x @ A.T) * mask) @ Bt`` over every resident adapter for the other rows
+(``slots.LoRASlots``): three torch ops whatever the mix of adapters among decode rows.
 """
 
 from __future__ import annotations
@@ -47,17 +48,31 @@ class LoRAProjection:
     def add_to(self, x: Tensor, y: Tensor) -> None:
         """``y[T, out] += lora(x[T, in])`` for this step's rows (in place; ``y`` may be a view, and
         float32 where ``x`` is bfloat16: the residual stream)."""
-        mask = self.slots.batch.masks.get(self.kind)
-        if mask is None:
+        terms = self.slots.batch.terms.get(self.kind)
+        if terms is None:
             return
         a, bt = self.slots.stacks[self.layer][self.kind]
         # float32 whatever the activations: bfloat16 rounding of x @ A.T and of the term cost a
         # point of top-1 agreement with peft; the term is rounded once, where it lands
-        d = torch.mm(x if x.dtype == a.dtype else x.to(a.dtype), a.t()).mul_(mask)  # [T, K]: own columns only
-        if y.dtype == d.dtype:
-            y.addmm_(d, bt)
-        else:
-            y.add_(torch.mm(d, bt))
+        x = x if x.dtype == a.dtype else x.to(a.dtype)
+        for start, end, column, rank in terms.runs:  # one adapter's rows: its own columns only
+            _add(y[start:end], torch.mm(x[start:end], a[column : column + rank].t()), bt[column : column + rank])
+        if terms.mask is None:
+            return
+        if terms.rows is None:
+            _add(y, torch.mm(x, a.t()).mul_(terms.mask), bt)  # [T, K]: own columns only
+            return
+        rows = terms.rows
+        d = torch.mm(x.index_select(0, rows), a.t()).mul_(terms.mask)
+        landed = y.index_select(0, rows).to(d.dtype).add_(torch.mm(d, bt))  # rounded once, as ``_add`` rounds
+        y.index_copy_(0, rows, landed.to(y.dtype))
+
+
+def _add(y: Tensor, d: Tensor, bt: Tensor) -> None:
+    if y.dtype == d.dtype:
+        y.addmm_(d, bt)
+    else:
+        y.add_(torch.mm(d, bt))
 
 
 class LayerLoRA:
@@ -75,7 +90,7 @@ class LayerLoRA:
     def add_down(self, gate_up: Tensor, h: Tensor) -> None:
         """The down projection's term into the residual ``h``; its input ``silu(gate) * up`` (which
         the native down matmul forms internally) computed here, rounded as the torch path rounds."""
-        if "down" not in self.batch.masks:
+        if "down" not in self.batch.terms:
             return
         i = self.intermediate_size
         self.down.add_to(F.silu(gate_up[:, :i]) * gate_up[:, i : 2 * i], h)
