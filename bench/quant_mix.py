@@ -6,7 +6,7 @@ Each tensor is dequantised by the ``gguf`` package and quantized again by the ty
 ``ffn_down`` in the layers ``_use_more_bits`` names, Q4_K elsewhere), with its fallback where a
 row is not whole 256-blocks (Q4_K -> Q5_0, Q6_K -> Q8_0: SmolLM2's 576-wide rows, so the file is
 mostly Q5_0). Q5_0 and Q8_0 are the ``gguf`` package's quantizers; Q4_K and Q6_K the test tools'
-(``tests/backends/engine/kquant_tools.py``, checked against the package's decoder): the codes
+(``bench/kquant.py``, checked against the package's decoder): the codes
 differ from llama.cpp's search, the types and the bytes per weight are the same.
 """
 
@@ -39,7 +39,7 @@ def q4_k_m_type(name: str, num_layers: int, tied: bool) -> QT:
 
 def _quantize(w: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype in (QT.Q4_K, QT.Q6_K):
-        from tests.backends.engine.kquant_tools import QUANTIZERS
+        from bench.kquant import QUANTIZERS
 
         return QUANTIZERS[qtype.name](w)
     return gguf.quants.quantize(w, qtype)

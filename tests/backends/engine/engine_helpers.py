@@ -152,7 +152,7 @@ def quant_roundtrip(w: np.ndarray, qtype: QT) -> np.ndarray:
 
 def quantize(w: np.ndarray, qtype: QT) -> np.ndarray:
     """``w`` as ``qtype`` blocks: the ``gguf`` package's quantizer, or ours where it has none."""
-    from tests.backends.engine.kquant_tools import QUANTIZERS
+    from bench.kquant import QUANTIZERS
 
     if qtype.name in QUANTIZERS:
         return QUANTIZERS[qtype.name](w.astype(np.float32))

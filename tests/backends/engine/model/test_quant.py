@@ -265,7 +265,7 @@ def test_iq4_is_the_gguf_weight_as_per_group_int8(qtype, native: bool) -> None:
     held as per-group int8 (the table's values, exactly); blocks from the test quantizer, whose
     values are what the gguf package decodes. The bfloat16 matmul within the int4 (Q4_1) kernel's
     bound of ``test_int4_packed_kernel_is_exact_weights_summed_in_float32`` on the weights it holds."""
-    from tests.backends.engine.kquant_tools import QUANTIZERS
+    from bench.kquant import QUANTIZERS
 
     n, k = 80, 512
     raw = QUANTIZERS[qtype.name](weights(n, k, seed=8).numpy())

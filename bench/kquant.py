@@ -1,8 +1,7 @@
 """A small quantizer for the formats the ``gguf`` package can only decode (Q2_K, Q4_K, Q5_K, Q6_K,
-IQ4_NL, IQ4_XS),
-for test fixtures: its blocks are checked against ``gguf.quants.dequantize`` by the tests that use
-them (the values it means are what the package decodes), not against llama.cpp's choice of codes.
-"""
+IQ4_NL, IQ4_XS), for test fixtures and ``taxiway bench engine --compare-quant``: its blocks are
+checked against ``gguf.quants.dequantize`` by the tests that use them (the values it means are
+what the package decodes), not against llama.cpp's choice of codes."""
 
 from __future__ import annotations
 
