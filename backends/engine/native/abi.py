@@ -61,11 +61,14 @@ class RopeKvArgs(ctypes.Structure):
 class Projection(ctypes.Structure):
     _fields_ = [
         ("w", _p), ("sz", _p), ("bias", _p), ("n", _i64), ("gs", _i64), ("hb", _p), ("d", _p), ("kind", _i32),
+        ("scales", _i32),
     ]  # fmt: skip
 
 
 #: ``Projection.kind``: the layout of its weight
 PROJECTION_INT4, PROJECTION_INT5, PROJECTION_INT8 = 0, 1, 2
+#: ``Projection.scales`` of int5: float32 scales and zeros, float32 scales, float16 scales
+INT5_SCALES_ZEROS, INT5_SCALES_F32, INT5_SCALES_F16 = 0, 1, 2
 
 
 class ProjectionMatmulArgs(ctypes.Structure):

@@ -35,10 +35,12 @@ def fits_int5(data: Int8Data) -> bool:
 class Int5Linear(Int8Linear):
     """``W = (u - 16) * scale + zero`` per group, ``u`` in 0..31 (``q + 16`` of the ``Int8Data``).
 
-    Buffers: ``weight`` (``u & 15`` in the native int4 layout), ``high`` (the fifth bits: per 16
-    rows and 8 columns 16 bytes, byte ``i`` row ``i``'s bits, bit ``j`` column ``k0 + j``),
+    Buffers: ``weight`` (``u & 15`` in the native int4 layout), ``high`` (the fifth bits as the
+    kernel's masks: per 16 rows and 8 columns 16 bytes, ``layouts.fifth_bit_pack``),
     ``scales_zeros [G, 2, N]`` float32 (per group the scales, then the zeros: every weight is the
-    exchange form's value, as ``Int8NativeLinear`` keeps them). Rows padded to 32
+    exchange form's value, as ``Int8NativeLinear`` keeps them); without zeros ``[G, 1, N]``, in
+    float16 where every scale is one (GGUF Q5_0's are), else float32: 5.5 bits read per weight
+    instead of 7 (``scale_format``, the kernel's ``Projection.scales``). Rows padded to 32
     (``padded_out``) with zero scales. Native only: CPU, bfloat16.
     """
 
@@ -51,6 +53,7 @@ class Int5Linear(Int8Linear):
         self.padded_out = out_features + (-out_features) % BLOCK_ROWS
         self.kernels = kernels
         self.has_zeros = has_zeros
+        self.scale_format = abi.INT5_SCALES_ZEROS
 
     @classmethod
     def from_data(  # type: ignore[override]
@@ -61,13 +64,20 @@ class Int5Linear(Int8Linear):
         pad = mod.padded_out - n
         u = (data.q.to(torch.int16) + 16).to(torch.uint8)
         scales = data.scales.float()
-        zeros = torch.zeros_like(scales) if data.zeros is None else data.zeros.float()
+        zeros = None if data.zeros is None else data.zeros.float()
         if pad:  # padded rows: scale and zero 0
             u = torch.cat([u, torch.full((pad, k), 16, dtype=torch.uint8)])
-            scales, zeros = torch.cat([scales, torch.zeros(pad, scales.shape[1])]), torch.cat([zeros, torch.zeros(pad, zeros.shape[1])])
+            scales = torch.cat([scales, torch.zeros(pad, scales.shape[1])])
+            zeros = None if zeros is None else torch.cat([zeros, torch.zeros(pad, zeros.shape[1])])
         mod.register_buffer("weight", layouts.native_pack(u & 15))
-        mod.register_buffer("high", layouts.fifth_bit_pack(u >> 4))
-        mod.register_buffer("scales_zeros", torch.stack([scales.t(), zeros.t()], dim=1).contiguous())  # [G, 2, N]
+        mod.register_buffer("high", layouts.fifth_bit_pack(u))
+        if zeros is not None:
+            sz = torch.stack([scales.t(), zeros.t()], dim=1)  # [G, 2, N]
+        elif torch.equal(scales.half().float(), scales):
+            sz, mod.scale_format = scales.t().half().unsqueeze(1), abi.INT5_SCALES_F16
+        else:
+            sz, mod.scale_format = scales.t().unsqueeze(1), abi.INT5_SCALES_F32
+        mod.register_buffer("scales_zeros", sz.contiguous())
         return mod.with_bias(bias, dtype=dtype)
 
     @property
@@ -77,20 +87,21 @@ class Int5Linear(Int8Linear):
     @property
     def scales(self) -> Tensor:  # type: ignore[override]
         """``[N, G]`` float32."""
-        return self.scales_zeros[:, 0, : self.out_features].t()
+        return self.scales_zeros[:, 0, : self.out_features].float().t()
 
     def _u(self, ids: Tensor) -> Tensor:
         """``u`` (uint8 ``[T, K]``) of rows ``ids``."""
         k = self.in_features
         lanes = self.weight.view(-1, k // 8, 16, 4)[ids // 16, :, ids % 16]  # [T, K / 8, 4]
         low = layouts.native_nibbles(lanes).reshape(-1, k)
-        bits = self.high.view(-1, k // 8, 16)[ids // 16, :, ids % 16]  # [T, K / 8]
-        return low | (layouts.fifth_bit_unpack(bits).reshape(-1, k) << 4)
+        return low | (layouts.fifth_bit_unpack(self.high, low, ids) << 4)
 
     def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         k, gs = self.in_features, self.group_size
-        sz = self.scales_zeros[:, :, ids].permute(2, 0, 1)  # [T, G, 2] float32
-        w = self._u(ids).float().view(-1, k // gs, gs).sub_(16.0).mul_(sz[..., 0:1]).add_(sz[..., 1:2])
+        sz = self.scales_zeros[:, :, ids].permute(2, 0, 1).float()  # [T, G, 2 or 1]
+        w = self._u(ids).float().view(-1, k // gs, gs).sub_(16.0).mul_(sz[..., 0:1])
+        if self.has_zeros:
+            w.add_(sz[..., 1:2])
         return w.view(-1, k).to(dtype or self.compute_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
@@ -100,7 +111,7 @@ class Int5Linear(Int8Linear):
     def to_data(self) -> Int8Data:
         ids = torch.arange(self.out_features)
         q = (self._u(ids).to(torch.int16) - 16).to(torch.int8)
-        sz = self.scales_zeros[:, :, : self.out_features]
+        sz = self.scales_zeros[:, :, : self.out_features].float()
         zeros = sz[:, 1].t().contiguous() if self.has_zeros else None
         return Int8Data(q=q, scales=sz[:, 0].t().contiguous(), group_size=self.group_size, zeros=zeros)
 
@@ -109,6 +120,7 @@ class Int5Linear(Int8Linear):
         return abi.Projection(
             w=self.weight.data_ptr(), sz=None, bias=None if bias is None else bias.data_ptr(), n=self.padded_out,
             gs=self.group_size, hb=self.high.data_ptr(), d=self.scales_zeros.data_ptr(), kind=abi.PROJECTION_INT5,
+            scales=self.scale_format,
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:

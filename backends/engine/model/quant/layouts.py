@@ -75,19 +75,34 @@ def native_unpack(packed: Tensor, n: int, k: int) -> Tensor:
     return native_nibbles(chunks).reshape(n, k)
 
 
-def fifth_bit_pack(h: Tensor) -> Tensor:
-    """The int5 kernel's plane of fifth bits (``native/csrc/projection_matmul.c``): ``h`` (uint8
-    ``[N, K]`` of 0/1, N a multiple of 16, K of 8) as per 16 rows and 8 columns 16 bytes, byte
-    ``i`` holding row ``i``'s bits, bit ``j`` for column ``k0 + j``; ``[N, K // 8]`` bytes."""
-    n, k = h.shape
-    bits = h.view(n // 16, 16, k // 8, 8).transpose(1, 2).to(torch.int32)  # [blk, kc, i, j]
+def fifth_bit_pack(u: Tensor) -> Tensor:
+    """The int5 kernel's fifth bits of ``u`` (uint8 ``[N, K]`` codes 0..31, N a multiple of 16, K
+    of 8) as it reads them (``native/csrc/projection_matmul.c``): per 16 rows and 8 columns four
+    32-bit masks, mask ``t`` bit ``2 i + e`` for row ``i``, column ``k0 + 2 t + e`` (the word that
+    column's nibble sits in after the kernel's shift by ``4 t``). The mask holds the fifth bit
+    XOR bit 4 of that shifted word (the low bit of column ``k0 + 2 t + 2 + e``'s code, or 0 for
+    ``t = 3``): adding 16 to the words it selects then leaves the whole code in bits 0-4.
+    ``[N, K // 8]`` bytes, 16 per block and chunk."""
+    n, k = u.shape
+    h = (u >> 4) & 1
+    flip = torch.zeros_like(h).view(n, k // 8, 8)
+    flip[..., :6] = (u & 1).view(n, k // 8, 8)[..., 2:]
+    bits = (h.view(n, k // 8, 8) ^ flip).view(n // 16, 16, k // 8, 4, 2).permute(0, 2, 3, 1, 4)  # [blk, kc, t, i, e]
+    bits = bits.reshape(n // 16, k // 8, 4, 4, 8).to(torch.int32)  # bit 2 i + e: byte (2 i + e) // 8
     weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int32)
     return (bits * weights).sum(-1).to(torch.uint8).reshape(n, k // 8)
 
 
-def fifth_bit_unpack(b: Tensor) -> Tensor:
-    """``[...]`` plane bytes -> ``[..., 8]`` bits, column order."""
-    return (b.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+def fifth_bit_unpack(plane: Tensor, low: Tensor, rows: Tensor) -> Tensor:
+    """The fifth bits (uint8 ``[T, K]`` of 0/1) of ``rows`` (``[T]`` row indices) from the whole
+    ``plane`` (``fifth_bit_pack``'s ``[N, K // 8]``) and those rows' low nibbles ``low`` ``[T, K]``."""
+    t, k = low.shape
+    chunks = plane.view(-1, k // 8, 16)[rows // 16]  # [T, kc, 16 bytes]
+    bits = (chunks.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [T, kc, 16, 8]
+    bits = bits.view(t, k // 8, 4, 16, 2)[torch.arange(t), :, :, rows % 16]  # [T, kc, t, e]
+    flip = torch.zeros(t, k // 8, 8, dtype=torch.uint8)
+    flip[..., :6] = (low & 1).view(t, k // 8, 8)[..., 2:]
+    return (bits.reshape(t, k // 8, 8) ^ flip).view(t, k)
 
 
 _cpu_layout_ok: bool | None = None

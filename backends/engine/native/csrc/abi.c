@@ -41,7 +41,7 @@ static const AbiField FIELDS[] = {
     F(R, num_threads),
 
     SIZE(Projection), F(Projection, w), F(Projection, sz), F(Projection, bias), F(Projection, n),
-    F(Projection, gs), F(Projection, hb), F(Projection, d), F(Projection, kind),
+    F(Projection, gs), F(Projection, hb), F(Projection, d), F(Projection, kind), F(Projection, scales),
 
     SIZE(P), F(P, p), F(P, x), F(P, x_stride), F(P, m), F(P, k), F(P, y), F(P, y_stride), F(P, residual),
     F(P, residual_stride), F(P, act), F(P, num_threads),

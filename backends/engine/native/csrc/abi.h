@@ -84,8 +84,9 @@ typedef struct {
 
 /* One native-layout projection: packed weight w, bias padded to n or NULL, padded output width n,
  * group size gs, and by kind: 0 int4 (sz: bfloat16 (scale, zero) pairs, int4_matmul.c), 1 int5
- * (hb the plane of fifth bits, d float32 [G, 2, n] scales then zeros, projection_matmul.c),
- * 2 per-group int8 (d float32 [G, n], int8_matmul.c's layout). */
+ * (hb the fifth bits, d its scales as `scales` says, projection_matmul.c), 2 per-group int8 (d
+ * float32 [G, n], int8_matmul.c's layout). int5's scales: 0 float32 [G, 2, n] scales then zeros,
+ * 1 float32 [G, n] scales (no zeros), 2 float16 [G, n] scales (no zeros; d points at them). */
 typedef struct {
     const uint8_t *w;
     const uint16_t *sz, *bias;
@@ -93,6 +94,7 @@ typedef struct {
     const uint8_t *hb;
     const float *d;
     int32_t kind;
+    int32_t scales;
 } Projection;
 
 /* projection_matmul_bf16: y (or residual +=) = x @ W.T for a Projection of any kind, with
