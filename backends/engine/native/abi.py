@@ -66,7 +66,7 @@ class Projection(ctypes.Structure):
 
 
 #: ``Projection.kind``: the layout of its weight
-PROJECTION_INT4, PROJECTION_INT5, PROJECTION_INT8 = 0, 1, 2
+PROJECTION_INT4, PROJECTION_INT5, PROJECTION_INT8, PROJECTION_INT6 = 0, 1, 2, 3
 #: ``Projection.scales`` of int5: float32 scales and zeros, float32 scales, float16 scales
 INT5_SCALES_ZEROS, INT5_SCALES_F32, INT5_SCALES_F16 = 0, 1, 2
 

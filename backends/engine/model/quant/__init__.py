@@ -35,7 +35,7 @@ from backends.engine.model.quant.data import (
 )
 from backends.engine.model.quant.dense import ConcatLinear, DenseLinear, Linear
 from backends.engine.model.quant.int4 import Int4Linear
-from backends.engine.model.quant.int5 import Int5Linear, fits_int5
+from backends.engine.model.quant.int5 import Int5Linear, Int6Linear, fits_int5, fits_int6
 from backends.engine.model.quant.int8 import Int8GroupLinear, Int8Linear, Int8NativeLinear, Int8OffsetLinear
 from backends.engine.model.quant.layouts import runs_native
 
@@ -48,7 +48,7 @@ def make_linear(
     kernels: Kernels | None = None,
 ) -> nn.Module:  # fmt: skip
     """The module for ``data``: ``Int4Data`` -> ``Int4Linear``; ``Int8Data`` -> ``Int5Linear`` where
-    its codes fit five bits and ``kernels`` run it, else ``Int8Linear`` per channel, per group
+    its codes fit five bits and ``kernels`` run it, ``Int6Linear`` where six without zeros, else ``Int8Linear`` per channel, per group
     ``Int8NativeLinear`` (where ``kernels`` run it) or ``Int8GroupLinear`` (with offsets: inside an ``Int8OffsetLinear``);
     a float tensor -> ``DenseLinear``. ``kernels``: the loaded native kernels, or None for
     torch's layouts only."""
@@ -61,6 +61,11 @@ def make_linear(
             and fits_int5(data)
         ):  # fmt: skip
             return Int5Linear.from_data(data, kernels=kernels, bias=bias, dtype=dtype)
+        if (
+            kernels is not None and runs_native(kernels.has_int5_matmul, torch.device(device), dtype, k, data.group_size, 8)
+            and fits_int6(data)
+        ):  # fmt: skip
+            return Int6Linear.from_data(data, kernels=kernels, bias=bias, dtype=dtype)
         if data.zeros is not None:
             inner = make_linear(data.symmetric(), bias=bias, dtype=dtype, device=device, kernels=kernels)
             return Int8OffsetLinear(inner, data.zeros, data.group_size)
@@ -73,7 +78,7 @@ def make_linear(
 
 
 __all__ = [
-    "DEFAULT_GROUP_SIZE", "ConcatLinear", "DenseLinear", "Int4Data", "Int4Linear", "Int5Linear", "Int8Data", "Int8GroupLinear",
+    "DEFAULT_GROUP_SIZE", "ConcatLinear", "DenseLinear", "Int4Data", "Int4Linear", "Int5Linear", "Int6Linear", "Int8Data", "Int8GroupLinear",
     "Int8Linear", "Int8NativeLinear", "Int8OffsetLinear", "Linear", "WeightData", "cat_rows", "int8_per_channel", "make_linear",
     "quantize_int4", "quantize_int8", "same_kind",
 ]  # fmt: skip

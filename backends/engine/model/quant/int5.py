@@ -36,13 +36,15 @@ class Int5Linear(Int8Linear):
     """``W = (u - 16) * scale + zero`` per group, ``u`` in 0..31 (``q + 16`` of the ``Int8Data``).
 
     Buffers: ``weight`` (``u & 15`` in the native int4 layout), ``high`` (the fifth bits as the
-    kernel's masks: per 16 rows and 8 columns 16 bytes, ``layouts.fifth_bit_pack``),
+    kernel's masks: per 16 rows and 8 columns 16 bytes, ``layouts.high_bits_pack``),
     ``scales_zeros [G, 2, N]`` float32 (per group the scales, then the zeros: every weight is the
     exchange form's value, as ``Int8NativeLinear`` keeps them); without zeros ``[G, 1, N]``, in
     float16 where every scale is one (GGUF Q5_0's are), else float32: 5.5 bits read per weight
     instead of 7 (``scale_format``, the kernel's ``Projection.scales``). Rows padded to 32
     (``padded_out``) with zero scales. Native only: CPU, bfloat16.
     """
+
+    BITS, OFFSET, KIND = 5, 16, abi.PROJECTION_INT5
 
     def __init__(
         self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype, kernels: Kernels, has_zeros: bool
@@ -62,15 +64,15 @@ class Int5Linear(Int8Linear):
         n, k = data.q.shape
         mod = cls(k, n, data.group_size, dtype, kernels, data.zeros is not None)
         pad = mod.padded_out - n
-        u = (data.q.to(torch.int16) + 16).to(torch.uint8)
+        u = (data.q.to(torch.int16) + cls.OFFSET).to(torch.uint8)
         scales = data.scales.float()
         zeros = None if data.zeros is None else data.zeros.float()
         if pad:  # padded rows: scale and zero 0
-            u = torch.cat([u, torch.full((pad, k), 16, dtype=torch.uint8)])
+            u = torch.cat([u, torch.full((pad, k), cls.OFFSET, dtype=torch.uint8)])
             scales = torch.cat([scales, torch.zeros(pad, scales.shape[1])])
             zeros = None if zeros is None else torch.cat([zeros, torch.zeros(pad, zeros.shape[1])])
         mod.register_buffer("weight", layouts.native_pack(u & 15))
-        mod.register_buffer("high", layouts.fifth_bit_pack(u))
+        mod.register_buffer("high", layouts.high_bits_pack(u, cls.BITS))
         if zeros is not None:
             sz = torch.stack([scales.t(), zeros.t()], dim=1)  # [G, 2, N]
         elif torch.equal(scales.half().float(), scales):
@@ -94,12 +96,12 @@ class Int5Linear(Int8Linear):
         k = self.in_features
         lanes = self.weight.view(-1, k // 8, 16, 4)[ids // 16, :, ids % 16]  # [T, K / 8, 4]
         low = layouts.native_nibbles(lanes).reshape(-1, k)
-        return low | (layouts.fifth_bit_unpack(self.high, low, ids) << 4)
+        return low | (layouts.high_bits_unpack(self.high, low, ids, self.BITS) << 4)
 
     def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         k, gs = self.in_features, self.group_size
         sz = self.scales_zeros[:, :, ids].permute(2, 0, 1).float()  # [T, G, 2 or 1]
-        w = self._u(ids).float().view(-1, k // gs, gs).sub_(16.0).mul_(sz[..., 0:1])
+        w = self._u(ids).float().view(-1, k // gs, gs).sub_(float(self.OFFSET)).mul_(sz[..., 0:1])
         if self.has_zeros:
             w.add_(sz[..., 1:2])
         return w.view(-1, k).to(dtype or self.compute_dtype)
@@ -110,7 +112,7 @@ class Int5Linear(Int8Linear):
 
     def to_data(self) -> Int8Data:
         ids = torch.arange(self.out_features)
-        q = (self._u(ids).to(torch.int16) - 16).to(torch.int8)
+        q = (self._u(ids).to(torch.int16) - self.OFFSET).to(torch.int8)
         sz = self.scales_zeros[:, :, : self.out_features].float()
         zeros = sz[:, 1].t().contiguous() if self.has_zeros else None
         return Int8Data(q=q, scales=sz[:, 0].t().contiguous(), group_size=self.group_size, zeros=zeros)
@@ -119,7 +121,7 @@ class Int5Linear(Int8Linear):
         """This weight as the fused layer's ``Projection`` (``bias`` padded to ``padded_out``)."""
         return abi.Projection(
             w=self.weight.data_ptr(), sz=None, bias=None if bias is None else bias.data_ptr(), n=self.padded_out,
-            gs=self.group_size, hb=self.high.data_ptr(), d=self.scales_zeros.data_ptr(), kind=abi.PROJECTION_INT5,
+            gs=self.group_size, hb=self.high.data_ptr(), d=self.scales_zeros.data_ptr(), kind=self.KIND,
             scales=self.scale_format,
         )  # fmt: skip
 
@@ -133,3 +135,16 @@ class Int5Linear(Int8Linear):
         )
         return y[:, : self.out_features] if self.padded_out != self.out_features else y
 
+
+def fits_int6(data: Int8Data) -> bool:
+    """Whether every code of ``data`` fits six bits (``-32..31``) and it has no zeros: GGUF Q6_K."""
+    return data.zeros is None and bool(data.q.numel()) and int(data.q.min()) >= -32 and int(data.q.max()) <= 31
+
+
+class Int6Linear(Int5Linear):
+    """``Int5Linear`` for six-bit codes without zeros (GGUF Q6_K: ``W = (u - 32) * scale``, ``u`` in
+    0..63): two masks per nibble position (``layouts.high_bits_pack(u, 6)``) complete a six-bit
+    index into ``VPERMT2W``'s 64-entry table; 6 bits per weight and its float32 scales (Q6_K: per
+    16) instead of the per-group int8 kernel's 8."""
+
+    BITS, OFFSET, KIND = 6, 32, abi.PROJECTION_INT6

@@ -2,8 +2,8 @@
 
 - torch's CPU int4pack (``_weight_int4pack_mm_for_cpu``): rows interleaved in blocks of 64;
 - the native int4 layout (``native/csrc/int4_matmul.c``): 16-row blocks of 64-byte chunks;
-- the native int5 layout: the int4 one for the low four bits, a plane of fifth bits beside it
-  (``native/csrc/projection_matmul.c``);
+- the native int5 and int6 layouts: the int4 one for the low four bits, masks of the bits above
+  beside it (``native/csrc/projection_matmul.c``);
 - CUDA's tiled int4 layout (opaque: unpacked by running the kernel on the identity).
 
 A layer takes a native layout only when it is given the loaded kernels (``make_linear(...,
@@ -75,34 +75,44 @@ def native_unpack(packed: Tensor, n: int, k: int) -> Tensor:
     return native_nibbles(chunks).reshape(n, k)
 
 
-def fifth_bit_pack(u: Tensor) -> Tensor:
-    """The int5 kernel's fifth bits of ``u`` (uint8 ``[N, K]`` codes 0..31, N a multiple of 16, K
-    of 8) as it reads them (``native/csrc/projection_matmul.c``): per 16 rows and 8 columns four
-    32-bit masks, mask ``t`` bit ``2 i + e`` for row ``i``, column ``k0 + 2 t + e`` (the word that
-    column's nibble sits in after the kernel's shift by ``4 t``). The mask holds the fifth bit
-    XOR bit 4 of that shifted word (the low bit of column ``k0 + 2 t + 2 + e``'s code, or 0 for
-    ``t = 3``): adding 16 to the words it selects then leaves the whole code in bits 0-4.
-    ``[N, K // 8]`` bytes, 16 per block and chunk."""
+def high_bits_pack(u: Tensor, bits: int = 5) -> Tensor:
+    """The int5 (``bits=5``) or int6 kernel's bits above the nibble of ``u`` (uint8 ``[N, K]`` codes
+    below ``2**bits``, N a multiple of 16, K of 8) as it reads them (``native/csrc/projection_matmul.c``):
+    per 16 rows and 8 columns ``bits - 4`` 32-bit masks per nibble position ``t`` (``t`` major),
+    mask bit ``2 i + e`` for row ``i``, column ``k0 + 2 t + e`` (the word that column's nibble sits
+    in after the kernel's shift by ``4 t``). Above the nibble that word holds the low bits of
+    column ``k0 + 2 t + 2 + e``'s code (nothing for ``t = 3``); the masks hold ``D``, the high bits
+    minus those, modulo ``2**(bits - 4)``, so that adding 16 and 32 under them leaves the whole code
+    in the index bits the lookup reads. ``[N, K // 8 * (bits - 4)]`` bytes."""
     n, k = u.shape
-    h = (u >> 4) & 1
-    flip = torch.zeros_like(h).view(n, k // 8, 8)
-    flip[..., :6] = (u & 1).view(n, k // 8, 8)[..., 2:]
-    bits = (h.view(n, k // 8, 8) ^ flip).view(n // 16, 16, k // 8, 4, 2).permute(0, 2, 3, 1, 4)  # [blk, kc, t, i, e]
-    bits = bits.reshape(n // 16, k // 8, 4, 4, 8).to(torch.int32)  # bit 2 i + e: byte (2 i + e) // 8
+    planes = bits - 4
+    d = ((u >> 4).view(n, k // 8, 8).to(torch.int16) - _next_low(u, planes)) % (1 << planes)
+    d = d.view(n // 16, 16, k // 8, 4, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 8, 4, 1, 32)  # [blk, kc, t, ., 2i + e]
+    masks = (d >> torch.arange(planes, dtype=torch.int16).view(1, 1, 1, planes, 1)) & 1  # [blk, kc, t, plane, 32]
     weights = torch.tensor([1 << j for j in range(8)], dtype=torch.int32)
-    return (bits * weights).sum(-1).to(torch.uint8).reshape(n, k // 8)
+    packed = (masks.reshape(n // 16, k // 8, 4, planes, 4, 8).to(torch.int32) * weights).sum(-1)
+    return packed.to(torch.uint8).reshape(n, k // 8 * planes)
 
 
-def fifth_bit_unpack(plane: Tensor, low: Tensor, rows: Tensor) -> Tensor:
-    """The fifth bits (uint8 ``[T, K]`` of 0/1) of ``rows`` (``[T]`` row indices) from the whole
-    ``plane`` (``fifth_bit_pack``'s ``[N, K // 8]``) and those rows' low nibbles ``low`` ``[T, K]``."""
+def high_bits_unpack(plane: Tensor, low: Tensor, rows: Tensor, bits: int = 5) -> Tensor:
+    """The bits above the nibble (uint8 ``[T, K]``) of ``rows`` (``[T]`` row indices) from the whole
+    ``plane`` (``high_bits_pack``'s) and those rows' low nibbles ``low`` ``[T, K]``."""
     t, k = low.shape
-    chunks = plane.view(-1, k // 8, 16)[rows // 16]  # [T, kc, 16 bytes]
-    bits = (chunks.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [T, kc, 16, 8]
-    bits = bits.view(t, k // 8, 4, 16, 2)[torch.arange(t), :, :, rows % 16]  # [T, kc, t, e]
-    flip = torch.zeros(t, k // 8, 8, dtype=torch.uint8)
-    flip[..., :6] = (low & 1).view(t, k // 8, 8)[..., 2:]
-    return (bits.reshape(t, k // 8, 8) ^ flip).view(t, k)
+    planes = bits - 4
+    chunks = plane.view(-1, k // 8, 16 * planes)[rows // 16]  # [T, kc, bytes]
+    b = (chunks.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [T, kc, bytes, 8]
+    b = b.view(t, k // 8, 4, planes, 16, 2)[torch.arange(t), :, :, :, rows % 16]  # [T, kc, t, plane, e]
+    d = (b.to(torch.int16) << torch.arange(planes, dtype=torch.int16).view(1, 1, 1, planes, 1)).sum(3)  # [T, kc, t, e]
+    return ((d.reshape(t, k // 8, 8) + _next_low(low, planes)) % (1 << planes)).to(torch.uint8).view(t, k)
+
+
+def _next_low(u: Tensor, planes: int) -> Tensor:
+    """``[N, K // 8, 8]`` int16: per column ``k0 + c`` the low ``planes`` bits of column ``k0 + c + 2``'s
+    code (0 for the chunk's last two columns): what the kernel's shifted word holds above the nibble."""
+    n, k = u.shape
+    out = torch.zeros(n, k // 8, 8, dtype=torch.int16)
+    out[..., :6] = (u & ((1 << planes) - 1)).view(n, k // 8, 8)[..., 2:].to(torch.int16)
+    return out
 
 
 _cpu_layout_ok: bool | None = None

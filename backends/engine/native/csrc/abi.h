@@ -86,7 +86,8 @@ typedef struct {
  * group size gs, and by kind: 0 int4 (sz: bfloat16 (scale, zero) pairs, int4_matmul.c), 1 int5
  * (hb the fifth bits, d its scales as `scales` says, projection_matmul.c), 2 per-group int8 (d
  * float32 [G, n], int8_matmul.c's layout). int5's scales: 0 float32 [G, 2, n] scales then zeros,
- * 1 float32 [G, n] scales (no zeros), 2 float16 [G, n] scales (no zeros; d points at them). */
+ * 1 float32 [G, n] scales (no zeros), 2 float16 [G, n] scales (no zeros; d points at them).
+ * 3 int6: as int5 with two masks per nibble position in hb (projection_matmul.c), scales 1 or 2. */
 typedef struct {
     const uint8_t *w;
     const uint16_t *sz, *bias;

@@ -38,6 +38,7 @@ typedef struct {
     const uint8_t *w, *hb;
     const float *sz;   /* [G, 2, n]: scales, then zeros; [G, n] scales (float32 or float16) */
     int32_t scales;    /* Projection.scales */
+    int32_t bits;      /* 5 (kind 1) or 6 (kind 3) */
     const float *xsum; /* [m, G] */
     int64_t n, k, gs, groups;
     uint16_t *y;
@@ -72,6 +73,24 @@ static inline __m512i centred_table5(void) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
+/* bfloat16 q - 32 for q = 0..63: the low table -32..-1, the high one 0..31 (VPERMT2W's two sources) */
+static inline void centred_tables6(__m512i *lo, __m512i *hi) {
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_setr_epi32(-32, -31, -30, -29, -28, -27, -26, -25, -24, -23, -22, -21, -20, -19, -18, -17));
+    const __m512 b = _mm512_add_ps(a, _mm512_set1_ps(16.0f)), c = _mm512_add_ps(a, _mm512_set1_ps(32.0f));
+    const __m512 d = _mm512_add_ps(a, _mm512_set1_ps(48.0f));
+    *lo = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+    *hi = (__m512i)_mm512_cvtne2ps_pbh(d, c);
+}
+
+/* the pair t of 16 rows as bfloat16 q - 32: nibble t of each word, bits 4-5 completed by adding
+ * 16 and 32 under the two masks (VPERMT2W reads six index bits) */
+static inline __m512bh hex_pair(__m512i chunk, __mmask32 add16, __mmask32 add32, int t, __m512i lo, __m512i hi) {
+    const __m512i nib = t ? _mm512_srli_epi16(chunk, 4 * t) : chunk;
+    __m512i idx = _mm512_mask_add_epi16(nib, add16, nib, _mm512_set1_epi16(16));
+    idx = _mm512_mask_add_epi16(idx, add32, idx, _mm512_set1_epi16(32));
+    return (__m512bh)_mm512_permutex2var_epi16(lo, idx, hi);
+}
+
 /* the pair t of 16 rows as bfloat16 q - 16: nibble t of each word, bit 4 corrected by the mask */
 static inline __m512bh quint_pair(__m512i chunk, __mmask32 fifth, int t, __m512i table) {
     const __m512i nib = t ? _mm512_srli_epi16(chunk, 4 * t) : chunk;
@@ -80,12 +99,14 @@ static inline __m512bh quint_pair(__m512i chunk, __mmask32 fifth, int t, __m512i
 }
 
 static inline __attribute__((always_inline)) void tile5s(const Problem5 *p, int64_t m0, int64_t b0, const int MT, const int NB,
-                                                         const int SCALES) {
+                                                         const int SCALES, const int BITS) {
     __m512 out[8][4], acc[8][4];
     for (int i = 0; i < MT; i++)
         for (int j = 0; j < NB; j++) out[i][j] = _mm512_setzero_ps();
-    const int64_t chunks_per_group = p->gs / 8, block_bytes = p->k / 8 * 64, plane_bytes = p->k / 8 * 16;
+    const int64_t chunks_per_group = p->gs / 8, block_bytes = p->k / 8 * 64, plane_bytes = p->k / 8 * 16 * (BITS - 4);
     const __m512i table = centred_table5();
+    __m512i lo6 = table, hi6 = table;
+    if (BITS == 6) centred_tables6(&lo6, &hi6);
     for (int64_t g = 0; g < p->groups; g++) {
         for (int i = 0; i < MT; i++)
             for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
@@ -93,9 +114,10 @@ static inline __attribute__((always_inline)) void tile5s(const Problem5 *p, int6
             const int64_t kc = g * chunks_per_group + c;
             for (int j = 0; j < NB; j++) {
                 const __m512i chunk = _mm512_loadu_si512(p->w + (b0 + j) * block_bytes + kc * 64);
-                const uint32_t *masks = (const uint32_t *)(p->hb + (b0 + j) * plane_bytes + kc * 16);
+                const uint32_t *masks = (const uint32_t *)(p->hb + (b0 + j) * plane_bytes + kc * 16 * (BITS - 4));
                 for (int t = 0; t < 4; t++) {
-                    const __m512bh wv = quint_pair(chunk, _cvtu32_mask32(masks[t]), t, table);
+                    const __m512bh wv = BITS == 5 ? quint_pair(chunk, _cvtu32_mask32(masks[t]), t, table)
+                                                  : hex_pair(chunk, _cvtu32_mask32(masks[2 * t]), _cvtu32_mask32(masks[2 * t + 1]), t, lo6, hi6);
                     for (int i = 0; i < MT; i++) {
                         const __m512bh xv = (__m512bh)bf16_pair_bcast(p->x + (m0 + i) * p->x_stride + kc * 8 + 2 * t);
                         acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xv);
@@ -123,12 +145,15 @@ static inline __attribute__((always_inline)) void tile5s(const Problem5 *p, int6
         for (int j = 0; j < NB; j++) epilogue5(p, m0 + i, (b0 + j) * 16, out[i][j]);
 }
 
-/* tile5s with its scales' format a constant (the zero term and its sums only where there are zeros) */
+/* tile5s with its width and scales' format constants (the zero term and its sums only where there
+ * are zeros; six bits only without) */
 static inline __attribute__((always_inline)) void tile5(const Problem5 *p, int64_t m0, int64_t b0, const int MT, const int NB) {
-    switch (p->scales) {
-    case 0: tile5s(p, m0, b0, MT, NB, 0); break;
-    case 1: tile5s(p, m0, b0, MT, NB, 1); break;
-    default: tile5s(p, m0, b0, MT, NB, 2); break;
+    switch (p->scales + 3 * (p->bits == 6)) {
+    case 0: tile5s(p, m0, b0, MT, NB, 0, 5); break;
+    case 1: tile5s(p, m0, b0, MT, NB, 1, 5); break;
+    case 2: tile5s(p, m0, b0, MT, NB, 2, 5); break;
+    case 4: tile5s(p, m0, b0, MT, NB, 1, 6); break;
+    default: tile5s(p, m0, b0, MT, NB, 2, 6); break;
     }
 }
 
@@ -179,7 +204,8 @@ static int int5_matmul(const Projection *w, const uint16_t *x, int64_t x_stride,
                        int64_t y_stride, float *residual, int64_t residual_stride, int32_t act, int32_t num_threads) {
     const int64_t n = w->n, gs = w->gs;
     if (w->w == NULL || w->hb == NULL || w->d == NULL) return -1;
-    if (n % 32 || gs <= 0 || gs % 8 || k % gs || w->scales < 0 || w->scales > 2) return -1;
+    const int32_t bits = w->kind == 3 ? 6 : 5;
+    if (n % 32 || gs <= 0 || gs % 8 || k % gs || w->scales < 0 || w->scales > 2 || (bits == 6 && w->scales == 0)) return -1;
     if (m == 0) return 0;
     const int64_t groups = k / gs;
     float *xsum = malloc(sizeof(float) * (size_t)(m * groups));
@@ -192,7 +218,7 @@ static int int5_matmul(const Projection *w, const uint16_t *x, int64_t x_stride,
     const int64_t sums = w->scales == 0 ? m * groups : 0; /* the zero term's sums of x per group */
     const uint16_t *xin = act ? xa : x;
     const int64_t xin_stride = act ? k : x_stride;
-    const Problem5 p = {xin, xin_stride, w->w, w->hb, w->d, w->scales, xsum, n, k, gs, groups, y, y_stride, w->bias,
+    const Problem5 p = {xin, xin_stride, w->w, w->hb, w->d, w->scales, bits, xsum, n, k, gs, groups, y, y_stride, w->bias,
                         residual, residual_stride};
 #pragma omp parallel num_threads(num_threads)
     {
@@ -274,7 +300,7 @@ static int projection_matmul(const ProjectionMatmulArgs *a) {
         return int4_matmul_bf16(&i4);
     }
 #if INT5_FAST
-    if (w->kind == 1)
+    if (w->kind == 1 || w->kind == 3)
         return int5_matmul(w, a->x, a->x_stride, a->m, a->k, a->y, a->y_stride, a->residual, a->residual_stride, a->act,
                            a->num_threads);
     if (w->kind == 2)

@@ -321,6 +321,39 @@ def test_five_bit_codes_run_on_the_int5_kernel(qtype) -> None:
         assert ((mod(x).double() - truth).abs() <= truth.abs() * 2**-8 + accumulation).all()
 
 
+def test_six_bit_codes_run_on_the_int6_kernel() -> None:
+    """GGUF Q6_K (six-bit codes, a float32 scale per 16, no zeros) as ``Int6Linear`` (4-bit nibbles
+    + two masks per nibble position): the gguf package's values exactly, the exchange form back,
+    rows gathered, and the bfloat16 matmul within the int4 kernel's bound on those weights at
+    1, 5 and 19 rows; codes that need seven bits stay on the int8 kernel."""
+    from bench.kquant import QUANTIZERS
+
+    kernels = default_kernels()
+    if kernels is None or not kernels.has_int5_matmul:
+        pytest.skip("this machine builds no native int5/int6 kernel")
+    n, k = 80, 512
+    raw = QUANTIZERS["Q6_K"](weights(n, k, seed=12).numpy())
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, QT.Q6_K).reshape(n, k).astype(np.float32))
+    data = _decode(raw, QT.Q6_K, n, k)
+    assert int(data.q.min()) < -16 or int(data.q.max()) > 15  # really six bits
+    mod = quant.make_linear(data, dtype=torch.bfloat16, kernels=kernels)
+    assert isinstance(mod, quant.Int6Linear) and mod.padded_out == 96
+    torch.testing.assert_close(mod.dequantize(torch.float32), expected, rtol=0, atol=0)
+    back = mod.to_data()
+    assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales) and back.zeros is None
+    ids = torch.tensor([0, 17, 79])
+    torch.testing.assert_close(mod.embed(ids, torch.float32), expected[ids], rtol=0, atol=0)
+    w = expected.double()
+    for rows in (1, 5, 19):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        truth = F.linear(x.double(), w)
+        accumulation = F.linear(x.double().abs(), w.abs()) * 2**-24
+        assert ((mod(x).double() - truth).abs() <= truth.abs() * 2**-8 + accumulation).all()
+    wide = quant.Int8Data(q=data.q.clone(), scales=data.scales, group_size=data.group_size)
+    wide.q[0, 0] = 40
+    assert not isinstance(quant.make_linear(wide, dtype=torch.bfloat16, kernels=kernels), quant.Int5Linear)
+
+
 def random_blocks_of(qtype, n: int, k: int) -> np.ndarray:
     from tests.backends.engine.model.test_gguf_blocks import random_blocks
 
