@@ -166,6 +166,37 @@ def test_slices_compute_what_the_same_rows_and_columns_compute_whole(kind: str) 
     torch.testing.assert_close(total, full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bits, zeros", [(5, False), (5, True), (6, False)])
+def test_native_five_and_six_bit_slices_compute_the_whole(bits: int, zeros: bool) -> None:
+    """``Int5Linear`` / ``Int6Linear`` (GGUF Q5_0, Q5_1, Q6_K) sliced as tensor parallelism slices
+    them: a column slice's rows are the whole's exactly (a row's sum does not depend on the
+    others), the row slices' partial products add up to the whole within bfloat16 rounding."""
+    from backends.engine.model.quant import Int5Linear, Int8Data, make_linear
+    from tests.backends.engine.engine_helpers import default_kernels
+
+    kernels = default_kernels()
+    if kernels is None or not kernels.has_int5_matmul:
+        pytest.skip("this machine builds no native int5/int6 kernel")
+    gen = torch.Generator().manual_seed(bits + zeros)
+    half = 1 << (bits - 1)
+    data = Int8Data(
+        q=torch.randint(-half, half, (192, 128), dtype=torch.int8, generator=gen),
+        scales=torch.rand(192, 8, generator=gen) * 0.01, group_size=16,
+        zeros=torch.randn(192, 8, generator=gen) * 0.01 if zeros else None,
+    )  # fmt: skip
+    module = make_linear(data, dtype=torch.bfloat16, kernels=kernels)
+    assert isinstance(module, Int5Linear) and module.BITS == bits
+    x = torch.randn(5, 128, generator=gen).bfloat16()
+    full = module(x)
+    ranges = [(0, 32), (96, 160)]
+    cols = column_slice(module, ranges, torch.device("cpu"))
+    assert isinstance(cols, type(module))
+    assert torch.equal(cols(x), torch.cat([full[:, a:b] for a, b in ranges], dim=-1))
+    parts = [row_slice(module, a, b, torch.device("cpu"), keep_bias=a == 0) for a, b in [(0, 64), (64, 128)]]
+    total = parts[0](x[:, :64]).float() + parts[1](x[:, 64:]).float()
+    torch.testing.assert_close(total, full.float(), atol=2e-2 * full.float().abs().max().item(), rtol=0)
+
+
 def test_row_slice_inside_a_quantization_group_is_refused() -> None:
     with pytest.raises(Exception, match="quantization group"):
         row_slice(_linears()["int4"], 0, 48, torch.device("cpu"), keep_bias=True)
