@@ -1,8 +1,9 @@
 """Per-group int8 whose codes fit five bits (GGUF Q5_0, Q5_1, Q5_K, Q3_K, Q2_K: ``-16 <= q <= 15``)
-on the native int5 kernel (``native/csrc/projection_matmul.c``): ``Int5Linear``.
+on the native int5 kernel (``native/csrc/projection_matmul.c``): ``Int5Linear``; six bits without
+zeros (GGUF Q6_K: ``-32 <= q <= 31``) on its six-bit variant: ``Int6Linear``.
 
-Such a weight held as int8 reads a byte per weight; here it reads 5/8 of one, the low four bits
-in the native int4 layout and the fifth in a plane beside them, and it runs in the fused decoder
+Such a weight held as int8 reads a byte per weight; here it reads 5/8 (6/8) of one, the low four
+bits in the native int4 layout and the rest as masks beside them, and it runs in the fused decoder
 layer and the one-call decode step like int4 (``Projection.kind``). ``make_linear`` picks it for
 ``Int8Data`` of that range where the kernels run it; ``to_data`` gives the ``Int8Data`` back.
 """
