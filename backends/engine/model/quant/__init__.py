@@ -35,7 +35,7 @@ from backends.engine.model.quant.data import (
 )
 from backends.engine.model.quant.dense import ConcatLinear, DenseLinear, Linear
 from backends.engine.model.quant.int4 import Int4Linear
-from backends.engine.model.quant.int5 import Int5Linear, Int6Linear, fits_int5, fits_int6
+from backends.engine.model.quant.int5 import Int5Linear, Int6Linear, narrow_class
 from backends.engine.model.quant.int8 import Int8GroupLinear, Int8Linear, Int8NativeLinear, Int8OffsetLinear
 from backends.engine.model.quant.layouts import runs_native
 
@@ -56,16 +56,10 @@ def make_linear(
         return Int4Linear.from_data(data, bias=bias, dtype=dtype, device=device, kernels=kernels)
     if isinstance(data, Int8Data):
         k = data.q.shape[1]
-        if (
-            kernels is not None and runs_native(kernels.has_int5_matmul, torch.device(device), dtype, k, data.group_size, 8)
-            and fits_int5(data)
-        ):  # fmt: skip
-            return Int5Linear.from_data(data, kernels=kernels, bias=bias, dtype=dtype)
-        if (
-            kernels is not None and runs_native(kernels.has_int5_matmul, torch.device(device), dtype, k, data.group_size, 8)
-            and fits_int6(data)
-        ):  # fmt: skip
-            return Int6Linear.from_data(data, kernels=kernels, bias=bias, dtype=dtype)
+        if kernels is not None and runs_native(kernels.has_int5_matmul, torch.device(device), dtype, k, data.group_size, 8):
+            narrow = narrow_class(data)
+            if narrow is not None:
+                return narrow.from_data(data, kernels=kernels, bias=bias, dtype=dtype)
         if data.zeros is not None:
             inner = make_linear(data.symmetric(), bias=bias, dtype=dtype, device=device, kernels=kernels)
             return Int8OffsetLinear(inner, data.zeros, data.group_size)

@@ -28,9 +28,17 @@ if TYPE_CHECKING:
 BLOCK_ROWS = 32
 
 
-def fits_int5(data: Int8Data) -> bool:
-    """Whether every code of ``data`` fits five bits (``-16..15``)."""
-    return bool(data.q.numel()) and int(data.q.min()) >= -16 and int(data.q.max()) <= 15
+def narrow_class(data: Int8Data) -> type[Int5Linear] | None:
+    """``Int5Linear`` where every code of ``data`` fits five bits (``-16..15``), ``Int6Linear``
+    where six (``-32..31``) and it has no zeros, else None (one pass over the codes)."""
+    if not data.q.numel():
+        return None
+    lo, hi = (int(v) for v in torch.aminmax(data.q))
+    if lo >= -16 and hi <= 15:
+        return Int5Linear
+    if lo >= -32 and hi <= 31 and data.zeros is None:
+        return Int6Linear
+    return None
 
 
 class Int5Linear(Int8Linear):
@@ -135,11 +143,6 @@ class Int5Linear(Int8Linear):
             self, x, lambda x, y: layouts.native_project(self.kernels, projection, x, x.stride(0), x.shape[0], self.in_features, y)
         )
         return y[:, : self.out_features] if self.padded_out != self.out_features else y
-
-
-def fits_int6(data: Int8Data) -> bool:
-    """Whether every code of ``data`` fits six bits (``-32..31``) and it has no zeros: GGUF Q6_K."""
-    return data.zeros is None and bool(data.q.numel()) and int(data.q.min()) >= -32 and int(data.q.max()) <= 31
 
 
 class Int6Linear(Int5Linear):

@@ -9,12 +9,16 @@
  * columns four 32-bit masks, one per nibble t, bit 2i + e for word e of row i's lane. VPERMW reads
  * five index bits, so the chunk shifted by 4t indexes a 32-entry table of bfloat16 q - 16 with
  * its nibble in bits 0-3 and, in bit 4, the low bit of the next nibble (0 for t = 3); the mask
- * holds the fifth bit XOR that bit (model/quant/layouts.py, fifth_bit_pack), so adding 16 under
+ * holds the fifth bit XOR that bit (model/quant/layouts.py, high_bits_pack), so adding 16 under
  * the mask sets bit 4 to the fifth bit: a shift, a masked add and the lookup per pair of
  * columns, as many as int4's (shift, and, lookup) plus a mask load, where a plane of one byte per
  * row cost three more (3072x576, one row, one thread, AMD EPYC: 39.0 us against int4's 28.5 with
- * that plane). The weights stay exact,
- * the sums float32, as int4_matmul.c argues; 5/8 of int8's bytes per weight.
+ * that plane). The weights stay exact, the sums float32, as int4_matmul.c argues; 5/8 of int8's
+ * bytes per weight.
+ *
+ * int6 (Projection.kind 3, GGUF Q6_K): W = (q - 32) * s, q in 0..63, the same kernel with two
+ * masks per nibble position (adds of 16 and 32: bits 4-5 of the index) into VPERMT2W's 64-entry
+ * table; scales without zeros only.
  *
  * Scales (Projection.scales): d float32 [G, 2, N], the scales then the zeros of each group (kept in
  * float32, unlike int4's bfloat16 pairs: Q5_0 sums d * (q - 16) x exactly as int8_matmul.c does);
