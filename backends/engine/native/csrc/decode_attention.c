@@ -12,10 +12,12 @@
  *            id a sequence reads must lie in [0, num_blocks), or the call fails (-1) unread
  *   out      [S, H, D], row stride out_stride
  * Query head h attends with KV head h / (H / KV). Work items are (sequence, KV head) pairs.
- * The AVX-512 BF16 build runs attend_fast for head_dim 32, 64 and 128; other builds run attend()
- * with 16-lane (AVX-512 F) or 8-lane (AVX2 + FMA) float32 helpers, or scalar code.
+ * The AVX-512 BF16 build runs attend_fast for head_dim 32, 64 and 128, the AVX2 + FMA build
+ * attend_avx2 (decode_attention_avx2.c) for head_dim a multiple of 16; other shapes and builds run
+ * attend() with 16-lane (AVX-512 F) or 8-lane (AVX2 + FMA) float32 helpers, or scalar code.
  */
 #include "abi.h"
+#include "decode_attention.h"
 #include "simd.h"
 
 #define MAX_HEAD_DIM 256
@@ -38,36 +40,6 @@ static inline float dot(const float *a, const float *b, int n) {
     sum = hsum256(_mm256_add_ps(acc0, acc1));
 #endif
     for (; d < n; d++) sum += a[d] * b[d];
-    return sum;
-}
-
-/* x[0:n] = exp(x[0:n] - shift), returns their sum (exp512 for whole vectors, libm for the tail). */
-static inline float exp_shifted(float *x, float shift, int n) {
-    int t = 0;
-    float sum = 0.0f;
-#ifdef __AVX512F__
-    const __m512 sh = _mm512_set1_ps(shift);
-    __m512 total = _mm512_setzero_ps();
-    for (; t + 16 <= n; t += 16) {
-        const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + t), sh));
-        _mm512_storeu_ps(x + t, p);
-        total = _mm512_add_ps(total, p);
-    }
-    sum = _mm512_reduce_add_ps(total);
-#elif TAXIWAY_AVX2
-    const __m256 sh = _mm256_set1_ps(shift);
-    __m256 total = _mm256_setzero_ps();
-    for (; t + 8 <= n; t += 8) {
-        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), sh));
-        _mm256_storeu_ps(x + t, p);
-        total = _mm256_add_ps(total, p);
-    }
-    sum = hsum256(total);
-#endif
-    for (; t < n; t++) {
-        x[t] = expf(x[t] - shift);
-        sum += x[t];
-    }
     return sum;
 }
 
@@ -316,6 +288,13 @@ static int decode_attention(
 #if ATTEND_FAST
         if (head_dim == 32 || head_dim == 64 || head_dim == 128) {
             failed |= attend_fast(q + s * q_stride, k_cache, v_cache, tables + (int64_t)s * table_stride, seq_lens[s],
+                                  num_blocks, h0, h0 + span, group, head_dim, block_size, token_stride, scale,
+                                  out + s * out_stride) != 0;
+            continue;
+        }
+#elif TAXIWAY_AVX2
+        if (head_dim % 16 == 0) {
+            failed |= attend_avx2(q + s * q_stride, k_cache, v_cache, tables + (int64_t)s * table_stride, seq_lens[s],
                                   num_blocks, h0, h0 + span, group, head_dim, block_size, token_stride, scale,
                                   out + s * out_stride) != 0;
             continue;

@@ -1,4 +1,5 @@
-/* Helpers shared by the kernels in this directory: bfloat16 <-> float32 and a vector exp.
+/* Helpers shared by the kernels in this directory: bfloat16 <-> float32, a vector exp and the
+ * exponentials of a softmax (exp_shifted).
  *
  * The variant of the kernels is chosen when they are compiled, from the target's instruction set
  * (ckernels.py builds with -march=native, or -march=x86-64-v3 for the AVX2 build):
@@ -166,5 +167,35 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_blendv_ps(p, _mm256_set1_ps(INFINITY), over);
 }
 #endif
+
+/* x[0:n] = exp(x[0:n] - shift), returns their sum (exp512 for whole vectors, libm for the tail). */
+static inline float exp_shifted(float *x, float shift, int n) {
+    int t = 0;
+    float sum = 0.0f;
+#ifdef __AVX512F__
+    const __m512 sh = _mm512_set1_ps(shift);
+    __m512 total = _mm512_setzero_ps();
+    for (; t + 16 <= n; t += 16) {
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + t), sh));
+        _mm512_storeu_ps(x + t, p);
+        total = _mm512_add_ps(total, p);
+    }
+    sum = _mm512_reduce_add_ps(total);
+#elif TAXIWAY_AVX2
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256 total = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), sh));
+        _mm256_storeu_ps(x + t, p);
+        total = _mm256_add_ps(total, p);
+    }
+    sum = hsum256(total);
+#endif
+    for (; t < n; t++) {
+        x[t] = expf(x[t] - shift);
+        sum += x[t];
+    }
+    return sum;
+}
 
 #endif
