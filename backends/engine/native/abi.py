@@ -32,7 +32,7 @@ class Int4MatmulArgs(ctypes.Structure):
     _fields_ = [
         ("x", _p), ("x_stride", _i64), ("m", _i64), ("w", _p), ("sz", _p), ("n", _i64), ("k", _i64),
         ("group_size", _i64), ("y", _p), ("y_stride", _i64), ("num_threads", _i32), ("bias", _p), ("residual", _p),
-        ("residual_stride", _i64), ("act", _i32),
+        ("residual_stride", _i64), ("act", _i32), ("scales", _i32),
     ]  # fmt: skip
 
 
@@ -69,6 +69,9 @@ class Projection(ctypes.Structure):
 PROJECTION_INT4, PROJECTION_INT5, PROJECTION_INT8, PROJECTION_INT6 = 0, 1, 2, 3
 #: ``Projection.scales`` of int5: float32 scales and zeros, float32 scales, float16 scales
 INT5_SCALES_ZEROS, INT5_SCALES_F32, INT5_SCALES_F16 = 0, 1, 2
+#: ``Int4MatmulArgs.scales`` (and ``Projection.scales`` of int4): bfloat16 (scale, zero) pairs,
+#: float16 scales without zeros
+INT4_SCALES_BF16_PAIRS, INT4_SCALES_F16 = 0, 2
 
 
 class ProjectionMatmulArgs(ctypes.Structure):

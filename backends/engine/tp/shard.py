@@ -216,9 +216,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def _compute_dtype(module: nn.Module) -> torch.dtype:
-    if isinstance(module, Int4Linear):
-        return module.scales_and_zeros.dtype
-    if isinstance(module, Int8Linear):
+    if isinstance(module, (Int4Linear, Int8Linear)):
         return module.compute_dtype
     return module.weight.dtype
 

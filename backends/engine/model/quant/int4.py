@@ -36,7 +36,10 @@ class Int4Linear(Linear):
     """``y = x @ W.T (+ bias)`` with ``W`` groupwise int4, packed for the kernel that runs it.
 
     Buffers: ``weight`` (packed, device-specific), ``scales_and_zeros [G, N, 2]`` in the
-    compute dtype, optional ``bias [N]``. ``out_features`` may be padded to the packing block
+    compute dtype — or, in the native layout where every zero is 0 and every scale a float16 (GGUF's
+    Q4_0: ``d`` is a float16), ``[G, N, 1]`` float16 scales alone (``scale_format``, the kernel's
+    ``Int4MatmulArgs.scales``): the weights stay exact, and a decode step reads 9 bits per weight,
+    not 10 — optional ``bias [N]``. ``out_features`` may be padded to the packing block
     (``padded_out``); outputs are sliced back.
 
     ``layout``: ``"native"`` (CPU, bfloat16, built with the native kernels, which it keeps in
@@ -53,6 +56,8 @@ class Int4Linear(Linear):
         self._mm: Any = None
         self.layout = "opaque"
         self._unpacked: Tensor | None = None  # q kept for row gathers when the layout is opaque
+        self._compute_dtype = torch.bfloat16
+        self.scale_format = abi.INT4_SCALES_BF16_PAIRS
 
     @classmethod
     def from_data(
@@ -84,9 +89,14 @@ class Int4Linear(Linear):
             bytes_ = (q[:, 0::2] << 4) | q[:, 1::2]
             packed = torch.ops.aten._convert_weight_to_int4pack(bytes_.contiguous(), layouts.inner_k_tiles(k))
             mod._mm = torch.ops.aten._weight_int4pack_mm
-        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
+        mod._compute_dtype = dtype
+        if mod.layout == "native" and not zeros.any() and torch.equal(scales.half().float(), scales):
+            sz = scales.t().half().unsqueeze(-1)  # [G, N, 1]
+            mod.scale_format = abi.INT4_SCALES_F16
+        else:
+            sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(dtype)  # [G, N, 2]
         mod.register_buffer("weight", packed)
-        mod.register_buffer("scales_and_zeros", sz.to(device=device, dtype=dtype))
+        mod.register_buffer("scales_and_zeros", sz.contiguous().to(device))
         return mod.with_bias(bias, dtype=dtype, device=device)
 
     @classmethod
@@ -96,24 +106,40 @@ class Int4Linear(Linear):
         """``from_data`` of the row-concatenated ``chunks`` (CPU; every chunk but the last a whole
         number of 64-row blocks), packing one chunk at a time so no full-size temporary exists."""
         mod: Int4Linear | None = None
-        weight = sz = None
+        weight = None
+        parts: list[Int4Linear] = []
         start = 0
         for data in chunks:
             part = cls.from_data(data, dtype=dtype, device="cpu", kernels=kernels)
             if mod is None:
                 mod = cls(part.in_features, rows, part.group_size)
                 mod.padded_out = rows + (-rows) % layouts.CPU_BLOCK_N
-                mod._mm, mod.layout, mod.kernels = part._mm, part.layout, part.kernels
+                mod._mm, mod.layout, mod.kernels, mod._compute_dtype = part._mm, part.layout, part.kernels, dtype
                 weight = torch.empty(mod.padded_out, part.weight.shape[1], dtype=part.weight.dtype)
-                sz = torch.empty(part.scales_and_zeros.shape[0], mod.padded_out, 2, dtype=dtype)
             assert start % layouts.CPU_BLOCK_N == 0, "only the last chunk may be padded"
             weight[start : start + part.padded_out] = part.weight
-            sz[:, start : start + part.padded_out] = part.scales_and_zeros
+            parts.append(part)
             start += part.out_features
         assert mod is not None and start == rows
+        formats = {part.scale_format for part in parts}
+        # one chunk's scales not all float16 (or with zeros): every chunk as (scale, zero) pairs
+        mod.scale_format = formats.pop() if len(formats) == 1 else abi.INT4_SCALES_BF16_PAIRS
+        sz = [part.scales_and_zeros if part.scale_format == mod.scale_format else part.scale_pairs() for part in parts]
         mod.register_buffer("weight", weight)
-        mod.register_buffer("scales_and_zeros", sz)
+        mod.register_buffer("scales_and_zeros", torch.cat(sz, dim=1))
         return mod
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._compute_dtype
+
+    def scale_pairs(self, rows: Tensor | slice | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """(scale, zero) ``[G, N, 2]`` (padded rows included) of ``rows``, in ``dtype`` (default:
+        the compute dtype)."""
+        sz = self.scales_and_zeros if rows is None else self.scales_and_zeros[:, rows]
+        if self.scale_format == abi.INT4_SCALES_F16:
+            sz = torch.cat([sz, torch.zeros_like(sz)], dim=-1)
+        return sz.to(dtype or self.compute_dtype)
 
     # reference ---------------------------------------------------------------------------------
 
@@ -142,14 +168,14 @@ class Int4Linear(Linear):
         return q if rows is None else q[rows]
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
-        """Dense ``[out_features, K]`` weight in ``dtype`` (default: the scales' dtype); ``rows``:
+        """Dense ``[out_features, K]`` weight in ``dtype`` (default: the compute dtype); ``rows``:
         a slice of the padded rows in multiples of 64."""
-        dtype = dtype or self.scales_and_zeros.dtype
+        dtype = dtype or self.compute_dtype
         q = self.unpacked_q(rows)
         n, k = q.shape
-        sz = self.scales_and_zeros if rows is None else self.scales_and_zeros[:, rows]
-        scales = sz[..., 0].t().unsqueeze(-1).to(dtype)  # [N, G, 1]
-        zeros = sz[..., 1].t().unsqueeze(-1).to(dtype)
+        sz = self.scale_pairs(rows, dtype)
+        scales = sz[..., 0].t().unsqueeze(-1)  # [N, G, 1]
+        zeros = sz[..., 1].t().unsqueeze(-1)
         w = q.to(dtype).view(n, -1, self.group_size)
         w.sub_(8.0).mul_(scales).add_(zeros)
         w = w.view(n, k)
@@ -157,7 +183,7 @@ class Int4Linear(Linear):
 
     def to_data(self) -> Int4Data:
         """The unpacked form (float32 scales), e.g. to slice for tensor parallelism and pack again."""
-        sz = self.scales_and_zeros.float()
+        sz = self.scale_pairs(dtype=torch.float32)
         n = self.out_features
         return Int4Data(
             q=self.unpacked_q()[:n], scales=sz[:, :n, 0].t().contiguous(), zeros=sz[:, :n, 1].t().contiguous(),
@@ -197,7 +223,7 @@ class Int4Linear(Linear):
                 y=None if y is None else y.data_ptr(), y_stride=0 if y is None else y.stride(0),
                 num_threads=torch.get_num_threads(), bias=None if bias is None else bias.data_ptr(),
                 residual=None if residual is None else residual.data_ptr(),
-                residual_stride=0 if residual is None else residual.stride(0), act=act,
+                residual_stride=0 if residual is None else residual.stride(0), act=act, scales=self.scale_format,
             )
         )  # fmt: skip
 
@@ -207,7 +233,7 @@ class Int4Linear(Linear):
         assert self.layout == "native", "only a native-layout weight runs the native kernels"
         return abi.Projection(
             w=self.weight.data_ptr(), sz=self.scales_and_zeros.data_ptr(), bias=None if bias is None else bias.data_ptr(),
-            n=self.padded_out, gs=self.group_size, kind=abi.PROJECTION_INT4,
+            n=self.padded_out, gs=self.group_size, kind=abi.PROJECTION_INT4, scales=self.scale_format,
         )  # fmt: skip
 
     def gather_q(self, ids: Tensor) -> Tensor:
@@ -228,6 +254,6 @@ class Int4Linear(Linear):
         """Rows ``ids`` of the dequantised weight (an embedding lookup), ``[T, K]`` in ``dtype``
         (default: the compute dtype)."""
         k, gs = self.in_features, self.group_size
-        sz = self.scales_and_zeros[:, ids].transpose(0, 1).to(dtype or self.scales_and_zeros.dtype)  # [T, G, 2]
+        sz = self.scale_pairs(ids, dtype).transpose(0, 1)  # [T, G, 2]
         w = self.gather_q(ids).to(sz.dtype).view(-1, k // gs, gs).sub_(8.0).mul_(sz[..., 0:1]).add_(sz[..., 1:2])
         return w.view(-1, k)

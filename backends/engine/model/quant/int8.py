@@ -149,7 +149,7 @@ class Int8GroupLinear(Int8Linear):
         return Int8Data(q=q, scales=self.scales.float().contiguous(), group_size=self.group_size)
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
-        dtype = dtype or self.inner.scales_and_zeros.dtype
+        dtype = dtype or self.inner.compute_dtype
         q = self._q(self.inner.unpacked_q(rows))
         sz = self.inner.scales_and_zeros if rows is None else self.inner.scales_and_zeros[:, rows]
         n, k = q.shape
@@ -157,7 +157,7 @@ class Int8GroupLinear(Int8Linear):
         return w[: self.out_features] if rows is None else w
 
     def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        sz = self.inner.scales_and_zeros[:, ids, 0].t().unsqueeze(-1).to(dtype or self.inner.scales_and_zeros.dtype)
+        sz = self.inner.scales_and_zeros[:, ids, 0].t().unsqueeze(-1).to(dtype or self.inner.compute_dtype)
         w = self._q(self.inner.gather_q(ids)).to(sz.dtype).view(-1, sz.shape[1], self.group_size).mul_(sz)
         return w.view(-1, self.in_features)
 

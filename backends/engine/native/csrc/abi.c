@@ -28,7 +28,7 @@ static const AbiField FIELDS[] = {
 
     SIZE(I4), F(I4, x), F(I4, x_stride), F(I4, m), F(I4, w), F(I4, sz), F(I4, n), F(I4, k), F(I4, group_size),
     F(I4, y), F(I4, y_stride), F(I4, num_threads), F(I4, bias), F(I4, residual), F(I4, residual_stride),
-    F(I4, act),
+    F(I4, act), F(I4, scales),
 
     SIZE(I8), F(I8, x), F(I8, x_stride), F(I8, m), F(I8, w), F(I8, d), F(I8, n), F(I8, k), F(I8, group_size),
     F(I8, y), F(I8, y_stride), F(I8, num_threads),

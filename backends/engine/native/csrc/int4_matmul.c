@@ -17,7 +17,9 @@
  * 4t and masking gives 16 lanes of the pair (q[i][k0 + 2t], q[i][k0 + 2t + 1]), which VDPBF16PS
  * multiplies by the x pair (x[k0 + 2t], x[k0 + 2t + 1]) broadcast from memory.
  *
- * Scales: sz [G, N, 2] bfloat16, (s, z) per group and row, as torch's int4 kernels take them.
+ * Scales: sz [G, N, 2] bfloat16, (s, z) per group and row, as torch's int4 kernels take them; or
+ * (scales = 2) float16 s [G, N] without zeros, what GGUF's Q4_0 stores (d), kept exactly: half the
+ * scale bytes (a decode step reads 9 bits per weight instead of 10).
  *
  * The AVX2 + FMA variant (simd.h's TAXIWAY_AVX2) reads the same layout, eight rows to a vector,
  * at three instructions per vector of weights (AVX2 has no bfloat16 dot product; unpacking each
@@ -53,6 +55,7 @@ typedef struct {
     const uint16_t *bias;  /* [n] bfloat16, or NULL */
     float *residual;       /* [m, n] float32 (row stride residual_stride), or NULL */
     int64_t residual_stride;
+    int32_t scales;        /* sz: 0 bfloat16 (s, z) pairs [G, n, 2], 2 float16 s [G, n] (z = 0) */
 } Problem;
 
 /* The output tile at (row m, column c): bfloat16 y, plus the bias (rounded again, as y + bias in
@@ -114,6 +117,11 @@ static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t
             }
         }
         for (int j = 0; j < NB; j++) {
+            if (p->scales == 2) { /* 16 float16 scales, no zeros */
+                const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p->sz + g * p->n + (b0 + j) * 16)));
+                for (int i = 0; i < MT; i++) out[i][j] = _mm512_fmadd_ps(s, acc[i][j], out[i][j]);
+                continue;
+            }
             /* 16 (s, z) pairs: s is the low half of each 32-bit lane, z the high half */
             const __m512i pairs = _mm512_loadu_si512(p->sz + (g * p->n + (b0 + j) * 16) * 2);
             const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
@@ -196,6 +204,7 @@ typedef struct {
     const uint16_t *bias;
     float *residual;
     int64_t residual_stride;
+    int32_t scales;
 } Problem;
 
 /* eight output columns c.. of row m: as the AVX-512 epilogue, eight lanes at a time */
@@ -264,10 +273,15 @@ static inline __attribute__((always_inline)) void tile(const Problem *p, int64_t
         }
         for (int b = 0; b < NB; b++) {
             for (int h = 0; h < 2; h++) {
-                /* 8 (s, z) pairs: s is the low half of each 32-bit lane, z the high half */
-                const __m256i pairs = _mm256_loadu_si256((const __m256i *)(p->sz + (g * p->n + (b0 + b) * 16 + 8 * h) * 2));
-                const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-                const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
+                __m256 s, z;
+                if (p->scales == 2) { /* 8 float16 scales, no zeros */
+                    s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->sz + g * p->n + (b0 + b) * 16 + 8 * h)));
+                    z = _mm256_setzero_ps();
+                } else { /* 8 (s, z) pairs: s is the low half of each 32-bit lane, z the high half */
+                    const __m256i pairs = _mm256_loadu_si256((const __m256i *)(p->sz + (g * p->n + (b0 + b) * 16 + 8 * h) * 2));
+                    s = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+                    z = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
+                }
                 const __m256 s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
                 for (int i = 0; i < MT; i++) {
                     const __m256 xs = _mm256_set1_ps(p->xsum[(m0 + i) * p->groups + g]);
@@ -345,10 +359,11 @@ static void prepare_row(const uint16_t *x, int64_t k, int64_t gs, int32_t act, f
 static int int4_matmul(
     const uint16_t *x, int64_t x_stride, int64_t m, const uint8_t *w, const uint16_t *sz,
     int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads,
-    const uint16_t *bias, float *residual, int64_t residual_stride, int32_t act)
+    const uint16_t *bias, float *residual, int64_t residual_stride, int32_t act, int32_t scales)
 {
 #if TAXIWAY_AVX512_BF16
     if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0 || (act != 0 && act != 1)) return -1;
+    if (scales != 0 && scales != 2) return -1;
     if (n % 32 || group_size % 8 || k % group_size) return -1;
     if (m == 0) return 0;
     if (y == NULL && residual == NULL) return -1;
@@ -362,7 +377,7 @@ static int int4_matmul(
     }
     const uint16_t *xin = act ? xa : x;
     const int64_t xin_stride = act ? k : x_stride;
-    const Problem p = {xin, xin_stride, w, sz, xsum, n, k, group_size, groups, y, y_stride, bias, residual, residual_stride};
+    const Problem p = {xin, xin_stride, w, sz, xsum, n, k, group_size, groups, y, y_stride, bias, residual, residual_stride, scales};
     const int64_t units = n / 32;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -395,6 +410,7 @@ static int int4_matmul(
     return 0;
 #elif TAXIWAY_AVX2
     if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0 || (act != 0 && act != 1)) return -1;
+    if (scales != 0 && scales != 2) return -1;
     if (n % 32 || group_size % 8 || k % group_size) return -1;
     if (m == 0) return 0;
     if (y == NULL && residual == NULL) return -1;
@@ -406,7 +422,7 @@ static int int4_matmul(
         free(xf);
         return -1;
     }
-    const Problem p = {xf, k, w, sz, xsum, n, k, group_size, groups, y, y_stride, bias, residual, residual_stride};
+    const Problem p = {xf, k, w, sz, xsum, n, k, group_size, groups, y, y_stride, bias, residual, residual_stride, scales};
     const int64_t units = n / 32;
     /* a few rows (a decode step) are prepared here: the threads would wait at a barrier longer */
     const int prepare_here = m * k <= 16384;
@@ -437,7 +453,7 @@ static int int4_matmul(
     return 0;
 #else
     (void)x; (void)x_stride; (void)m; (void)w; (void)sz; (void)n; (void)k; (void)group_size;
-    (void)y; (void)y_stride; (void)num_threads; (void)bias; (void)residual; (void)residual_stride; (void)act;
+    (void)y; (void)y_stride; (void)num_threads; (void)bias; (void)residual; (void)residual_stride; (void)act; (void)scales;
     return -2;
 #endif
 }
@@ -445,5 +461,5 @@ static int int4_matmul(
 int int4_matmul_bf16(const Int4MatmulArgs *a) {
     if (a == NULL) return -1;
     return int4_matmul(a->x, a->x_stride, a->m, a->w, a->sz, a->n, a->k, a->group_size, a->y, a->y_stride,
-                       a->num_threads, a->bias, a->residual, a->residual_stride, a->act);
+                       a->num_threads, a->bias, a->residual, a->residual_stride, a->act, a->scales);
 }

@@ -299,7 +299,7 @@ static int projection_matmul(const ProjectionMatmulArgs *a) {
         const Int4MatmulArgs i4 = {
             .x = a->x, .x_stride = a->x_stride, .m = a->m, .w = w->w, .sz = w->sz, .n = w->n, .k = a->k,
             .group_size = w->gs, .y = a->y, .y_stride = a->y_stride, .num_threads = a->num_threads, .bias = w->bias,
-            .residual = a->residual, .residual_stride = a->residual_stride, .act = a->act,
+            .residual = a->residual, .residual_stride = a->residual_stride, .act = a->act, .scales = w->scales,
         };
         return int4_matmul_bf16(&i4);
     }

@@ -4,6 +4,8 @@ thread-count invariance, the int8-per-group head on top of it, and refusals."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,6 +150,55 @@ def test_native_layout_unpacks_gathers_and_chunks_exactly(native) -> None:  # ty
     chunked = Int4Linear.from_row_chunks(chunks, n, dtype=torch.bfloat16, kernels=native)
     assert chunked.layout == "native"
     assert torch.equal(chunked.weight, mod.weight) and torch.equal(chunked.scales_and_zeros, mod.scales_and_zeros)
+
+
+def q4_0(n: int, k: int, seed: int = 0) -> quant.Int4Data:
+    """GGUF Q4_0's form: w = d * (q - 8), d a float16, no zero."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-4).half().float()
+    return quant.Int4Data(q=q, scales=d, zeros=torch.zeros_like(d), group_size=32)
+
+
+def test_float16_scales_without_zeros_stay_exact(native) -> None:  # type: ignore[no-untyped-def]
+    """Q4_0's float16 d is kept as float16 (bfloat16 would round it): every weight exact, the
+    products within bfloat16 of exact at every batch size, through both entry points."""
+    n, k = 200, 576
+    data = q4_0(n, k)
+    assert not torch.equal(data.scales.bfloat16().float(), data.scales)  # bfloat16 pairs would round d
+    mod = Int4Linear.from_data(data, dtype=torch.bfloat16, kernels=native, bias=torch.randn(n) * 0.1)
+    assert mod.scale_format == abi.INT4_SCALES_F16 and mod.scales_and_zeros.dtype == torch.float16
+    assert mod.scales_and_zeros.shape == (k // 32, mod.padded_out, 1)
+    assert torch.equal(mod.dequantize(torch.float32), data.dequantize())
+    back = mod.to_data()
+    assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales) and not back.zeros.any()
+    x = torch.randn(17, k, generator=torch.Generator().manual_seed(5)).bfloat16()
+    batched = mod(x)
+    for rows in [1, 2, 5, 9, 17]:
+        assert within_bfloat16_of_exact(mod(x[:rows]), x[:rows], mod), rows
+    assert all(torch.equal(mod(x[i : i + 1]), batched[i : i + 1]) for i in range(17))
+    # the fused layer's entry point passes the format with the Projection
+    plain = Int4Linear.from_data(data, dtype=torch.bfloat16, kernels=native)
+    projection = plain.projection(None)
+    y = torch.empty(3, plain.padded_out, dtype=torch.bfloat16)
+    status = native.projection_matmul_bf16(
+        abi.ProjectionMatmulArgs(
+            p=ctypes.addressof(projection), x=x.data_ptr(), x_stride=k, m=3, k=k, y=y.data_ptr(), y_stride=y.stride(0),
+            residual=None, residual_stride=0, act=0, num_threads=2,
+        )
+    )  # fmt: skip
+    assert status == 0 and torch.equal(y[:, :n], plain(x[:3]))
+    # a zero, or a scale float16 cannot hold, keeps the bfloat16 pairs, in a chunk too
+    other = q4_0(64, k, seed=1)
+    other.scales[0, 0] = 1 / 3
+    chunked = Int4Linear.from_row_chunks([data.rows(slice(0, 192)), other], 256, dtype=torch.bfloat16, kernels=native)
+    assert chunked.scale_format == abi.INT4_SCALES_BF16_PAIRS and chunked.scales_and_zeros.shape == (k // 32, 256, 2)
+    whole = quant.Int4Data(
+        q=torch.cat([data.q[:192], other.q]), scales=torch.cat([data.scales[:192], other.scales]),
+        zeros=torch.zeros(256, k // 32), group_size=32,
+    )  # fmt: skip
+    expected = Int4Linear.from_data(whole, dtype=torch.bfloat16, kernels=native)
+    assert torch.equal(chunked.scales_and_zeros, expected.scales_and_zeros) and torch.equal(chunked(x), expected(x))
 
 
 def test_int8_groups_run_exactly_through_the_native_kernel(native) -> None:  # type: ignore[no-untyped-def]
