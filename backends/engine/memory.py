@@ -208,9 +208,10 @@ def _linear_bytes(parts: list[TensorEntry], quantization: str | None, dtype_byte
         return n * k + n * dtype_bytes
     padded = n + (-n) % ROW_BLOCK
     groups = k // group_size(form)
-    if form.startswith("int4"):  # packed nibbles + [G, N, 2] scales and zeros
-        return padded * k // 2 + groups * padded * 2 * dtype_bytes
-    # int8g: the native kernel's bytes + float32 scales, or two nibbles + scales and zeros;
+    if form.startswith("int4"):  # packed nibbles + [G, N, 2] scales and zeros (Q4_0 on the native
+        return padded * k // 2 + groups * padded * 2 * dtype_bytes  # kernels: float16 scales alone)
+    # int8g: the native kernel's bytes + float32 scales (float16 for Q8_0: counted high), or two
+    # nibbles + scales and zeros;
     # int8gz: and a float32 offset per group (quant.Int8OffsetLinear)
     offsets = groups * n * 4 if form.startswith("int8gz") else 0
     return padded * k + groups * padded * max(4, 2 * dtype_bytes) + offsets

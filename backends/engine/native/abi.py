@@ -39,7 +39,7 @@ class Int4MatmulArgs(ctypes.Structure):
 class Int8MatmulArgs(ctypes.Structure):
     _fields_ = [
         ("x", _p), ("x_stride", _i64), ("m", _i64), ("w", _p), ("d", _p), ("n", _i64), ("k", _i64),
-        ("group_size", _i64), ("y", _p), ("y_stride", _i64), ("num_threads", _i32),
+        ("group_size", _i64), ("y", _p), ("y_stride", _i64), ("num_threads", _i32), ("scales", _i32),
     ]  # fmt: skip
 
 
@@ -72,6 +72,8 @@ INT5_SCALES_ZEROS, INT5_SCALES_F32, INT5_SCALES_F16 = 0, 1, 2
 #: ``Int4MatmulArgs.scales`` (and ``Projection.scales`` of int4): bfloat16 (scale, zero) pairs,
 #: float16 scales without zeros
 INT4_SCALES_BF16_PAIRS, INT4_SCALES_F16 = 0, 2
+#: ``Int8MatmulArgs.scales`` (and ``Projection.scales`` of int8): float32 or float16 ``d``
+INT8_SCALES_F32, INT8_SCALES_F16 = 0, 2
 
 
 class ProjectionMatmulArgs(ctypes.Structure):

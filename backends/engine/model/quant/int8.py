@@ -173,7 +173,8 @@ class Int8NativeLinear(Int8Linear):
     every weight exact, ``d`` kept in float32, float32 sums, each row independent of the batch.
 
     Buffers: ``weight`` int8 in the kernel's layout (16-row blocks, 32 bytes per column pair:
-    row ``i``'s two values at bytes ``2i, 2i + 1``), ``scales_t`` float32 ``[G, N]``. Rows are
+    row ``i``'s two values at bytes ``2i, 2i + 1``), ``scales_t`` ``[G, N]`` float32, or float16 where
+    every ``d`` is one (GGUF's Q8_0: kept exactly in half the bytes; ``scale_format``). Rows are
     padded to 16 (``padded_out``) with zero scales. Half the work per row of ``Int8GroupLinear``'s
     two-nibble form, which it replaces where the kernel is built.
     """
@@ -184,6 +185,7 @@ class Int8NativeLinear(Int8Linear):
         self._compute_dtype = dtype  # its scales stay float32 whatever it computes in
         self.padded_out = out_features + (-out_features) % 16
         self.kernels = kernels
+        self.scale_format = abi.INT8_SCALES_F32
 
     @classmethod
     def from_data(  # type: ignore[override]
@@ -204,6 +206,8 @@ class Int8NativeLinear(Int8Linear):
             weight[-1] = tail.view(16, k // 2, 2).transpose(0, 1)
         scales = torch.zeros(data.scales.shape[1], rows, dtype=torch.float32)
         scales[:, :n] = data.scales.t()
+        if torch.equal(scales.half().float(), scales):
+            scales, mod.scale_format = scales.half(), abi.INT8_SCALES_F16
         mod.register_buffer("weight", weight.view(rows, k))
         mod.register_buffer("scales_t", scales)
         return mod.with_bias(bias, dtype=dtype)
@@ -215,7 +219,7 @@ class Int8NativeLinear(Int8Linear):
     @property
     def scales(self) -> Tensor:  # type: ignore[override]
         """``d`` as ``[N, G]`` float32."""
-        return self.scales_t[:, : self.out_features].t()
+        return self.scales_t[:, : self.out_features].t().float()
 
     def _rows_q(self, ids: Tensor) -> Tensor:
         k = self.in_features
@@ -232,7 +236,7 @@ class Int8NativeLinear(Int8Linear):
 
     def embed(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         k, gs = self.in_features, self.group_size
-        d = self.scales_t[:, ids].t().unsqueeze(-1)  # [T, G, 1] float32
+        d = self.scales_t[:, ids].t().unsqueeze(-1).float()  # [T, G, 1]
         w = self._rows_q(ids).float().view(-1, k // gs, gs).mul_(d).view(-1, k)
         return w.to(dtype or self.compute_dtype)
 
@@ -240,7 +244,7 @@ class Int8NativeLinear(Int8Linear):
         """This weight as the fused layer's ``Projection`` (``bias`` padded to ``padded_out``)."""
         return abi.Projection(
             w=self.weight.data_ptr(), bias=None if bias is None else bias.data_ptr(), n=self.padded_out,
-            gs=self.group_size, d=self.scales_t.data_ptr(), kind=abi.PROJECTION_INT8,
+            gs=self.group_size, d=self.scales_t.data_ptr(), kind=abi.PROJECTION_INT8, scales=self.scale_format,
         )  # fmt: skip
 
     def _launch(self, x: Tensor, y: Tensor) -> int:
@@ -248,7 +252,7 @@ class Int8NativeLinear(Int8Linear):
             abi.Int8MatmulArgs(
                 x=x.data_ptr(), x_stride=x.stride(0), m=x.shape[0], w=self.weight.data_ptr(), d=self.scales_t.data_ptr(),
                 n=self.padded_out, k=self.in_features, group_size=self.group_size, y=y.data_ptr(), y_stride=y.stride(0),
-                num_threads=torch.get_num_threads(),
+                num_threads=torch.get_num_threads(), scales=self.scale_format,
             )
         )  # fmt: skip
 

@@ -31,7 +31,7 @@ static const AbiField FIELDS[] = {
     F(I4, act), F(I4, scales),
 
     SIZE(I8), F(I8, x), F(I8, x_stride), F(I8, m), F(I8, w), F(I8, d), F(I8, n), F(I8, k), F(I8, group_size),
-    F(I8, y), F(I8, y_stride), F(I8, num_threads),
+    F(I8, y), F(I8, y_stride), F(I8, num_threads), F(I8, scales),
 
     SIZE(N), F(N, x), F(N, x_stride), F(N, m), F(N, d), F(N, w), F(N, eps), F(N, out), F(N, out_stride),
     F(N, num_threads),

@@ -52,11 +52,12 @@ typedef struct {
     const uint16_t *x;               /* [m, k], row stride x_stride */
     int64_t x_stride, m;
     const int8_t *w;                 /* the native layout for [n, k] */
-    const float *d;                  /* float32 [k / group_size, n] */
+    const float *d;                  /* [k / group_size, n]: float32, or float16 (scales = 2) */
     int64_t n, k, group_size;
     uint16_t *y;                     /* [m, n], row stride y_stride */
     int64_t y_stride;
     int32_t num_threads;
+    int32_t scales;                  /* the format of d: 0 float32, 2 float16 */
 } Int8MatmulArgs;
 
 /* rms_norm_bf16: out = bfloat16(x * rsqrt(mean(x^2) + eps) * w), x float32 (fused_ops.c) */
@@ -87,7 +88,7 @@ typedef struct {
  * group size gs, and by kind: 0 int4 (sz as `scales` says: 0 bfloat16 (scale, zero) pairs,
  * 2 float16 scales without zeros; int4_matmul.c), 1 int5
  * (hb the fifth bits, d its scales as `scales` says, projection_matmul.c), 2 per-group int8 (d
- * float32 [G, n], int8_matmul.c's layout). int5's scales: 0 float32 [G, 2, n] scales then zeros,
+ * [G, n], int8_matmul.c's layout: float32, or float16 where `scales` is 2). int5's scales: 0 float32 [G, 2, n] scales then zeros,
  * 1 float32 [G, n] scales (no zeros), 2 float16 [G, n] scales (no zeros; d points at them).
  * 3 int6: as int5 with two masks per nibble position in hb (projection_matmul.c), scales 1 or 2. */
 typedef struct {

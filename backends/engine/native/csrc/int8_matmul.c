@@ -9,7 +9,8 @@
  * bytes per pair of columns (k, k + 1): row i's q[i][k], q[i][k + 1] at bytes 2i, 2i + 1. The
  * 32 bytes widen to two float32 vectors (rows 0-7, rows 8-15) and VCVTNE2PS2BF16 packs them so
  * that 32-bit lane i holds row i's pair.
- * Scales: d float32 [G, N].
+ * Scales: d float32 [G, N], or (scales = 2) float16: GGUF's Q8_0 d, kept exactly in 2/32 bytes per
+ * weight instead of 4/32.
  *
  * The AVX2 + FMA variant reads the same layout: x widened to float32 once per call; the 16 bytes
  * of 8 rows' pair, loaded into both halves of a vector, are shuffled (VPSHUFB) into the top byte
@@ -43,7 +44,14 @@ typedef struct {
     int64_t n, k, gs, groups;
     uint16_t *y;
     int64_t y_stride;
+    int32_t scales; /* d: 0 float32, 2 float16 */
 } Problem8;
+
+/* 16 scales of d from index i on, as float32 */
+static inline __m512 scales16(const Problem8 *p, int64_t i) {
+    if (p->scales == 2) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p->d + i)));
+    return _mm512_loadu_ps(p->d + i);
+}
 
 static inline __m512bh pair_weights(const int8_t *p) {
     const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -69,7 +77,7 @@ static inline __attribute__((always_inline)) void tile8(const Problem8 *p, int64
             }
         }
         for (int j = 0; j < NB; j++) {
-            const __m512 d = _mm512_loadu_ps(p->d + g * p->n + (b + j) * 16);
+            const __m512 d = scales16(p, g * p->n + (b + j) * 16);
             for (int i = 0; i < MT; i++) out[i][j] = _mm512_fmadd_ps(d, acc[i][j], out[i][j]);
         }
     }
@@ -110,7 +118,14 @@ typedef struct {
     int64_t n, k, gs, groups;
     uint16_t *y;
     int64_t y_stride;
+    int32_t scales;
 } Problem8;
+
+/* 8 scales of d from index i on, as float32 */
+static inline __m256 scales8(const Problem8 *p, int64_t i) {
+    if (p->scales == 2) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p->d + i)));
+    return _mm256_loadu_ps(p->d + i);
+}
 
 /* rows m0..m0+MT against the NB blocks b.. (16 rows each: two vectors of eight); one
  * accumulator per row and vector, so a row's sums run in one order whatever MT and NB */
@@ -141,7 +156,7 @@ static inline __attribute__((always_inline)) void tile8(const Problem8 *p, int64
             }
         }
         for (int j = 0; j < 2 * NB; j++) {
-            const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(p->d + g * p->n + b * 16 + 8 * j), _mm256_set1_ps(0x1p-24f));
+            const __m256 d = _mm256_mul_ps(scales8(p, g * p->n + b * 16 + 8 * j), _mm256_set1_ps(0x1p-24f));
             for (int i = 0; i < MT; i++) out[i][j] = _mm256_fmadd_ps(d, acc[i][j], out[i][j]);
         }
     }
@@ -177,23 +192,23 @@ static void block8(const Problem8 *p, int64_t m, int64_t b, int64_t nb) {
  * build lacks the fast path. */
 static int int8_matmul(
     const uint16_t *x, int64_t x_stride, int64_t m, const int8_t *w, const float *d,
-    int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads)
+    int64_t n, int64_t k, int64_t group_size, uint16_t *y, int64_t y_stride, int32_t num_threads, int32_t scales)
 {
 #if TAXIWAY_AVX512_BF16
-    if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0) return -1;
+    if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0 || (scales != 0 && scales != 2)) return -1;
     if (n % 16 || group_size % 2 || k % group_size) return -1;
     if (m == 0) return 0;
-    const Problem8 p = {x, x_stride, w, d, n, k, group_size, k / group_size, y, y_stride};
+    const Problem8 p = {x, x_stride, w, d, n, k, group_size, k / group_size, y, y_stride, scales};
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t b = 0; b < n / 16; b += ROW_BLOCKS) block8(&p, m, b, n / 16 - b < ROW_BLOCKS ? n / 16 - b : ROW_BLOCKS);
     return 0;
 #elif TAXIWAY_AVX2
-    if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0) return -1;
+    if (m < 0 || n <= 0 || k <= 0 || group_size <= 0 || num_threads <= 0 || (scales != 0 && scales != 2)) return -1;
     if (n % 16 || group_size % 2 || k % group_size) return -1;
     if (m == 0) return 0;
     float *xf = malloc(sizeof(float) * (size_t)(m * k));
     if (xf == NULL) return -1;
-    const Problem8 p = {xf, w, d, n, k, group_size, k / group_size, y, y_stride};
+    const Problem8 p = {xf, w, d, n, k, group_size, k / group_size, y, y_stride, scales};
     const int prepare_here = m * k <= 16384; /* a decode step's row: no barrier for it */
     if (prepare_here)
         for (int64_t r = 0; r < m; r++) load_row(xf + r * k, x + r * x_stride, (int)k);
@@ -210,7 +225,7 @@ static int int8_matmul(
     return 0;
 #else
     (void)x; (void)x_stride; (void)m; (void)w; (void)d; (void)n; (void)k; (void)group_size;
-    (void)y; (void)y_stride; (void)num_threads;
+    (void)y; (void)y_stride; (void)num_threads; (void)scales;
     return -2;
 #endif
 }
@@ -218,5 +233,5 @@ static int int8_matmul(
 int int8_matmul_bf16(const Int8MatmulArgs *a) {
     if (a == NULL) return -1;
     return int8_matmul(a->x, a->x_stride, a->m, a->w, a->d, a->n, a->k, a->group_size, a->y, a->y_stride,
-                       a->num_threads);
+                       a->num_threads, a->scales);
 }

@@ -272,7 +272,7 @@ static int int8_project(const Projection *w, const uint16_t *x, int64_t x_stride
     const int64_t out_stride = residual != NULL ? n : y_stride;
     const Int8MatmulArgs a = {
         .x = act ? xa : x, .x_stride = act ? k : x_stride, .m = m, .w = (const int8_t *)w->w, .d = w->d, .n = n, .k = k,
-        .group_size = w->gs, .y = out, .y_stride = out_stride, .num_threads = num_threads,
+        .group_size = w->gs, .y = out, .y_stride = out_stride, .num_threads = num_threads, .scales = w->scales,
     };
     int status = int8_matmul_bf16(&a);
     if (status == 0 && (w->bias != NULL || residual != NULL)) {

@@ -4,11 +4,14 @@ tied embedding), unpacking for tensor parallelism, padding, batch invariance."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from backends.engine.model.quant import Int8Data, Int8GroupLinear, Int8NativeLinear, make_linear, quantize_int8
+from backends.engine.native import abi
 
 
 @pytest.fixture
@@ -60,6 +63,37 @@ def test_rows_unpack_and_gather_exactly(native) -> None:  # type: ignore[no-unty
     assert mod.embed(ids).dtype == torch.bfloat16
     assert torch.equal(mod.dequantize(torch.float32), data.dequantize())
     assert torch.equal(mod.dequantize(torch.float32, slice(16, 48)), data.dequantize()[16:48])
+
+
+def test_float16_scales_stay_exact(native) -> None:  # type: ignore[no-untyped-def]
+    """GGUF Q8_0's d is a float16: kept as float16 (half the scale bytes a decode step reads), every
+    weight exact, the products within bfloat16 of exact, rows independent of the batch."""
+    data = q8(200, 576, seed=3)
+    data = Int8Data(q=data.q, scales=data.scales.half().float(), group_size=32)
+    mod = make_linear(data, dtype=torch.bfloat16, kernels=native)
+    assert isinstance(mod, Int8NativeLinear) and mod.scale_format == abi.INT8_SCALES_F16
+    assert mod.scales_t.dtype == torch.float16
+    assert torch.equal(mod.dequantize(torch.float32), data.dequantize())
+    assert torch.equal(mod.to_data().scales, data.scales)
+    ids = torch.tensor([0, 15, 16, 199])
+    assert torch.equal(mod.embed(ids, torch.float32), data.dequantize()[ids])
+    w = data.dequantize().double()
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(9)).bfloat16()
+    out = mod(x)
+    truth = F.linear(x.double(), w)
+    slack = F.linear(x.double().abs(), w.abs()) * 2**-24 + truth.abs() * 2**-8
+    assert ((out.double() - truth).abs() <= slack).all()
+    assert all(torch.equal(mod(x[i : i + 1]), out[i : i + 1]) for i in range(9))
+    if native.has_int5_matmul:  # the fused layer's entry point (int8 projections: the AVX-512 build)
+        projection = mod.projection(None)
+        y = torch.empty(9, mod.padded_out, dtype=torch.bfloat16)
+        status = native.projection_matmul_bf16(
+            abi.ProjectionMatmulArgs(
+                p=ctypes.addressof(projection), x=x.data_ptr(), x_stride=576, m=9, k=576, y=y.data_ptr(),
+                y_stride=y.stride(0), residual=None, residual_stride=0, act=0, num_threads=2,
+            )
+        )  # fmt: skip
+        assert status == 0 and torch.equal(y[:, :200], out)
 
 
 def test_float32_activations_take_the_reference_path(native) -> None:  # type: ignore[no-untyped-def]
