@@ -222,8 +222,10 @@ class Int8NativeLinear(Int8Linear):
         return self.scales_t[:, : self.out_features].t().float()
 
     def _rows_q(self, ids: Tensor) -> Tensor:
+        # a row's column pair is one 16-bit word of its block: gathering words, not byte pairs, took
+        # 32 rows of SmolLM2's head (the logit refinement of every step) from ~85 us to ~13
         k = self.in_features
-        return self.weight.view(-1, k // 2, 16, 2)[ids // 16, :, ids % 16].reshape(-1, k)
+        return self.weight.view(torch.int16).view(-1, k // 2, 16)[ids // 16, :, ids % 16].view(torch.int8).reshape(-1, k)
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
         dtype = dtype or self.compute_dtype
