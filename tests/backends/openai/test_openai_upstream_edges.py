@@ -50,9 +50,10 @@ async def test_a_crlf_split_across_chunks_is_one_line_end() -> None:
 
 
 @contextlib.contextmanager
-def _raw_upstream(response: bytes) -> Iterator[str]:
+def _raw_upstream(response: bytes, *, read_request: bool = True) -> Iterator[str]:
     """An HTTP server (a thread) answering every request with ``response`` as is, then closing;
-    yields its base URL."""
+    yields its base URL. ``read_request=False``: it answers on accepting, before any bytes come
+    (a TLS client's hello has no end of headers to wait for: it would wait out its 5 s timeout)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -67,7 +68,7 @@ def _raw_upstream(response: bytes) -> Iterator[str]:
                 continue
             with conn, contextlib.suppress(OSError):  # a client that gives up (a TLS handshake)
                 conn.settimeout(5)
-                data = b""
+                data = b"" if read_request else b"\r\n\r\n"
                 while b"\r\n\r\n" not in data and (more := conn.recv(65536)):
                     data += more
                 head, _, body = data.partition(b"\r\n\r\n")
@@ -144,7 +145,7 @@ async def test_the_tls_context_is_built_once_per_upstream(monkeypatch: pytest.Mo
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(transport.ssl, "create_default_context", counting)
-    with _raw_upstream(b"not TLS") as base_url:  # every handshake fails: each try is a new connection
+    with _raw_upstream(b"not TLS", read_request=False) as base_url:  # every handshake fails: each try is a new connection
         lean = transport.LeanTransport()
         async with httpx.AsyncClient(transport=lean) as client:
             for _ in range(3):
