@@ -18,6 +18,20 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path: Path):  # type: ignore[no-untyped-def]
+    """HF transformers' tokenizer and float32 model (``eval()``) loaded from the real default
+    model's GGUF, dequantised: the reference of the accuracy and LoRA tests, loaded once (~14 s
+    each time). Tests only read it; one that wraps it with ``peft`` unloads the adapter after."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = smollm2_path.parent, smollm2_path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+@pytest.fixture(scope="session")
 def native_kernels():  # type: ignore[no-untyped-def]
     """The native kernels as the engine loads them by default; skips where this machine builds
     none (no C compiler)."""

@@ -60,15 +60,11 @@ def seq_id(name: str | None, k: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path, tmp_path_factory):
+def reference(smollm2_path, smollm2_hf, tmp_path_factory):
     """Prompts, adapter directories, our float32 greedy continuations of every (adapter, prompt) in
     one batch, and HF + peft's teacher-forced argmax on them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, name = smollm2_path.parent, smollm2_path.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    tokenizer, hf = smollm2_hf
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
-    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
     root = tmp_path_factory.mktemp("adapters")
     dirs = {n: write_peft_adapter(hf, root / n, **spec) for n, spec in ADAPTERS.items()}
 

@@ -74,17 +74,13 @@ def teacher_forced(loaded, prompts, continuations) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path):
+def reference(smollm2_path, smollm2_hf):
     """Prompts, our float32 greedy continuations, and HF's teacher-forced logprobs on them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, name = smollm2_path.parent, smollm2_path.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    tokenizer, model = smollm2_hf
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     ours = load_model(smollm2_path, dtype=torch.float32)
     continuations = greedy(ours, prompts, NEW_TOKENS)
     del ours
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
     logprobs = []
     with torch.no_grad():
         for ids, continuation in zip(prompts, continuations):
@@ -130,10 +126,11 @@ if __name__ == "__main__":  # print the figures for docs/benchmarks.md
     import time
 
     from backends.engine.catalogue import default_home, pull
+    from tests.backends.engine.conftest import smollm2_hf
 
     path = pull("smollm2-135m-instruct", home=default_home(os.environ), progress=True)
     t0 = time.perf_counter()
-    ref = reference.__wrapped__(path)
+    ref = reference.__wrapped__(path, smollm2_hf.__wrapped__(path))
     for dt in (torch.float32, torch.bfloat16):
         print(dt, figures(ref, dt, path))
     print(f"{time.perf_counter() - t0:.0f} s")
