@@ -45,7 +45,10 @@ def server(tmp_path_factory):  # type: ignore[no-untyped-def]
     """A server of this module's own: the fuzzer changes its state (unloads, loads, reloads)."""
     model = write_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
     config = tmp_path_factory.mktemp("config") / "taxiway.toml"
-    config.write_text(every_route_config(model))
+    # a 256-token context: the generated prompts are all under 64 tokens, and requests without
+    # max_tokens (most of the coverage phase's) generate until the context is full: ~990 random
+    # tokens each with 1024, 23 of the run's 32 s, for no other path taken
+    config.write_text(every_route_config(model, kv_cache_tokens=256))
     with serve_process(config, tmp_path_factory.mktemp("fuzz")) as server:
         server.wait_ready(timeout=120)
         yield server

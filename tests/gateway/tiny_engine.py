@@ -45,11 +45,12 @@ kv_cache_tokens = {kv_cache_tokens}
 """
 
 
-def every_route_config(model: Path) -> str:
+def every_route_config(model: Path, *, kv_cache_tokens: int = 1024) -> str:
     """The server of the OpenAPI and fuzz tests: ``tiny`` (alias ``default``, the document's
     examples' model) and ``spare`` to unload and load again, small caches. A memory budget (far
     more than both need) makes an unloaded model load on its next request, as it would in a
-    deployment that unloads models: /ready stays 200 and requests for it do not get 503s."""
+    deployment that unloads models: /ready stays 200 and requests for it do not get 503s. The
+    cache bounds the context too: a request without ``max_tokens`` generates until it is full."""
     return f"[server]\nmemory_budget = {2**30}\n" + tiny_engine_config(
-        model, aliases=("default",), kv_cache_tokens=1024
-    ) + tiny_engine_config(model, name="spare", kv_cache_tokens=1024)
+        model, aliases=("default",), kv_cache_tokens=kv_cache_tokens
+    ) + tiny_engine_config(model, name="spare", kv_cache_tokens=kv_cache_tokens)
