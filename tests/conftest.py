@@ -87,7 +87,7 @@ class ServerProcess:
                 continue
             if response.status_code == 200:
                 return
-            time.sleep(0.25)
+            time.sleep(0.05)
         raise AssertionError(f"not ready after {timeout}s: {response.text if response else ''}\n{self.logs()}")
 
     def stop(self) -> None:
