@@ -66,10 +66,8 @@ static int attend(
     float scale, uint16_t *out)
 {
     const int nq = (h1 - h0) * group, width = (h1 - h0) * head_dim;
-    if (len <= 0) return -1;
+    if (!table_ok(table, len, block_size, num_blocks)) return -1;
     const int nblocks = (len + block_size - 1) / block_size;
-    for (int b = 0; b < nblocks; b++)
-        if (table[b] < 0 || table[b] >= num_blocks) return -1;
     /* qf, acc: [nq][head_dim]; row: one key's (or value's) heads h0..h1; scores: [nq][len] */
     float *scratch = malloc(sizeof(float) * ((size_t)nq * (2 * (size_t)head_dim + (size_t)len + 2) + (size_t)width));
     if (scratch == NULL) return -1;
@@ -186,22 +184,14 @@ static int attend_fast(
     int32_t num_blocks, int h0, int h1, int group, int head_dim, int block_size, int64_t token_stride,
     float scale, uint16_t *out)
 {
-    if (len <= 0) return -1;
-    const int nblocks = (len + block_size - 1) / block_size;
-    for (int b = 0; b < nblocks; b++)
-        if (table[b] < 0 || table[b] >= num_blocks) return -1;
+    if (!table_ok(table, len, block_size, num_blocks)) return -1;
     const int padded = (len + 15) & ~15, npairs = head_dim / 32, nq = (h1 - h0) * group, width = (h1 - h0) * head_dim;
     float *scratch = malloc(sizeof(float) * ((size_t)nq * padded + (size_t)nq * head_dim)
                             + sizeof(int64_t) * (size_t)padded + sizeof(float) * 2 * (size_t)nq);
     if (scratch == NULL) return -1;
     float *scores = scratch, *acc = scores + (size_t)nq * padded;
-    /* where each key's row of the item's heads starts, walked block by block (a division per
-     * key cost as much as its arithmetic); lanes past the end repeat the last key, discarded */
     int64_t *at = (int64_t *)(acc + (size_t)nq * head_dim);
-    for (int b = 0, t = 0; b < nblocks; b++)
-        for (int o = 0; o < block_size && t < len; o++, t++)
-            at[t] = ((int64_t)table[b] * block_size + o) * token_stride + (int64_t)h0 * head_dim;
-    for (int t = len; t < padded; t++) at[t] = at[len - 1];
+    key_offsets(at, table, len, padded, block_size, token_stride, (int64_t)h0 * head_dim);
     float *maxs = (float *)(at + padded), *sums = maxs + nq;
     const int64_t row_bytes = (int64_t)width * 2;
 

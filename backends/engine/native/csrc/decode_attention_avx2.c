@@ -119,10 +119,7 @@ int attend_avx2(
     int32_t num_blocks, int h0, int h1, int group, int head_dim, int block_size, int64_t token_stride,
     float scale, uint16_t *out)
 {
-    if (len <= 0) return -1;
-    const int nblocks = (len + block_size - 1) / block_size;
-    for (int b = 0; b < nblocks; b++)
-        if (table[b] < 0 || table[b] >= num_blocks) return -1;
+    if (!table_ok(table, len, block_size, num_blocks)) return -1;
     const int padded = (len + 15) & ~15, nq = (h1 - h0) * group, width = (h1 - h0) * head_dim;
     /* scores [nq][padded], acc and qf [nq][head_dim], at [padded], maxs and sums [nq] */
     float *scratch = malloc(sizeof(float) * ((size_t)nq * padded + 2 * (size_t)nq * head_dim + 2 * (size_t)nq)
@@ -131,11 +128,7 @@ int attend_avx2(
     float *scores = scratch, *acc = scores + (size_t)nq * padded, *qf = acc + (size_t)nq * head_dim;
     float *maxs = qf + (size_t)nq * head_dim, *sums = maxs + nq;
     int64_t *at = (int64_t *)(sums + nq);
-    /* where each key's row of the item's heads starts; lanes past the end repeat the last key */
-    for (int b = 0, t = 0; b < nblocks; b++)
-        for (int o = 0; o < block_size && t < len; o++, t++)
-            at[t] = ((int64_t)table[b] * block_size + o) * token_stride + (int64_t)h0 * head_dim;
-    for (int t = len; t < padded; t++) at[t] = at[len - 1];
+    key_offsets(at, table, len, padded, block_size, token_stride, (int64_t)h0 * head_dim);
     const int64_t row_bytes = (int64_t)width * 2;
 
     /* q as float32 in even/odd order */
