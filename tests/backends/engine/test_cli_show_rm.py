@@ -54,9 +54,15 @@ def test_model_entry_for_what_serve_is_given(smollm2_path: Path, tmp_path: Path)
     None for what the engine does not know (another plugin may)."""
     from backends.engine.cli import model_entry
     from bench.synthetic import write_random_llama
+    from tests.backends.engine.engine_helpers import default_kernels
 
     home = tmp_path / "home"
     (home / "kernels").mkdir(parents=True)
+    # the library this session built, so that model_entry finds it instead of compiling it (~7 s):
+    # a fresh home's build is test_cli_serve_model.py's subject, the entries are this test's
+    kernels = default_kernels()
+    if kernels is not None:
+        shutil.copy(kernels.path, home / "kernels")
     gguf = model_entry(str(smollm2_path), home, progress=False)
     assert gguf == {"name": smollm2_path.stem.lower(), "aliases": ["default"], "backend": "engine",
                     "options": {"model": str(smollm2_path.resolve())}}  # fmt: skip
