@@ -70,8 +70,9 @@ PROJECTION_INT4, PROJECTION_INT5, PROJECTION_INT8, PROJECTION_INT6 = 0, 1, 2, 3
 #: ``Projection.scales`` of int5: float32 scales and zeros, float32 scales, float16 scales
 INT5_SCALES_ZEROS, INT5_SCALES_F32, INT5_SCALES_F16 = 0, 1, 2
 #: ``Int4MatmulArgs.scales`` (and ``Projection.scales`` of int4): bfloat16 (scale, zero) pairs,
-#: float16 scales without zeros
-INT4_SCALES_BF16_PAIRS, INT4_SCALES_F16 = 0, 2
+#: float16 scales without zeros, float16 ``d`` and ``m`` with ``W = d * q + m`` (GGUF's Q4_1), laid
+#: out ``[G, N / 16, 2, 16]`` (each 16 rows' ``d``, then their ``m``)
+INT4_SCALES_BF16_PAIRS, INT4_SCALES_F16, INT4_SCALES_F16_OFFSETS = 0, 2, 3
 #: ``Int8MatmulArgs.scales`` (and ``Projection.scales`` of int8): float32 or float16 ``d``
 INT8_SCALES_F32, INT8_SCALES_F16 = 0, 2
 

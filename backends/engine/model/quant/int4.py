@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 INT4_DENSE_TILE_MIN_ROWS: int | None = None
 
 
+def _half_exact(t: Tensor) -> bool:
+    return torch.equal(t.half().float(), t)
+
+
 class Int4Linear(Linear):
     """``y = x @ W.T (+ bias)`` with ``W`` groupwise int4, packed for the kernel that runs it.
 
@@ -39,7 +43,10 @@ class Int4Linear(Linear):
     compute dtype — or, in the native layout where every zero is 0 and every scale a float16 (GGUF's
     Q4_0: ``d`` is a float16), ``[G, N, 1]`` float16 scales alone (``scale_format``, the kernel's
     ``Int4MatmulArgs.scales``): the weights stay exact, and a decode step reads 9 bits per weight,
-    not 10 — optional ``bias [N]``. ``out_features`` may be padded to the packing block
+    not 10; where scale and offset ``m = zero - 8 * scale`` are float16s (GGUF's Q4_1: ``W = d q + m``),
+    float16 ``d`` and ``m`` as ``[G, N / 16, 2, 16]`` (each 16 rows' ``d``, then their ``m``: one
+    load each in the kernel): exact too, where bfloat16 pairs would round both — optional
+    ``bias [N]``. ``out_features`` may be padded to the packing block
     (``padded_out``); outputs are sliced back.
 
     ``layout``: ``"native"`` (CPU, bfloat16, built with the native kernels, which it keeps in
@@ -90,9 +97,14 @@ class Int4Linear(Linear):
             packed = torch.ops.aten._convert_weight_to_int4pack(bytes_.contiguous(), layouts.inner_k_tiles(k))
             mod._mm = torch.ops.aten._weight_int4pack_mm
         mod._compute_dtype = dtype
-        if mod.layout == "native" and not zeros.any() and torch.equal(scales.half().float(), scales):
+        offsets = zeros - 8.0 * scales  # W = scales * q + offsets: GGUF's Q4_1 (d, m)
+        if mod.layout == "native" and not zeros.any() and _half_exact(scales):
             sz = scales.t().half().unsqueeze(-1)  # [G, N, 1]
             mod.scale_format = abi.INT4_SCALES_F16
+        elif mod.layout == "native" and _half_exact(scales) and _half_exact(offsets):
+            dm = torch.stack([scales.t(), offsets.t()], dim=1).half()  # [G, 2, N]
+            sz = dm.view(dm.shape[0], 2, -1, 16).transpose(1, 2)  # [G, N / 16, 2, 16]
+            mod.scale_format = abi.INT4_SCALES_F16_OFFSETS
         else:
             sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(dtype)  # [G, N, 2]
         mod.register_buffer("weight", packed)
@@ -136,7 +148,16 @@ class Int4Linear(Linear):
     def scale_pairs(self, rows: Tensor | slice | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """(scale, zero) ``[G, N, 2]`` (padded rows included) of ``rows``, in ``dtype`` (default:
         the compute dtype)."""
-        sz = self.scales_and_zeros if rows is None else self.scales_and_zeros[:, rows]
+        sz = self.scales_and_zeros
+        if self.scale_format == abi.INT4_SCALES_F16_OFFSETS:  # (d, m) -> (d, m + 8 d), as the kernel
+            if isinstance(rows, Tensor):  # row r's pair is [:, r // 16, :, r % 16]
+                sz = sz[:, rows // 16, :, rows % 16].transpose(0, 1)
+            else:
+                sz = sz.transpose(2, 3).reshape(sz.shape[0], -1, 2)
+                sz = sz if rows is None else sz[:, rows]
+            d, m = sz.float().unbind(-1)
+            return torch.stack([d, m + 8.0 * d], dim=-1).to(dtype or self.compute_dtype)
+        sz = sz if rows is None else sz[:, rows]
         if self.scale_format == abi.INT4_SCALES_F16:
             sz = torch.cat([sz, torch.zeros_like(sz)], dim=-1)
         return sz.to(dtype or self.compute_dtype)

@@ -14,7 +14,8 @@ Both formats store ``W[n, k] = (q - z) * s`` per group of input channels, with `
 The engine's convention is ``W = (q - 8) * scale + zero``: the same ``q`` with ``scale = s`` and
 ``zero = (8 - z) * s``. In float32 this is exact: ``(8 - z) * s`` and ``(q - 8) * s`` are float16
 values times integers below 17 (at most 15 significant bits), and so is their sum ``(q - z) * s``.
-With bfloat16 activations the layers hold scale and zero in bfloat16 (as for GGUF's Q4_1).
+With bfloat16 activations the layers hold scale and zero in bfloat16, or, on the native kernels
+where ``s`` and ``-z * s`` are float16 values, as float16 ``(d, m)`` pairs (as for GGUF's Q4_1).
 
 GPTQ's ``desc_act`` groups are not contiguous: the columns are sorted by group here and the layer
 gathers its input to match (``permuted.InputPermutedData``; the cost is stated there).

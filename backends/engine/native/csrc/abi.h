@@ -36,7 +36,9 @@ typedef struct {
     int64_t x_stride, m;
     const uint8_t *w;                /* the native layout for [n, k] */
     const uint16_t *sz;              /* scales: 0 bfloat16 [k / group_size, n, 2] (scale, zero); */
-    int64_t n, k, group_size;        /*   2 float16 [k / group_size, n] scales, no zeros */
+    int64_t n, k, group_size;        /*   2 float16 [k / group_size, n] scales, no zeros; 3 float16 */
+                                     /*   [k / group_size, n / 16, 2, 16]: 16 rows' d then their m, */
+                                     /*   W = d q + m (q in 0..15) */
     uint16_t *y;                     /* [m, n], row stride y_stride; unused with residual */
     int64_t y_stride;
     int32_t num_threads;
@@ -44,7 +46,7 @@ typedef struct {
     float *residual;                 /* float32 [m, n], row stride residual_stride, or NULL */
     int64_t residual_stride;
     int32_t act;                     /* 1: x is gate | up, multiplied as silu(gate) * up first */
-    int32_t scales;                  /* the format of sz: 0 or 2 */
+    int32_t scales;                  /* the format of sz: 0, 2 or 3 */
 } Int4MatmulArgs;
 
 /* int8_matmul_bf16: y = x @ W.T for native-layout per-group int8 W (int8_matmul.c) */
@@ -86,7 +88,7 @@ typedef struct {
 
 /* One native-layout projection: packed weight w, bias padded to n or NULL, padded output width n,
  * group size gs, and by kind: 0 int4 (sz as `scales` says: 0 bfloat16 (scale, zero) pairs,
- * 2 float16 scales without zeros; int4_matmul.c), 1 int5
+ * 2 float16 scales without zeros, 3 float16 d and m by blocks of 16 rows; int4_matmul.c), 1 int5
  * (hb the fifth bits, d its scales as `scales` says, projection_matmul.c), 2 per-group int8 (d
  * [G, n], int8_matmul.c's layout: float32, or float16 where `scales` is 2). int5's scales: 0 float32 [G, 2, n] scales then zeros,
  * 1 float32 [G, n] scales (no zeros), 2 float16 [G, n] scales (no zeros; d points at them).

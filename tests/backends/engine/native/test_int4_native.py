@@ -160,18 +160,38 @@ def q4_0(n: int, k: int, seed: int = 0) -> quant.Int4Data:
     return quant.Int4Data(q=q, scales=d, zeros=torch.zeros_like(d), group_size=32)
 
 
-def test_float16_scales_without_zeros_stay_exact(native) -> None:  # type: ignore[no-untyped-def]
-    """Q4_0's float16 d is kept as float16 (bfloat16 would round it): every weight exact, the
-    products within bfloat16 of exact at every batch size, through both entry points."""
+def q4_1(n: int, k: int, seed: int = 0) -> quant.Int4Data:
+    """GGUF Q4_1's form: w = d * q + m, d and m float16s; as Int4Data (q - 8) * d + (m + 8 d)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-4).half().float()
+    m = (-7.5 * d + torch.randn(n, k // 32, generator=gen) * 0.003).half().float()
+    return quant.Int4Data(q=q, scales=d, zeros=m + 8.0 * d, group_size=32)
+
+
+@pytest.mark.parametrize(
+    "form, fmt, width", [(q4_0, abi.INT4_SCALES_F16, 1), (q4_1, abi.INT4_SCALES_F16_OFFSETS, 2)], ids=["q4_0", "q4_1"]
+)
+def test_float16_scales_stay_exact(native, form, fmt, width) -> None:  # type: ignore[no-untyped-def]
+    """Q4_0's float16 d, and Q4_1's float16 d and m, are kept as float16s (bfloat16 would round
+    them): every weight exact, the products within bfloat16 of exact at every batch size, through
+    both entry points. Q4_1's are laid out by blocks of 16 rows (16 d, then their 16 m)."""
     n, k = 200, 576
-    data = q4_0(n, k)
+    data = form(n, k)
     assert not torch.equal(data.scales.bfloat16().float(), data.scales)  # bfloat16 pairs would round d
+    assert not torch.equal(data.zeros.bfloat16().float(), data.zeros) or width == 1  # and the zeros
     mod = Int4Linear.from_data(data, dtype=torch.bfloat16, kernels=native, bias=torch.randn(n) * 0.1)
-    assert mod.scale_format == abi.INT4_SCALES_F16 and mod.scales_and_zeros.dtype == torch.float16
-    assert mod.scales_and_zeros.shape == (k // 32, mod.padded_out, 1)
+    assert mod.scale_format == fmt and mod.scales_and_zeros.dtype == torch.float16
+    blocked = (k // 32, mod.padded_out // 16, 2, 16)
+    assert mod.scales_and_zeros.shape == ((k // 32, mod.padded_out, 1) if width == 1 else blocked)
+    if width == 2:  # row 16 b + i: d at [:, b, 0, i], m at [:, b, 1, i]
+        assert torch.equal(mod.scales_and_zeros[:, 1, 0, 3].float(), data.scales[19])
+        assert torch.equal(mod.scales_and_zeros[:, 1, 1, 3].float(), data.zeros[19] - 8 * data.scales[19])
+    ids = torch.tensor([0, 19, 37, 199, 5])  # gathered rows (an int4 embedding's lookups)
+    assert torch.equal(mod.scale_pairs(ids, torch.float32), mod.scale_pairs(dtype=torch.float32)[:, ids])
     assert torch.equal(mod.dequantize(torch.float32), data.dequantize())
     back = mod.to_data()
-    assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales) and not back.zeros.any()
+    assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales) and torch.equal(back.zeros, data.zeros)
     x = torch.randn(17, k, generator=torch.Generator().manual_seed(5)).bfloat16()
     batched = mod(x)
     for rows in [1, 2, 5, 9, 17]:
@@ -188,17 +208,21 @@ def test_float16_scales_without_zeros_stay_exact(native) -> None:  # type: ignor
         )
     )  # fmt: skip
     assert status == 0 and torch.equal(y[:, :n], plain(x[:3]))
-    # a zero, or a scale float16 cannot hold, keeps the bfloat16 pairs, in a chunk too
-    other = q4_0(64, k, seed=1)
+    # a scale or an offset float16 cannot hold keeps the bfloat16 pairs, in a chunk too
+    other = form(64, k, seed=1)
     other.scales[0, 0] = 1 / 3
     chunked = Int4Linear.from_row_chunks([data.rows(slice(0, 192)), other], 256, dtype=torch.bfloat16, kernels=native)
     assert chunked.scale_format == abi.INT4_SCALES_BF16_PAIRS and chunked.scales_and_zeros.shape == (k // 32, 256, 2)
     whole = quant.Int4Data(
         q=torch.cat([data.q[:192], other.q]), scales=torch.cat([data.scales[:192], other.scales]),
-        zeros=torch.zeros(256, k // 32), group_size=32,
+        zeros=torch.cat([data.zeros[:192], other.zeros]), group_size=32,
     )  # fmt: skip
     expected = Int4Linear.from_data(whole, dtype=torch.bfloat16, kernels=native)
     assert torch.equal(chunked.scales_and_zeros, expected.scales_and_zeros) and torch.equal(chunked(x), expected(x))
+    # chunks that all keep float16s make the one layer's
+    chunked = Int4Linear.from_row_chunks([data.rows(slice(0, 128)), data.rows(slice(128, n))], n, dtype=torch.bfloat16, kernels=native)
+    assert chunked.scale_format == fmt and torch.equal(chunked.scales_and_zeros, plain.scales_and_zeros)
+    assert torch.equal(chunked(x), plain(x))
 
 
 def test_int8_groups_run_exactly_through_the_native_kernel(native) -> None:  # type: ignore[no-untyped-def]
