@@ -9,12 +9,13 @@ the plain forward stays plain:
   product, so that the one all-reduce sums the ranks' partial LoRA terms with the base's;
 - a native ``FusedLayer`` gets ``layer.lora = LayerLoRA(...)``, which it calls after each native
   matmul (qkv and gate_up before their outputs are used, o and down into the residual): the native
-  path applies the adapters too, never skips them;
+  path applies the adapters too, never skips them, through the native kernel the one-call decode
+  step uses (``LoRAProjection.add_native``: each row's term independent of the step's other rows);
 - a ``FusedStack`` becomes a ``LoRAStack``: a decode-only step takes the one native call with the
   adapters' terms inside it (each row only its own adapter's columns); other steps run the fused
   layers one by one.
 
-Each projection's term is ``y += (x @ A_i.T) @ Bt_i`` for each long run of one adapter's rows (a
+On plain layers each projection's term is ``y += (x @ A_i.T) @ Bt_i`` for each long run of one adapter's rows (a
 prompt chunk), and ``y += ((x @ A.T) * mask) @ Bt`` over every resident adapter for the other rows
 (``slots.LoRASlots``): three torch ops whatever the mix of adapters among decode rows.
 """
@@ -24,15 +25,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backends.engine.lora.slots import LoRASlots
 from backends.engine.model.llama import DecoderLayer, DecoderStack
+from backends.engine.native import abi
 
 if TYPE_CHECKING:
     from backends.engine.model.attention import AttentionPlan, KVCache
     from backends.engine.model.llama import CausalLM
+    from backends.engine.native.ckernels import Kernels
 
 
 class LoRAProjection:
@@ -67,6 +69,31 @@ class LoRAProjection:
         landed = y.index_select(0, rows).to(d.dtype).add_(torch.mm(d, bt))  # rounded once, as ``_add`` rounds
         y.index_copy_(0, rows, landed.to(y.dtype))
 
+    def add_native(
+        self, kernels: Kernels, x: Tensor, k: int, out: Tensor, n: int, *, residual: bool = False, gated: bool = False
+    ) -> None:  # fmt: skip
+        """``add_to`` by the native kernel (``lora_add_bf16``) for a ``FusedLayer``: ``x`` bfloat16
+        rows (``gated``: gate | up rows, the input ``silu(gate) * up``), ``out`` the bfloat16 rows
+        (rounded once) or, ``residual``, the float32 residual stream; ``n`` columns of it. Each
+        row's term is summed in one fixed order whatever the step's other rows, as in the one-call
+        decode step: a prompt's rows get the same term after a prefix-cache hit as before it."""
+        columns = self.slots.batch.columns.get(self.kind)
+        if columns is None:
+            return
+        a, bt = self.slots.stacks[self.layer][self.kind]
+        start, count = columns
+        status = kernels.lora_add_bf16(
+            abi.LoraAddArgs(
+                term=abi.LoraTerm(a=a.data_ptr(), bt=bt.data_ptr(), start=start.data_ptr(), count=count.data_ptr()),
+                x=x.data_ptr(), x_stride=x.stride(0), t=x.shape[0], k=k, gated=int(gated),
+                y=None if residual else out.data_ptr(), y_stride=out.stride(0),
+                residual=out.data_ptr() if residual else None, residual_stride=out.stride(0), n=n,
+                num_threads=torch.get_num_threads(),
+            )
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"native LoRA term refused: layer {self.layer} {self.kind}, {x.shape[0]} rows")
+
 
 def _add(y: Tensor, d: Tensor, bt: Tensor) -> None:
     if y.dtype == d.dtype:
@@ -87,13 +114,13 @@ class LayerLoRA:
     def active(self) -> bool:
         return self.batch.active
 
-    def add_down(self, gate_up: Tensor, h: Tensor) -> None:
+    def add_down(self, kernels: Kernels, gate_up: Tensor, h: Tensor) -> None:
         """The down projection's term into the residual ``h``; its input ``silu(gate) * up`` (which
-        the native down matmul forms internally) computed here, rounded as the torch path rounds."""
-        if "down" not in self.batch.terms:
-            return
+        the native down matmul forms internally) formed by the native kernel too, rounded as the
+        torch path rounds it."""
         i = self.intermediate_size
-        self.down.add_to(F.silu(gate_up[:, :i]) * gate_up[:, i : 2 * i], h)
+        self.down.add_native(kernels, gate_up, i, h, h.shape[1], residual=True, gated=True)
+
 
 
 class LoRALinear(nn.Module):

@@ -10,7 +10,10 @@ Invariants:
   (under tensor parallelism this rank's slice of each, ``shard``) concatenated along the rank, in
   ``resident`` order; ``owners[kind]`` ``[K]`` is the ``lora_id``
   owning each of the ``K`` columns. Rebuilt whenever ``resident`` changes, never during a step.
-- ``batch.terms[kind]`` (``KindTerms``) says how the step's rows get their term: ``runs``, spans of
+- ``batch.columns[kind]``: each row's columns, what the native kernel reads (``lora_add_bf16``,
+  fused layers: every row summed in one order, whatever the step's other rows);
+- ``batch.terms[kind]`` (``KindTerms``) says how the step's rows get their term on torch's path
+  (plain layers: the float32 reference, no native kernels): ``runs``, spans of
   at least ``MIN_RUN`` consecutive rows of one adapter (a prompt's chunk: rows of a sequence are
   contiguous in the flattened batch), each computed on its own columns only; the other rows through
   one masked matmul, ``mask`` ``[rows, K]`` 1 where column ``k`` belongs to the row's adapter, else
@@ -63,7 +66,7 @@ class LoRABatch:
         #: per kind some adapter of the step adapts; a kind not here adds nothing
         self.terms: dict[str, KindTerms] = {}
         #: per kind, each row's columns of the stacks: int32 ``start [T]`` and ``count [T]`` (0: a
-        #: base row), what the native one-call decode step reads instead of the masks
+        #: base row), what the native kernel reads instead of the masks (fused layers, every step)
         self.columns: dict[str, tuple[Tensor, Tensor]] = {}
         #: int64 ``[T]``: each row's ``lora_id``, -1 for a base row (what tensor parallelism sends
         #: the other ranks); None when not ``active``

@@ -88,6 +88,14 @@ class LoraTerm(ctypes.Structure):
     _fields_ = [("a", _p), ("bt", _p), ("start", _p), ("count", _p)]
 
 
+class LoraAddArgs(ctypes.Structure):
+    _fields_ = [
+        ("term", LoraTerm), ("x", _p), ("x_stride", _i64), ("t", _i64), ("k", _i64), ("gated", _i32),
+        ("y", _p), ("y_stride", _i64), ("residual", _p), ("residual_stride", _i64), ("n", _i64),
+        ("num_threads", _i32),
+    ]  # fmt: skip
+
+
 class LayerWeights(ctypes.Structure):
     _fields_ = [
         ("attn_norm", _p), ("ffn_norm", _p),
@@ -110,7 +118,7 @@ class DecodeLayersArgs(ctypes.Structure):
 #: every struct of abi.h, by its C name
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
     PagedAttentionArgs, Int4MatmulArgs, Int8MatmulArgs, RmsNormArgs, RopeKvArgs,
-    Projection, ProjectionMatmulArgs, LoraTerm, LayerWeights, DecodeLayersArgs,
+    Projection, ProjectionMatmulArgs, LoraTerm, LoraAddArgs, LayerWeights, DecodeLayersArgs,
 )  # fmt: skip
 
 

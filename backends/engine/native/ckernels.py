@@ -130,6 +130,7 @@ _ENTRY_POINTS: dict[str, type[ctypes.Structure]] = {
     "rope_kv_bf16": abi.RopeKvArgs,
     "decode_layers_bf16": abi.DecodeLayersArgs,
     "projection_matmul_bf16": abi.ProjectionMatmulArgs,
+    "lora_add_bf16": abi.LoraAddArgs,
 }
 
 
@@ -146,6 +147,7 @@ class Kernels:
     rope_kv_bf16: Callable[[abi.RopeKvArgs], int]
     decode_layers_bf16: Callable[[abi.DecodeLayersArgs], int]
     projection_matmul_bf16: Callable[[abi.ProjectionMatmulArgs], int]
+    lora_add_bf16: Callable[[abi.LoraAddArgs], int]
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path

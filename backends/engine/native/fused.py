@@ -150,7 +150,7 @@ class FusedLayer(DecoderLayer):
         qkv = torch.empty(rows, attn.qkv_proj.padded_out, dtype=torch.bfloat16)
         self._matmul("qkv", x, self.hidden, rows, qkv, None, 0)
         if lora is not None:
-            lora.qkv.add_to(x, qkv[:, : attn.qkv_proj.out_features])
+            lora.qkv.add_native(self.kernels, x, self.hidden, qkv, attn.qkv_proj.out_features)
         slots = plan.slot_mapping
         status = self.kernels.rope_kv_bf16(
             abi.RopeKvArgs(
@@ -165,17 +165,17 @@ class FusedLayer(DecoderLayer):
         o = self._attend(qkv, plan, k_cache, v_cache, attn.scale)
         self._matmul("o", o, o.stride(0), rows, None, h, 0)
         if lora is not None:
-            lora.o.add_to(o, h)
+            lora.o.add_native(self.kernels, o, o.shape[1], h, self.hidden, residual=True)
 
         # MLP: norm, gate_up, down of silu(gate) * up into the residual
         x = self._norm(self.ffn_norm, h, threads)
         gate_up = torch.empty(rows, mlp.gate_up_proj.padded_out, dtype=torch.bfloat16)
         self._matmul("gate_up", x, self.hidden, rows, gate_up, None, 0)
         if lora is not None:
-            lora.gate_up.add_to(x, gate_up[:, : mlp.gate_up_proj.out_features])
+            lora.gate_up.add_native(self.kernels, x, self.hidden, gate_up, mlp.gate_up_proj.out_features)
         self._matmul("down", gate_up, gate_up.stride(0), rows, None, h, 1)
         if lora is not None:
-            lora.add_down(gate_up, h)
+            lora.add_down(self.kernels, gate_up, h)
         return h
 
     def _attend(self, qkv: Tensor, plan: AttentionPlan, k_cache: Tensor, v_cache: Tensor, scale: float) -> Tensor:

@@ -19,6 +19,7 @@
 #define W LayerWeights
 #define D DecodeLayersArgs
 #define P ProjectionMatmulArgs
+#define L LoraAddArgs
 
 static const AbiField FIELDS[] = {
     SIZE(A), F(A, q), F(A, q_stride), F(A, k_cache), F(A, v_cache), F(A, tables), F(A, table_stride),
@@ -47,6 +48,9 @@ static const AbiField FIELDS[] = {
     F(P, residual_stride), F(P, act), F(P, num_threads),
 
     SIZE(LoraTerm), F(LoraTerm, a), F(LoraTerm, bt), F(LoraTerm, start), F(LoraTerm, count),
+
+    SIZE(L), F(L, term), F(L, x), F(L, x_stride), F(L, t), F(L, k), F(L, gated), F(L, y), F(L, y_stride),
+    F(L, residual), F(L, residual_stride), F(L, n), F(L, num_threads),
 
     SIZE(W), F(W, attn_norm), F(W, ffn_norm), F(W, qkv), F(W, o), F(W, gate_up), F(W, down), F(W, k_cache),
     F(W, v_cache), F(W, lora_qkv), F(W, lora_o), F(W, lora_gate_up), F(W, lora_down),

@@ -125,6 +125,23 @@ typedef struct {
     const int32_t *start, *count;
 } LoraTerm;
 
+/* lora_add_bf16: one projection's LoRA terms for t rows (fused_ops.c): y[i] (bfloat16, rounded
+ * once) or residual[i] (float32) += (x[i] . a[c]) @ bt[c] over row i's columns c; x [t, k]
+ * bfloat16 (row stride x_stride), y [t, n]; gated: x is gate | up rows, [t, 2k], and the input
+ * silu(gate) * up. Each row's result is the same whatever the other rows (the decode step
+ * calls it too). */
+typedef struct {
+    LoraTerm term;
+    const uint16_t *x;
+    int64_t x_stride, t, k;
+    int32_t gated;
+    uint16_t *y;                     /* [t, n], row stride y_stride; unused with residual */
+    int64_t y_stride;
+    float *residual;                 /* float32 [t, n], row stride residual_stride, or NULL */
+    int64_t residual_stride, n;
+    int32_t num_threads;
+} LoraAddArgs;
+
 /* One decoder layer's weights and cache, as decode_layers_bf16 reads them. */
 typedef struct {
     const float *attn_norm, *ffn_norm;
@@ -171,5 +188,6 @@ int rms_norm_bf16(const RmsNormArgs *a);
 int rope_kv_bf16(const RopeKvArgs *a);
 int decode_layers_bf16(const DecodeLayersArgs *a);
 int projection_matmul_bf16(const ProjectionMatmulArgs *a);
+int lora_add_bf16(const LoraAddArgs *a);
 
 #endif

@@ -7,6 +7,8 @@
  *                x * cos + rotate_half(x) * sin (sin's first half negated by the caller), each
  *                product rounded as the torch path rounds it; then k and v written to the paged
  *                cache at each token's slot.
+ * lora_add_bf16: one projection's LoRA terms, each row's summed in one fixed order (lora_add,
+ *                which decode_layers_bf16 calls inside the one-call decode step too).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -127,19 +129,62 @@ static int project(const Projection *p, const uint16_t *x, int64_t x_stride, int
 }
 
 /* A LoRA term for each row with an adapter (LoraTerm): d = x[i] . a[c] over its columns c, then
- * out[i] += d @ bt[c], in float32 as the torch path (lora/layers.py) computes it. The output is
- * either bfloat16 rows y (rounded once, after the sum) or the float32 residual res. For the down
- * projection (gated) the input is silu(gate) * up of the bfloat16 gate_up rows, each rounded to
- * bfloat16 as torch rounds them; x is then gate_up and in the intermediate size. */
+ * out[i] += d @ bt[c], in float32. The output is either bfloat16 rows y (rounded once, after the
+ * sum) or the float32 residual res. For the down projection (gated) the input is silu(gate) * up
+ * of the bfloat16 gate_up rows, each rounded to bfloat16 as torch rounds them; x is then gate_up
+ * and in the intermediate size.
+ *
+ * Every float a row gets is summed in one fixed order, whatever the other rows of the step: the
+ * dot products as 2 x 16 lanes over k then the lanes in order, the terms over c in order. So a
+ * prompt's rows get the same term in a long prefill, in a short one after a prefix-cache hit,
+ * beside other adapters' rows and in the one-call decode step; torch's matmuls, whose order
+ * follows the shape, moved a greedy answer of the trained adapter after a prefix-cache hit. */
+typedef float f32x16 __attribute__((vector_size(64)));
+
+static inline f32x16 load16(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* d[j] = x . a[j] for four columns (the same arithmetic for each: one column is a repeated one) */
+static inline void dot4(const float *x, const float *const a[4], int64_t n, float d[4]) {
+    f32x16 s[4][2] = {{{0}}};
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        const f32x16 x0 = load16(x + k), x1 = load16(x + k + 16);
+        for (int j = 0; j < 4; j++) {
+            s[j][0] += x0 * load16(a[j] + k);
+            s[j][1] += x1 * load16(a[j] + k + 16);
+        }
+    }
+    if (k + 16 <= n) {
+        const f32x16 x0 = load16(x + k);
+        for (int j = 0; j < 4; j++) s[j][0] += x0 * load16(a[j] + k);
+        k += 16;
+    }
+    for (int j = 0; j < 4; j++) {
+        const f32x16 v = s[j][0] + s[j][1];
+        float sum = 0.0f;
+        for (int l = 0; l < 16; l++) sum += v[l];
+        for (int64_t r = k; r < n; r++) sum += x[r] * a[j][r];
+        d[j] = sum;
+    }
+}
+
 static int lora_add(const LoraTerm *l, const uint16_t *x, int64_t x_stride, int64_t t, int64_t in, int gated,
                     uint16_t *y, int64_t y_stride, float *res, int64_t res_stride, int64_t out, int32_t num_threads) {
     if (l->a == NULL) return 0;
+    int32_t most = 0; /* the most columns of a row */
+    for (int64_t i = 0; i < t; i++) most = l->count[i] > most ? l->count[i] : most;
+    if (most == 0) return 0;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (t >= 2)
     {
         float *xf = malloc(sizeof(float) * (size_t)in);
         float *acc = malloc(sizeof(float) * (size_t)out);
-        if (xf == NULL || acc == NULL) {
+        float *d = malloc(sizeof(float) * ((size_t)most + 3));
+        if (xf == NULL || acc == NULL || d == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -155,29 +200,61 @@ static int lora_add(const LoraTerm *l, const uint16_t *x, int64_t x_stride, int6
                         xf[k] = bf16_to_f32(f32_to_bf16(silu * bf16_to_f32(xi[in + k])));
                     }
                 } else {
-                    for (int64_t k = 0; k < in; k++) xf[k] = bf16_to_f32(xi[k]);
+                    load_row(xf, xi, (int)in);
                 }
-                for (int64_t j = 0; j < out; j++) acc[j] = 0.0f;
-                for (int32_t r = 0; r < nc; r++) {
-                    const float *ar = l->a + (int64_t)(c0 + r) * in;
-                    float d = 0.0f;
-                    for (int64_t k = 0; k < in; k++) d += xf[k] * ar[k];
-                    const float *br = l->bt + (int64_t)(c0 + r) * out;
-                    for (int64_t j = 0; j < out; j++) acc[j] += d * br[j];
+                for (int32_t r = 0; r < nc; r += 4) {
+                    const float *cols[4];
+                    for (int j = 0; j < 4; j++) cols[j] = l->a + (int64_t)(c0 + (r + j < nc ? r + j : r)) * in;
+                    dot4(xf, cols, in, d + r);
+                }
+                int64_t j = 0;
+                for (; j + 64 <= out; j += 64) { /* 4 vectors of the row's sum at a time, over c in order */
+                    f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+                    for (int32_t r = 0; r < nc; r++) {
+                        const float *br = l->bt + (int64_t)(c0 + r) * out + j;
+                        const float dr = d[r];
+                        s0 += dr * load16(br);
+                        s1 += dr * load16(br + 16);
+                        s2 += dr * load16(br + 32);
+                        s3 += dr * load16(br + 48);
+                    }
+                    memcpy(acc + j, &s0, 64);
+                    memcpy(acc + j + 16, &s1, 64);
+                    memcpy(acc + j + 32, &s2, 64);
+                    memcpy(acc + j + 48, &s3, 64);
+                }
+                for (; j + 16 <= out; j += 16) {
+                    f32x16 s0 = {0};
+                    for (int32_t r = 0; r < nc; r++) s0 += d[r] * load16(l->bt + (int64_t)(c0 + r) * out + j);
+                    memcpy(acc + j, &s0, 64);
+                }
+                for (; j < out; j++) {
+                    float s0 = 0.0f;
+                    for (int32_t r = 0; r < nc; r++) s0 += d[r] * l->bt[(int64_t)(c0 + r) * out + j];
+                    acc[j] = s0;
                 }
                 if (res != NULL) {
                     float *ri = res + i * res_stride;
-                    for (int64_t j = 0; j < out; j++) ri[j] += acc[j];
+                    for (int64_t k = 0; k < out; k++) ri[k] += acc[k];
                 } else {
                     uint16_t *yi = y + i * y_stride;
-                    for (int64_t j = 0; j < out; j++) yi[j] = f32_to_bf16(bf16_to_f32(yi[j]) + acc[j]);
+                    for (int64_t k = 0; k < out; k++) yi[k] = f32_to_bf16(bf16_to_f32(yi[k]) + acc[k]);
                 }
             }
         }
         free(xf);
         free(acc);
+        free(d);
     }
     return failed ? -1 : 0;
+}
+
+int lora_add_bf16(const LoraAddArgs *a) {
+    if (a->t < 0 || a->k <= 0 || a->n <= 0 || a->num_threads <= 0 || a->x == NULL) return -1;
+    if ((a->y == NULL) == (a->residual == NULL) || a->term.a == NULL || a->term.bt == NULL) return -1;
+    if (a->term.start == NULL || a->term.count == NULL) return -1;
+    return lora_add(&a->term, a->x, a->x_stride, a->t, a->k, a->gated != 0, a->y, a->y_stride, a->residual,
+                    a->residual_stride, a->n, a->num_threads);
 }
 
 /* The decoder layers of a step whose t rows are all decodes (one new token per sequence), in

@@ -6,9 +6,9 @@ every projection rank 4 with rsLoRA; the MLP rank 16; k/o/down rank 8 alpha 32.
   greedy 16 tokens; for every adapter HF + peft's argmax, teacher-forced on our continuation, is
   our token at every position on all 8 prompts (our greedy output is peft's greedy output).
 - quantized native path (int4 kernels, bfloat16): teacher-forced top-1 agreement with HF + peft
-  over the adapters is at least the base model's own agreement with HF. Met on an AMD EPYC (pooled
-  0.988 vs base 0.984), missed on an Intel Sapphire Rapids (0.979 vs 0.984): see that test's
-  ``xfail``. The mixed batch gives each row exactly the tokens it gets alone.
+  over the adapters is at least the base model's own agreement with HF (met on the AVX-512 BF16
+  build; the AVX2 build misses it by a near-tie: ``AVX2_MISS``). Each row's logits are the same
+  bit for bit in the mixed batch, alone, and after a prefix-cache hit.
 
 Greedy identity is checked as in ``model/test_smollm2_accuracy.py``: HF scores prompt +
 continuation in one forward instead of running its decode loop.
@@ -111,19 +111,21 @@ def native(reference, smollm2_path, native_kernels):
     return loaded, with_lora(loaded, max_loras=4), adapters
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "target missed (issue 14): on an Intel Sapphire Rapids, over 32 prompts (512 positions per model) "
-        "the base agrees with HF on 508, the adapters q/v 506, mlp 505, all and k/o/down 502 or fewer; every "
-        "miss a near-tie (HF top-2 margin < 0.25). The adapted models have 1.4-1.8x the base's near-ties "
-        "(margin < 0.1) and 1.05-1.95x its KL to HF, alike on torch's bfloat16 path (all: 1.9x); float32 "
-        "inputs to the LoRA terms change nothing: bfloat16 activations bound it, not the LoRA term"
-    ),
+#: the AVX2 build (``native_target = "avx2"``, what a CPU without AVX-512 runs) misses the target
+AVX2_MISS = (
+    "target missed by the AVX2 kernels (issue 14): on an Intel Xeon, these 8 prompts' 128 positions per "
+    "model: base 127, adapters pooled 126.75; over 32 prompts (512 positions): base 509, adapters 509, 509, "
+    "508, 507 (pooled 508.25). Every miss a near-tie; the AVX-512 BF16 build meets it (127 vs 127; 508 vs "
+    "508.5). The adapted models' KL to HF is 0.94-2.2x the base's (random adapters flatten the distribution: "
+    "1.4-1.8x its near-ties), alike on torch's bfloat16 path: bfloat16 activations bound it"
 )
-def test_native_top1_agreement_at_least_the_base_models(reference, native) -> None:
+
+
+def test_native_top1_agreement_at_least_the_base_models(reference, native, request) -> None:  # type: ignore[no-untyped-def]
     prompts, _, continuations, top1 = reference
     loaded, slots, adapters = native
+    if loaded.model.layers[0].kernels.variant == "avx2-fma":
+        request.applymarker(pytest.mark.xfail(strict=False, reason=AVX2_MISS))
     runner = LoRARunner(loaded, slots, num_blocks=512, block_size=16)
     seqs = {
         seq_id(n, k): (p, continuations[seq_id(n, k)], None if n is None else adapters[n])
@@ -154,6 +156,32 @@ def test_native_mixed_batch_gives_each_row_what_it_gets_alone(reference, native)
         assert out[0] == together[seq_id(n, k)], n
 
 
+def test_native_rows_get_the_same_logits_whatever_the_step(reference, native) -> None:
+    """Each row's logits are bit-identical whatever else its step holds: a prompt and its
+    continuation in the 40-sequence mixed batch, alone in one step, and alone in two steps (the
+    second a short prefill over the first's cached blocks, as after a prefix-cache hit; where the
+    native prefill attention runs: torch's, on the AVX2 build, sums by the shape, base rows too).
+    Torch's matmuls for the LoRA terms, whose summation order follows the shape, moved the trained
+    adapter's greedy answer after a prefix-cache hit; the native kernel sums in one order."""
+    prompts, _, continuations, _ = reference
+    loaded, slots, adapters = native
+    kernels = loaded.model.layers[0].kernels  # a FusedLayer's
+    seqs = {
+        seq_id(n, k): (p, continuations[seq_id(n, k)], None if n is None else adapters[n])
+        for n in NAMES for k, p in enumerate(prompts)
+    }  # fmt: skip
+    mixed = LoRARunner(loaded, slots, num_blocks=512, block_size=16).teacher_forced(seqs)
+    for k, n in enumerate(NAMES):
+        prompt, continuation, adapter = seqs[seq_id(n, k)]
+        alone = LoRARunner(loaded, slots, num_blocks=64, block_size=16).teacher_forced({0: (prompt, continuation, adapter)})
+        split = LoRARunner(loaded, slots, num_blocks=64, block_size=16)
+        split.adapters[0] = adapter
+        tokens = prompt + continuation
+        rows = torch.cat([split.step([(0, tokens[:16])])[0], split.step([(0, tokens[16:])])[0]])
+        assert len(prompt) < 16 < len(tokens)
+        assert torch.equal(alone[0], mixed[seq_id(n, k)]), n
+        assert torch.equal(rows[len(prompt) - 1 : -1], mixed[seq_id(n, k)]) or not kernels.has_prefill_attention, n
+
 
 def _stepwise(runner: LoRARunner, seqs: dict, adapters: dict) -> dict[int, torch.Tensor]:  # type: ignore[type-arg]
     """Teacher-forced through decode steps: each prompt prefilled, then its continuation fed one
@@ -172,10 +200,10 @@ def _stepwise(runner: LoRARunner, seqs: dict, adapters: dict) -> dict[int, torch
 def test_native_one_call_decode_applies_each_rows_adapter(reference, native) -> None:
     """The one native call per decode step (``LoRAStack`` -> ``DecodeStep`` with ``lora_add``),
     every row with its own adapter (the base and four adapters of different targets and ranks in
-    one batch), teacher-forced on the float32 path's continuations through decode steps: its top-1
-    agreement with HF + peft is the layer-by-layer path's, and its logits are that path's within
-    bfloat16 rounding (1.7 % of the largest logit measured). The one call is really taken."""
-    prompts, _, continuations, top1 = reference
+    one batch), teacher-forced on the float32 path's continuations through decode steps: its logits
+    are the layer-by-layer path's, bit for bit (both add the terms by the same native kernel, each
+    row's in one order). The one call is really taken."""
+    prompts, _, continuations, _ = reference
     loaded, slots, adapters = native
     step = loaded.model.layers.inner[0].decode_step
     assert step is not None
@@ -200,21 +228,5 @@ def test_native_one_call_decode_applies_each_rows_adapter(reference, native) -> 
         layered = _stepwise(LoRARunner(loaded, slots, num_blocks=1024, block_size=16), seqs, owners)
     finally:
         step.applies = step_applies  # type: ignore[method-assign]
-    worst = max(((fast[i] - layered[i]).abs().max() / layered[i].abs().max()).item() for i in seqs)
-    agreement = {
-        n: torch.cat([fast[seq_id(n, k)].argmax(-1) == top1[seq_id(n, k)] for k in range(len(prompts))]).float().mean().item()
-        for n in NAMES
-    }
-    layered_agreement = {
-        n: torch.cat([layered[seq_id(n, k)].argmax(-1) == top1[seq_id(n, k)] for k in range(len(prompts))]).float().mean().item()
-        for n in NAMES
-    }
-    print(agreement, layered_agreement, worst)
-    assert worst <= 0.03, worst
-    # fed token by token the base model itself agrees a little more than through one prefill
-    # (0.992 vs 0.984 measured), and so does neither path with the adapters (both 0.984 pooled):
-    # the one call is held to the layer-by-layer path's agreement, within one position per adapter
-    pooled = sum(agreement[n] for n in ADAPTERS) / len(ADAPTERS)
-    layered_pooled = sum(layered_agreement[n] for n in ADAPTERS) / len(ADAPTERS)
-    positions = len(prompts) * NEW_TOKENS
-    assert pooled >= layered_pooled - 1 / positions, (agreement, layered_agreement)
+    differing = [i for i in seqs if not torch.equal(fast[i], layered[i])]
+    assert differing == [], differing
