@@ -15,9 +15,10 @@ the plain forward stays plain:
   adapters' terms inside it (each row only its own adapter's columns); other steps run the fused
   layers one by one.
 
-On plain layers each projection's term is ``y += (x @ A_i.T) @ Bt_i`` for each long run of one adapter's rows (a
-prompt chunk), and ``y += ((x @ A.T) * mask) @ Bt`` over every resident adapter for the other rows
-(``slots.LoRASlots``): three torch ops whatever the mix of adapters among decode rows.
+On plain layers each projection's term is ``y += (x @ A_i.T) @ Bt_i`` for each long run of one
+adapter's rows (a prompt chunk), and ``y += ((x @ A.T) * mask) @ Bt`` over every resident adapter
+for the other rows (``slots.LoRASlots``): three torch ops whatever the mix of adapters among
+decode rows.
 """
 
 from __future__ import annotations
@@ -120,7 +121,6 @@ class LayerLoRA:
         torch path rounds it."""
         i = self.intermediate_size
         self.down.add_native(kernels, gate_up, i, h, h.shape[1], residual=True, gated=True)
-
 
 
 class LoRALinear(nn.Module):

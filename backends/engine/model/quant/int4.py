@@ -97,15 +97,17 @@ class Int4Linear(Linear):
             packed = torch.ops.aten._convert_weight_to_int4pack(bytes_.contiguous(), layouts.inner_k_tiles(k))
             mod._mm = torch.ops.aten._weight_int4pack_mm
         mod._compute_dtype = dtype
-        offsets = zeros - 8.0 * scales  # W = scales * q + offsets: GGUF's Q4_1 (d, m)
-        if mod.layout == "native" and not zeros.any() and _half_exact(scales):
-            sz = scales.t().half().unsqueeze(-1)  # [G, N, 1]
-            mod.scale_format = abi.INT4_SCALES_F16
-        elif mod.layout == "native" and _half_exact(scales) and _half_exact(offsets):
-            dm = torch.stack([scales.t(), offsets.t()], dim=1).half()  # [G, 2, N]
-            sz = dm.view(dm.shape[0], 2, -1, 16).transpose(1, 2)  # [G, N / 16, 2, 16]
-            mod.scale_format = abi.INT4_SCALES_F16_OFFSETS
-        else:
+        sz = None
+        if mod.layout == "native" and _half_exact(scales):
+            offsets = zeros - 8.0 * scales  # W = scales * q + offsets: GGUF's Q4_1 (d, m)
+            if not zeros.any():
+                sz = scales.t().half().unsqueeze(-1)  # [G, N, 1]
+                mod.scale_format = abi.INT4_SCALES_F16
+            elif _half_exact(offsets):
+                dm = torch.stack([scales.t(), offsets.t()], dim=1).half()  # [G, 2, N]
+                sz = dm.view(dm.shape[0], 2, -1, 16).transpose(1, 2)  # [G, N / 16, 2, 16]
+                mod.scale_format = abi.INT4_SCALES_F16_OFFSETS
+        if sz is None:
             sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(dtype)  # [G, N, 2]
         mod.register_buffer("weight", packed)
         mod.register_buffer("scales_and_zeros", sz.contiguous().to(device))
@@ -153,6 +155,9 @@ class Int4Linear(Linear):
             if isinstance(rows, Tensor):  # row r's pair is [:, r // 16, :, r % 16]
                 sz = sz[:, rows // 16, :, rows % 16].transpose(0, 1)
             else:
+                start, stop = (0, None) if rows is None else (rows.start or 0, rows.stop)
+                if rows is not None and rows.step is None and start % 16 == 0 and stop is not None and stop % 16 == 0:
+                    sz, rows = sz[:, start // 16 : stop // 16], None  # whole blocks (dequantize's chunks)
                 sz = sz.transpose(2, 3).reshape(sz.shape[0], -1, 2)
                 sz = sz if rows is None else sz[:, rows]
             d, m = sz.float().unbind(-1)

@@ -189,6 +189,8 @@ def test_float16_scales_stay_exact(native, form, fmt, width) -> None:  # type: i
         assert torch.equal(mod.scales_and_zeros[:, 1, 1, 3].float(), data.zeros[19] - 8 * data.scales[19])
     ids = torch.tensor([0, 19, 37, 199, 5])  # gathered rows (an int4 embedding's lookups)
     assert torch.equal(mod.scale_pairs(ids, torch.float32), mod.scale_pairs(dtype=torch.float32)[:, ids])
+    for rows in [slice(64, 192), slice(3, 70)]:  # whole 16-row blocks (dequantize's chunks), and not
+        assert torch.equal(mod.scale_pairs(rows, torch.float32), mod.scale_pairs(dtype=torch.float32)[:, rows])
     assert torch.equal(mod.dequantize(torch.float32), data.dequantize())
     back = mod.to_data()
     assert torch.equal(back.q, data.q) and torch.equal(back.scales, data.scales) and torch.equal(back.zeros, data.zeros)
