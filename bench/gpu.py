@@ -14,11 +14,16 @@ activations, weights int4 (group 32) or bfloat16 as ``--quantization`` says). Fi
 - ``hf``: ``LlamaForCausalLM`` on the same weights, ``eager`` (dynamic cache) and ``compiled``
   (static cache + ``torch.compile(mode="reduce-overhead")``, HF's documented recipe), decode
   step time from ``generate`` of N + 1 tokens less that of 1 token.
+
+``--device cpu --shapes tiny`` is a dry run of every code path but the graphs' capture (steps run
+eagerly through the graphs' static inputs, the kernels by their torch definitions): a test runs it,
+so that the script a device call spends its minutes on does not first meet its bugs there.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import sys
 import tempfile
 import time
@@ -29,6 +34,9 @@ from typing import TextIO
 from bench.report import add_json_flag, human, write_json
 
 SMOLLM2_SHAPES = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152)
+#: the same architecture, small: for dry runs on a CPU
+TINY_SHAPES = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
+SHAPES = {"smollm2": SMOLLM2_SHAPES, "tiny": TINY_SHAPES}
 
 
 #: every record emitted this run (``--json FILE`` writes them as one list) and where the lines go
@@ -41,14 +49,14 @@ def emit(**fields: object) -> None:
     print(json.dumps(fields), file=_lines[0], flush=True)
 
 
-def write_model(path: Path, tokenizer_from: str | None = None) -> Path:
-    """A random model of SmolLM2-135M's shapes at ``path`` (with the tokenizer files of
-    ``tokenizer_from``, a model directory, when given: for the serving benchmarks)."""
+def write_model(path: Path, tokenizer_from: str | None = None, shapes: str = "smollm2") -> Path:
+    """A random model of SmolLM2-135M's shapes (``shapes``) at ``path`` (with the tokenizer files
+    of ``tokenizer_from``, a model directory, when given: for the serving benchmarks)."""
     import shutil
 
     from bench.synthetic import write_random_llama
 
-    write_random_llama(path, **SMOLLM2_SHAPES, std=0.02, rope_theta=100000.0, max_positions=8192)
+    write_random_llama(path, **SHAPES[shapes], std=0.02, rope_theta=100000.0, max_positions=8192)
     if tokenizer_from:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(Path(tokenizer_from) / name, path / name)
@@ -56,7 +64,8 @@ def write_model(path: Path, tokenizer_from: str | None = None) -> Path:
 
 
 def configure(parser: ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu for a dry run (with --shapes tiny)")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2", help="the random model's shapes")
     parser.add_argument("--batch", default="1,16,64")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=64)
@@ -73,15 +82,16 @@ def run(args: Namespace) -> int:
     import torch
 
     if args.write_model:
-        write_model(Path(args.write_model), args.tokenizer_from)
+        write_model(Path(args.write_model), args.tokenizer_from, args.shapes)
         return 0
     device = torch.device(args.device)
     _records.clear()
     _lines[0] = human(args.json)  # JSON lines as they come; with --json -, the list alone on stdout
-    emit(device=torch.cuda.get_device_name(device), torch=torch.__version__)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or device.type
+    emit(device=name, torch=str(torch.__version__), shapes=args.shapes)
     batches = [int(b) for b in args.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_model(Path(tmp) / "model")
+        path = write_model(Path(tmp) / "model", shapes=args.shapes)
         for quantization in [q for q in args.quantization.split(",") if q]:
             bench_engine(path, quantization, batches, args, device)
         started = time.perf_counter()
@@ -98,6 +108,13 @@ def run(args: Namespace) -> int:
     return 0
 
 
+def synchronize(device) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_engine(path: Path, quantization: str, batches: list[int], args: Namespace, device) -> None:  # type: ignore[no-untyped-def]
     import torch
 
@@ -112,7 +129,8 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
     prompt, steps, block = args.prompt_tokens, args.decode_steps, 16
     per_seq = -(-(prompt + steps + 16) // block)
     num_blocks = per_seq * max(batches)
-    model = cuda.prepare(plain, max_positions=per_seq * block)
+    on_gpu = device.type == "cuda"
+    model = cuda.prepare(plain, use_triton=None if on_gpu else False, max_positions=per_seq * block)
     kv = allocate_kv_cache(config, num_blocks + 1, block, torch.bfloat16, device)
     emit(figure="load", quantization=quantization, seconds=round(time.perf_counter() - started, 1))
 
@@ -130,16 +148,17 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
     for name, m in (("fused", model), ("plain", plain)):
         for _ in range(3):
             prefill(m, tables(1)[0])
-        torch.cuda.synchronize()
+        synchronize(device)
         t = time.perf_counter()
         for _ in range(10):
             prefill(m, tables(1)[0])
-        torch.cuda.synchronize()
+        synchronize(device)
         emit(figure="prefill", quantization=quantization, path=name, tokens=prompt,
              tokens_per_s=round(prompt * 10 / (time.perf_counter() - t), 1))  # fmt: skip
 
     graphs = DecodeGraphs(model, kv, max_batch=max(batches), max_blocks_per_seq=per_seq, pad_block=num_blocks)
-    graphs.capture()
+    if on_gpu:  # uncaptured, ``run`` executes the step eagerly from the same static inputs
+        graphs.capture()
     emit(figure="graphs", quantization=quantization, buckets=graphs.buckets, capture_s=round(graphs.capture_s, 2),
          mib=round(graphs.memory_bytes / 2**20, 1))  # fmt: skip
 
@@ -163,7 +182,7 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
             warm_up = 4
             for step in range(steps + warm_up):
                 if step == warm_up:
-                    torch.cuda.synchronize()
+                    synchronize(device)
                     t = time.perf_counter()
                 p = prompt + step
                 positions, lens = [p] * b, [p + 1] * b
@@ -177,7 +196,8 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
             emit(figure="decode", quantization=quantization, mode=mode, batch=b, context=prompt,
                  step_ms=round(elapsed / steps * 1e3, 3), tokens_per_s=round(b * steps / elapsed, 1))  # fmt: skip
     del graphs, model, plain, kv
-    torch.cuda.empty_cache()
+    if on_gpu:
+        torch.cuda.empty_cache()
 
 
 def bench_hf(path: Path, mode: str, batch: int, args: Namespace, device) -> None:  # type: ignore[no-untyped-def]
@@ -190,16 +210,16 @@ def bench_hf(path: Path, mode: str, batch: int, args: Namespace, device) -> None
     if mode == "compiled":
         model.generation_config.cache_implementation = "static"
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    ids = torch.randint(0, SMOLLM2_SHAPES["vocab"], (batch, args.prompt_tokens), device=device)
+    ids = torch.randint(0, SHAPES[args.shapes]["vocab"], (batch, args.prompt_tokens), device=device)
     n = args.decode_steps
 
     def generate(tokens: int) -> float:
-        torch.cuda.synchronize()
+        synchronize(device)
         t = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                            do_sample=False)  # fmt: skip
-        torch.cuda.synchronize()
+        synchronize(device)
         return time.perf_counter() - t
 
     started = time.perf_counter()
@@ -212,7 +232,8 @@ def bench_hf(path: Path, mode: str, batch: int, args: Namespace, device) -> None
          tokens_per_s=round(batch / step, 1), prefill_tokens_per_s=round(batch * args.prompt_tokens / one, 1),
          warm_up_s=round(warm_s, 1))  # fmt: skip
     del model
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":  # python -m bench.gpu: on a device machine without the package installed

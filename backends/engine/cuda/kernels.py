@@ -14,8 +14,9 @@ fold each layer's elementwise work into four launches:
 
 ``GpuKernels(use_triton=False)`` runs the torch definitions (any device): the reference the
 Triton kernels are tested against (tests/backends/engine/cuda/), and the path where Triton is
-missing. Triton is the GPU image's, not a dependency of the project: on CPU-only installs it is
-absent and nothing here is imported by the CPU path.
+missing. Triton is the GPU image's, not a dependency of the product: the CPU path never imports
+this module; the test extra installs it so that CI runs these kernels in Triton's interpreter and
+compiles them for sm_90 (tests/backends/engine/cuda/).
 """
 
 from __future__ import annotations
