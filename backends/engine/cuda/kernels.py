@@ -2,7 +2,8 @@
 
 A decode step of a small model on a GPU is launch-bound: SmolLM2-135M's weights are read in tens of
 microseconds, while torch's ops spend ~450 launches on it (issue 18's profile). These kernels
-fold each layer's elementwise work into four launches:
+fold each layer's elementwise work into four launches, and run the one weight format torch has no
+CUDA kernel for:
 
 - ``add_rms_norm``: ``residual += x`` then ``RMSNorm(residual) * w``, one row per program;
 - ``rope_write_kv``: rotary on q and k, q into its buffer, k and v into the paged cache at their
@@ -10,7 +11,10 @@ fold each layer's elementwise work into four launches:
 - ``decode_attention``: one query token per sequence against its paged K/V, the query heads of a
   KV head together, the context split over ``splits`` programs (flash-decoding) and merged by a
   second small kernel when ``splits > 1``;
-- ``silu_mul``: ``silu(gate) * up`` of the fused gate|up projection.
+- ``silu_mul``: ``silu(gate) * up`` of the fused gate|up projection;
+- ``int8_matmul``: ``x @ (q * s).T`` for per-channel int8 weights (the int4 policy's vocabulary
+  head), read as int8 and accumulated in float32: torch has no CUDA kernel for this format, and
+  without one the head was dequantised to float32 in 8192-row chunks on every step.
 
 ``GpuKernels(use_triton=False)`` runs the torch definitions (any device): the reference the
 Triton kernels are tested against (tests/backends/engine/cuda/), and the path where Triton is
@@ -104,6 +108,10 @@ def decode_attention_ref(
 def silu_mul_ref(gate_up: Tensor) -> Tensor:
     gate, up = gate_up.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def int8_matmul_ref(x: Tensor, q: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return ((x.float() @ q.float().t()) * scales.float()).to(out_dtype)
 
 
 # -- Triton ------------------------------------------------------------------------------------
@@ -237,8 +245,30 @@ if HAVE_TRITON:
         tl.store(out_ptr + t * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _int8_matmul_kernel(x_ptr, x_stride, q_ptr, s_ptr, y_ptr, y_stride, m, n, k, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        nmask, mmask = rn < n, rm < m
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < k
+            # TF32 holds bfloat16 and float16 activations and int8 codes exactly: its tensor-core
+            # products are exact for them (float32 activations take IEEE products instead)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * x_stride + rk[None, :],
+                        mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            w = tl.load(q_ptr + rn[None, :].to(tl.int64) * k + rk[:, None], mask=nmask[None, :] & kmask[:, None],
+                        other=0).to(tl.float32)  # fmt: skip
+            acc += tl.dot(x, w, input_precision=PRECISION)
+        s = tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * y_stride + rn[None, :],
+                 (acc * s[None, :]).to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])  # fmt: skip
+
+
 class GpuKernels:
-    """The four fused operations, by Triton (``use_triton``) or by their torch definitions.
+    """The fused operations, by Triton (``use_triton``) or by their torch definitions.
 
     All take and return tensors on one device; nothing here synchronizes with the host, so every
     call can be captured in a CUDA graph (``graphs.DecodeGraphs``)."""
@@ -326,3 +356,19 @@ class GpuKernels:
             gate_up, gate_up.stride(0), out, out.stride(0), inter, BLOCK=block, num_warps=4
         )  # fmt: skip
         return out
+
+    def int8_matmul(self, x: Tensor, q: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """``x [M, K] @ (q * scales[:, None]).T`` in ``out_dtype``: ``q`` int8 ``[N, K]``, one
+        scale per output row; exact products, accumulated in float32."""
+        if not self.use_triton:
+            return int8_matmul_ref(x, q, scales, out_dtype)
+        m, k = x.shape
+        n = q.shape[0]
+        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+        block_m = min(64, max(16, _pow2(m)))  # tl.dot's smallest tile is 16 rows
+        block_n = 64
+        _int8_matmul_kernel[(-(-n // block_n), -(-m // block_m))](
+            x, x.stride(0), q, scales, y, y.stride(0), m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
+        )  # fmt: skip
+        return y

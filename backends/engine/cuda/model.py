@@ -5,7 +5,9 @@ Same contract as ``model.llama.CausalLM`` (``model(ids, positions, attn, kv) -> 
 never synchronizes with the host, so that ``graphs.DecodeGraphs`` can capture it. Per layer it
 runs nine launches: add+norm, qkv, rotary+cache write, attention, o, add+norm, gate|up,
 silu*up, down (``kernels.GpuKernels``); the linear layers are the model's own (torch's int4
-kernel, cuBLAS for bfloat16). The residual stream stays float32, as on the CPU path.
+kernel, cuBLAS for bfloat16), except per-channel int8 ones (the int4 policy's vocabulary head,
+every layer under the int8 policy), which torch can only dequantise per call: those run
+``GpuKernels.int8_matmul``. The residual stream stays float32, as on the CPU path.
 
 Steps with prompt tokens (``forward``) run eagerly: the same fused norm, rotary and cache write,
 with ``attention.paged_attention`` (torch's SDPA) for the attention itself.
@@ -19,6 +21,11 @@ from torch import Tensor, nn
 from backends.engine.cuda.kernels import GpuKernels, attention_splits
 from backends.engine.model.attention import AttentionMetadata, AttentionPlan, KVCache, paged_attention
 from backends.engine.model.llama import CausalLM
+from backends.engine.model.quant import Int8Linear
+
+
+def _is_int8_per_channel(module: nn.Module) -> bool:
+    return type(module) is Int8Linear and module.per_channel
 
 
 class GpuCausalLM(nn.Module):
@@ -41,7 +48,18 @@ class GpuCausalLM(nn.Module):
         return self.model.device
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        return self.model.compute_logits(hidden)
+        """Float32 logits, refined as ``CausalLM.compute_logits`` refines bfloat16 ones."""
+        head = self.model.lm_head
+        if not _is_int8_per_channel(head):
+            return self.model.compute_logits(hidden)
+        logits = self._project(head, hidden.to(self.dtype), torch.float32)
+        return logits if self.dtype == torch.float32 else self.model.refine_logits(logits, hidden)
+
+    def _project(self, module: nn.Module, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        if not _is_int8_per_channel(module):
+            return module(x)
+        y = self.kernels.int8_matmul(x, module.weight, module.scales, out_dtype or x.dtype)
+        return y if module.bias is None else y + module.bias
 
     def _layers(self, h: Tensor, attend, positions: Tensor, slots: Tensor, kv_caches: KVCache,
                 k_out: Tensor | None = None) -> Tensor:  # type: ignore[no-untyped-def]  # fmt: skip
@@ -52,12 +70,12 @@ class GpuCausalLM(nn.Module):
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             normed = k.add_rms_norm(x, h, layer.attn_norm.weight, self.eps, self.dtype)
-            qkv = attn.qkv_proj(normed)
+            qkv = self._project(attn.qkv_proj, normed)
             q = k.rope_write_kv(qkv, positions, self.cos_sin, k_cache, v_cache, slots, self.num_heads,
                                 self.num_kv_heads, k_out)  # fmt: skip
-            x = attn.o_proj(attend(qkv, q, k_cache, v_cache))
+            x = self._project(attn.o_proj, attend(qkv, q, k_cache, v_cache))
             normed = k.add_rms_norm(x, h, layer.ffn_norm.weight, self.eps, self.dtype)
-            x = mlp.down_proj(k.silu_mul(mlp.gate_up_proj(normed)))
+            x = self._project(mlp.down_proj, k.silu_mul(self._project(mlp.gate_up_proj, normed)))
         return k.add_rms_norm(x, h, self.model.norm.weight, self.eps, torch.float32)
 
     @torch.inference_mode()

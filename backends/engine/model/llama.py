@@ -227,7 +227,11 @@ class CausalLM(nn.Module):
         logits = self.lm_head(hidden.to(self.dtype))
         if logits.dtype == torch.float32:
             return logits
-        logits = logits.float()
+        return self.refine_logits(logits.float(), hidden)
+
+    def refine_logits(self, logits: Tensor, hidden: Tensor) -> Tensor:
+        """``logits`` (float32, in place) with their ``LOGIT_REFINE_TOP_K`` best recomputed in
+        float32 from ``hidden`` and the stored head rows."""
         k = min(LOGIT_REFINE_TOP_K, logits.shape[1])
         if k:
             candidates = logits.topk(k, dim=-1).indices  # [S, k]

@@ -87,11 +87,14 @@ def test_bucket_sizes() -> None:
     assert bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
 
 
-def test_gpu_path_on_cpu_equals_plain_model() -> None:
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_gpu_path_on_cpu_equals_plain_model(quantization: str) -> None:
     """The GPU forward's torch definitions, eager and through the graphs' padded static inputs
-    (a bucket of 4 for 3 rows, then 2 rows in a bucket of 2), give the plain model's logits."""
+    (a bucket of 4 for 3 rows, then 2 rows in a bucket of 2), give the plain model's logits;
+    under the int8 and int4 policies per-channel int8 weights (every layer; the vocabulary head)
+    take ``int8_matmul``."""
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_model(write_tiny(Path(tmp) / "m"), quantization="none", dtype=torch.float32)
+        loaded = load_model(write_tiny(Path(tmp) / "m"), quantization=quantization, dtype=torch.float32)
     plain = loaded.model
     gpu = cuda.prepare(plain, use_triton=False)
     config = loaded.config
@@ -114,7 +117,7 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and cuda.HAVE_TRI
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("quantization", ["int4", "none"])
+@pytest.mark.parametrize("quantization", ["int4", "int8", "none"])
 def test_cuda_graphs_equal_eager_and_track_cpu_float32(quantization: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny(Path(tmp) / "m")
@@ -144,15 +147,16 @@ def test_cuda_graphs_equal_eager_and_track_cpu_float32(quantization: str) -> Non
 
 def check_triton_path_on_cpu() -> None:
     """The GPU forward with the Triton kernels (interpreted, float32 on the CPU) through the
-    graphs' static inputs gives the plain model's logits."""
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_model(write_tiny(Path(tmp) / "m"), quantization="none", dtype=torch.float32)
-    plain, config = loaded.model, loaded.config
-    gpu = cuda.prepare(plain, use_triton=True)
-    kv = allocate_kv_cache(config, NUM_BLOCKS + 1, BLOCK, torch.float32)
-    got = trace(gpu, kv, graphs_for(gpu, kv, 4, capture=False).run)
-    kv = allocate_kv_cache(config, NUM_BLOCKS, BLOCK, torch.float32)
-    torch.testing.assert_close(got, trace(plain, kv, eager_decode(plain, kv)), rtol=1e-4, atol=1e-4)
+    graphs' static inputs gives the plain model's logits, unquantized and with every layer int8."""
+    for quantization in ("none", "int8"):
+        with tempfile.TemporaryDirectory() as tmp:
+            loaded = load_model(write_tiny(Path(tmp) / "m"), quantization=quantization, dtype=torch.float32)
+        plain, config = loaded.model, loaded.config
+        gpu = cuda.prepare(plain, use_triton=True)
+        kv = allocate_kv_cache(config, NUM_BLOCKS + 1, BLOCK, torch.float32)
+        got = trace(gpu, kv, graphs_for(gpu, kv, 4, capture=False).run)
+        kv = allocate_kv_cache(config, NUM_BLOCKS, BLOCK, torch.float32)
+        torch.testing.assert_close(got, trace(plain, kv, eager_decode(plain, kv)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not cuda.HAVE_TRITON, reason="needs Triton (the GPU image has it; CPU installs do not)")

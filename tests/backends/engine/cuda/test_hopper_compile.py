@@ -28,9 +28,9 @@ from backends.engine.cuda import kernels as K  # noqa: E402
 pytestmark = pytest.mark.skipif(not K.HAVE_TRITON, reason="needs Triton (the GPU image has it; CPU installs do not)")
 
 KERNELS = ("_add_rms_norm_kernel", "_rope_write_kv_kernel", "_decode_attention_kernel", "_merge_splits_kernel",
-           "_silu_mul_kernel")  # fmt: skip
+           "_silu_mul_kernel", "_int8_matmul_kernel")  # fmt: skip
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
-                 torch.int32: "*i32"}  # fmt: skip
+                 torch.int32: "*i32", torch.int8: "*i8"}  # fmt: skip
 
 
 class Launch:
@@ -88,7 +88,8 @@ class Recorder:
 def record_launches(monkeypatch: pytest.MonkeyPatch) -> list[Launch]:
     """Every launch of a SmolLM2-135M-shaped step (9 heads, 3 KV heads, head_dim 64, hidden 576,
     intermediate 1536; bfloat16 activations, float32 residual) for 1 and 64 decoding sequences and
-    for a 512-token prompt's norm, rotary and MLP."""
+    for a 512-token prompt's norm, rotary and MLP; the int8 vocabulary head (49152 rows) for 1 and
+    64 rows, and a layer's under the int8 policy."""
     launches: list[Launch] = []
     for name in KERNELS:
         monkeypatch.setattr(K, name, Recorder(getattr(K, name), launches))
@@ -110,6 +111,11 @@ def record_launches(monkeypatch: pytest.MonkeyPatch) -> list[Launch]:
         k_out = torch.empty(tokens, kv_heads, head_dim, dtype=torch.bfloat16) if tokens == 512 else None
         q = kernels.rope_write_kv(qkv, positions, cos_sin, k_cache, v_cache, slots, heads, kv_heads, k_out)
         kernels.silu_mul(torch.empty(tokens, 2 * inter, dtype=torch.bfloat16))
+        head_q, head_s = torch.empty(49152, hidden, dtype=torch.int8), torch.empty(49152, dtype=torch.bfloat16)
+        if tokens < 512:
+            kernels.int8_matmul(x, head_q, head_s, torch.float32)
+        layer_q = torch.empty(2 * inter, hidden, dtype=torch.int8)
+        kernels.int8_matmul(x, layer_q, head_s[: 2 * inter], torch.bfloat16)
         if tokens == 512:
             continue  # prompts attend through SDPA
         tables = torch.zeros(tokens, 33, dtype=torch.int64)

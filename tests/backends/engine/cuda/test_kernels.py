@@ -75,6 +75,19 @@ def check_kernels(device: str) -> None:
     gate_up = randn(3, 2 * 1536)
     torch.testing.assert_close(tri.silu_mul(gate_up), ref.silu_mul(gate_up), rtol=1e-2, atol=1e-2)
 
+    # per-channel int8: a vocabulary-like N that no tile divides, K of SmolLM2 and an odd one
+    for m, n, k in ((1, 300, 576), (5, 300, 100), (33, 70, 576)):
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
+        scales = (torch.rand(n, generator=g) / 100).to(torch.bfloat16).to(device)
+        for x_dtype, out_dtype in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                   (torch.float32, torch.float32)):  # fmt: skip
+            x = randn(m, k, dtype=x_dtype)
+            got = tri.int8_matmul(x, q, scales, out_dtype)
+            assert got.dtype == out_dtype and got.shape == (m, n)
+            exact = out_dtype == torch.float32 and (x_dtype == torch.float32 or device == "cpu")
+            tol = 1e-5 if exact else 2e-2
+            torch.testing.assert_close(got, ref.int8_matmul(x, q, scales, out_dtype), rtol=tol, atol=tol)
+
 
 def patch_interpreter() -> None:
     """Triton 3.6's interpreter turns a loop bound into an int with ``int(array)``, which numpy 2
