@@ -8,6 +8,9 @@
 # packages it lacks travel as wheels in .whl/ (msgspec, structlog, gguf). The SmolLM2 tokenizer
 # for the serving benchmark travels in .gpu/smollm2-tokenizer/ (made from the GGUF here:
 # tokenizer.json + tokenizer_config.json); the weights are random, of SmolLM2-135M's shapes.
+# Prepare both here first, at no device time: bash scripts/gpu_prepare.sh; then one device call,
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".gpu"], timeout_s=540)
+# HF transformers runs compiled only (its eager figures are no target; HF_MODES=eager,compiled adds them).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -37,6 +40,6 @@ if [ -d .gpu/smollm2-tokenizer ]; then
 fi
 
 phase hf
-timeout "${HF_TIMEOUT:-240}" python3 -m bench.gpu --quantization "" --hf "${HF_MODES:-eager,compiled}" 2>&1 \
+timeout "${HF_TIMEOUT:-240}" python3 -m bench.gpu --quantization "" --hf "${HF_MODES:-compiled}" 2>&1 \
     | tee -a "$OUT/bench.jsonl" | grep "^{"
 phase done
