@@ -72,6 +72,9 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError("set kv_cache_tokens or kv_cache_memory_mb, not both")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.lora is not None and self.device.startswith("cuda"):
+            # the GPU path's forward and graphs carry no adapter terms: they would be skipped
+            raise ValueError('lora: adapters run on the CPU only for now (device = "cuda" has no adapter path)')
 
     def num_batched_tokens(self, max_model_len: int) -> int:
         """The step budget: as set, else ``DEFAULT_MAX_NUM_BATCHED_TOKENS`` (at least

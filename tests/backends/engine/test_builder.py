@@ -1,5 +1,5 @@
 """``EngineOptions``: the step budget's default follows the other options; a budget set below
-``max_num_seqs`` is refused."""
+``max_num_seqs`` is refused, and so are adapters on CUDA."""
 
 from __future__ import annotations
 
@@ -20,3 +20,21 @@ def test_step_budget_default_follows_the_other_options() -> None:
 def test_budget_below_max_num_seqs_is_refused() -> None:
     with pytest.raises(ValueError, match="max_num_batched_tokens must be at least max_num_seqs"):
         EngineOptions(max_num_batched_tokens=8, max_num_seqs=16)
+
+
+def test_adapters_on_cuda_are_refused_by_name(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The GPU path carries no adapter terms: a config asking for both is an error naming the
+    option (check-config says so before anything loads), not adapters silently skipped."""
+    from backends.engine.lora.options import LoRAOptions
+    from gateway.cli import main
+
+    with pytest.raises(ValueError, match='lora: adapters run on the CPU only for now'):
+        EngineOptions(device="cuda:1", lora=LoRAOptions())
+    assert EngineOptions(device="cpu", lora=LoRAOptions()).lora is not None
+    config = tmp_path / "taxiway.toml"
+    config.write_text(
+        '[[models]]\nname = "local"\nbackend = "engine"\n'
+        'options = { model = "smollm2-135m-instruct", device = "cuda", lora = { adapters = {} } }\n'
+    )
+    assert main(["check-config", str(config)]) != 0
+    assert "models[0].options: lora: adapters run on the CPU only" in capsys.readouterr().err
