@@ -11,6 +11,8 @@ activations, weights int4 (group 32) or bfloat16 as ``--quantization`` says). Fi
   host sync per step for the token ids; ``mode`` ``graphs`` (``DecodeGraphs`` replay), ``eager``
   (the same kernels launched one by one) and ``plain`` (``CausalLM``'s torch ops, the path before
   the GPU forward, at batch 1);
+- ``profile``: per batch and mode, what bounds the step: kernels per step, their summed time,
+  the share of the step the GPU is idle (launch- or host-bound when high) and the heaviest kernels;
 - ``hf``: ``LlamaForCausalLM`` on the same weights, ``eager`` (dynamic cache) and ``compiled``
   (static cache + ``torch.compile(mode="reduce-overhead")``, HF's documented recipe), decode
   step time from ``generate`` of N + 1 tokens less that of 1 token.
@@ -69,6 +71,7 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--batch", default="1,16,64")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled per batch and mode (0: none)")
     parser.add_argument("--quantization", default="int4,none")
     parser.add_argument("--hf", default="eager,compiled", help="HF transformers modes to measure ('' for none)")
     parser.add_argument("--hf-budget-s", type=float, default=240.0, help="stop starting HF runs after this long")
@@ -115,6 +118,45 @@ def synchronize(device) -> None:  # type: ignore[no-untyped-def]
         torch.cuda.synchronize(device)
 
 
+def profile(step, num_steps: int, device) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """What bounds a decode step, from ``num_steps`` calls of ``step(i)`` under torch's profiler:
+    kernels launched and their summed time per step (on a CPU, the profiler's top-level ops), the
+    wall time per step (the profiler's overhead included) and the heaviest kernels."""
+    from collections import defaultdict
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    synchronize(device)
+    with torch_profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for i in range(num_steps):
+            step(i)
+        synchronize(device)
+        wall = time.perf_counter() - started
+    if on_gpu:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for event in kernels:
+        by_name[event.name].append(event.time_range.elapsed_us())
+    busy_us = sum(sum(times) for times in by_name.values())
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:6]
+    step_ms = wall / num_steps * 1e3
+    return dict(
+        activity="cuda" if on_gpu else "cpu", steps=num_steps, kernels_per_step=round(len(kernels) / num_steps, 1),
+        kernel_ms_per_step=round(busy_us / num_steps / 1e3, 3), step_ms=round(step_ms, 3),
+        idle_share=round(max(0.0, 1 - busy_us / num_steps / 1e3 / step_ms), 3),
+        top=[dict(name=name[:80], per_step=round(len(times) / num_steps, 1),
+                  us_per_step=round(sum(times) / num_steps, 1)) for name, times in top],
+    )  # fmt: skip
+
+
 def bench_engine(path: Path, quantization: str, batches: list[int], args: Namespace, device) -> None:  # type: ignore[no-untyped-def]
     import torch
 
@@ -127,7 +169,7 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
     loaded = load_model(path, quantization=quantization, dtype=torch.bfloat16, device=device)
     plain, config = loaded.model, loaded.config
     prompt, steps, block = args.prompt_tokens, args.decode_steps, 16
-    per_seq = -(-(prompt + steps + 16) // block)
+    per_seq = -(-(prompt + steps + args.profile_steps + 16) // block)
     num_blocks = per_seq * max(batches)
     on_gpu = device.type == "cuda"
     model = cuda.prepare(plain, use_triton=None if on_gpu else False, max_positions=per_seq * block)
@@ -179,22 +221,30 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
         modes = ["graphs", "eager"] + (["plain"] if b == 1 else [])
         for mode in modes:
             tok = torch.randint(0, config.vocab_size, (b,)).tolist()
-            warm_up = 4
-            for step in range(steps + warm_up):
-                if step == warm_up:
-                    synchronize(device)
-                    t = time.perf_counter()
-                p = prompt + step
+
+            def step(p: int, tok: list[int]) -> list[int]:
                 positions, lens = [p] * b, [p + 1] * b
                 slots = [tb[p // block] * block + p % block for tb in tabs]
                 if mode == "graphs":
                     logits = graphs.run(tok, positions, lens, slots, tabs)
                 else:
                     logits = eager_step(model if mode == "eager" else plain, tok, positions, lens, slots, tabs)
-                tok = logits.argmax(-1).tolist()  # the one host sync of the step
+                return logits.argmax(-1).tolist()  # the one host sync of the step
+
+            warm_up = 4
+            for i in range(warm_up):
+                tok = step(prompt + i, tok)
+            synchronize(device)
+            t = time.perf_counter()
+            for i in range(warm_up, warm_up + steps):
+                tok = step(prompt + i, tok)
             elapsed = time.perf_counter() - t
             emit(figure="decode", quantization=quantization, mode=mode, batch=b, context=prompt,
                  step_ms=round(elapsed / steps * 1e3, 3), tokens_per_s=round(b * steps / elapsed, 1))  # fmt: skip
+            if args.profile_steps:
+                start = prompt + warm_up + steps
+                emit(figure="profile", quantization=quantization, mode=mode, batch=b,
+                     **profile(lambda i: step(start + i, tok), args.profile_steps, device))  # fmt: skip
     del graphs, model, plain, kv
     if on_gpu:
         torch.cuda.empty_cache()

@@ -16,7 +16,7 @@ def test_dry_run_emits_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     args = parser.parse_args([
         "--device", "cpu", "--shapes", "tiny", "--batch", "1,3", "--prompt-tokens", "20", "--decode-steps", "2",
-        "--quantization", "int4,none", "--hf", "eager", "--json", str(out),
+        "--quantization", "int4,none", "--hf", "eager", "--profile-steps", "2", "--json", str(out),
     ])  # fmt: skip
     assert gpu.run(args) == 0
     records = json.loads(out.read_text())
@@ -30,6 +30,9 @@ def test_dry_run_emits_every_figure(tmp_path: Path) -> None:
         assert prefill == {"fused", "plain"}
         decode = {(r["mode"], r["batch"]) for r in figures("decode") if r["quantization"] == quantization}
         assert decode == {("graphs", 1), ("eager", 1), ("plain", 1), ("graphs", 3), ("eager", 3)}
+        profiled = [r for r in figures("profile") if r["quantization"] == quantization]
+        assert {(r["mode"], r["batch"]) for r in profiled} == decode
+        assert all(r["kernels_per_step"] > 0 and r["top"] and 0 <= r["idle_share"] <= 1 for r in profiled), profiled
         graphs = [r for r in figures("graphs") if r["quantization"] == quantization]
         assert graphs and graphs[0]["buckets"] == [1, 2, 3]
     assert {r["batch"] for r in figures("hf")} == {1, 3}
