@@ -169,6 +169,7 @@ def test_triton_path_in_interpreter() -> None:
         "from tests.backends.engine.cuda.test_kernels import patch_interpreter; patch_interpreter();"
         "from tests.backends.engine.cuda.test_gpu_model import check_triton_path_on_cpu; check_triton_path_on_cpu()"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
+    path = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])  # keep wheels installed by path
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

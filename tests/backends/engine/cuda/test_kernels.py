@@ -116,6 +116,7 @@ def test_kernels_in_triton_interpreter() -> None:
         "from tests.backends.engine.cuda.test_kernels import check_kernels, patch_interpreter;"
         "patch_interpreter(); check_kernels('cpu')"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])  # keep wheels installed by path
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
