@@ -7,6 +7,8 @@ shapes, not values, so a random model of SmolLM2-135M's exact shapes stands in (
 activations, weights int4 (group 32) or bfloat16 as ``--quantization`` says). Figures:
 
 - ``prefill``: tokens/s of one 512-token prompt (the eager path: fused norm/rotary, SDPA);
+- with int4 weights, the GPU path's figures once per ``--int4-kernels`` (torch's
+  ``_weight_int4pack_mm``, our Triton ``int4_matmul``): the measurement that chooses between them;
 - ``decode``: tokens/s at each batch size, every sequence at a 512-token context, greedy with one
   host sync per step for the token ids; ``mode`` ``graphs`` (``DecodeGraphs`` replay), ``eager``
   (the same kernels launched one by one) and ``plain`` (``CausalLM``'s torch ops, the path before
@@ -71,6 +73,8 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--batch", default="1,16,64")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--int4-kernels", default="torch,triton",
+                        help="with int4 weights, the GPU path once per kernel: torch's, ours (Triton)")
     parser.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled per batch and mode (0: none)")
     parser.add_argument("--quantization", default="int4,none")
     parser.add_argument("--hf", default="eager,compiled", help="HF transformers modes to measure ('' for none)")
@@ -172,7 +176,6 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
     per_seq = -(-(prompt + steps + args.profile_steps + 16) // block)
     num_blocks = per_seq * max(batches)
     on_gpu = device.type == "cuda"
-    model = cuda.prepare(plain, use_triton=None if on_gpu else False, max_positions=per_seq * block)
     kv = allocate_kv_cache(config, num_blocks + 1, block, torch.bfloat16, device)
     emit(figure="load", quantization=quantization, seconds=round(time.perf_counter() - started, 1))
 
@@ -187,23 +190,6 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
                                             block_size=block, device=device)  # fmt: skip
         m.compute_logits(m(ids, pos, meta, kv)[-1:])
 
-    for name, m in (("fused", model), ("plain", plain)):
-        for _ in range(3):
-            prefill(m, tables(1)[0])
-        synchronize(device)
-        t = time.perf_counter()
-        for _ in range(10):
-            prefill(m, tables(1)[0])
-        synchronize(device)
-        emit(figure="prefill", quantization=quantization, path=name, tokens=prompt,
-             tokens_per_s=round(prompt * 10 / (time.perf_counter() - t), 1))  # fmt: skip
-
-    graphs = DecodeGraphs(model, kv, max_batch=max(batches), max_blocks_per_seq=per_seq, pad_block=num_blocks)
-    if on_gpu:  # uncaptured, ``run`` executes the step eagerly from the same static inputs
-        graphs.capture()
-    emit(figure="graphs", quantization=quantization, buckets=graphs.buckets, capture_s=round(graphs.capture_s, 2),
-         mib=round(graphs.memory_bytes / 2**20, 1))  # fmt: skip
-
     def eager_step(m, tok, positions, lens, slots, tabs):  # type: ignore[no-untyped-def]
         t = torch.tensor
         if m is plain:
@@ -214,38 +200,64 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
                           t(lens, device=device), t(slots, device=device), kv)  # fmt: skip
         return m.compute_logits(hidden)
 
-    for b in batches:
-        tabs = tables(b)
-        for table in tabs:
-            prefill(model, table)
-        modes = ["graphs", "eager"] + (["plain"] if b == 1 else [])
-        for mode in modes:
-            tok = torch.randint(0, config.vocab_size, (b,)).tolist()
-
-            def step(p: int, tok: list[int]) -> list[int]:
-                positions, lens = [p] * b, [p + 1] * b
-                slots = [tb[p // block] * block + p % block for tb in tabs]
-                if mode == "graphs":
-                    logits = graphs.run(tok, positions, lens, slots, tabs)
-                else:
-                    logits = eager_step(model if mode == "eager" else plain, tok, positions, lens, slots, tabs)
-                return logits.argmax(-1).tolist()  # the one host sync of the step
-
-            warm_up = 4
-            for i in range(warm_up):
-                tok = step(prompt + i, tok)
+    # the plain path once; the GPU path once per int4 kernel measured (int4 weights only)
+    int4_kernels = [k for k in args.int4_kernels.split(",") if k] if quantization == "int4" else ["torch"]
+    for variant, int4_kernel in enumerate(int4_kernels):
+        model = cuda.prepare(plain, use_triton=None if on_gpu else False, max_positions=per_seq * block,
+                             int4_kernel=int4_kernel)  # fmt: skip
+        tag = dict(quantization=quantization, int4_kernel=int4_kernel)
+        for name, m in (("fused", model), ("plain", plain))[: 1 if variant else 2]:
+            for _ in range(3):
+                prefill(m, tables(1)[0])
             synchronize(device)
             t = time.perf_counter()
-            for i in range(warm_up, warm_up + steps):
-                tok = step(prompt + i, tok)
-            elapsed = time.perf_counter() - t
-            emit(figure="decode", quantization=quantization, mode=mode, batch=b, context=prompt,
-                 step_ms=round(elapsed / steps * 1e3, 3), tokens_per_s=round(b * steps / elapsed, 1))  # fmt: skip
-            if args.profile_steps:
-                start = prompt + warm_up + steps
-                emit(figure="profile", quantization=quantization, mode=mode, batch=b,
-                     **profile(lambda i: step(start + i, tok), args.profile_steps, device))  # fmt: skip
-    del graphs, model, plain, kv
+            for _ in range(10):
+                prefill(m, tables(1)[0])
+            synchronize(device)
+            emit(figure="prefill", **tag, path=name, tokens=prompt,
+                 tokens_per_s=round(prompt * 10 / (time.perf_counter() - t), 1))  # fmt: skip
+
+        graphs = DecodeGraphs(model, kv, max_batch=max(batches), max_blocks_per_seq=per_seq, pad_block=num_blocks)
+        if on_gpu:  # uncaptured, ``run`` executes the step eagerly from the same static inputs
+            graphs.capture()
+        emit(figure="graphs", **tag, buckets=graphs.buckets, capture_s=round(graphs.capture_s, 2),
+             mib=round(graphs.memory_bytes / 2**20, 1))  # fmt: skip
+
+        for b in batches:
+            tabs = tables(b)
+            for table in tabs:
+                prefill(model, table)
+            modes = ["graphs", "eager"] + (["plain"] if b == 1 and not variant else [])
+            for mode in modes:
+                tok = torch.randint(0, config.vocab_size, (b,)).tolist()
+
+                def step(p: int, tok: list[int]) -> list[int]:
+                    positions, lens = [p] * b, [p + 1] * b
+                    slots = [tb[p // block] * block + p % block for tb in tabs]
+                    if mode == "graphs":
+                        logits = graphs.run(tok, positions, lens, slots, tabs)
+                    else:
+                        logits = eager_step(model if mode == "eager" else plain, tok, positions, lens, slots, tabs)
+                    return logits.argmax(-1).tolist()  # the one host sync of the step
+
+                warm_up = 4
+                for i in range(warm_up):
+                    tok = step(prompt + i, tok)
+                synchronize(device)
+                t = time.perf_counter()
+                for i in range(warm_up, warm_up + steps):
+                    tok = step(prompt + i, tok)
+                elapsed = time.perf_counter() - t
+                emit(figure="decode", **tag, mode=mode, batch=b, context=prompt,
+                     step_ms=round(elapsed / steps * 1e3, 3), tokens_per_s=round(b * steps / elapsed, 1))  # fmt: skip
+                if args.profile_steps:
+                    start = prompt + warm_up + steps
+                    emit(figure="profile", **tag, mode=mode, batch=b,
+                         **profile(lambda i: step(start + i, tok), args.profile_steps, device))  # fmt: skip
+        del graphs, model
+        if on_gpu:
+            torch.cuda.empty_cache()
+    del plain, kv
     if on_gpu:
         torch.cuda.empty_cache()
 

@@ -64,6 +64,9 @@ class EngineOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # nice 5 23-28 s / 1.62-2.12x, 7 40 s / 1.56x, 10 94 s / 1.48x; docs/benchmarks.md
     load_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 7
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from CUDA graphs (cuda/graphs.py)
+    # on CUDA: the kernel of int4 weights, torch's _weight_int4pack_mm or ours (cuda/kernels.py,
+    # int4_matmul; a copy of each int4 weight packed for it): `taxiway bench gpu` measures both
+    cuda_int4_kernel: Literal["torch", "triton"] = "torch"
     # on CUDA with no KV size set: the share of the GPU's memory the process may hold in all
     gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
 
@@ -260,7 +263,7 @@ def _build_engine(options: EngineOptions, *, progress: bool, in_child: bool):  #
     if on_gpu:  # the GPU path: fused Triton kernels, decode from CUDA graphs
         from backends.engine import cuda
 
-        model = cuda.prepare(loaded.model, max_positions=layout.max_model_len)
+        model = cuda.prepare(loaded.model, max_positions=layout.max_model_len, int4_kernel=options.cuda_int4_kernel)
     else:
         model = fuse(loaded.model, kernels)  # the native fast path, where it applies
     tokenizer = tokenizer or Tokenizer.load(path)

@@ -25,15 +25,20 @@ def test_dry_run_emits_every_figure(tmp_path: Path) -> None:
     def figures(name: str) -> list[dict[str, object]]:
         return [r for r in records if r.get("figure") == name]
 
-    for quantization in ("int4", "none"):
-        prefill = {r["path"] for r in figures("prefill") if r["quantization"] == quantization}
-        assert prefill == {"fused", "plain"}
-        decode = {(r["mode"], r["batch"]) for r in figures("decode") if r["quantization"] == quantization}
-        assert decode == {("graphs", 1), ("eager", 1), ("plain", 1), ("graphs", 3), ("eager", 3)}
-        profiled = [r for r in figures("profile") if r["quantization"] == quantization]
+    # int4 weights: the GPU path once per int4 kernel, the plain path once
+    for quantization, int4_kernel in (("int4", "torch"), ("int4", "triton"), ("none", "torch")):
+
+        def mine(name: str) -> list[dict[str, object]]:
+            return [r for r in figures(name) if (r["quantization"], r["int4_kernel"]) == (quantization, int4_kernel)]
+
+        first = int4_kernel == "torch"
+        assert {r["path"] for r in mine("prefill")} == ({"fused", "plain"} if first else {"fused"})
+        decode = {(r["mode"], r["batch"]) for r in mine("decode")}
+        assert decode == {("graphs", 1), ("eager", 1), ("graphs", 3), ("eager", 3)} | ({("plain", 1)} if first else set())
+        profiled = mine("profile")
         assert {(r["mode"], r["batch"]) for r in profiled} == decode
         assert all(r["kernels_per_step"] > 0 and r["top"] and 0 <= r["idle_share"] <= 1 for r in profiled), profiled
-        graphs = [r for r in figures("graphs") if r["quantization"] == quantization]
+        graphs = mine("graphs")
         assert graphs and graphs[0]["buckets"] == [1, 2, 3]
     assert {r["batch"] for r in figures("hf")} == {1, 3}
     rates = [r["tokens_per_s"] for r in figures("decode") + figures("prefill") + figures("hf")]

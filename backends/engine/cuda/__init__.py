@@ -10,8 +10,9 @@ from __future__ import annotations
 from backends.engine.cuda.kernels import HAVE_TRITON, GpuKernels
 
 
-def prepare(model, *, use_triton: bool | None = None, max_positions: int | None = None):  # type: ignore[no-untyped-def]
-    """The GPU forward over ``model``'s weights (``use_triton``: default where Triton is installed)."""
+def prepare(model, *, use_triton: bool | None = None, max_positions: int | None = None, int4_kernel: str = "torch"):  # type: ignore[no-untyped-def]
+    """The GPU forward over ``model``'s weights (``use_triton``: default where Triton is installed;
+    ``int4_kernel``: ``"torch"`` or ``"triton"``, see ``model.GpuCausalLM``)."""
     from backends.engine.cuda.model import GpuCausalLM
     from backends.engine.model.config import GEMMA, UnsupportedModelError
 
@@ -20,4 +21,4 @@ def prepare(model, *, use_triton: bool | None = None, max_positions: int | None 
     if model.config.is_moe:  # GpuCausalLM runs each layer's dense gate_up / down
         raise UnsupportedModelError(f"a mixture of experts ({model.config.architecture}) does not run on CUDA yet")
     kernels = GpuKernels(HAVE_TRITON if use_triton is None else use_triton)
-    return GpuCausalLM(model, kernels, max_positions=max_positions)
+    return GpuCausalLM(model, kernels, max_positions=max_positions, int4_kernel=int4_kernel)

@@ -14,7 +14,11 @@ CUDA kernel for:
 - ``silu_mul``: ``silu(gate) * up`` of the fused gate|up projection;
 - ``int8_matmul``: ``x @ (q * s).T`` for per-channel int8 weights (the int4 policy's vocabulary
   head), read as int8 and accumulated in float32: torch has no CUDA kernel for this format, and
-  without one the head was dequantised to float32 in 8192-row chunks on every step.
+  without one the head was dequantised to float32 in 8192-row chunks on every step;
+- ``int4_matmul``: groupwise int4 ``x @ ((q - 8) * scale + zero).T`` from our own packing
+  (``pack_int4``), the alternative to torch's int4 kernel (``_weight_int4pack_mm``) that
+  ``GpuCausalLM(int4_kernel="triton")`` runs, so that a device run can choose between them by
+  measurement (``taxiway bench gpu --int4-kernels``).
 
 ``GpuKernels(use_triton=False)`` runs the torch definitions (any device): the reference the
 Triton kernels are tested against (tests/backends/engine/cuda/), and the path where Triton is
@@ -112,6 +116,34 @@ def silu_mul_ref(gate_up: Tensor) -> Tensor:
 
 def int8_matmul_ref(x: Tensor, q: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
     return ((x.float() @ q.float().t()) * scales.float()).to(out_dtype)
+
+
+#: K columns of one int4 tile: its byte ``j`` holds column ``j`` (low nibble) and ``j + 32`` (high)
+INT4_TILE_K = 64
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """uint8 ``[N, K]`` codes (0..15, ``K`` a multiple of ``INT4_TILE_K``) as ``[N, K / 2]`` bytes:
+    in each tile of 64 columns, byte ``j`` holds column ``j`` low and column ``j + 32`` high, so a
+    kernel unpacks a tile into two contiguous halves (no interleave)."""
+    n, k = q.shape
+    tiles = q.view(n, k // INT4_TILE_K, 2, INT4_TILE_K // 2)
+    return (tiles[:, :, 0] | (tiles[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    n, half = packed.shape
+    tiles = packed.view(n, -1, INT4_TILE_K // 2)
+    return torch.stack([tiles & 15, tiles >> 4], dim=2).reshape(n, 2 * half)
+
+
+def int4_matmul_ref(x: Tensor, packed: Tensor, sz: Tensor, group_size: int, out_dtype: torch.dtype) -> Tensor:
+    """``sz`` ``[G, N, 2]``: (scale, zero) per group and row, ``W = (q - 8) * scale + zero``."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    scales = sz[..., 0].float().t().repeat_interleave(group_size, dim=1)  # [N, K]
+    zeros = sz[..., 1].float().t().repeat_interleave(group_size, dim=1)
+    return (x.float() @ ((q - 8.0) * scales + zeros).t()).to(out_dtype)
 
 
 # -- Triton ------------------------------------------------------------------------------------
@@ -267,6 +299,32 @@ if HAVE_TRITON:
                  (acc * s[None, :]).to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])  # fmt: skip
 
 
+    @triton.jit
+    def _int4_matmul_kernel(x_ptr, x_stride, w_ptr, sz_ptr, y_ptr, y_stride, m, n, k, group_size,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_K: tl.constexpr,
+                            PRECISION: tl.constexpr):  # fmt: skip
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        nmask, mmask = rn < n, rm < m
+        half = tl.arange(0, TILE_K // 2)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * x_stride
+        for k0 in range(0, k, TILE_K):
+            lo_cols = k0 + half  # this tile's first half; the high nibbles hold the second
+            b = tl.load(w_ptr + rn[None, :].to(tl.int64) * (k // 2) + (k0 // 2 + half)[:, None],
+                        mask=nmask[None, :], other=0)  # [TILE_K / 2, BLOCK_N] bytes  # fmt: skip
+            for part in tl.static_range(2):
+                cols = lo_cols + part * (TILE_K // 2)
+                q = ((b >> (4 * part)) & 15).to(tl.float32)
+                group = (cols // group_size)[:, None].to(tl.int64) * n + rn[None, :]  # [TILE_K / 2, BLOCK_N]
+                scale = tl.load(sz_ptr + group * 2, mask=nmask[None, :], other=0.0).to(tl.float32)
+                zero = tl.load(sz_ptr + group * 2 + 1, mask=nmask[None, :], other=0.0).to(tl.float32)
+                x = tl.load(x_rows + cols[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+                acc += tl.dot(x, (q - 8.0) * scale + zero, input_precision=PRECISION)
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * y_stride + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])  # fmt: skip
+
+
 class GpuKernels:
     """The fused operations, by Triton (``use_triton``) or by their torch definitions.
 
@@ -356,6 +414,22 @@ class GpuKernels:
             gate_up, gate_up.stride(0), out, out.stride(0), inter, BLOCK=block, num_warps=4
         )  # fmt: skip
         return out
+
+    def int4_matmul(self, x: Tensor, packed: Tensor, sz: Tensor, group_size: int, out_dtype: torch.dtype) -> Tensor:
+        """``x [M, K] @ W.T`` for ``W`` ``[N, K]`` packed by ``pack_int4`` with (scale, zero)
+        ``sz [G, N, 2]``; weights dequantised in float32, TF32 products (IEEE for float32 ``x``)."""
+        if not self.use_triton:
+            return int4_matmul_ref(x, packed, sz, group_size, out_dtype)
+        m, k = x.shape
+        n = packed.shape[0]
+        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+        block_m = min(64, max(16, _pow2(m)))
+        block_n = 64
+        _int4_matmul_kernel[(-(-n // block_n), -(-m // block_m))](
+            x, x.stride(0), packed, sz, y, y.stride(0), m, n, k, group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+            TILE_K=INT4_TILE_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
+        )  # fmt: skip
+        return y
 
     def int8_matmul(self, x: Tensor, q: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
         """``x [M, K] @ (q * scales[:, None]).T`` in ``out_dtype``: ``q`` int8 ``[N, K]``, one

@@ -7,7 +7,9 @@ runs nine launches: add+norm, qkv, rotary+cache write, attention, o, add+norm, g
 silu*up, down (``kernels.GpuKernels``); the linear layers are the model's own (torch's int4
 kernel, cuBLAS for bfloat16), except per-channel int8 ones (the int4 policy's vocabulary head,
 every layer under the int8 policy), which torch can only dequantise per call: those run
-``GpuKernels.int8_matmul``. The residual stream stays float32, as on the CPU path.
+``GpuKernels.int8_matmul``. ``int4_kernel="triton"`` runs int4 weights through
+``GpuKernels.int4_matmul`` instead of torch's kernel (a copy of each packed for it at start):
+the alternative a device run measures. The residual stream stays float32, as on the CPU path.
 
 Steps with prompt tokens (``forward``) run eagerly: the same fused norm, rotary and cache write,
 with ``attention.paged_attention`` (torch's SDPA) for the attention itself.
@@ -18,10 +20,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from backends.engine.cuda.kernels import GpuKernels, attention_splits
+from backends.engine.cuda.kernels import INT4_TILE_K, GpuKernels, attention_splits, pack_int4
 from backends.engine.model.attention import AttentionMetadata, AttentionPlan, KVCache, paged_attention
 from backends.engine.model.llama import CausalLM
-from backends.engine.model.quant import Int8Linear
+from backends.engine.model.quant import Int4Linear, Int8Linear
+
+#: which kernel runs int4 weights: torch's (``_weight_int4pack_mm``) or ours (``int4_matmul``)
+INT4_KERNELS = ("torch", "triton")
 
 
 def _is_int8_per_channel(module: nn.Module) -> bool:
@@ -29,8 +34,12 @@ def _is_int8_per_channel(module: nn.Module) -> bool:
 
 
 class GpuCausalLM(nn.Module):
-    def __init__(self, model: CausalLM, kernels: GpuKernels, max_positions: int | None = None) -> None:
+    def __init__(
+        self, model: CausalLM, kernels: GpuKernels, max_positions: int | None = None, int4_kernel: str = "torch"
+    ) -> None:
         super().__init__()
+        if int4_kernel not in INT4_KERNELS:
+            raise ValueError(f"int4_kernel must be one of {INT4_KERNELS}, not {int4_kernel!r}")
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
@@ -42,6 +51,15 @@ class GpuCausalLM(nn.Module):
         positions = torch.arange(max_positions or config.max_position_embeddings, device=model.device).float()
         freqs = positions.unsqueeze(1) * model.inv_freq.float()  # [P, D/2]
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous(), persistent=False)
+        #: ``id(module)`` -> (packed codes, (scale, zero) pairs, group size) of the int4 weights ours runs
+        self._int4: dict[int, tuple[Tensor, Tensor, int]] = {}
+        if int4_kernel == "triton":
+            for module in model.modules():
+                if type(module) is Int4Linear and module.in_features % INT4_TILE_K == 0:
+                    n = module.out_features
+                    q = module.unpacked_q(keep=False)[:n]
+                    sz = module.scale_pairs(dtype=model.dtype)[:, :n].contiguous()
+                    self._int4[id(module)] = (pack_int4(q), sz, module.group_size)
 
     @property
     def device(self) -> torch.device:
@@ -50,15 +68,20 @@ class GpuCausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """Float32 logits, refined as ``CausalLM.compute_logits`` refines bfloat16 ones."""
         head = self.model.lm_head
-        if not _is_int8_per_channel(head):
+        if id(head) not in self._int4 and not _is_int8_per_channel(head):
             return self.model.compute_logits(hidden)
         logits = self._project(head, hidden.to(self.dtype), torch.float32)
         return logits if self.dtype == torch.float32 else self.model.refine_logits(logits, hidden)
 
     def _project(self, module: nn.Module, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-        if not _is_int8_per_channel(module):
+        """``module(x)``, through our kernels where they run the module's weights."""
+        int4 = self._int4.get(id(module))
+        if int4 is not None:
+            y = self.kernels.int4_matmul(x, *int4, out_dtype or x.dtype)
+        elif _is_int8_per_channel(module):
+            y = self.kernels.int8_matmul(x, module.weight, module.scales, out_dtype or x.dtype)
+        else:
             return module(x)
-        y = self.kernels.int8_matmul(x, module.weight, module.scales, out_dtype or x.dtype)
         return y if module.bias is None else y + module.bias
 
     def _layers(self, h: Tensor, attend, positions: Tensor, slots: Tensor, kv_caches: KVCache,

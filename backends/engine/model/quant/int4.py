@@ -169,8 +169,9 @@ class Int4Linear(Linear):
 
     # reference ---------------------------------------------------------------------------------
 
-    def unpacked_q(self, rows: slice | None = None) -> Tensor:
-        """``q`` (uint8 ``[N, K]``, padded rows included) for ``rows`` (a multiple-of-64 slice)."""
+    def unpacked_q(self, rows: slice | None = None, *, keep: bool = True) -> Tensor:
+        """``q`` (uint8 ``[N, K]``, padded rows included) for ``rows`` (a multiple-of-64 slice);
+        ``keep``: on an opaque layout, keep the unpacked codes for later calls."""
         k = self.in_features
         if self.layout != "opaque":
             unpack = layouts.native_unpack if self.layout == "native" else layouts.cpu_unpack
@@ -190,7 +191,8 @@ class Int4Linear(Linear):
         unit[..., 1] = 8.0
         eye = torch.eye(k, dtype=torch.bfloat16, device=self.weight.device)
         q = self._mm(eye, self.weight, self.group_size, unit).t().to(torch.uint8)
-        self._unpacked = q
+        if keep:
+            self._unpacked = q
         return q if rows is None else q[rows]
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:

@@ -87,16 +87,18 @@ def test_bucket_sizes() -> None:
     assert bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
-def test_gpu_path_on_cpu_equals_plain_model(quantization: str) -> None:
+@pytest.mark.parametrize(("quantization", "int4_kernel"),
+                         [("none", "torch"), ("int8", "torch"), ("int4", "torch"), ("int4", "triton")])  # fmt: skip
+def test_gpu_path_on_cpu_equals_plain_model(quantization: str, int4_kernel: str) -> None:
     """The GPU forward's torch definitions, eager and through the graphs' padded static inputs
     (a bucket of 4 for 3 rows, then 2 rows in a bucket of 2), give the plain model's logits;
     under the int8 and int4 policies per-channel int8 weights (every layer; the vocabulary head)
-    take ``int8_matmul``."""
+    take ``int8_matmul``, and with ``int4_kernel="triton"`` int4 weights take ``int4_matmul``."""
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(write_tiny(Path(tmp) / "m"), quantization=quantization, dtype=torch.float32)
     plain = loaded.model
-    gpu = cuda.prepare(plain, use_triton=False)
+    gpu = cuda.prepare(plain, use_triton=False, int4_kernel=int4_kernel)
+    assert len(gpu._int4) == (2 * 4 if int4_kernel == "triton" else 0)  # every projection of both layers
     config = loaded.config
     kv = allocate_kv_cache(config, NUM_BLOCKS, BLOCK, torch.float32)
     ref = trace(plain, kv, eager_decode(plain, kv))
@@ -117,12 +119,14 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and cuda.HAVE_TRI
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("quantization", ["int4", "int8", "none"])
-def test_cuda_graphs_equal_eager_and_track_cpu_float32(quantization: str) -> None:
+@pytest.mark.parametrize(("quantization", "int4_kernel"),
+                         [("int4", "torch"), ("int4", "triton"), ("int8", "torch"), ("none", "torch")])  # fmt: skip
+def test_cuda_graphs_equal_eager_and_track_cpu_float32(quantization: str, int4_kernel: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny(Path(tmp) / "m")
         ref_model = load_model(path, quantization=quantization, dtype=torch.float32).model
-        gpu = cuda.prepare(load_model(path, quantization=quantization, dtype=torch.bfloat16, device="cuda").model)
+        model = load_model(path, quantization=quantization, dtype=torch.bfloat16, device="cuda").model
+        gpu = cuda.prepare(model, int4_kernel=int4_kernel)
     config = gpu.config
     kv = allocate_kv_cache(config, NUM_BLOCKS, BLOCK, torch.float32)
     ref = trace(ref_model, kv, eager_decode(ref_model, kv))
@@ -140,19 +144,20 @@ def test_cuda_graphs_equal_eager_and_track_cpu_float32(quantization: str) -> Non
     for name, out in (("graphs", replayed), ("eager forward", forward)):
         rel = ((out - ref).norm() / ref.norm()).item()
         agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        print(f"{quantization} {name}: CUDA bfloat16 vs CPU float32 relative logit error {rel:.2e}, argmax agreement {agree:.3f}")
+        print(f"{quantization}/{int4_kernel} {name}: CUDA bfloat16 vs CPU float32 relative logit error {rel:.2e}, argmax agreement {agree:.3f}")
         assert rel < 3e-2
         assert agree >= 0.85
 
 
 def check_triton_path_on_cpu() -> None:
     """The GPU forward with the Triton kernels (interpreted, float32 on the CPU) through the
-    graphs' static inputs gives the plain model's logits, unquantized and with every layer int8."""
-    for quantization in ("none", "int8"):
+    graphs' static inputs gives the plain model's logits: unquantized, every layer int8, and int4
+    through ``int4_matmul``."""
+    for quantization, int4_kernel in (("none", "torch"), ("int8", "torch"), ("int4", "triton")):
         with tempfile.TemporaryDirectory() as tmp:
             loaded = load_model(write_tiny(Path(tmp) / "m"), quantization=quantization, dtype=torch.float32)
         plain, config = loaded.model, loaded.config
-        gpu = cuda.prepare(plain, use_triton=True)
+        gpu = cuda.prepare(plain, use_triton=True, int4_kernel=int4_kernel)
         kv = allocate_kv_cache(config, NUM_BLOCKS + 1, BLOCK, torch.float32)
         got = trace(gpu, kv, graphs_for(gpu, kv, 4, capture=False).run)
         kv = allocate_kv_cache(config, NUM_BLOCKS, BLOCK, torch.float32)

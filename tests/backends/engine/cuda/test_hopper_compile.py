@@ -28,9 +28,9 @@ from backends.engine.cuda import kernels as K  # noqa: E402
 pytestmark = pytest.mark.skipif(not K.HAVE_TRITON, reason="needs Triton (the GPU image has it; CPU installs do not)")
 
 KERNELS = ("_add_rms_norm_kernel", "_rope_write_kv_kernel", "_decode_attention_kernel", "_merge_splits_kernel",
-           "_silu_mul_kernel", "_int8_matmul_kernel")  # fmt: skip
+           "_silu_mul_kernel", "_int8_matmul_kernel", "_int4_matmul_kernel")  # fmt: skip
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
-                 torch.int32: "*i32", torch.int8: "*i8"}  # fmt: skip
+                 torch.int32: "*i32", torch.int8: "*i8", torch.uint8: "*u8"}  # fmt: skip
 
 
 class Launch:
@@ -89,7 +89,7 @@ def record_launches(monkeypatch: pytest.MonkeyPatch) -> list[Launch]:
     """Every launch of a SmolLM2-135M-shaped step (9 heads, 3 KV heads, head_dim 64, hidden 576,
     intermediate 1536; bfloat16 activations, float32 residual) for 1 and 64 decoding sequences and
     for a 512-token prompt's norm, rotary and MLP; the int8 vocabulary head (49152 rows) for 1 and
-    64 rows, and a layer's under the int8 policy."""
+    64 rows, and a layer's under the int8 policy and through ``int4_matmul``."""
     launches: list[Launch] = []
     for name in KERNELS:
         monkeypatch.setattr(K, name, Recorder(getattr(K, name), launches))
@@ -116,6 +116,8 @@ def record_launches(monkeypatch: pytest.MonkeyPatch) -> list[Launch]:
             kernels.int8_matmul(x, head_q, head_s, torch.float32)
         layer_q = torch.empty(2 * inter, hidden, dtype=torch.int8)
         kernels.int8_matmul(x, layer_q, head_s[: 2 * inter], torch.bfloat16)
+        packed = torch.empty(2 * inter, hidden // 2, dtype=torch.uint8)
+        kernels.int4_matmul(x, packed, torch.empty(hidden // 32, 2 * inter, 2, dtype=torch.bfloat16), 32, torch.bfloat16)
         if tokens == 512:
             continue  # prompts attend through SDPA
         tables = torch.zeros(tokens, 33, dtype=torch.int64)

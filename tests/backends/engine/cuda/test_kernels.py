@@ -88,6 +88,24 @@ def check_kernels(device: str) -> None:
             tol = 1e-5 if exact else 2e-2
             torch.testing.assert_close(got, ref.int8_matmul(x, q, scales, out_dtype), rtol=tol, atol=tol)
 
+    # groupwise int4 in our packing: SmolLM2's K (9 tiles), an N no tile divides, groups of 32 and 64
+    for m, n, k, group_size in ((1, 300, 576, 32), (5, 70, 128, 64), (33, 64, 192, 32)):
+        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        packed = K.pack_int4(codes).to(device)
+        assert torch.equal(K.unpack_int4(packed).cpu(), codes)
+        sz32 = torch.randn(k // group_size, n, 2, generator=g) / 50
+        for x_dtype in (torch.float32, torch.bfloat16):
+            sz = sz32.to(x_dtype)  # (scale, zero) in the compute dtype, as the modules hold them
+            dense = (codes.float() - 8) * sz[..., 0].float().t().repeat_interleave(group_size, 1)
+            dense += sz[..., 1].float().t().repeat_interleave(group_size, 1)  # W = (q - 8) * scale + zero
+            x = randn(m, k, dtype=x_dtype)
+            sz = sz.to(device)
+            expected = ref.int4_matmul(x, packed, sz, group_size, torch.float32)
+            torch.testing.assert_close(expected.cpu(), x.float().cpu() @ dense.t(), rtol=1e-5, atol=1e-5)
+            got = tri.int4_matmul(x, packed, sz, group_size, torch.float32)
+            tol = 1e-5 if x_dtype == torch.float32 or device == "cpu" else 2e-2
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
 
 def patch_interpreter() -> None:
     """Triton 3.6's interpreter turns a loop bound into an int with ``int(array)``, which numpy 2
