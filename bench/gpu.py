@@ -13,7 +13,7 @@ activations, weights int4 (group 32) or bfloat16 as ``--quantization`` says). Fi
   host sync per step for the token ids; ``mode`` ``graphs`` (``DecodeGraphs`` replay), ``eager``
   (the same kernels launched one by one) and ``plain`` (``CausalLM``'s torch ops, the path before
   the GPU forward, at batch 1);
-- ``profile``: per batch and mode, what bounds the step: kernels per step, their summed time,
+- ``profile``: per batch with graphs (every mode at the first batch), what bounds the step: kernels per step, their summed time,
   the share of the step the GPU is idle (launch- or host-bound when high) and the heaviest kernels;
 - ``hf``: ``LlamaForCausalLM`` on the same weights, ``eager`` (dynamic cache) and ``compiled``
   (static cache + ``torch.compile(mode="reduce-overhead")``, HF's documented recipe), decode
@@ -250,7 +250,7 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
                 elapsed = time.perf_counter() - t
                 emit(figure="decode", **tag, mode=mode, batch=b, context=prompt,
                      step_ms=round(elapsed / steps * 1e3, 3), tokens_per_s=round(b * steps / elapsed, 1))  # fmt: skip
-                if args.profile_steps:
+                if args.profile_steps and (mode == "graphs" or b == batches[0]):  # the rest adds little
                     start = prompt + warm_up + steps
                     emit(figure="profile", **tag, mode=mode, batch=b,
                          **profile(lambda i: step(start + i, tok), args.profile_steps, device))  # fmt: skip
