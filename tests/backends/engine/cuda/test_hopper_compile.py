@@ -27,8 +27,8 @@ from backends.engine.cuda import kernels as K  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not K.HAVE_TRITON, reason="needs Triton (the GPU image has it; CPU installs do not)")
 
-KERNELS = ("_add_rms_norm_kernel", "_rope_write_kv_kernel", "_decode_attention_kernel", "_merge_splits_kernel",
-           "_silu_mul_kernel", "_int8_matmul_kernel", "_int4_matmul_kernel")  # fmt: skip
+KERNELS = ("add_rms_norm_kernel", "rope_write_kv_kernel", "decode_attention_kernel", "merge_splits_kernel",
+           "silu_mul_kernel", "int8_matmul_kernel", "int4_matmul_kernel")  # fmt: skip
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
                  torch.int32: "*i32", torch.int8: "*i8", torch.uint8: "*u8"}  # fmt: skip
 
@@ -92,7 +92,7 @@ def record_launches(monkeypatch: pytest.MonkeyPatch) -> list[Launch]:
     64 rows, and a layer's under the int8 policy and through ``int4_matmul``."""
     launches: list[Launch] = []
     for name in KERNELS:
-        monkeypatch.setattr(K, name, Recorder(getattr(K, name), launches))
+        monkeypatch.setattr(K.tk, name, Recorder(getattr(K.tk, name), launches))
     kernels = K.GpuKernels(use_triton=True)
     heads, kv_heads, head_dim, hidden, inter, block = 9, 3, 64, 576, 1536, 16
     num_blocks = 64 * 33 + 1
