@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh            # writes its logs under $OUT (default /tmp/gpu-check)
 #
 # Runs from the repository root with the machine's own python3 (torch, Triton, transformers);
-# packages it lacks travel as wheels in .whl/ (msgspec, structlog, gguf). The SmolLM2 tokenizer
+# packages it lacks travel as wheels in .whl/ (scripts/gpu_prepare.sh says which). The SmolLM2 tokenizer
 # for the serving benchmark travels in .gpu/smollm2-tokenizer/ (made from the GGUF here:
 # tokenizer.json + tokenizer_config.json); the weights are random, of SmolLM2-135M's shapes.
 # Prepare both here first, at no device time: bash scripts/gpu_prepare.sh; then one device call,
@@ -16,9 +16,9 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+# the working tree first: the wheels' copy of the project is there for its entry points only
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
