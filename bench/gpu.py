@@ -13,8 +13,9 @@ activations, weights int4 (group 32) or bfloat16 as ``--quantization`` says). Fi
   host sync per step for the token ids; ``mode`` ``graphs`` (``DecodeGraphs`` replay), ``eager``
   (the same kernels launched one by one) and ``plain`` (``CausalLM``'s torch ops, the path before
   the GPU forward, at batch 1);
-- ``profile``: per batch with graphs (every mode at the first batch), what bounds the step: kernels per step, their summed time,
-  the share of the step the GPU is idle (launch- or host-bound when high) and the heaviest kernels;
+- ``profile``: per batch with graphs (every mode at the first batch), what bounds the step:
+  kernels per step, their summed time, the share of the step the GPU is idle (launch- or
+  host-bound when high) and the heaviest kernels;
 - ``hf``: ``LlamaForCausalLM`` on the same weights, ``eager`` (dynamic cache) and ``compiled``
   (static cache + ``torch.compile(mode="reduce-overhead")``, HF's documented recipe), decode
   step time from ``generate`` of N + 1 tokens less that of 1 token.
@@ -75,7 +76,8 @@ def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--int4-kernels", default="torch,triton",
                         help="with int4 weights, the GPU path once per kernel: torch's, ours (Triton)")
-    parser.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled per batch and mode (0: none)")
+    parser.add_argument("--profile-steps", type=int, default=8,
+                        help="decode steps profiled per batch and mode (0: none)")
     parser.add_argument("--quantization", default="int4,none")
     parser.add_argument("--hf", default="eager,compiled", help="HF transformers modes to measure ('' for none)")
     parser.add_argument("--hf-budget-s", type=float, default=240.0, help="stop starting HF runs after this long")

@@ -10,7 +10,9 @@ from __future__ import annotations
 from backends.engine.cuda.kernels import HAVE_TRITON, GpuKernels
 
 
-def prepare(model, *, use_triton: bool | None = None, max_positions: int | None = None, int4_kernel: str = "torch"):  # type: ignore[no-untyped-def]
+def prepare(  # type: ignore[no-untyped-def]
+    model, *, use_triton: bool | None = None, max_positions: int | None = None, int4_kernel: str = "torch"
+):
     """The GPU forward over ``model``'s weights (``use_triton``: default where Triton is installed;
     ``int4_kernel``: ``"torch"`` or ``"triton"``, see ``model.GpuCausalLM``)."""
     from backends.engine.cuda.model import GpuCausalLM

@@ -144,7 +144,8 @@ def test_cuda_graphs_equal_eager_and_track_cpu_float32(quantization: str, int4_k
     for name, out in (("graphs", replayed), ("eager forward", forward)):
         rel = ((out - ref).norm() / ref.norm()).item()
         agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        print(f"{quantization}/{int4_kernel} {name}: CUDA bfloat16 vs CPU float32 relative logit error {rel:.2e}, argmax agreement {agree:.3f}")
+        print(f"{quantization}/{int4_kernel} {name}: CUDA bfloat16 vs CPU float32 relative logit error {rel:.2e}, "
+              f"argmax agreement {agree:.3f}")
         assert rel < 3e-2
         assert agree >= 0.85
 

@@ -117,7 +117,8 @@ def record_launches(monkeypatch: pytest.MonkeyPatch) -> list[Launch]:
         layer_q = torch.empty(2 * inter, hidden, dtype=torch.int8)
         kernels.int8_matmul(x, layer_q, head_s[: 2 * inter], torch.bfloat16)
         packed = torch.empty(2 * inter, hidden // 2, dtype=torch.uint8)
-        kernels.int4_matmul(x, packed, torch.empty(hidden // 32, 2 * inter, 2, dtype=torch.bfloat16), 32, torch.bfloat16)
+        pairs = torch.empty(hidden // 32, 2 * inter, 2, dtype=torch.bfloat16)
+        kernels.int4_matmul(x, packed, pairs, 32, torch.bfloat16)
         if tokens == 512:
             continue  # prompts attend through SDPA
         tables = torch.zeros(tokens, 33, dtype=torch.int64)
