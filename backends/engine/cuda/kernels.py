@@ -16,11 +16,11 @@ CUDA kernel for:
   head), read as int8 and accumulated in float32: torch has no CUDA kernel for this format, and
   without one the head was dequantised to float32 in 8192-row chunks on every step;
 - ``int4_matmul``: groupwise int4 ``x @ ((q - 8) * scale + zero).T`` from our own packing
-  (``pack_int4``), the alternative to torch's int4 kernel (``_weight_int4pack_mm``) that
+  (``reference.pack_int4``), the alternative to torch's int4 kernel (``_weight_int4pack_mm``) that
   ``GpuCausalLM(int4_kernel="triton")`` runs, so that a device run can choose between them by
   measurement (``taxiway bench gpu --int4-kernels``).
 
-``GpuKernels(use_triton=False)`` runs the torch definitions (``reference``, any device): the reference the
+``GpuKernels(use_triton=False)`` runs the torch definitions (``reference``, any device): what the
 Triton kernels are tested against (tests/backends/engine/cuda/), and the path where Triton is
 missing. Triton is the GPU image's, not a dependency of the product: the CPU path never imports
 this module; the test extra installs it so that CI runs these kernels in Triton's interpreter and
@@ -32,16 +32,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from backends.engine.cuda.reference import (  # the packing is re-exported: GpuKernels' callers pack
+from backends.engine.cuda.reference import (
     INT4_TILE_K,
     add_rms_norm_ref,
     decode_attention_ref,
     int4_matmul_ref,
     int8_matmul_ref,
-    pack_int4,
     rope_write_kv_ref,
     silu_mul_ref,
-    unpack_int4,
 )
 
 try:  # present wherever a CUDA build of torch is installed
@@ -66,6 +64,18 @@ def attention_splits(num_seqs: int, num_kv_heads: int) -> int:
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def _matmul_launch(x: Tensor, n: int, out_dtype: torch.dtype) -> tuple[Tensor, tuple[int, int], dict[str, object]]:
+    """The output ``[M, n]``, grid and tile parameters of a weight matmul kernel over ``x [M, K]``:
+    64-column tiles, 16 to 64 rows (``tl.dot``'s smallest tile is 16), TF32 products (exact for
+    bfloat16 and float16 activations; IEEE for float32 ones)."""
+    m = x.shape[0]
+    block_m, block_n = min(64, max(16, _pow2(m))), 64
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                 num_warps=4)  # fmt: skip
+    return y, (-(-n // block_n), -(-m // block_m)), tiles
 
 
 
@@ -164,14 +174,9 @@ class GpuKernels:
         ``sz [G, N, 2]``; weights dequantised in float32, TF32 products (IEEE for float32 ``x``)."""
         if not self.use_triton:
             return int4_matmul_ref(x, packed, sz, group_size, out_dtype)
-        m, k = x.shape
-        n = packed.shape[0]
-        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
-        block_m = min(64, max(16, _pow2(m)))
-        block_n = 64
-        tk.int4_matmul_kernel[(-(-n // block_n), -(-m // block_m))](
-            x, x.stride(0), packed, sz, y, y.stride(0), m, n, k, group_size, BLOCK_M=block_m, BLOCK_N=block_n,
-            TILE_K=INT4_TILE_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
+        y, grid, tiles = _matmul_launch(x, packed.shape[0], out_dtype)
+        tk.int4_matmul_kernel[grid](
+            x, x.stride(0), packed, sz, y, y.stride(0), *y.shape, x.shape[1], group_size, TILE_K=INT4_TILE_K, **tiles
         )  # fmt: skip
         return y
 
@@ -180,13 +185,8 @@ class GpuKernels:
         scale per output row; exact products, accumulated in float32."""
         if not self.use_triton:
             return int8_matmul_ref(x, q, scales, out_dtype)
-        m, k = x.shape
-        n = q.shape[0]
-        y = torch.empty(m, n, dtype=out_dtype, device=x.device)
-        block_m = min(64, max(16, _pow2(m)))  # tl.dot's smallest tile is 16 rows
-        block_n = 64
-        tk.int8_matmul_kernel[(-(-n // block_n), -(-m // block_m))](
-            x, x.stride(0), q, scales, y, y.stride(0), m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
+        y, grid, tiles = _matmul_launch(x, q.shape[0], out_dtype)
+        tk.int8_matmul_kernel[grid](
+            x, x.stride(0), q, scales, y, y.stride(0), *y.shape, x.shape[1], BLOCK_K=64, **tiles
         )  # fmt: skip
         return y

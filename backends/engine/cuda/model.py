@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from backends.engine.cuda.kernels import INT4_TILE_K, GpuKernels, attention_splits, pack_int4
+from backends.engine.cuda.kernels import GpuKernels, attention_splits
+from backends.engine.cuda.reference import INT4_TILE_K, pack_int4
 from backends.engine.model.attention import AttentionMetadata, AttentionPlan, KVCache, paged_attention
 from backends.engine.model.llama import CausalLM
 from backends.engine.model.quant import Int4Linear, Int8Linear

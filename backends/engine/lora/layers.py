@@ -49,8 +49,8 @@ class LoRAProjection:
         self.kind = kind
 
     def add_to(self, x: Tensor, y: Tensor) -> None:
-        """``y[T, out] += lora(x[T, in])`` for this step's rows (in place; ``y`` may be a view, and
-        float32 where ``x`` is bfloat16: the residual stream)."""
+        """``y[T, out] += lora(x[T, in])`` for this step's rows (in place; ``y`` may be a view): the
+        plain layers' path (``LoRALinear``); fused layers take ``add_native``."""
         terms = self.slots.batch.terms.get(self.kind)
         if terms is None:
             return
