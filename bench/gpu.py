@@ -32,7 +32,7 @@ import platform
 import sys
 import tempfile
 import time
-from argparse import ArgumentParser, Namespace
+from argparse import ArgumentParser, ArgumentTypeError, Namespace
 from pathlib import Path
 from typing import TextIO
 
@@ -68,13 +68,21 @@ def write_model(path: Path, tokenizer_from: str | None = None, shapes: str = "sm
     return path
 
 
+def _int4_kernels(value: str) -> list[str]:
+    kernels = [k for k in value.split(",") if k]
+    wrong = [k for k in kernels if k not in ("torch", "triton")]
+    if wrong or not kernels:
+        raise ArgumentTypeError(f"a comma-separated list of torch and triton, not {value!r}")
+    return kernels
+
+
 def configure(parser: ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="cuda; cpu for a dry run (with --shapes tiny)")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2", help="the random model's shapes")
     parser.add_argument("--batch", default="1,16,64")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=64)
-    parser.add_argument("--int4-kernels", default="torch,triton",
+    parser.add_argument("--int4-kernels", type=_int4_kernels, default="torch,triton",
                         help="with int4 weights, the GPU path once per kernel: torch's, ours (Triton)")
     parser.add_argument("--profile-steps", type=int, default=8,
                         help="decode steps profiled per batch and mode (0: none)")
@@ -203,7 +211,7 @@ def bench_engine(path: Path, quantization: str, batches: list[int], args: Namesp
         return m.compute_logits(hidden)
 
     # the plain path once; the GPU path once per int4 kernel measured (int4 weights only)
-    int4_kernels = [k for k in args.int4_kernels.split(",") if k] if quantization == "int4" else ["torch"]
+    int4_kernels = args.int4_kernels if quantization == "int4" else ["torch"]
     for variant, int4_kernel in enumerate(int4_kernels):
         model = cuda.prepare(plain, use_triton=None if on_gpu else False, max_positions=per_seq * block,
                              int4_kernel=int4_kernel)  # fmt: skip

@@ -7,6 +7,8 @@ import json
 from argparse import ArgumentParser
 from pathlib import Path
 
+import pytest
+
 from bench import gpu
 
 
@@ -68,3 +70,11 @@ def test_write_model_gives_a_servable_directory(tmp_path: Path) -> None:
         for output in engine.step():
             tokens += [t for item in output.items for t in getattr(item, "token_ids", ())]
     assert len(tokens) == 3
+
+
+def test_a_wrong_int4_kernel_is_refused_before_any_work(capsys) -> None:  # type: ignore[no-untyped-def]
+    parser = ArgumentParser()
+    gpu.configure(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--int4-kernels", "torch,cutlass"])
+    assert "torch and triton, not 'torch,cutlass'" in capsys.readouterr().err
